@@ -1,0 +1,1 @@
+"""The `dmtjepa` command line."""

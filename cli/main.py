@@ -1,0 +1,38 @@
+"""The Typer application behind the `dmtjepa` console script.
+
+Each command group lives in its own module of this package and is registered here; commands
+parse and validate, then call one function of `dmt_jepa`, `export` or `serve`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="dmtjepa",
+    help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely."""
+
+
+@app.command()
+def version() -> None:
+    """Print the installed dmt-jepa version."""
+    from dmt_jepa import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Vision Transformer without CLS token, with a fixed 2-D sin-cos position embedding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from dmt_jepa.models.pos_embed import sincos_2d
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Width, depth and heads of one ViT size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+VARIANTS: dict[str, Variant] = {
+    "vit_tiny": Variant(192, 12, 3),
+    "vit_small": Variant(384, 12, 6),
+    "vit_base": Variant(768, 12, 12),
+    "vit_large": Variant(1024, 24, 16),
+    "vit_huge": Variant(1280, 32, 16),
+}
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """I-JEPA initialisation: truncated normal (std 0.02) for linear layers, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def rescale_blocks(blocks: nn.ModuleList) -> None:
+    """Scale each residual branch's output projection by 1/sqrt(2 * layer) (I-JEPA)."""
+    for layer_id, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder over patch tokens only; `keep` selects the context patches after embedding."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.depth = depth
+        self.mlp_ratio = mlp_ratio
+        # strict_img_size=False: any H x W that is a multiple of the patch size is accepted.
+        self.patch_embed = PatchEmbed(
+            img_size=self.img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            flatten=False,
+            output_fmt="NHWC",
+            strict_img_size=False,
+        )
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                drop_path=drop_path[i],
+                norm_layer=LayerNorm,
+            )
+            for i in range(depth)
+        )
+        self.norm = LayerNorm(embed_dim)
+        self.apply(init_vit_weights)
+        rescale_blocks(self.blocks)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid of the training image size."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Patchify and add position embeddings: [B, 3, H, W] -> [B, h*w, D], h, w."""
+        x = self.patch_embed(images)  # [B, h, w, D]
+        batch, h, w, dim = x.shape
+        x = x.reshape(batch, h * w, dim)
+        return x + sincos_2d(h, w, dim, device=x.device, dtype=x.dtype), h, w
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode images; with `keep` [B, K] (patch indices), only those patches are processed.
+
+        [B, 3, H, W] -> [B, N, D], or [B, K, D] with `keep`. Output is after the final LayerNorm.
+        """
+        x, _, _ = self.embed(images)
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deployment view: patch embeddings [B, h, w, D] and their mean, pooled [B, D]."""
+        x = self.patch_embed(images)
+        batch, h, w, dim = x.shape
+        tokens = self.forward(images)  # [B, h*w, D]
+        return tokens.reshape(batch, h, w, dim), tokens.mean(dim=1)
+
+    def last_layer_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the last block, [B, heads, N, N] (for visualisation)."""
+        x, _, _ = self.embed(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        attn = last.attn
+        batch, n, dim = x.shape
+        qkv = attn.qkv(last.norm1(x)).reshape(batch, n, 3, attn.num_heads, dim // attn.num_heads)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, heads, N, hd]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return F.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+
+
+def create_encoder(
+    arch: str, *, patch_size: int = 16, img_size: int | tuple[int, int] = 224, drop_path_rate: float = 0.0
+) -> VisionTransformer:
+    """Build an encoder by name: vit_tiny, vit_small, vit_base, vit_large or vit_huge."""
+    if arch not in VARIANTS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VARIANTS)}")
+    if patch_size not in (14, 16):
+        raise ValueError(f"patch size must be 14 or 16, got {patch_size}")
+    v = VARIANTS[arch]
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=v.embed_dim,
+        depth=v.depth,
+        num_heads=v.num_heads,
+        drop_path_rate=drop_path_rate,
+    )

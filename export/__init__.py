@@ -1,0 +1,1 @@
+"""Encoder -> ONNX and ONNX -> TensorRT, each verified against PyTorch before it is kept."""

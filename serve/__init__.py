@@ -1,0 +1,1 @@
+"""Inference backends behind one interface, and the shard -> dense embeddings batch job."""

@@ -1,0 +1,85 @@
+"""Encoder and predictor: shapes, position embedding, context selection."""
+
+import math
+
+import pytest
+import torch
+
+from dmt_jepa.models import Predictor, create_encoder, sincos_2d
+
+
+def test_sincos_matches_hand_formula():
+    h, w, dim = 3, 5, 8
+    emb = sincos_2d(h, w, dim)
+    quarter = dim // 4
+    for r in range(h):
+        for c in range(w):
+            expected = []
+            for pos in (r, c):
+                omegas = [1.0 / 10000 ** (i / quarter) for i in range(quarter)]
+                expected += [math.sin(pos * o) for o in omegas] + [math.cos(pos * o) for o in omegas]
+            torch.testing.assert_close(emb[r * w + c], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_sincos_other_grid_extends_training_grid():
+    # A larger grid evaluates the same function: its top-left 14x14 equals the 14x14 table.
+    small = sincos_2d(14, 14, 64).reshape(14, 14, 64)
+    big = sincos_2d(20, 30, 64).reshape(20, 30, 64)
+    torch.testing.assert_close(big[:14, :14], small)
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_encoder_shapes_any_grid(patch):
+    enc = create_encoder("vit_tiny", patch_size=patch).eval()
+    for h, w in [(224, 224), (10 * patch, 18 * patch)]:
+        x = torch.randn(2, 3, h, w)
+        out = enc(x)
+        assert out.shape == (2, (h // patch) * (w // patch), 192)
+        grid, pooled = enc.dense(x)
+        assert grid.shape == (2, h // patch, w // patch, 192)
+        torch.testing.assert_close(pooled, grid.mean(dim=(1, 2)))
+
+
+def test_keep_equals_processing_only_the_kept_patches():
+    # With no attention across dropped patches, keeping K patches equals encoding an image whose
+    # token sequence is exactly those K patches; check against a manual re-implementation.
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny").eval()
+    x = torch.randn(2, 3, 224, 224)
+    keep = torch.stack([torch.randperm(196)[:50].sort().values for _ in range(2)])
+    tokens, _, _ = enc.embed(x)
+    manual = torch.stack([tokens[b, keep[b]] for b in range(2)])
+    for block in enc.blocks:
+        manual = block(manual)
+    manual = enc.norm(manual)
+    torch.testing.assert_close(enc(x, keep=keep), manual)
+    # keeping every patch is the full forward
+    torch.testing.assert_close(enc(x, keep=torch.arange(196).expand(2, -1)), enc(x))
+
+
+def test_factory_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        create_encoder("vit_gigantic")
+    with pytest.raises(ValueError, match="patch size"):
+        create_encoder("vit_tiny", patch_size=8)
+
+
+def test_variants_have_paper_widths():
+    for arch, dim, depth in [("vit_small", 384, 12), ("vit_base", 768, 12)]:
+        enc = create_encoder(arch)
+        assert enc.embed_dim == dim and len(enc.blocks) == depth
+
+
+def test_predictor_block_major_order_and_shapes():
+    torch.manual_seed(0)
+    pred = Predictor(embed_dim=32, predictor_dim=16, depth=2, num_heads=2).eval()
+    ctx = torch.randn(3, 10, 32)
+    ctx_idx = torch.stack([torch.randperm(36)[:10] for _ in range(3)])
+    tgt_idx = torch.stack([torch.stack([torch.randperm(36)[:4] for _ in range(2)]) for _ in range(3)])  # [B, M, T]
+    out = pred(ctx, ctx_idx, tgt_idx, (6, 6))
+    assert out.shape == (2 * 3, 4, 32)
+    # row m*B + b is block m of image b: run that one alone
+    for m in range(2):
+        for b in range(3):
+            single = pred(ctx[b : b + 1], ctx_idx[b : b + 1], tgt_idx[b : b + 1, m : m + 1], (6, 6))
+            torch.testing.assert_close(out[m * 3 + b], single[0], rtol=1e-5, atol=1e-5)
