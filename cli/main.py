@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import scenes_cmd
+from cli import eval_cmd, scenes_cmd, viz_cmd
 
 app = typer.Typer(
     name="dmtjepa",
@@ -33,6 +33,8 @@ def version() -> None:
 
 
 app.command("scenes")(scenes_cmd.scenes)
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(viz_cmd.app, name="viz")
 
 
 def main() -> None:
