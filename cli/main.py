@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import eval_cmd, scenes_cmd, viz_cmd
+
 app = typer.Typer(
     name="dmtjepa",
     help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
@@ -28,6 +30,11 @@ def version() -> None:
     from dmt_jepa import __version__
 
     typer.echo(__version__)
+
+
+app.command("scenes")(scenes_cmd.scenes)
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(viz_cmd.app, name="viz")
 
 
 def main() -> None:
