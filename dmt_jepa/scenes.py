@@ -46,7 +46,7 @@ TEST_PHOTOS = (
 )
 DIGIT_TEST_EVERY = 5  # digit sample i is held out for test when i % 5 == 4
 INK_THRESHOLD = 0.5  # fraction of full ink above which a pixel is labelled as the digit
-MAX_DIGITS = 3
+MAX_DIGITS = 2
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def make_scene(split: str, index: int, *, seed: int = 0, image_size: int = 96) -
     placements = []
     for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
         # The first digit is large so that most scenes have a clear dominant class.
-        low, high = (0.45, 0.75) if i == 0 else (0.2, 0.4)
+        low, high = (0.5, 0.8) if i == 0 else (0.2, 0.35)
         size = int(round(image_size * rng.uniform(low, high)))
         top = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))
         left = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))

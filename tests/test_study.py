@@ -20,7 +20,7 @@ def test_study_smoke_one_seed_few_steps(tmp_path) -> None:
     summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=True)
     assert set(summary["table"]) == {"dmt-jepa", "i-jepa", "random"}
     for method, row in summary["table"].items():
-        for metric in ("knn", "linear", "dense"):
+        for metric in ("knn", "linear", "dense", "fg"):
             mean, std = row[metric]
             assert 0.0 <= mean <= 100.0 and std == 0.0
     log = [json.loads(l) for l in (tmp_path / "run" / "dmt-jepa-seed0.jsonl").read_text().splitlines()]
