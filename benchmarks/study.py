@@ -33,9 +33,10 @@ from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.models import create_encoder
 from dmt_jepa.objective import DMTJEPA, train_step
 from dmt_jepa.scenes import write_scene_shards
-from dmt_jepa.viz import attention_picture, pca_picture, save_png
+from dmt_jepa.viz import attention_picture, curves_picture, pca_picture, read_log, save_png
 
-METHODS = {"dmt-jepa": "cross_attention", "i-jepa": "none", "random": None}
+# Arm name -> aggregation (None: no training). `dmt-jepa-mean` is DMT-JEPA's parameter-free ablation.
+METHODS = {"dmt-jepa": "cross_attention", "dmt-jepa-mean": "mean", "i-jepa": "none", "random": None}
 
 
 @dataclass
@@ -43,7 +44,7 @@ class StudyConfig:
     """Everything that defines one study; the defaults are the published run."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 600
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with a linear lr warm-up
@@ -133,8 +134,8 @@ def pretrain(cfg: StudyConfig, aggregation: str, seed: int, images: torch.Tensor
     return model
 
 
-def machine() -> str:
-    """CPU model, cores and library versions, for the report."""
+def machine(cfg: StudyConfig) -> str:
+    """CPU model, cores, how the study used them, and library versions, for the report."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -144,7 +145,7 @@ def machine() -> str:
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{cpu}, {os.cpu_count()} cores visible, {cfg.workers} worker processes of {cfg.threads} thread(s), torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.system()}"
     )
 
@@ -174,7 +175,12 @@ def write_report(path: Path, cfg: StudyConfig, table: dict, wall_s: float, comma
         "| method | kNN top-1 | linear top-1 | dense mIoU (11 classes) | figure-ground mIoU (2 classes) |",
         "|---|---|---|---|---|",
     ]
-    names = {"dmt-jepa": "DMT-JEPA (cross_attention)", "i-jepa": "I-JEPA (none)", "random": "random init"}
+    names = {
+        "dmt-jepa": "DMT-JEPA (cross_attention)",
+        "dmt-jepa-mean": "DMT-JEPA, mean of neighbours (ablation)",
+        "i-jepa": "I-JEPA (none)",
+        "random": "random init",
+    }
     for method, row in table.items():
         cells = " | ".join(f"{row[m][0]:.2f} +- {row[m][1]:.2f}" for m in ("knn", "linear", "dense", "fg"))
         lines.append(f"| {names[method]} | {cells} |")
@@ -189,7 +195,7 @@ def write_report(path: Path, cfg: StudyConfig, table: dict, wall_s: float, comma
         f"- Model: {cfg.arch}/{cfg.patch_size} at {cfg.image_size} px, predictor {cfg.pred_width} wide x {cfg.pred_depth} deep; "
         "default targets (k = 4 of a 3x3 window, clip border, 2-block head, smooth-L1) and masks (4 targets, scale 0.15-0.2; "
         f"context 0.85-1.0), min_keep {cfg.min_keep}.",
-        f"- Training, identical for both arms: {cfg.steps} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} "
+        f"- Training, identical for every trained arm: {cfg.steps} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} "
         f"(linear warm-up over {cfg.warmup:.0%} of the steps, then cosine to 0), weight decay {cfg.weight_decay} "
         f"(none on biases and norms), EMA momentum {cfg.ema[0]} -> {cfg.ema[1]}, RandomResizedCrop scale "
         f"{cfg.crop_scale[0]}-{cfg.crop_scale[1]}, fp32. Random init: the same architecture, untrained, same seeds.",
@@ -201,17 +207,19 @@ def write_report(path: Path, cfg: StudyConfig, table: dict, wall_s: float, comma
         "```",
         command,
         "```",
-        f"Machine: {machine()}.",
+        f"Machine: {machine(cfg)}.",
         f"Wall time: {wall_s / 60:.1f} minutes for the whole study (data, training, evaluation, pictures).",
         "",
         f"## Pictures of test scene {cfg.picture_index} (seed {cfg.seeds[0]})",
         "PCA of the patch embeddings (first three components as RGB) beside the scene, and the last-layer "
-        "attention of the centre patch (per head, then their mean).",
+        "attention of the centre patch (per head, then their mean); for trained arms, the loss and learning rate "
+        "of that seed's run.",
         "",
     ]
-    for method, (pca, attention) in sorted(pictures.items(), key=lambda item: list(METHODS).index(item[0])):
-        lines += [f"**{names[method]}**", "", f"![PCA]({os.path.relpath(pca, path.parent)})", "",
-                  f"![attention]({os.path.relpath(attention, path.parent)})", ""]
+    for method, files in sorted(pictures.items(), key=lambda item: list(METHODS).index(item[0])):
+        lines += [f"**{names[method]}**", ""]
+        for label, file in zip(("PCA", "attention", "training curves"), files):
+            lines += [f"![{label}]({os.path.relpath(file, path.parent)})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -250,6 +258,9 @@ def run_arm(cfg: StudyConfig, method: str, seed: int, out: Path, picture_dir: Pa
             str(save_png(pca_picture(encoder, info, scene, side=192), picture_dir / f"{method}-pca.png")),
             str(save_png(attention_picture(encoder, info, scene, side=128), picture_dir / f"{method}-attention.png")),
         ]
+        if aggregation is not None:
+            log = read_log(out / f"{method}-seed{seed}.jsonl")
+            result["pictures"].append(str(save_png(curves_picture(log, width=800, height=300), picture_dir / f"{method}-curves.png")))
     result.update(method=method, seed=seed, encoder=str(path), train_s=round(train_s, 1),
                   eval_s=round(time.perf_counter() - tic - train_s, 1))
     print(json.dumps(result), file=sys.stderr, flush=True)
@@ -269,7 +280,7 @@ def run_study(cfg: StudyConfig, out: Path, report: Path | None, command: str, re
         write_scene_shards(data, n_train=cfg.train_scenes, n_test=cfg.test_scenes, seed=cfg.data_seed, image_size=cfg.image_size)
     picture_dir = report.parent / "results" if report is not None else out / "pictures"
     # Trained arms first: they take longest, so the pool finishes evenly.
-    jobs = [(cfg, m, s, out, picture_dir) for m in ("dmt-jepa", "i-jepa", "random") for s in cfg.seeds]
+    jobs = [(cfg, m, s, out, picture_dir) for m in METHODS for s in cfg.seeds]
     if cfg.workers > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
             finished = pool.starmap(run_arm, jobs, chunksize=1)
@@ -281,7 +292,7 @@ def run_study(cfg: StudyConfig, out: Path, report: Path | None, command: str, re
     if report is not None:
         pictures = {r["method"]: [Path(p) for p in r["pictures"]] for r in finished if "pictures" in r}
         write_report(report, cfg, table, wall_s, command, pictures, reduced)
-    return {"config": asdict(cfg), "table": table, "wall_s": round(wall_s, 1), "runs": results, "machine": machine()}
+    return {"config": asdict(cfg), "table": table, "wall_s": round(wall_s, 1), "runs": results, "machine": machine(cfg)}
 
 
 def main(argv: list[str] | None = None) -> None:

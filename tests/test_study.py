@@ -18,7 +18,7 @@ def test_study_smoke_one_seed_few_steps(tmp_path) -> None:
     )
     report = tmp_path / "docs" / "results.md"
     summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=True)
-    assert set(summary["table"]) == {"dmt-jepa", "i-jepa", "random"}
+    assert set(summary["table"]) == {"dmt-jepa", "dmt-jepa-mean", "i-jepa", "random"}
     for method, row in summary["table"].items():
         for metric in ("knn", "linear", "dense", "fg"):
             mean, std = row[metric]
@@ -27,6 +27,7 @@ def test_study_smoke_one_seed_few_steps(tmp_path) -> None:
     assert [r["step"] for r in log] == [1, 2, 3] and all("loss" in r and "lr" in r for r in log)
     text = report.read_text()
     assert "Reduced run" in text and "| I-JEPA (none) |" in text and "python benchmarks/study.py --smoke" in text
-    for method in ("dmt-jepa", "i-jepa", "random"):
+    for method in ("dmt-jepa", "dmt-jepa-mean", "i-jepa", "random"):
         assert Image.open(report.parent / "results" / f"{method}-pca.png").size == (384, 192)
         assert f"results/{method}-attention.png" in text
+    assert Image.open(report.parent / "results" / "i-jepa-curves.png").size == (800, 300)
