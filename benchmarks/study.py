@@ -44,7 +44,7 @@ class StudyConfig:
     """Everything that defines one study; the defaults are the published run."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 1600
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with a linear lr warm-up
@@ -62,7 +62,7 @@ class StudyConfig:
     data_seed: int = 0
     dense_epochs: int = 20
     dense_lr: float = 0.03
-    picture_index: int = 0
+    picture_index: int = 5
     workers: int = 2
     threads: int = 1
 
