@@ -30,6 +30,13 @@ def version() -> None:
     typer.echo(__version__)
 
 
+from cli import pretrain_cmd  # noqa: E402
+
+app.command("pretrain")(pretrain_cmd.pretrain)
+app.add_typer(pretrain_cmd.data_app, name="data")
+app.command("convert")(pretrain_cmd.convert)
+
+
 def main() -> None:
     app()
 

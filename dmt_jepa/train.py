@@ -1,0 +1,413 @@
+"""The pretraining loop: data -> DMT-JEPA steps (DDP, bf16, accumulation) -> logs and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from dmt_jepa.config import ConfigError, TrainConfig, config_to_dict, save_config
+from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
+from dmt_jepa.encoder_file import info_from_encoder, save_encoder
+from dmt_jepa.objective import DMTJEPA
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss diverged); the message says what is kept and what to do."""
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished run left its outputs."""
+
+    run_dir: Path
+    encoder: Path
+    checkpoint: Path
+    steps: int
+    loss: float
+
+
+@dataclass
+class Schedule:
+    """Learning rate, weight decay and EMA momentum as functions of the optimizer step."""
+
+    total_steps: int
+    warmup_steps: int
+    start_lr: float
+    lr: float
+    final_lr: float
+    weight_decay: float
+    final_weight_decay: float
+    ema: tuple[float, float]
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up start_lr -> lr, then cosine lr -> final_lr."""
+        if step < self.warmup_steps:
+            return self.start_lr + (self.lr - self.start_lr) * step / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def weight_decay_at(self, step: int) -> float:
+        """Cosine weight_decay -> final_weight_decay over the whole run."""
+        progress = step / max(1, self.total_steps)
+        return self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
+
+    def momentum(self, step: int) -> float:
+        """EMA momentum, linear from ema[0] to ema[1] over the whole run."""
+        return self.ema[0] + (self.ema[1] - self.ema[0]) * step / max(1, self.total_steps)
+
+
+def param_groups(model: DMTJEPA) -> list[dict]:
+    """AdamW groups: (encoder, predictor + online head) x (decayed, not decayed: biases and 1-D)."""
+    groups = {
+        name: {"name": name, "params": [], "apply_wd": not name.endswith("no_wd")}
+        for name in ("encoder", "encoder_no_wd", "predictor", "predictor_no_wd")
+    }
+    for module_name in ("context_encoder", "predictor", "online_head"):
+        module = getattr(model, module_name)
+        if module is None:
+            continue
+        side = "encoder" if module_name == "context_encoder" else "predictor"
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                no_wd = p.ndim == 1 or pname.endswith(".bias")
+                groups[side + ("_no_wd" if no_wd else "")]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+@dataclass
+class World:
+    """This process's place in the (possibly single-process) distributed job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_world(cfg: TrainConfig) -> World:
+    """Join the torchrun job if there is one: NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda but no CUDA device is visible; set run.device=cpu or auto.")
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def _gather(world: World, obj):
+    """Every rank's `obj`, in rank order."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def _weights_digest(model: DMTJEPA) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def builtin_shards(run_dir: Path, cfg: TrainConfig, world: World) -> str:
+    """The built-in scenes data set (made once inside the run directory): its train shard pattern."""
+    from dmt_jepa.scenes import write_scene_shards
+
+    out = run_dir / "data"
+    if world.is_main and not (out / "scenes.json").is_file():
+        partial = run_dir / "data.partial"
+        if partial.exists():
+            import shutil
+
+            shutil.rmtree(partial)
+        write_scene_shards(
+            partial, n_train=cfg.data.scenes_train, n_test=0, seed=cfg.run.seed, image_size=cfg.model.img_size
+        )
+        os.replace(partial, out)
+    _barrier(world)
+    return "::".join(str(p) for p in sorted(out.glob("train-*.tar")))
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None, world: World) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: a fresh run)."""
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        return checkpoint.parent.parent, checkpoint
+    run_dir = Path(cfg.run.out_dir)
+    if (run_dir / "config.yaml").exists() or checkpoint_dirs(run_dir):
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it "
+            "or set run.out_dir to a new folder."
+        )
+    _barrier(world)  # every rank checked before rank 0 writes anything
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir, None
+
+
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s  ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    task = progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), lr=0.0, ips=0.0)
+    return progress, task
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> PretrainResult:
+    """Train DMT-JEPA as `cfg` says (under torchrun: one process per device); rank 0 writes.
+
+    `resume` is a run directory or one of its checkpoints; the run continues exactly where that
+    checkpoint stopped (same world size and data.num_workers required).
+    """
+    world = _init_world(cfg)
+    try:
+        return _pretrain(cfg, resume, world)
+    finally:
+        if world.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg: TrainConfig, resume, world: World) -> PretrainResult:
+    opt = cfg.optimization
+    per_rank, rest = divmod(opt.batch_size, world.size * opt.accumulation)
+    if rest or per_rank == 0:
+        raise ConfigError(
+            f"optimization.batch_size={opt.batch_size} must be a multiple of processes x accumulation "
+            f"= {world.size} x {opt.accumulation}."
+        )
+    steps_per_epoch = cfg.data.samples_per_epoch // opt.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.samples_per_epoch={cfg.data.samples_per_epoch} is smaller than one batch ({opt.batch_size}); raise it."
+        )
+    run_dir, checkpoint = _prepare_run_dir(cfg, resume, world)
+    urls = expand_shards(cfg.data.train) if cfg.data.train else expand_shards(builtin_shards(run_dir, cfg, world))
+    total_steps = opt.epochs * steps_per_epoch
+    schedule = Schedule(
+        total_steps=total_steps,
+        warmup_steps=round(opt.warmup_epochs * steps_per_epoch),
+        start_lr=opt.start_lr,
+        lr=opt.lr,
+        final_lr=opt.final_lr,
+        weight_decay=opt.weight_decay,
+        final_weight_decay=opt.final_weight_decay,
+        ema=opt.ema,
+    )
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = DMTJEPA(cfg.method).to(world.device)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=opt.start_lr)
+    step, emitted = 0, ()
+    skipped_before = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, cfg)
+        if state["world_size"] != world.size or state["num_workers"] != cfg.data.num_workers:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was written by {state['world_size']} processes with data.num_workers="
+                f"{state['num_workers']}; resume with the same numbers so that the data order continues exactly."
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        emitted = tuple(state["emitted"][world.rank])
+        skipped_before = state["skipped"]
+        _set_rng_state(state["rng"][world.rank], world.device)
+    model.to(world.device)
+    ddp: nn.Module = model
+    if world.size > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+
+    autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
+    log_path = run_dir / "log.jsonl"
+    if world.is_main:
+        _trim_log(log_path, step)
+    micro_per_epoch = steps_per_epoch * opt.accumulation
+    last_checkpoint, saved_step = checkpoint, step if checkpoint is not None else -1
+    loss_value = float("nan")
+    streams = max(cfg.data.num_workers, 1)
+    positions = list(emitted) if emitted else [0] * streams
+    skipped_by_stream = [0] * streams
+    progress, task = _progress(cfg.run.progress and world.is_main, total_steps, step)
+    start_time, start_step = time.perf_counter(), step
+
+    def make_state() -> dict:
+        shared = _gather(world, {"emitted": list(positions), "rng": _rng_state(world.device), "digest": _weights_digest(model), "skipped": sum(skipped_by_stream)})
+        assert len({s["digest"] for s in shared}) == 1, "ranks hold different weights"
+        return {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "world_size": world.size,
+            "num_workers": cfg.data.num_workers,
+            "emitted": [s["emitted"] for s in shared],
+            "rng": [s["rng"] for s in shared],
+            "skipped": skipped_before + sum(s["skipped"] for s in shared),
+            "weights_sha256": [s["digest"] for s in shared],
+        }
+
+    def save() -> Path:
+        state = make_state()
+        path = None
+        if world.is_main:
+            path = save_checkpoint(run_dir, step, model, state, cfg, keep=cfg.run.keep_checkpoints)
+        _barrier(world)
+        return path or run_dir / "checkpoints" / f"step-{step:09d}"
+
+    with progress:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            spec = StreamSpec(
+                urls=urls,
+                cfg=cfg.data,
+                mask_cfg=cfg.mask,
+                img_size=(cfg.model.img_size, cfg.model.img_size),
+                grid=(cfg.model.img_size // cfg.model.patch_size,) * 2,
+                batch_size=per_rank,
+                seed=cfg.run.seed,
+                epoch=epoch,
+                rank=world.rank,
+                world_size=world.size,
+                batches_per_epoch=micro_per_epoch,
+                start_batch=in_epoch * opt.accumulation,
+                emitted=tuple(positions) if in_epoch else (),
+            )
+            batches = micro_batches(spec, cfg.data.num_workers)
+            if not in_epoch:
+                positions = [0] * streams
+                skipped_before += sum(skipped_by_stream)
+                skipped_by_stream = [0] * streams
+            for _ in range(in_epoch, steps_per_epoch):
+                tic = time.perf_counter()
+                lr, wd = schedule.learning_rate(step), schedule.weight_decay_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                    group["weight_decay"] = wd if group["apply_wd"] else 0.0
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=world.device)
+                for micro in range(opt.accumulation):
+                    batch = next(batches)
+                    positions[batch["stream"]] = batch["emitted"]
+                    skipped_by_stream[batch["stream"]] = batch["skipped"]
+                    images = batch["images"].to(world.device, non_blocking=True)
+                    context_idx = batch["context_idx"].to(world.device, non_blocking=True)
+                    target_idx = batch["target_idx"].to(world.device, non_blocking=True)
+                    sync = micro == opt.accumulation - 1 or world.size == 1
+                    with contextlib.nullcontext() if sync else ddp.no_sync():
+                        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=autocast):
+                            loss = ddp(images, context_idx, target_idx) / opt.accumulation
+                        loss.backward()
+                    loss_sum += loss.detach()
+                if world.size > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world.size
+                loss_value = loss_sum.item()
+                if not math.isfinite(loss_value):
+                    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {step + 1}; {kept}; lower optimization.lr or set "
+                        "optimization.grad_clip, then resume or start again."
+                    )
+                if opt.grad_clip:
+                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], opt.grad_clip)
+                optimizer.step()
+                momentum = schedule.momentum(step)
+                model.update_target(momentum)
+                step += 1
+
+                elapsed = time.perf_counter() - start_time
+                images_per_s = opt.batch_size / max(time.perf_counter() - tic, 1e-9)
+                eta = elapsed / (step - start_step) * (total_steps - step)
+                progress.update(task, completed=step, loss=loss_value, lr=lr, ips=images_per_s)
+                if world.is_main:
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "weight_decay": wd,
+                        "momentum": momentum,
+                        "images_per_s": round(images_per_s, 2),
+                        "elapsed_s": round(elapsed, 3),
+                        "eta_s": round(eta, 1),
+                        "skipped": skipped_before + sum(skipped_by_stream),
+                    }
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if step % cfg.run.checkpoint_every == 0 or step == total_steps:
+                    last_checkpoint, saved_step = save(), step
+            del batches
+
+    if saved_step != step:
+        last_checkpoint = save()
+    encoder_path = run_dir / "encoder.safetensors"
+    if world.is_main:
+        info = info_from_encoder(
+            model.target_encoder,
+            cfg.model.arch,
+            provenance={"source": "dmtjepa pretrain", "steps": step, "config": config_to_dict(cfg)},
+        )
+        info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
+        save_encoder(encoder_path, model.target_encoder, info)
+    _barrier(world)
+    return PretrainResult(run_dir=run_dir, encoder=encoder_path, checkpoint=last_checkpoint, steps=step, loss=loss_value)
