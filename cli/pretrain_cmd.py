@@ -43,6 +43,8 @@ def pretrain(
         result = run_pretrain(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError, TrainingError) as err:
         _fail(err)
+    if not result.is_main:
+        return
     typer.echo(f"run directory: {result.run_dir}")
     typer.echo(f"checkpoint:    {result.checkpoint}")
     typer.echo(f"encoder file:  {result.encoder}  (the target encoder after {result.steps} steps, loss {result.loss:.4f})")

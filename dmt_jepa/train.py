@@ -36,6 +36,7 @@ class PretrainResult:
     checkpoint: Path
     steps: int
     loss: float
+    is_main: bool = True  # rank 0, the process that wrote the outputs
 
 
 @dataclass
@@ -410,4 +411,4 @@ def _pretrain(cfg: TrainConfig, resume, world: World) -> PretrainResult:
         info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
         save_encoder(encoder_path, model.target_encoder, info)
     _barrier(world)
-    return PretrainResult(run_dir=run_dir, encoder=encoder_path, checkpoint=last_checkpoint, steps=step, loss=loss_value)
+    return PretrainResult(run_dir=run_dir, encoder=encoder_path, checkpoint=last_checkpoint, steps=step, loss=loss_value, is_main=world.is_main)
