@@ -225,190 +225,232 @@ def pretrain(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Pr
     """
     world = _init_world(cfg)
     try:
-        return _pretrain(cfg, resume, world)
+        return Trainer(cfg, world, resume).run()
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _pretrain(cfg: TrainConfig, resume, world: World) -> PretrainResult:
-    opt = cfg.optimization
-    per_rank, rest = divmod(opt.batch_size, world.size * opt.accumulation)
-    if rest or per_rank == 0:
-        raise ConfigError(
-            f"optimization.batch_size={opt.batch_size} must be a multiple of processes x accumulation "
-            f"= {world.size} x {opt.accumulation}."
-        )
-    steps_per_epoch = cfg.data.samples_per_epoch // opt.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"data.samples_per_epoch={cfg.data.samples_per_epoch} is smaller than one batch ({opt.batch_size}); raise it."
-        )
-    run_dir, checkpoint = _prepare_run_dir(cfg, resume, world)
-    urls = expand_shards(cfg.data.train) if cfg.data.train else expand_shards(builtin_shards(run_dir, cfg, world))
-    total_steps = opt.epochs * steps_per_epoch
-    schedule = Schedule(
-        total_steps=total_steps,
-        warmup_steps=round(opt.warmup_epochs * steps_per_epoch),
-        start_lr=opt.start_lr,
-        lr=opt.lr,
-        final_lr=opt.final_lr,
-        weight_decay=opt.weight_decay,
-        final_weight_decay=opt.final_weight_decay,
-        ema=opt.ema,
-    )
+@dataclass
+class DataPosition:
+    """Where this rank's data streams are within the current epoch."""
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = DMTJEPA(cfg.method).to(world.device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=opt.start_lr)
-    step, emitted = 0, ()
-    skipped_before = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, cfg)
-        if state["world_size"] != world.size or state["num_workers"] != cfg.data.num_workers:
+    emitted: list[int]  # per stream: samples taken from its shuffle buffer
+    skipped: list[int]  # per stream: samples skipped as undecodable
+    skipped_before: int = 0  # skipped in earlier epochs (all ranks) and before a resume
+
+    def record(self, batch: dict) -> None:
+        self.emitted[batch["stream"]] = batch["emitted"]
+        self.skipped[batch["stream"]] = batch["skipped"]
+
+    def new_epoch(self) -> None:
+        self.skipped_before += sum(self.skipped)
+        self.emitted = [0] * len(self.emitted)
+        self.skipped = [0] * len(self.skipped)
+
+
+class Trainer:
+    """One pretraining run: set-up, the optimisation step, logging and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, world: World, resume: str | os.PathLike | None):
+        self.cfg, self.world = cfg, world
+        opt = cfg.optimization
+        self.per_rank, rest = divmod(opt.batch_size, world.size * opt.accumulation)
+        if rest or self.per_rank == 0:
+            raise ConfigError(
+                f"optimization.batch_size={opt.batch_size} must be a multiple of processes x accumulation "
+                f"= {world.size} x {opt.accumulation}."
+            )
+        self.steps_per_epoch = cfg.data.samples_per_epoch // opt.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.samples_per_epoch={cfg.data.samples_per_epoch} is smaller than one batch ({opt.batch_size}); raise it."
+            )
+        self.run_dir, checkpoint = _prepare_run_dir(cfg, resume, world)
+        pattern = cfg.data.train or builtin_shards(self.run_dir, cfg, world)
+        self.urls = expand_shards(pattern)
+        self.total_steps = opt.epochs * self.steps_per_epoch
+        self.schedule = Schedule(
+            total_steps=self.total_steps,
+            warmup_steps=round(opt.warmup_epochs * self.steps_per_epoch),
+            start_lr=opt.start_lr,
+            lr=opt.lr,
+            final_lr=opt.final_lr,
+            weight_decay=opt.weight_decay,
+            final_weight_decay=opt.final_weight_decay,
+            ema=opt.ema,
+        )
+        self.autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model = DMTJEPA(cfg.method).to(world.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=opt.start_lr)
+        streams = max(cfg.data.num_workers, 1)
+        self.position = DataPosition(emitted=[0] * streams, skipped=[0] * streams)
+        self.step = 0
+        self.checkpoint, self.saved_step = checkpoint, -1
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.ddp: nn.Module = self.model
+        if world.size > 1:
+            device_ids = [world.device] if world.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.log_path = self.run_dir / "log.jsonl"
+        if world.is_main:
+            _trim_log(self.log_path, self.step)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model, self.cfg)
+        if state["world_size"] != self.world.size or state["num_workers"] != self.cfg.data.num_workers:
             raise CheckpointError(
                 f"checkpoint {checkpoint} was written by {state['world_size']} processes with data.num_workers="
                 f"{state['num_workers']}; resume with the same numbers so that the data order continues exactly."
             )
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        emitted = tuple(state["emitted"][world.rank])
-        skipped_before = state["skipped"]
-        _set_rng_state(state["rng"][world.rank], world.device)
-    model.to(world.device)
-    ddp: nn.Module = model
-    if world.size > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = self.saved_step = state["step"]
+        self.position.emitted = list(state["emitted"][self.world.rank])
+        self.position.skipped_before = state["skipped"]
+        _set_rng_state(state["rng"][self.world.rank], self.world.device)
 
-    autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
-    log_path = run_dir / "log.jsonl"
-    if world.is_main:
-        _trim_log(log_path, step)
-    micro_per_epoch = steps_per_epoch * opt.accumulation
-    last_checkpoint, saved_step = checkpoint, step if checkpoint is not None else -1
-    loss_value = float("nan")
-    streams = max(cfg.data.num_workers, 1)
-    positions = list(emitted) if emitted else [0] * streams
-    skipped_by_stream = [0] * streams
-    progress, task = _progress(cfg.run.progress and world.is_main, total_steps, step)
-    start_time, start_step = time.perf_counter(), step
+    def _epoch_batches(self, epoch: int, in_epoch: int):
+        """This rank's micro-batches of `epoch` from optimizer step `in_epoch` on."""
+        cfg = self.cfg
+        if in_epoch == 0:
+            self.position.new_epoch()
+        spec = StreamSpec(
+            urls=self.urls,
+            cfg=cfg.data,
+            mask_cfg=cfg.mask,
+            img_size=(cfg.model.img_size, cfg.model.img_size),
+            grid=(cfg.model.img_size // cfg.model.patch_size,) * 2,
+            batch_size=self.per_rank,
+            seed=cfg.run.seed,
+            epoch=epoch,
+            rank=self.world.rank,
+            world_size=self.world.size,
+            batches_per_epoch=self.steps_per_epoch * cfg.optimization.accumulation,
+            start_batch=in_epoch * cfg.optimization.accumulation,
+            emitted=tuple(self.position.emitted) if in_epoch else (),
+        )
+        return micro_batches(spec, cfg.data.num_workers)
 
-    def make_state() -> dict:
-        shared = _gather(world, {"emitted": list(positions), "rng": _rng_state(world.device), "digest": _weights_digest(model), "skipped": sum(skipped_by_stream)})
+    def train_step(self, batches) -> tuple[float, float, float, float]:
+        """One optimizer step over `accumulation` micro-batches; returns loss, lr, weight decay, momentum."""
+        opt, device = self.cfg.optimization, self.world.device
+        lr, wd = self.schedule.learning_rate(self.step), self.schedule.weight_decay_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["apply_wd"] else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(opt.accumulation):
+            batch = next(batches)
+            self.position.record(batch)
+            images, context_idx, target_idx = (batch[k].to(device) for k in ("images", "context_idx", "target_idx"))
+            last = micro == opt.accumulation - 1
+            with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    # targets (no grad) -> context -> predictor -> loss, inside the objective's forward
+                    loss = self.ddp(images, context_idx, target_idx) / opt.accumulation
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.world.size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world.size
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
+            raise TrainingError(
+                f"loss became {loss_value} at step {self.step + 1}; {kept}; lower optimization.lr or set "
+                "optimization.grad_clip, then resume or start again."
+            )
+        if opt.grad_clip:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], opt.grad_clip)
+        self.optimizer.step()
+        momentum = self.schedule.momentum(self.step)
+        self.model.update_target(momentum)  # EMA of the target encoder and target head
+        self.step += 1
+        return loss_value, lr, wd, momentum
+
+    def state(self) -> dict:
+        """Training state for the checkpoint, with every rank's data position and RNG states."""
+        mine = {
+            "emitted": list(self.position.emitted),
+            "skipped": sum(self.position.skipped),
+            "rng": _rng_state(self.world.device),
+            "digest": _weights_digest(self.model),
+        }
+        shared = _gather(self.world, mine)
         assert len({s["digest"] for s in shared}) == 1, "ranks hold different weights"
         return {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "world_size": world.size,
-            "num_workers": cfg.data.num_workers,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "world_size": self.world.size,
+            "num_workers": self.cfg.data.num_workers,
             "emitted": [s["emitted"] for s in shared],
             "rng": [s["rng"] for s in shared],
-            "skipped": skipped_before + sum(s["skipped"] for s in shared),
+            "skipped": self.position.skipped_before + sum(s["skipped"] for s in shared),
             "weights_sha256": [s["digest"] for s in shared],
         }
 
-    def save() -> Path:
-        state = make_state()
-        path = None
-        if world.is_main:
-            path = save_checkpoint(run_dir, step, model, state, cfg, keep=cfg.run.keep_checkpoints)
-        _barrier(world)
-        return path or run_dir / "checkpoints" / f"step-{step:09d}"
+    def save(self) -> None:
+        state = self.state()
+        if self.world.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg, keep=self.cfg.run.keep_checkpoints)
+        _barrier(self.world)
+        self.checkpoint = self.run_dir / "checkpoints" / f"step-{self.step:09d}"
+        self.saved_step = self.step
 
-    with progress:
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            spec = StreamSpec(
-                urls=urls,
-                cfg=cfg.data,
-                mask_cfg=cfg.mask,
-                img_size=(cfg.model.img_size, cfg.model.img_size),
-                grid=(cfg.model.img_size // cfg.model.patch_size,) * 2,
-                batch_size=per_rank,
-                seed=cfg.run.seed,
-                epoch=epoch,
-                rank=world.rank,
-                world_size=world.size,
-                batches_per_epoch=micro_per_epoch,
-                start_batch=in_epoch * opt.accumulation,
-                emitted=tuple(positions) if in_epoch else (),
-            )
-            batches = micro_batches(spec, cfg.data.num_workers)
-            if not in_epoch:
-                positions = [0] * streams
-                skipped_before += sum(skipped_by_stream)
-                skipped_by_stream = [0] * streams
-            for _ in range(in_epoch, steps_per_epoch):
-                tic = time.perf_counter()
-                lr, wd = schedule.learning_rate(step), schedule.weight_decay_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                    group["weight_decay"] = wd if group["apply_wd"] else 0.0
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=world.device)
-                for micro in range(opt.accumulation):
-                    batch = next(batches)
-                    positions[batch["stream"]] = batch["emitted"]
-                    skipped_by_stream[batch["stream"]] = batch["skipped"]
-                    images = batch["images"].to(world.device, non_blocking=True)
-                    context_idx = batch["context_idx"].to(world.device, non_blocking=True)
-                    target_idx = batch["target_idx"].to(world.device, non_blocking=True)
-                    sync = micro == opt.accumulation - 1 or world.size == 1
-                    with contextlib.nullcontext() if sync else ddp.no_sync():
-                        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=autocast):
-                            loss = ddp(images, context_idx, target_idx) / opt.accumulation
-                        loss.backward()
-                    loss_sum += loss.detach()
-                if world.size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world.size
-                loss_value = loss_sum.item()
-                if not math.isfinite(loss_value):
-                    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"loss became {loss_value} at step {step + 1}; {kept}; lower optimization.lr or set "
-                        "optimization.grad_clip, then resume or start again."
-                    )
-                if opt.grad_clip:
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], opt.grad_clip)
-                optimizer.step()
-                momentum = schedule.momentum(step)
-                model.update_target(momentum)
-                step += 1
+    def _log(self, record: dict) -> None:
+        if self.world.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-                elapsed = time.perf_counter() - start_time
-                images_per_s = opt.batch_size / max(time.perf_counter() - tic, 1e-9)
-                eta = elapsed / (step - start_step) * (total_steps - step)
-                progress.update(task, completed=step, loss=loss_value, lr=lr, ips=images_per_s)
-                if world.is_main:
-                    record = {
-                        "step": step,
+    def run(self) -> PretrainResult:
+        cfg = self.cfg
+        loss = float("nan")
+        progress, task = _progress(cfg.run.progress and self.world.is_main, self.total_steps, self.step)
+        start_time, start_step = time.perf_counter(), self.step
+        with progress:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                batches = self._epoch_batches(epoch, in_epoch)
+                for _ in range(in_epoch, self.steps_per_epoch):
+                    tic = time.perf_counter()
+                    loss, lr, wd, momentum = self.train_step(batches)
+                    elapsed = time.perf_counter() - start_time
+                    images_per_s = cfg.optimization.batch_size / max(time.perf_counter() - tic, 1e-9)
+                    progress.update(task, completed=self.step, loss=loss, lr=lr, ips=images_per_s)
+                    self._log({
+                        "step": self.step,
                         "epoch": epoch,
-                        "loss": loss_value,
+                        "loss": loss,
                         "lr": lr,
                         "weight_decay": wd,
                         "momentum": momentum,
                         "images_per_s": round(images_per_s, 2),
                         "elapsed_s": round(elapsed, 3),
-                        "eta_s": round(eta, 1),
-                        "skipped": skipped_before + sum(skipped_by_stream),
-                    }
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-                    last_checkpoint, saved_step = save(), step
-            del batches
-
-    if saved_step != step:
-        last_checkpoint = save()
-    encoder_path = run_dir / "encoder.safetensors"
-    if world.is_main:
-        info = info_from_encoder(
-            model.target_encoder,
-            cfg.model.arch,
-            provenance={"source": "dmtjepa pretrain", "steps": step, "config": config_to_dict(cfg)},
+                        "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
+                        "skipped": self.position.skipped_before + sum(self.position.skipped),
+                    })
+                    if self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps:
+                        self.save()
+                del batches  # stops this epoch's workers
+        if self.saved_step != self.step:
+            self.save()
+        encoder_path = self.run_dir / "encoder.safetensors"
+        if self.world.is_main:
+            target = self.model.target_encoder
+            provenance = {"source": "dmtjepa pretrain", "steps": self.step, "config": config_to_dict(cfg)}
+            info = info_from_encoder(target, cfg.model.arch, provenance=provenance)
+            info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
+            save_encoder(encoder_path, target, info)
+        _barrier(self.world)
+        return PretrainResult(
+            run_dir=self.run_dir,
+            encoder=encoder_path,
+            checkpoint=self.checkpoint,
+            steps=self.step,
+            loss=loss,
+            is_main=self.world.is_main,
         )
-        info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
-        save_encoder(encoder_path, model.target_encoder, info)
-    _barrier(world)
-    return PretrainResult(run_dir=run_dir, encoder=encoder_path, checkpoint=last_checkpoint, steps=step, loss=loss_value, is_main=world.is_main)

@@ -154,3 +154,27 @@ def test_cli_data_pack_counts(tmp_path):
     make_images(tmp_path / "images", 7, classes=2)
     out = CliRunner().invoke(app, ["data", "pack", str(tmp_path / "images"), str(tmp_path / "shards"), "--max-shard-count", "3"])
     assert out.exit_code == 0 and "packed 7 images in 2 classes into 3 shards" in out.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_run_trains_and_resumes(shards, tmp_path):
+    overrides = tiny_overrides(shards, tmp_path / "run", "run.device=cuda", "optimization.precision=bf16")
+    first = pretrain(load_config(None, [*overrides, "optimization.epochs=1"]))
+    assert torch.load(first.checkpoint / "state.pt", weights_only=True)["step"] == 4
+    resumed = pretrain(load_config(None, overrides), resume=first.run_dir)
+    losses = _losses(resumed.run_dir)
+    assert [s for s, _ in losses] == list(range(1, 9)) and all(0 < loss < 10 for _, loss in losses)
+    encoder, _ = load_encoder(resumed.encoder, device="cuda")
+    assert encoder(torch.randn(1, 3, 64, 64, device="cuda")).isfinite().all()
+
+
+def test_builtin_scenes_are_made_once_inside_the_run(tmp_path):
+    pytest.importorskip("dmt_jepa.scenes", reason="the scenes generator is not installed")
+    overrides = tiny_overrides("", tmp_path / "run", "data.scenes_train=12", "optimization.epochs=1")
+    result = pretrain(load_config(None, overrides))
+    shards = sorted((tmp_path / "run" / "data").glob("train-*.tar"))
+    assert shards and result.steps == 4 and result.encoder.is_file()
+    stamp = [p.stat().st_mtime_ns for p in shards]
+    pretrain(load_config(None, [*overrides, "optimization.epochs=2"]), resume=result.run_dir)
+    assert [p.stat().st_mtime_ns for p in shards] == stamp  # reused on resume, not rebuilt
