@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
-from dmt_jepa.config import ConfigError, TrainConfig, config_to_dict, save_config
+from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
@@ -51,6 +51,19 @@ class Schedule:
     weight_decay: float
     final_weight_decay: float
     ema: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, opt: OptimizationConfig, steps_per_epoch: int) -> "Schedule":
+        return cls(
+            total_steps=opt.epochs * steps_per_epoch,
+            warmup_steps=round(opt.warmup_epochs * steps_per_epoch),
+            start_lr=opt.start_lr,
+            lr=opt.lr,
+            final_lr=opt.final_lr,
+            weight_decay=opt.weight_decay,
+            final_weight_decay=opt.final_weight_decay,
+            ema=opt.ema,
+        )
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up start_lr -> lr, then cosine lr -> final_lr."""
@@ -270,16 +283,7 @@ class Trainer:
         pattern = cfg.data.train or builtin_shards(self.run_dir, cfg, world)
         self.urls = expand_shards(pattern)
         self.total_steps = opt.epochs * self.steps_per_epoch
-        self.schedule = Schedule(
-            total_steps=self.total_steps,
-            warmup_steps=round(opt.warmup_epochs * self.steps_per_epoch),
-            start_lr=opt.start_lr,
-            lr=opt.lr,
-            final_lr=opt.final_lr,
-            weight_decay=opt.weight_decay,
-            final_weight_decay=opt.final_weight_decay,
-            ema=opt.ema,
-        )
+        self.schedule = Schedule.from_config(opt, self.steps_per_epoch)
         self.autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -332,7 +336,7 @@ class Trainer:
             start_batch=in_epoch * cfg.optimization.accumulation,
             emitted=tuple(self.position.emitted) if in_epoch else (),
         )
-        return micro_batches(spec, cfg.data.num_workers)
+        return micro_batches(spec, cfg.data.num_workers, pin_memory=self.world.device.type == "cuda")
 
     def train_step(self, batches) -> tuple[float, float, float, float]:
         """One optimizer step over `accumulation` micro-batches; returns loss, lr, weight decay, momentum."""
@@ -346,7 +350,9 @@ class Trainer:
         for micro in range(opt.accumulation):
             batch = next(batches)
             self.position.record(batch)
-            images, context_idx, target_idx = (batch[k].to(device) for k in ("images", "context_idx", "target_idx"))
+            images, context_idx, target_idx = (
+                batch[k].to(device, non_blocking=True) for k in ("images", "context_idx", "target_idx")
+            )
             last = micro == opt.accumulation - 1
             with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):

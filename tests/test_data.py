@@ -151,3 +151,15 @@ def test_corrupt_image_in_shard_is_a_counted_skip(tmp_path):
     batches = list(micro_batches(spec, 0))
     assert all(b["images"].shape[0] == 3 for b in batches)
     assert batches[-1]["emitted"] == 10 and batches[-1]["skipped"] == 1
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    good = [{"__key__": f"{i:03d}", "png": png_bytes(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))} for i in range(6)]
+    write_shard(tmp_path / "s-000.tar", good)
+    write_shard(tmp_path / "s-001.tar", good)
+    data = (tmp_path / "s-001.tar").read_bytes()
+    (tmp_path / "s-001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    spec = _spec([str(tmp_path / "s-000.tar"), str(tmp_path / "s-001.tar")], batches_per_epoch=6)
+    batches = list(micro_batches(spec, 0))
+    assert len(batches) == 6 and batches[-1]["skipped"] >= 1

@@ -210,7 +210,7 @@ def hash_seed(*parts: int) -> int:
     return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
 
 
-def micro_batches(spec: StreamSpec, num_workers: int) -> Iterator[dict]:
+def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = False) -> Iterator[dict]:
     """The rank's micro-batches of one epoch, in order, through a DataLoader with `num_workers`."""
     streams = max(num_workers, 1)
     loader = DataLoader(
@@ -218,6 +218,7 @@ def micro_batches(spec: StreamSpec, num_workers: int) -> Iterator[dict]:
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
+        pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(spec.seed),  # keeps the global RNG (drop path) untouched
     )
