@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import eval_cmd, pretrain_cmd, scenes_cmd, viz_cmd
+
 app = typer.Typer(
     name="dmtjepa",
     help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
@@ -30,11 +32,12 @@ def version() -> None:
     typer.echo(__version__)
 
 
-from cli import pretrain_cmd  # noqa: E402
-
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(viz_cmd.app, name="viz")
 app.command("pretrain")(pretrain_cmd.pretrain)
-app.add_typer(pretrain_cmd.data_app, name="data")
 app.command("convert")(pretrain_cmd.convert)
+pretrain_cmd.data_app.command("scenes")(scenes_cmd.scenes)
+app.add_typer(pretrain_cmd.data_app, name="data")
 
 
 def main() -> None:

@@ -1,27 +1,15 @@
-"""Shared pieces of the pretraining tests: a micro ViT, image folders, shards and a tiny config.
-
-Run as a script (`torchrun ... tests/pretrain_fixtures.py pretrain ARGS`) it is the `dmtjepa`
-CLI with the micro ViT registered, so multi-process tests can use it too.
-"""
+"""Shared pieces of the pretraining tests: image folders, shards and a tiny config."""
 
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dmt_jepa.models.vision_transformer import VARIANTS, Variant
-
-MICRO = "vit_micro"
-
-
-def register_micro() -> None:
-    """A 2-block, 64-wide ViT: big enough to exercise every code path, small enough for 2 CPU cores."""
-    VARIANTS.setdefault(MICRO, Variant(embed_dim=64, depth=2, num_heads=2))
+NANO = "vit_nano"  # 4 blocks, 64 wide: every code path, in seconds on 2 CPU cores
 
 
 def make_images(folder: Path, count: int, *, seed: int = 0, classes: int = 0) -> list[Path]:
@@ -51,13 +39,13 @@ def write_shard(path: Path, samples: list[dict]) -> None:
 
 
 def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
-    """Config overrides for a micro model at 64 px that trains a handful of steps in seconds."""
+    """Config overrides for vit_nano at 64 px that trains a handful of steps in seconds."""
     return [
         f"data.train={shards}",
         "data.samples_per_epoch=16",
         "data.num_workers=0",
         "data.shuffle_buffer=8",
-        f"model.arch={MICRO}",
+        f"model.arch={NANO}",
         "model.img_size=64",
         "model.pred_width=32",
         "model.pred_depth=1",
@@ -73,9 +61,3 @@ def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
         *extra,
     ]
 
-
-if __name__ == "__main__":
-    register_micro()
-    from cli.main import app
-
-    app(sys.argv[1:])

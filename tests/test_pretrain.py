@@ -15,9 +15,7 @@ from dmt_jepa.data import pack_images
 from dmt_jepa.encoder_file import load_encoder
 from dmt_jepa.objective import DMTJEPA
 from dmt_jepa.train import Schedule, TrainingError, param_groups, pretrain
-from pretrain_fixtures import make_images, register_micro, tiny_overrides
-
-register_micro()
+from pretrain_fixtures import make_images, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +98,7 @@ def test_checkpoint_holds_every_module_and_a_weights_only_state(shards, tmp_path
     context = load_file(str(result.checkpoint / "context_encoder.safetensors"))
     assert all(torch.equal(v, target[k]) for k, v in encoder.state_dict().items())
     assert not all(torch.equal(v, context[k]) for k, v in encoder.state_dict().items())
-    assert info.arch == "vit_micro" and info.img_size == (64, 64)
+    assert info.arch == "vit_nano" and info.img_size == (64, 64)
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dmt_jepa.config import load_config
 from dmt_jepa.data import pack_images
 from dmt_jepa.objective import DMTJEPA
-from pretrain_fixtures import make_images, register_micro, tiny_overrides
+from pretrain_fixtures import make_images, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
                                "optimization.epochs=1", "run.checkpoint_every=1", "run.keep_checkpoints=1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "pretrain_fixtures.py"), "pretrain", *overrides]
+           "-m", "cli.main", "pretrain", *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("encoder file:") == 1  # only rank 0 reports and writes
@@ -36,7 +36,6 @@ def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
 
-    register_micro()
     torch.manual_seed(0)
     initial = DMTJEPA(load_config(None, overrides).method).context_encoder.state_dict()
     trained = load_file(str(checkpoint / "context_encoder.safetensors"))
