@@ -89,7 +89,8 @@ class DataConfig:
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     shuffle_buffer: int = 1000
     num_workers: int = 8
-    scenes_train: int = 2000  # size of the built-in scenes set, used when `train` is ""
+    scenes_train: int = 2000  # built-in scenes for training, made when `train` is ""
+    scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval`
 
     def __post_init__(self) -> None:
         if self.samples_per_epoch < 1:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +171,23 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def builtin_shards(run_dir: Path, cfg: TrainConfig, world: World) -> str:
     """The built-in scenes data set (made once inside the run directory): its train shard pattern."""
-    from dmt_jepa.scenes import write_scene_shards
+    from dmt_jepa.scenes import ScenesError, write_scene_shards
 
     out = run_dir / "data"
     if world.is_main and not (out / "scenes.json").is_file():
         partial = run_dir / "data.partial"
         if partial.exists():
-            import shutil
-
             shutil.rmtree(partial)
-        write_scene_shards(
-            partial, n_train=cfg.data.scenes_train, n_test=0, seed=cfg.run.seed, image_size=cfg.model.img_size
-        )
+        try:
+            write_scene_shards(
+                partial,
+                n_train=cfg.data.scenes_train,
+                n_test=cfg.data.scenes_test,
+                seed=cfg.run.seed,
+                image_size=cfg.model.img_size,
+            )
+        except ScenesError as err:
+            raise ConfigError(f"the built-in scenes (data.scenes_train, data.scenes_test) cannot be made: {err}") from err
         os.replace(partial, out)
     _barrier(world)
     return "::".join(str(p) for p in sorted(out.glob("train-*.tar")))
