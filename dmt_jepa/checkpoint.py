@@ -11,6 +11,7 @@ Layout of `RUN_DIR/checkpoints/step-000001000/`:
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -125,5 +126,5 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: TrainConfig)
             raise mismatch(f"{name} tensors differ") from err
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path / 'state.pt'} is unreadable ({err}); resume from an earlier checkpoint.") from err

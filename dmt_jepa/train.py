@@ -301,6 +301,8 @@ class Trainer:
         self.checkpoint, self.saved_step = checkpoint, -1
         if checkpoint is not None:
             self._restore(checkpoint)
+            if world.is_main:  # overrides given on resume (e.g. more epochs) are part of the run from now on
+                save_config(cfg, self.run_dir / "config.yaml")
         self.ddp: nn.Module = self.model
         if world.size > 1:
             device_ids = [world.device] if world.device.type == "cuda" else None

@@ -136,9 +136,7 @@ def test_ranks_and_workers_split_the_shards(shards):
     for rank in range(2):
         stream = ShardStream(_spec(urls, rank=rank, world_size=2), num_streams=2)
         for s in range(2):
-            order = stream._shards(s, random.Random(0))
-            count = len(urls[rank * 2 + s :: 4]) if len(urls) > rank * 2 + s else 0
-            first_pass += [next(order) for _ in range(count)]
+            first_pass += stream._my_shards(s) if len(urls) > rank * 2 + s else []
     assert sorted(first_pass) == sorted(urls)
 
 
@@ -163,3 +161,14 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path):
     spec = _spec([str(tmp_path / "s-000.tar"), str(tmp_path / "s-001.tar")], batches_per_epoch=6)
     batches = list(micro_batches(spec, 0))
     assert len(batches) == 6 and batches[-1]["skipped"] >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_without_images_are_one_sentence_not_a_hang(tmp_path, workers):
+    write_shard(tmp_path / "text.tar", [{"__key__": f"{i:03d}", "txt": b"no image here"} for i in range(5)])
+    (tmp_path / "notatar.tar").write_bytes(b"this is not a tar file at all" * 20)
+    for url, message in [("text.tar", "samples in a row had no decodable image"), ("notatar.tar", "holds a sample")]:
+        spec = _spec([str(tmp_path / url)], batches_per_epoch=2)
+        with pytest.raises(DataError, match=message) as err:
+            list(micro_batches(spec, workers))
+        assert "\n" not in str(err.value)

@@ -125,8 +125,10 @@ def test_existing_run_is_never_overwritten(shards, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(shards, tmp_path):
     run = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")))
     other = load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2", "model.pred_depth=2"))
+    config_before = (run.run_dir / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match="another architecture.*pred_depth=1.*pred_depth=2"):
         pretrain(other, resume=run.run_dir)
+    assert (run.run_dir / "config.yaml").read_text() == config_before
     # same config names but different tensors (e.g. an edited file) are refused too
     same = load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2"))
     (run.checkpoint / "predictor.safetensors").write_bytes((run.checkpoint / "context_encoder.safetensors").read_bytes())

@@ -28,6 +28,7 @@ from dmt_jepa.masks import MultiBlockMaskSampler
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_FAILED_IN_A_ROW = 100  # beyond this the shards are not image shards, not a few corrupt files
 
 
 class DataError(ValueError):
@@ -127,26 +128,34 @@ class ShardStream(IterableDataset):
         self.spec = spec
         self.num_streams = num_streams
 
-    def _shards(self, stream: int, rng: random.Random) -> Iterator[str]:
-        """This stream's shards, reshuffled on every pass, endlessly (resampling to the epoch length)."""
+    def _my_shards(self, stream: int) -> list[str]:
+        """This stream's share of the shards for the epoch (all of them if there are fewer than streams)."""
         spec = self.spec
         order = list(spec.urls)
         random.Random(f"shards/{spec.seed}/{spec.epoch}").shuffle(order)  # same on every rank
         slot, slots = spec.rank * self.num_streams + stream, spec.world_size * self.num_streams
-        mine = order[slot::slots] or order  # fewer shards than streams: sample from all
-        while True:
-            rng.shuffle(mine)
-            yield from mine
+        return order[slot::slots] or order
 
     def _raw_samples(self, stream: int, rng: random.Random, counters: dict) -> Iterator[dict]:
+        """Samples of this stream's shards, reshuffled on every pass, endlessly (resampling to the epoch length)."""
+
         def on_error(err: Exception) -> bool:
             counters["skipped"] += 1
             log.warning("skipped the rest of an unreadable shard (%s)", err)
             return True
 
-        for url in self._shards(stream, rng):
-            for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
-                yield sample
+        mine = self._my_shards(stream)
+        while True:
+            rng.shuffle(mine)
+            found = 0
+            for url in mine:
+                for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+                    found += 1
+                    yield sample
+            if not found:
+                raise DataError(
+                    f"none of the {len(mine)} shards {mine[0]}, ... holds a sample; check that they are WebDataset tar files."
+                )
 
     def _shuffled(self, stream: int, counters: dict) -> Iterator[dict]:
         """Raw samples through a seeded shuffle buffer."""
@@ -175,6 +184,7 @@ class ShardStream(IterableDataset):
         sampler = MultiBlockMaskSampler(spec.grid, spec.mask_cfg)
         counters = {"skipped": 0}
         emitted = spec.emitted[stream] if spec.emitted else 0
+        failed_in_a_row = 0
         samples = self._shuffled(stream, counters)
         for _ in range(emitted):  # replay without decoding
             next(samples)
@@ -187,8 +197,16 @@ class ShardStream(IterableDataset):
                     image = decode_image(sample)
                 except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                     counters["skipped"] += 1
+                    failed_in_a_row += 1
                     log.warning("skipped undecodable sample %s in %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
+                    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                        raise DataError(
+                            f"{failed_in_a_row} samples in a row had no decodable image (the last: "
+                            f"{sample.get('__key__')} in {sample.get('__url__')}); check that the shards hold "
+                            "JPEG, PNG or WebP images."
+                        ) from err
                     continue
+                failed_in_a_row = 0
                 rng = random.Random(f"crop/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}/{emitted}")
                 images.append(augment(image, rng))
             step = spec.epoch * spec.batches_per_epoch + index
@@ -223,7 +241,11 @@ def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = Fals
         generator=torch.Generator().manual_seed(spec.seed),  # keeps the global RNG (drop path) untouched
     )
     expected = spec.start_batch
-    for batch in loader:
-        assert batch["index"] == expected, "DataLoader returned micro-batches out of order"
-        expected += 1
-        yield batch
+    try:
+        for batch in loader:
+            assert batch["index"] == expected, "DataLoader returned micro-batches out of order"
+            expected += 1
+            yield batch
+    except DataError as err:
+        # A worker's DataError arrives with its traceback in the message: keep the sentence.
+        raise DataError(str(err).strip().splitlines()[-1].split("DataError: ")[-1]) from None
