@@ -98,6 +98,11 @@ class Augment:
         return (pixels.float() / 255.0 - self.mean) / self.std
 
 
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (stable across processes and runs)."""
+    return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
+
+
 @dataclass
 class StreamSpec:
     """Everything that determines the data of one epoch on one rank."""
@@ -188,6 +193,7 @@ class ShardStream(IterableDataset):
         samples = self._shuffled(stream, counters)
         for _ in range(emitted):  # replay without decoding
             next(samples)
+        counters["skipped"] = 0  # what the replay met was counted before the checkpoint
         for index in mine:
             images = []
             while len(images) < spec.batch_size:
@@ -221,11 +227,6 @@ class ShardStream(IterableDataset):
                 "emitted": emitted,
                 "skipped": counters["skipped"],
             }
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (stable across processes and runs)."""
-    return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
 
 
 def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = False) -> Iterator[dict]:
