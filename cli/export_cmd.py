@@ -17,11 +17,17 @@ def _fail(err: Exception) -> typer.Exit:
 def export(
     encoder: Annotated[Path, typer.Argument(help="Encoder file (.safetensors) written by training.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for encoder.onnx and the other outputs.")],
-    fp16: Annotated[bool, typer.Option("--fp16", help="Also write encoder_fp16.onnx (LayerNorm kept in fp32).")] = False,
-    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT fp16 engine (needs TensorRT and a GPU).")] = False,
-    min_shape: Annotated[str | None, typer.Option(help="Smallest engine input, Bx3xHxW (default: 1 at half the training size).")] = None,
-    opt_shape: Annotated[str | None, typer.Option(help="Engine input to tune for, Bx3xHxW (default: 32 at the training size).")] = None,
-    max_shape: Annotated[str | None, typer.Option(help="Largest engine input, Bx3xHxW (default: 32 at twice the training size).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write encoder_fp16.onnx; LayerNorm stays fp32.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT fp16 engine (TensorRT, GPU).")] = False,
+    min_shape: Annotated[
+        str | None, typer.Option(help="Smallest engine input Bx3xHxW [1 at half the training size].")
+    ] = None,
+    opt_shape: Annotated[
+        str | None, typer.Option(help="Engine input to tune for, Bx3xHxW [32 at the training size].")
+    ] = None,
+    max_shape: Annotated[
+        str | None, typer.Option(help="Largest engine input Bx3xHxW [32 at twice the training size].")
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 to 20.")] = 18,
 ) -> None:
     """Export the target encoder to ONNX (and TensorRT); every file is checked against PyTorch before it is kept."""

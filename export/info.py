@@ -20,10 +20,17 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         return _describe_encoder(path)
     if path.suffix == ".onnx":
         return _describe_onnx(path)
-    if path.suffix in (".engine", ".json"):
+    if path.suffix == ".json":
         from export.tensorrt_build import read_sidecar
 
-        return {"kind": "TensorRT engine (from its sidecar)", "file": str(path), **read_sidecar(path)}
+        return {"kind": "TensorRT engine sidecar", "file": str(path), **read_sidecar(path)}
+    if path.suffix == ".engine":
+        from export.tensorrt_build import read_sidecar
+
+        sidecar = read_sidecar(path)
+        # A rebuilt or copied engine next to a stale sidecar would otherwise be described wrongly.
+        matches = file_sha256(path) == sidecar.get("engine_sha256")
+        return {"kind": "TensorRT engine (from its sidecar)", "file": str(path), "matches_sidecar": matches, **sidecar}
     raise ExportError(
         f"cannot tell what {path.name} is; give an encoder .safetensors, an .onnx model or an .engine "
         "(with its .engine.json sidecar)."

@@ -97,7 +97,7 @@ def torch_runner(encoder: VisionTransformer) -> Callable[[np.ndarray], tuple[np.
     return run
 
 
-def onnx_runner(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def onnx_runner(path: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)):
     """An ONNX Runtime session on `path` as a numpy function."""
     import onnxruntime as ort
 
@@ -221,7 +221,9 @@ def export_onnx(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ExportError(f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out.") from err
+        raise ExportError(
+            f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out."
+        ) from err
 
     metadata = {**info.to_metadata(), "source_sha256": file_sha256(encoder_path), "opset": str(opset)}
     results = []

@@ -37,7 +37,9 @@ def export_encoder(
     """Export an encoder file to `out_dir`: encoder.onnx, with fp16 encoder_fp16.onnx, with trt encoder.engine."""
     info = read_encoder_info(encoder_path)  # a wrong file fails here, before minutes of work
     if not trt and (min_shape or opt_shape or max_shape):
-        raise ExportError("--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them.")
+        raise ExportError(
+            "--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them."
+        )
     if not trt:
         return ExportResult(export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, log=log))
 

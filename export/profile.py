@@ -50,16 +50,16 @@ def parse_shape(text: str, flag: str) -> InputShape:
     return shape  # type: ignore[return-value]
 
 
-def _round_to_patch(size: int, patch: int) -> int:
-    return max(patch, round(size / patch) * patch)
+def _down_to_patch(size: int, patch: int) -> int:
+    return max(patch, size // patch * patch)
 
 
 def default_profile(info: EncoderInfo) -> ShapeProfile:
-    """Batch 1 at half the training size up to batch 32 at twice it, tuned for batch 32 at the training size."""
+    """Batch 1 at half the training size (down to a patch multiple) to batch 32 at twice it; tuned for 32 at it."""
     height, width = info.img_size
     p = info.patch_size
     return ShapeProfile(
-        min=(1, 3, _round_to_patch(height // 2, p), _round_to_patch(width // 2, p)),
+        min=(1, 3, _down_to_patch(height // 2, p), _down_to_patch(width // 2, p)),
         opt=(DEFAULT_OPT_BATCH, 3, height, width),
         max=(DEFAULT_MAX_BATCH, 3, 2 * height, 2 * width),
     )
@@ -75,7 +75,8 @@ def resolve_profile(
         opt=parse_shape(opt_shape, "--opt-shape") if opt_shape else default.opt,
         max=parse_shape(max_shape, "--max-shape") if max_shape else default.max,
     )
-    for flag, (batch, _, height, width) in zip(("--min-shape", "--opt-shape", "--max-shape"), (profile.min, profile.opt, profile.max)):
+    flags = ("--min-shape", "--opt-shape", "--max-shape")
+    for flag, (batch, _, height, width) in zip(flags, (profile.min, profile.opt, profile.max)):
         check_multiple_of_patch((batch, height, width), info.patch_size, flag)
     names = ("batch", "channels", "height", "width")
     for i, name in enumerate(names):
