@@ -180,7 +180,10 @@ def _write_verified(
     """Write into a scratch folder, check, and only then move into `out_dir` (an older file survives a failure)."""
     scratch = out_dir / f".{filename}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    try:
+        scratch.mkdir(parents=True)
+    except OSError as err:
+        raise ExportError(f"cannot write into {out_dir} ({err.strerror}); choose a writable --out.") from err
     try:
         write(scratch / filename)
         full_check(scratch / filename)
@@ -226,18 +229,20 @@ def export_onnx(
         ) from err
 
     metadata = {**info.to_metadata(), "source_sha256": file_sha256(encoder_path), "opset": str(opset)}
+    variants = [("fp32", FP32_FILENAME, FP32_TOLERANCE)]
+    if fp16:
+        variants.append(("fp16", FP16_FILENAME, FP16_TOLERANCE))
     results = []
-    variants = [("fp32", FP32_FILENAME, FP32_TOLERANCE)] + ([("fp16", FP16_FILENAME, FP16_TOLERANCE)] if fp16 else [])
     for precision, filename, tolerance in variants:
-        report = _write_verified(
-            out_dir,
-            filename,
-            lambda path, p=precision: export_graph(
-                encoder, info, path, {**metadata, "precision": p}, fp16=p == "fp16", opset=opset
-            ),
-            lambda path, p=precision, t=tolerance: verify_onnx(path, encoder, shapes, t, name=f"ONNX Runtime {p}"),
-            log,
-        )
+
+        def write(path: Path, precision: str = precision) -> None:
+            meta = {**metadata, "precision": precision}
+            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset)
+
+        def verify(path: Path, precision: str = precision, tolerance: Tolerance = tolerance) -> ParityReport:
+            return verify_onnx(path, encoder, shapes, tolerance, name=f"ONNX Runtime {precision}")
+
+        report = _write_verified(out_dir, filename, write, verify, log)
         results.append(OnnxExport(out_dir / filename, precision, report))
         log(f"wrote {out_dir / filename}")
     return results
