@@ -10,8 +10,11 @@ import typer
 
 
 def _fail(err: Exception) -> typer.Exit:
+    """One sentence on stderr; exit 1 when a built model failed its check, 2 for anything the user can fix."""
+    from export.errors import ParityError
+
     typer.echo(f"error: {err}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(1 if isinstance(err, ParityError) else 2)
 
 
 def export(

@@ -214,7 +214,7 @@ def test_cli_errors_are_one_sentence(tiny, tmp_path, args, message):
         "out": tmp_path / "out",
     }
     result = CliRunner().invoke(app, [a.format(**paths) for a in args])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "out").exists()
