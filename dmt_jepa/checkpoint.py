@@ -64,8 +64,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:09d}"
     tmp = root / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".*.partial") if root.is_dir() else []:  # left by a run killed while saving
+        shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     for name in MODULES:
         module = getattr(model, name, None)

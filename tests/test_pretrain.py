@@ -178,3 +178,15 @@ def test_builtin_scenes_are_made_once_inside_the_run(tmp_path):
     stamp = [p.stat().st_mtime_ns for p in shards]
     pretrain(load_config(None, [*overrides, "optimization.epochs=2"]), resume=result.run_dir)
     assert [p.stat().st_mtime_ns for p in shards] == stamp  # reused on resume, not rebuilt
+
+
+def test_save_killed_midway_leaves_earlier_checkpoints_usable(shards, tmp_path):
+    from dmt_jepa.checkpoint import find_checkpoint
+
+    result = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")))
+    stale = tmp_path / "run" / "checkpoints" / ".step-000000099.partial"
+    stale.mkdir()
+    (stale / "context_encoder.safetensors").write_bytes(b"half written")
+    assert find_checkpoint(tmp_path / "run") == result.checkpoint  # the partial save is never picked
+    resumed = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2")), resume=result.run_dir)
+    assert resumed.steps == 8 and not stale.exists()
