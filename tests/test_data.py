@@ -95,14 +95,33 @@ def test_crop_box_respects_scale_and_ratio():
 
 
 def test_augment_normalises_with_mean_and_std():
-    from PIL import Image
-
     cfg = DataConfig()
-    image = Image.new("RGB", (50, 30), (255, 128, 0))
-    out = Augment(cfg, (32, 48))(image, random.Random(0))
+    out = Augment(cfg, (32, 48))(png_bytes(np.full((30, 50, 3), (255, 128, 0), np.uint8)), random.Random(0))
     assert out.shape == (3, 32, 48)
     expected = [(c / 255 - m) / s for c, m, s in zip((255, 128, 0), cfg.pixel_mean, cfg.pixel_std)]
     torch.testing.assert_close(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_reduced_jpeg_decode_matches_a_full_decode():
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    photo = np.stack([xx * 255 // 800, yy * 255 // 600, (xx + yy) * 255 // 1400], axis=-1).astype(np.uint8)
+    photo[200:400, 300:500] = (20, 200, 60)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=95)
+    cfg = DataConfig()
+    for seed in range(5):
+        out = Augment(cfg, (32, 32))(buf.getvalue(), random.Random(seed))
+        # reference: full decode, the same crop box (same draws), resize, normalise
+        left, top, w, h = crop_box(800, 600, cfg.crop_scale, cfg.crop_ratio, random.Random(seed))
+        full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        ref = np.asarray(full.resize((32, 32), Image.BICUBIC, box=(left, top, left + w, top + h)), np.float32) / 255
+        ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(cfg.pixel_mean)[:, None, None]) / torch.tensor(
+            cfg.pixel_std)[:, None, None]
+        assert (out - ref).abs().mean() < 0.05 and (out - ref).abs().max() < 1.0
 
 
 def test_same_spec_gives_same_batches_and_other_seed_does_not(shards):

@@ -73,29 +73,40 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def decode_image(sample: dict) -> Image.Image:
-    """The RGB image of a WebDataset sample (JPEG, PNG or WebP); raises ValueError if there is none."""
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (JPEG, PNG or WebP); raises ValueError if there is none."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image entry ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('_'))}")
-    with Image.open(io.BytesIO(sample[key])) as image:
-        return image.convert("RGB")
+    return sample[key]
 
 
 class Augment:
-    """RandomResizedCrop to the training size, then normalisation: PIL image -> [3, H, W] float32."""
+    """Decode, RandomResizedCrop to the training size, normalise: encoded image -> [3, H, W] float32.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
+    least as large as the output, so large photos cost a fraction of a full decode; the crop
+    box is drawn on the full-size image either way, so the draws do not depend on it.
+    """
 
     def __init__(self, cfg: DataConfig, img_size: tuple[int, int]):
         self.cfg = cfg
         self.height, self.width = img_size
-        self.mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+        self.mean = np.asarray(cfg.pixel_mean, dtype=np.float32) * 255.0
+        self.scale = 1.0 / (np.asarray(cfg.pixel_std, dtype=np.float32) * 255.0)
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        left, top, w, h = crop_box(image.width, image.height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
-        image = image.resize((self.width, self.height), Image.BICUBIC, box=(left, top, left + w, top + h))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-        return (pixels.float() / 255.0 - self.mean) / self.std
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            left, top, w, h = crop_box(width, height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
+            if image.format == "JPEG":
+                image.draft("RGB", (math.ceil(width * self.width / w), math.ceil(height * self.height / h)))
+            sx, sy = image.size[0] / width, image.size[1] / height  # 1, or the DCT scale draft chose
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            rgb = image.convert("RGB").resize((self.width, self.height), Image.BICUBIC, box=box)
+        # numpy, not torch: no intra-op thread pool to wake for a small image in the main process
+        pixels = (np.asarray(rgb, dtype=np.float32) - self.mean) * self.scale  # [H, W, 3]
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
 
 
 def hash_seed(*parts: int) -> int:
@@ -199,8 +210,9 @@ class ShardStream(IterableDataset):
             while len(images) < spec.batch_size:
                 sample = next(samples)
                 emitted += 1
+                rng = random.Random(f"crop/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}/{emitted}")
                 try:
-                    image = decode_image(sample)
+                    image = augment(image_bytes(sample), rng)
                 except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                     counters["skipped"] += 1
                     failed_in_a_row += 1
@@ -213,8 +225,7 @@ class ShardStream(IterableDataset):
                         ) from err
                     continue
                 failed_in_a_row = 0
-                rng = random.Random(f"crop/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}/{emitted}")
-                images.append(augment(image, rng))
+                images.append(image)
             step = spec.epoch * spec.batches_per_epoch + index
             generator = torch.Generator().manual_seed(hash_seed(spec.seed, spec.rank, step))
             masks = sampler(spec.batch_size, generator)
