@@ -10,9 +10,10 @@ import typer
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception, code: int = 2) -> None:
+    """One sentence on stderr; exit 2 for input the user can fix, 1 for a run that failed."""
     typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def pretrain(
@@ -41,8 +42,10 @@ def pretrain(
             path = builtin_config_path("demo")
         cfg = load_config(path, overrides or [])
         result = run_pretrain(cfg, resume=resume)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         _fail(err)
+    except TrainingError as err:
+        _fail(err, code=1)
     if not result.is_main:
         return
     typer.echo(f"run directory: {result.run_dir}")

@@ -139,13 +139,13 @@ def test_checkpoint_of_another_architecture_is_refused(shards, tmp_path):
 def test_cli_reports_bad_input_in_one_sentence(shards, tmp_path):
     runner = CliRunner()
     bad_key = runner.invoke(app, ["pretrain", *tiny_overrides(shards, tmp_path / "a"), "optimization.lrr=1e-3"])
-    assert bad_key.exit_code == 1 and "unknown config key 'optimization.lrr'; valid keys here are: epochs" in bad_key.output
+    assert bad_key.exit_code == 2 and "unknown config key 'optimization.lrr'; valid keys here are: epochs" in bad_key.output
     config = tmp_path / "bad.yaml"
     config.write_text("optimisation:\n  lr: 1.0e-3\n")
     bad_file = runner.invoke(app, ["pretrain", "--config", str(config)])
-    assert bad_file.exit_code == 1 and "unknown config key 'optimisation'" in bad_file.output
+    assert bad_file.exit_code == 2 and "unknown config key 'optimisation'" in bad_file.output
     no_shards = runner.invoke(app, ["pretrain", *tiny_overrides(str(tmp_path / "none-{0..3}.tar"), tmp_path / "b")])
-    assert no_shards.exit_code == 1 and "matches no file" in no_shards.output
+    assert no_shards.exit_code == 2 and "matches no file" in no_shards.output
     assert len(no_shards.output.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
 

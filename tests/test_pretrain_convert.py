@@ -111,7 +111,7 @@ def test_cli_convert_does_not_overwrite(tmp_path):
     public_checkpoint(tmp_path / "c.pth.tar")
     (tmp_path / "enc.safetensors").write_bytes(b"keep me")
     out = CliRunner().invoke(app, ["convert", str(tmp_path / "c.pth.tar"), str(tmp_path / "enc.safetensors")])
-    assert out.exit_code == 1 and "already exists; pass --force" in out.output
+    assert out.exit_code == 2 and "already exists; pass --force" in out.output
     assert (tmp_path / "enc.safetensors").read_bytes() == b"keep me"
     out = CliRunner().invoke(app, ["convert", str(tmp_path / "c.pth.tar"), str(tmp_path / "enc.safetensors"), "--force"])
     assert out.exit_code == 0 and "vit_tiny/16" in out.output
