@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +42,9 @@ def pretrain(
         else:
             path = builtin_config_path("demo")
         cfg = load_config(path, overrides or [])
+        if os.environ.get("RANK", "0") == "0":
+            where = find_checkpoint(resume).parent.parent if resume is not None else Path(cfg.run.out_dir)
+            typer.echo(f"training in {where} (per-step log: {where / 'log.jsonl'})")
         result = run_pretrain(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as err:
         _fail(err)

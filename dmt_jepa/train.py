@@ -199,15 +199,16 @@ def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None, world: 
         checkpoint = find_checkpoint(resume)
         return checkpoint.parent.parent, checkpoint
     run_dir = Path(cfg.run.out_dir)
-    if (run_dir / "config.yaml").exists() or checkpoint_dirs(run_dir):
+    if checkpoint_dirs(run_dir) or (run_dir / "encoder.safetensors").exists():
         raise ConfigError(
             f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it "
             "or set run.out_dir to a new folder."
         )
     _barrier(world)  # every rank checked before rank 0 writes anything
-    if world.is_main:
+    if world.is_main:  # a run stopped before its first checkpoint left nothing to resume: start it again
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
     return run_dir, None
 
 
@@ -285,9 +286,9 @@ class Trainer:
             raise ConfigError(
                 f"data.samples_per_epoch={cfg.data.samples_per_epoch} is smaller than one batch ({opt.batch_size}); raise it."
             )
+        urls = expand_shards(cfg.data.train) if cfg.data.train else None  # checked before anything is written
         self.run_dir, checkpoint = _prepare_run_dir(cfg, resume, world)
-        pattern = cfg.data.train or builtin_shards(self.run_dir, cfg, world)
-        self.urls = expand_shards(pattern)
+        self.urls = urls or expand_shards(builtin_shards(self.run_dir, cfg, world))
         self.total_steps = opt.epochs * self.steps_per_epoch
         self.schedule = Schedule.from_config(opt, self.steps_per_epoch)
         self.autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")

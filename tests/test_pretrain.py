@@ -145,9 +145,9 @@ def test_cli_reports_bad_input_in_one_sentence(shards, tmp_path):
     bad_file = runner.invoke(app, ["pretrain", "--config", str(config)])
     assert bad_file.exit_code == 2 and "unknown config key 'optimisation'" in bad_file.output
     no_shards = runner.invoke(app, ["pretrain", *tiny_overrides(str(tmp_path / "none-{0..3}.tar"), tmp_path / "b")])
-    assert no_shards.exit_code == 2 and "matches no file" in no_shards.output
-    assert len(no_shards.output.strip().splitlines()) == 1
-    assert not (tmp_path / "a").exists()
+    assert no_shards.exit_code == 2 and "matches no file" in no_shards.stderr
+    assert len(no_shards.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_cli_data_pack_counts(tmp_path):
@@ -178,6 +178,16 @@ def test_builtin_scenes_are_made_once_inside_the_run(tmp_path):
     stamp = [p.stat().st_mtime_ns for p in shards]
     pretrain(load_config(None, [*overrides, "optimization.epochs=2"]), resume=result.run_dir)
     assert [p.stat().st_mtime_ns for p in shards] == stamp  # reused on resume, not rebuilt
+
+
+def test_run_stopped_before_its_first_checkpoint_can_start_again(shards, tmp_path):
+    overrides = tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("left by a run killed at step 1\n")
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    result = pretrain(load_config(None, overrides))
+    assert [s for s, _ in _losses(result.run_dir)] == [1, 2, 3, 4]
+    assert load_config(result.run_dir / "config.yaml") == load_config(None, overrides)
 
 
 def test_save_killed_midway_leaves_earlier_checkpoints_usable(shards, tmp_path):
