@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from cli import embed_cmd
+
 app = typer.Typer(
     name="dmtjepa",
     help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
@@ -28,6 +30,9 @@ def version() -> None:
     from dmt_jepa import __version__
 
     typer.echo(__version__)
+
+
+app.command("embed")(embed_cmd.embed)
 
 
 def main() -> None:

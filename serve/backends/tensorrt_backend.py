@@ -1,0 +1,103 @@
+"""TensorRT backend: runs a built engine (TensorRT 10 or 11 Python API) with torch CUDA tensors as buffers.
+
+The engine's JSON sidecar (NAME.json beside NAME.engine) supplies what the engine cannot say about
+itself: the encoder metadata (`metadata`, EncoderInfo.to_metadata()), the `precision` it was built
+in and its optimisation `profile` ({"min", "opt", "max"}: [B, 3, H, W] each).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
+from serve.backends.base import Backend, BackendError
+
+INPUT = "images"
+OUTPUTS = ("patch_embeddings", "pooled")
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_suffix(".json")
+
+
+def read_sidecar(engine: Path) -> dict:
+    """The engine's sidecar, checked for the fields this backend needs."""
+    path = sidecar_path(engine)
+    try:
+        sidecar = json.loads(path.read_text())
+        info = EncoderInfo.from_metadata(sidecar["metadata"], source=str(path))
+        profile = {k: [int(v) for v in sidecar["profile"][k]] for k in ("min", "opt", "max")}
+        return {"info": info, "profile": profile, "precision": str(sidecar["precision"])}
+    except FileNotFoundError as err:
+        raise BackendError(f"the engine {engine} has no sidecar {path}; rebuild it with `dmtjepa export --trt`.") from err
+    except (ValueError, KeyError, TypeError, EncoderFileError) as err:
+        raise BackendError(f"the sidecar {path} is unreadable or incomplete ({err}); rebuild the engine.") from err
+
+
+class TensorRTBackend(Backend):
+    """A deserialised engine; inputs and outputs are bound by tensor name (the TensorRT >= 10 API)."""
+
+    def __init__(self, path: Path, *, precision: str | None):
+        sidecar = read_sidecar(path)
+        self.info, self.profile = sidecar["info"], sidecar["profile"]
+        self.name, self.model_path, self.precision = "tensorrt", path, sidecar["precision"]
+        if precision not in (None, self.precision):
+            raise BackendError(f"the engine {path} was built for {self.precision}, not {precision}; rebuild it or omit --precision.")
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as err:
+            raise BackendError("the TensorRT backend needs the tensorrt package (pip install tensorrt) and a CUDA GPU.") from err
+        if int(trt.__version__.split(".")[0]) < 10:
+            raise BackendError(f"TensorRT {trt.__version__} is too old; this backend needs TensorRT 10 or newer.")
+        if not torch.cuda.is_available():
+            raise BackendError("the TensorRT backend needs a CUDA GPU and none is visible.")
+        self._trt, self._torch = trt, torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT cannot deserialise {path} (built by another TensorRT version or GPU?); rebuild it here.")
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        if names != {INPUT, *OUTPUTS}:
+            raise BackendError(f"the engine {path} has tensors {sorted(names)}, not the dmt-jepa contract {[INPUT, *OUTPUTS]}.")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        super().check_size(size)
+        lo, hi = self.profile["min"], self.profile["max"]
+        if not (lo[2] <= size[0] <= hi[2] and lo[3] <= size[1] <= hi[3]):
+            raise BackendError(
+                f"the engine's profile covers {lo[2]}x{lo[3]} to {hi[2]}x{hi[3]}, not {size[0]}x{size[1]}; "
+                "choose --size inside it or rebuild the engine with a wider profile."
+            )
+
+    def _torch_dtype(self, name: str):
+        trt, torch = self._trt, self._torch
+        return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16}[
+            self.engine.get_tensor_dtype(name)
+        ]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        outputs = []
+        # The profile bounds the batch dimension too: split larger batches.
+        for start in range(0, images.shape[0], self.profile["max"][0]):
+            chunk = images[start : start + self.profile["max"][0]]
+            x = torch.from_numpy(chunk).to("cuda", dtype=self._torch_dtype(INPUT)).contiguous()  # [b, 3, H, W]
+            self.context.set_input_shape(INPUT, tuple(x.shape))
+            self.context.set_tensor_address(INPUT, x.data_ptr())
+            results = {}
+            for name in OUTPUTS:
+                shape = tuple(self.context.get_tensor_shape(name))
+                results[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+                self.context.set_tensor_address(name, results[name].data_ptr())
+            self.stream.wait_stream(torch.cuda.current_stream())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            self.stream.synchronize()
+            outputs.append([results[name].float().cpu().numpy() for name in OUTPUTS])
+        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])

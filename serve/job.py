@@ -1,0 +1,312 @@
+"""The shard -> dense embeddings batch job.
+
+Three stages run at once so that the slowest one sets the pace:
+  reader thread   shards -> samples -> decode tasks for worker processes (bounded queue)
+  main thread     decoded images -> batches -> backend (batches never span two shards)
+  writer thread   embeddings -> OUT/.NAME.tar.partial -> OUT/NAME.tar, then OUT/NAME.json last
+Every queue is bounded, so memory does not grow with shard size. Batches stay inside one shard so
+that a shard's bytes do not depend on which shards a restarted run skips.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from serve.api import preprocess_for
+from serve.backends import Backend, checked_run, load_backend
+from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess, prepare
+from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
+from serve.shards import ShardOutput, ShardReader, is_done, open_source
+
+
+class OutputDirError(ValueError):
+    """OUT_DIR cannot hold the outputs; the message is one sentence for the user."""
+
+
+@dataclass
+class JobSummary:
+    """What one process of the job did."""
+
+    rank: int
+    world_size: int
+    shards: list[str]  # NAMEs assigned to this rank
+    skipped: list[str] = field(default_factory=list)  # already done before this run
+    embedded: int = 0
+    failed: int = 0
+    cut_shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    backend: str = ""
+    precision: str = ""
+    worst_patch_cosine: float | None = None  # first-batch check against fp32, where one ran
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
+    """Create OUT_DIR, prove it writable, and refuse one where outputs would overwrite inputs."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputDirError(f"cannot write to OUT_DIR {out_dir} ({err.strerror or err}); choose a writable directory.") from err
+    for shard in shards:
+        target = out_dir / f"{shard.name}.tar"
+        if "://" not in shard.url and target.exists() and target.resolve() == Path(shard.url).resolve():
+            raise OutputDirError(f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; choose another OUT_DIR.")
+    return out_dir
+
+
+class _Stopped(Exception):
+    """The job is shutting down; the reader thread leaves."""
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _decode_task(pool: ProcessPoolExecutor | None, data: bytes, prep: Preprocess) -> Future:
+    if pool is not None:
+        return pool.submit(prepare, data, prep)
+    done: Future = Future()
+    try:
+        done.set_result(prepare(data, prep))
+    except ImageRejected as err:
+        done.set_exception(err)
+    return done
+
+
+def _rejected(reason: str) -> Future:
+    done: Future = Future()
+    done.set_exception(ImageRejected(reason))
+    return done
+
+
+def _read_shards(
+    pending: Sequence[ShardSource], prep: Preprocess, pool: ProcessPoolExecutor | None, out: queue.Queue, stop: threading.Event
+) -> None:
+    """Reader thread: put ("sample", shard, key, Future) and ("end", shard, cut) items, then None."""
+    try:
+        for index, source in enumerate(pending):
+            cut = None
+            try:
+                with open_source(source.url) as stream:
+                    reader = ShardReader(stream)
+                    for sample in reader:
+                        if sample.error is not None:
+                            task = _rejected(sample.error)
+                        else:
+                            try:
+                                task = _decode_task(pool, sample.image()[1], prep)
+                            except LookupError as err:
+                                task = _rejected(str(err))
+                        _put(out, ("sample", index, sample.key, task), stop)
+                    cut = reader.cut
+            except (OSError, EOFError, zlib.error) as err:  # unreadable or corrupt-compressed shard
+                cut = f"cannot read the shard ({err}); the samples before the error were kept"
+            _put(out, ("end", index, cut), stop)
+        _put(out, None, stop)
+    except _Stopped:
+        return
+    except BaseException as err:  # a bug: hand it to the main thread rather than dying silently
+        out.put(("error", err))
+
+
+class _Writer(threading.Thread):
+    """Runs write tasks in order; after a failure it keeps draining so that producers never block."""
+
+    def __init__(self, depth: int):
+        super().__init__(name="embed-writer", daemon=True)
+        self.tasks: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        for task in iter(self.tasks.get, None):
+            if self.error is None:
+                try:
+                    task()
+                except BaseException as err:
+                    self.error = err
+
+    def submit(self, task: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.tasks.put(task)
+
+    def close(self) -> None:
+        self.tasks.put(None)
+        self.join()
+
+
+def _write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid: np.ndarray, pooled: np.ndarray | None) -> None:
+    for i, key in enumerate(keys):
+        out.add(key, grid[i], records[i], None if pooled is None else pooled[i])
+
+
+def _progress(enabled: bool, total: int):
+    """A rich progress bar over shards with images and images/s, or a no-op."""
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards  {task.fields[images]} images  {task.fields[rate]:.1f} images/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    bar.start()
+    bar.add_task("embed", total=total, images=0, rate=0.0)
+    return bar
+
+
+def embed_shards(
+    inputs: str | Sequence[str],
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | Backend,
+    *,
+    backend: str = "auto",
+    precision: str | None = None,
+    size: tuple[int, int] | None = None,
+    resize: str = "crop",
+    batch_size: int = 32,
+    workers: int | None = None,
+    pooled: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+) -> JobSummary:
+    """Embed every shard of INPUT assigned to this rank into OUT_DIR; finished shards are skipped.
+
+    `workers` decode processes (None: half the CPUs, at least one; 0: decode in a thread).
+    """
+    assert batch_size >= 1
+    shards = resolve_inputs(inputs)
+    rank, world_size = resolve_rank(rank, world_size)
+    mine = partition(shards, rank, world_size)
+    runner = model if isinstance(model, Backend) else load_backend(model, backend, precision)
+    prep = preprocess_for(runner, size, resize, max_pixels)
+    out = prepare_out_dir(Path(out_dir), shards)
+    summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
+    summary.skipped = [s.name for s in mine if is_done(out, s.name)]
+    pending = [s for s in mine if not is_done(out, s.name)]
+    start = time.perf_counter()
+    if pending:
+        workers = max(1, (os.cpu_count() or 2) // 2) if workers is None else workers
+        _run(pending, out, runner, prep, batch_size, workers, pooled, summary, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(
+    pending: list[ShardSource],
+    out_dir: Path,
+    runner: Backend,
+    prep: Preprocess,
+    batch_size: int,
+    workers: int,
+    pooled: bool,
+    summary: JobSummary,
+    progress: bool,
+) -> None:
+    """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
+    pool = None
+    if workers > 0:
+        # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded
+        # scripts. The first submit forks every worker, so it runs before this job starts threads;
+        # the workers never touch torch, whose thread pools do not survive a fork.
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        pool.submit(int).result()
+    samples: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2 * workers)
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_shards, args=(pending, prep, pool, samples, stop), name="embed-reader", daemon=True)
+    writer = _Writer(depth=4)
+    outputs: dict[int, ShardOutput] = {}
+    shard_info = {"input_size": list(prep.size), "resize": prep.resize, "pooled": pooled, **runner.describe()}
+    bar = _progress(progress, len(pending))
+    started = time.perf_counter()
+    batch: list[tuple[str, np.ndarray, dict]] = []
+
+    def flush(out: ShardOutput) -> None:
+        if not batch:
+            return
+        keys, arrays, records = zip(*batch)
+        images = np.stack(arrays)  # [B, 3, H, W]
+        if summary.embedded == 0:
+            (grid, pool_vec), summary.worst_patch_cosine = checked_run(runner, images)
+        else:
+            grid, pool_vec = runner.run(images)  # [B, h, w, D], [B, D]
+        writer.submit(partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None))
+        summary.embedded += len(keys)
+        batch.clear()
+        if bar is not None:
+            rate = summary.embedded / max(time.perf_counter() - started, 1e-9)
+            bar.update(bar.task_ids[0], images=summary.embedded, rate=rate)
+
+    reader.start()
+    writer.start()
+    try:
+        for item in iter(samples.get, None):
+            if item[0] == "error":
+                raise item[1]
+            index = item[1]
+            out = outputs.setdefault(index, ShardOutput(out_dir, pending[index].name))
+            if item[0] == "sample":
+                key, task = item[2], item[3]
+                try:
+                    array, record = task.result()
+                except ImageRejected as err:
+                    writer.submit(partial(out.fail, key, str(err)))
+                    summary.failed += 1
+                    continue
+                batch.append((key, array, record))
+                if len(batch) == batch_size:
+                    flush(out)
+            else:
+                flush(out)
+                cut = item[2]
+                if cut is not None:
+                    summary.cut_shards.append(pending[index].name)
+                writer.submit(partial(out.commit, {"shard": f"{pending[index].name}.tar", "source": pending[index].url, "cut": cut, **shard_info}))
+                if bar is not None:
+                    bar.advance(bar.task_ids[0])
+        writer.close()
+        if writer.error is not None:
+            raise writer.error
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if writer.is_alive():
+            writer.close()
+        for out in outputs.values():
+            out.abort()  # removes what an unfinished shard left aside; a committed shard has nothing aside
+        if bar is not None:
+            bar.stop()

@@ -1,0 +1,104 @@
+"""Shared builders for the embedding tests: a tiny encoder (file and ONNX), images and shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dmt_jepa.encoder_file import info_from_encoder, save_encoder
+from dmt_jepa.models import VisionTransformer
+
+PATCH = 16
+TRAIN_SIZE = 64  # a 4 x 4 grid
+
+
+def tiny_encoder(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=TRAIN_SIZE, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2).eval()
+
+
+def write_encoder_file(path: Path, seed: int = 0) -> Path:
+    encoder = tiny_encoder(seed)
+    return save_encoder(path, encoder, info_from_encoder(encoder, arch="vit_test"))
+
+
+class DenseWrapper(torch.nn.Module):
+    """The deployment view of an encoder as a module with the ONNX contract's two outputs."""
+
+    def __init__(self, encoder: VisionTransformer):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.dense(images)
+
+
+def write_onnx_model(path: Path, encoder: VisionTransformer) -> Path:
+    """An ONNX model in the project's contract (names, dynamic B/H/W, metadata props)."""
+    import onnx
+
+    images = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
+    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+    program = torch.onnx.export(
+        DenseWrapper(encoder).eval(),
+        (images,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["patch_embeddings", "pooled"],
+        dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+        verbose=False,
+    )
+    model = program.model_proto
+    onnx.helper.set_model_props(model, info_from_encoder(encoder, arch="vit_test").to_metadata())
+    onnx.save(model, str(path))
+    return path
+
+
+def image_bytes(height: int, width: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=None if mode != "CMYK" else None)
+    if mode == "CMYK":
+        image = Image.fromarray(pixels[..., :3]).convert("CMYK")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar: members KEY.EXT in the given order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def photo_samples(prefix: str, count: int, seed: int = 0) -> list[tuple[str, dict[str, bytes]]]:
+    """Good samples of varied size and format, each with a label member beside the image."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        height, width = (int(v) for v in rng.integers(40, 120, size=2))
+        fmt, ext = [("PNG", "png"), ("JPEG", "jpg")][i % 2]
+        samples.append((f"{prefix}{i:04d}", {ext: image_bytes(height, width, fmt, seed=seed * 1000 + i), "cls": b"%d" % i}))
+    return samples
+
+
+def read_output(path: Path) -> dict[str, dict[str, bytes]]:
+    """An output tar as {key: {extension: bytes}}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
