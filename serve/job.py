@@ -59,17 +59,28 @@ class JobSummary:
 
 def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
     """Create OUT_DIR, prove it writable, and refuse one where outputs would overwrite inputs."""
+    for shard in shards:
+        target = out_dir / f"{shard.name}.tar"
+        if "://" not in shard.url and target.exists() and target.resolve() == Path(shard.url).resolve():
+            raise OutputDirError(f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; choose another OUT_DIR.")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
             pass
     except OSError as err:
         raise OutputDirError(f"cannot write to OUT_DIR {out_dir} ({err.strerror or err}); choose a writable directory.") from err
-    for shard in shards:
-        target = out_dir / f"{shard.name}.tar"
-        if "://" not in shard.url and target.exists() and target.resolve() == Path(shard.url).resolve():
-            raise OutputDirError(f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; choose another OUT_DIR.")
     return out_dir
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initialiser: leave when the job process is gone, even if it was killed with SIGKILL."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _Stopped(Exception):
@@ -241,7 +252,12 @@ def _run(
         # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded
         # scripts. The first submit forks every worker, so it runs before this job starts threads;
         # the workers never touch torch, whose thread pools do not survive a fork.
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        )
         pool.submit(int).result()
     samples: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2 * workers)
     stop = threading.Event()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,12 @@ def read_output(path: Path) -> dict[str, dict[str, bytes]]:
             key, ext = member.name.split(".", 1)
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares an absurd size (a decompression bomb)."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

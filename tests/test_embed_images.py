@@ -1,11 +1,10 @@
 """Decoding and the resize policy, each against a reference built by hand with Pillow and numpy."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from embed_helpers import huge_png_header
 from PIL import Image
 
 from serve.images import ImageRejected, Preprocess, prepare, prepare_array
@@ -90,15 +89,6 @@ def test_large_jpeg_decoded_at_reduced_scale_is_close_to_full_decode():
     slow = prepare_array(np.asarray(full), prep(size=(64, 64)))[0]
     assert record["original_size"] == [960, 1280]
     assert np.abs(fast - slow).mean() < 0.05
-
-
-def huge_png_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares an absurd size (a decompression bomb)."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(

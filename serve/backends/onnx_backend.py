@@ -57,6 +57,8 @@ class OnnxRuntimeBackend(Backend):
 
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
                 raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu.")
+        self.session = _session(path, device)
+        self.info = self._read_contract(self.session, path)
         stored = _stored_precision(path)
         allowed = {stored} | ({"int8"} if device == "cpu" and stored == "fp32" else set())
         precision = precision or stored
@@ -66,8 +68,6 @@ class OnnxRuntimeBackend(Backend):
                 f"not {precision}; export the model in that precision or pick another backend."
             )
         self.precision, self._stored = precision, stored
-        self.session = _session(path, device)
-        self.info = self._read_contract(self.session, path)
         if precision == "int8":
             self.session = _session(_quantized(path), device)
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
