@@ -21,6 +21,11 @@ def _session(model: Path | bytes, device: str):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    # Without the arena a batch's activations go back to the system after each run: about 0.5 GiB
+    # less at batch 32 and 224 px for ViT-S, and no measurable loss of speed on CPU.
+    options.enable_cpu_mem_arena = device != "cpu"
+    if device == "cpu":  # idle ORT threads spin by default, taking the cores the decode workers need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=PROVIDERS[device])
     except Exception as err:  # ORT raises its own exception types, not exported under stable names
