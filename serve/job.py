@@ -177,24 +177,41 @@ def _write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid: n
         out.add(key, grid[i], records[i], None if pooled is None else pooled[i])
 
 
-def _progress(enabled: bool, total: int):
-    """A rich progress bar over shards with images and images/s, or a no-op."""
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class _Progress:
+    """A progress bar on stderr over shards, with images and images/s; does nothing when disabled."""
 
-    bar = Progress(
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("shards  {task.fields[images]} images  {task.fields[rate]:.1f} images/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    bar.start()
-    bar.add_task("embed", total=total, images=0, rate=0.0)
-    return bar
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("shards  {task.fields[images]} images  {task.fields[rate]:.1f} images/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("embed", total=total, images=0, rate=0.0)
+        self.bar.start()
+        self.started = time.perf_counter()
+
+    def images(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, images=count, rate=count / max(time.perf_counter() - self.started, 1e-9))
+
+    def shard_done(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def embed_shards(
@@ -266,8 +283,7 @@ def _run(
     writer = _Writer(depth=4)
     outputs: dict[int, ShardOutput] = {}
     shard_info = {"input_size": list(prep.size), "resize": prep.resize, "pooled": pooled, **runner.describe()}
-    bar = _progress(progress, len(pending))
-    started = time.perf_counter()
+    bar = _Progress(progress, len(pending))
     batch: list[tuple[str, np.ndarray, dict]] = []
 
     def flush(out: ShardOutput) -> None:
@@ -285,9 +301,7 @@ def _run(
         writer.submit(partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None))
         summary.embedded += len(keys)
         batch.clear()
-        if bar is not None:
-            rate = summary.embedded / max(time.perf_counter() - started, 1e-9)
-            bar.update(bar.task_ids[0], images=summary.embedded, rate=rate)
+        bar.images(summary.embedded)
 
     reader.start()
     writer.start()
@@ -314,8 +328,7 @@ def _run(
                 if cut is not None:
                     summary.cut_shards.append(pending[index].name)
                 writer.submit(partial(out.commit, {"shard": f"{pending[index].name}.tar", "source": pending[index].url, "cut": cut, **shard_info}))
-                if bar is not None:
-                    bar.advance(bar.task_ids[0])
+                bar.shard_done()
         writer.close()
         if writer.error is not None:
             raise writer.error
@@ -328,5 +341,4 @@ def _run(
             writer.close()
         for out in outputs.values():
             out.abort()  # removes what an unfinished shard left aside; a committed shard has nothing aside
-        if bar is not None:
-            bar.stop()
+        bar.close()

@@ -144,7 +144,7 @@ def test_rerun_skips_done_shards_and_redoes_the_rest(tmp_path, encoder_file):
     clean = snapshot(tmp_path / "out")
     (tmp_path / "out" / "s1.json").unlink()
     (tmp_path / "out" / ".s1.tar.partial").write_bytes(b"left by a killed run")
-    again = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    again = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0, progress=True)
     assert again.skipped == ["s0", "s2"] and again.embedded == 2
     assert snapshot(tmp_path / "out") == clean
 
