@@ -53,7 +53,7 @@ def embed_images(
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[np.ndarray]:
-    """Patch embeddings float32 [h, w, D] per image, preprocessed exactly as `dmtjepa embed` does.
+    """Patch embeddings float32 [h, w, D] per image, preprocessed and run exactly as `dmtjepa embed` does.
 
     An image that cannot be used raises ImageRejected naming its index; nothing is skipped silently.
     """
@@ -67,7 +67,7 @@ def embed_images(
             raise ImageRejected(f"image {index}: {err}") from err
     embeddings: list[np.ndarray] = []
     for start in range(0, len(inputs), batch_size):
-        batch = np.stack(inputs[start : start + batch_size])  # [B, 3, H, W]
-        grid, _ = checked_run(runner, batch)[0] if start == 0 else runner.run(batch)
+        batch = np.stack(inputs[start : start + batch_size])  # uint8 [B, H, W, 3]
+        grid, _ = checked_run(runner, batch)[0] if start == 0 else runner.run_pixels(batch)
         embeddings.extend(grid)
     return embeddings

@@ -1,6 +1,8 @@
-"""Image decoding and the resize policy: bytes of any common format -> a normalised [3, H, W] array.
+"""Image decoding and the resize policy: bytes of any common format -> uint8 [H, W, 3] model-size pixels.
 
-This module imports neither torch nor onnxruntime, so that decode worker processes stay light.
+Decode workers return uint8 pixels (a quarter of the bytes of float32 through their pipes) and the
+backend normalises whole batches, on the GPU where there is one. This module imports neither torch
+nor onnxruntime, so that decode worker processes stay light.
 
 Policy (documented in docs/embed.md):
 - EXIF orientation is applied first; "original size" is the upright image's [height, width].
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,23 +141,21 @@ def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
     return pixels, geometry
 
 
-def normalise(pixels: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [3, H, W], scaled to 0..1 then standardised per channel."""
-    mean = np.asarray(prep.pixel_mean, dtype=np.float32)
-    std = np.asarray(prep.pixel_std, dtype=np.float32)
-    x = (pixels.astype(np.float32) / 255.0 - mean) / std  # [H, W, 3]
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W]: scaled to 0..1, then standardised per channel."""
+    x = (pixels.astype(np.float32) / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
 def prepare(data: bytes, prep: Preprocess) -> tuple[np.ndarray, dict]:
-    """Encoded image bytes -> model input float32 [3, H, W] and its json record; ImageRejected if unusable."""
+    """Encoded image bytes -> uint8 [H, W, 3] model-size pixels and its json record; ImageRejected if unusable."""
     image, original = open_image(data, prep)
     pixels, geometry = resize(image, prep)
-    return normalise(pixels, prep), {"original_size": list(original), **geometry}
+    return pixels, {"original_size": list(original), **geometry}
 
 
 def prepare_array(image: np.ndarray | Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
-    """Same as `prepare` for an image already in memory (Pillow image or [H, W], [H, W, 3|4] array)."""
+    """Same as `prepare` for an image already in memory (Pillow image or [H, W], [H, W, 1|3|4] uint8 array)."""
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise ImageRejected(f"an image array must be [H, W] or [H, W, 1|3|4], got shape {list(image.shape)}")
@@ -166,4 +167,4 @@ def prepare_array(image: np.ndarray | Image.Image, prep: Preprocess) -> tuple[np
     if height < prep.patch_size or width < prep.patch_size:
         raise ImageRejected(f"the image is {width}x{height} pixels, smaller than one {prep.patch_size}x{prep.patch_size} patch")
     pixels, geometry = resize(to_rgb(image), prep)
-    return normalise(pixels, prep), {"original_size": [height, width], **geometry}
+    return pixels, {"original_size": [height, width], **geometry}

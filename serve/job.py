@@ -290,14 +290,14 @@ def _run(
         if not batch:
             return
         keys, arrays, records = zip(*batch)
-        images = np.stack(arrays)  # [B, 3, H, W]
+        pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
         if summary.embedded == 0:
             check_start = time.perf_counter()
-            (grid, pool_vec), summary.worst_patch_cosine = checked_run(runner, images)
+            (grid, pool_vec), summary.worst_patch_cosine = checked_run(runner, pixels)
             if summary.worst_patch_cosine is not None:
                 summary.check_seconds = time.perf_counter() - check_start
         else:
-            grid, pool_vec = runner.run(images)  # [B, h, w, D], [B, D]
+            grid, pool_vec = runner.run_pixels(pixels)  # [B, h, w, D], [B, D]
         writer.submit(partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None))
         summary.embedded += len(keys)
         batch.clear()

@@ -13,7 +13,7 @@ import serve
 from dmt_jepa.encoder_file import info_from_encoder
 from serve.backends import Backend, BackendError, checked_run, choose_backend, load_backend
 from serve.backends.tensorrt_backend import read_sidecar
-from serve.images import ImageRejected
+from serve.images import ImageRejected, normalise
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,15 @@ def batch(n=3, height=TRAIN_SIZE, width=TRAIN_SIZE, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 3, height, width)).astype(np.float32)
 
 
+def pixels(n=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, TRAIN_SIZE, TRAIN_SIZE, 3), dtype=np.uint8)
+
+
+def normalised(images):
+    info = info_from_encoder(tiny_encoder(), "vit_test")
+    return normalise(images, info.pixel_mean, info.pixel_std)
+
+
 @pytest.mark.parametrize("kind, name", [("encoder", "torch-cpu"), ("onnx", "onnxruntime-cpu")])
 @pytest.mark.parametrize("height, width", [(TRAIN_SIZE, TRAIN_SIZE), (48, 80)])
 def test_fp32_backends_equal_pytorch(models, kind, name, height, width):
@@ -45,12 +54,21 @@ def test_fp32_backends_equal_pytorch(models, kind, name, height, width):
     np.testing.assert_allclose(pooled, want_pooled, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["encoder", "onnx"])
+def test_pixel_batches_are_normalised_like_the_reference(models, kind):
+    backend = load_backend(models[kind])
+    grid, pooled = backend.run_pixels(pixels(2))
+    want_grid, want_pooled = reference(normalised(pixels(2)))
+    np.testing.assert_allclose(grid, want_grid, atol=1e-4)
+    np.testing.assert_allclose(pooled, want_pooled, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind, precision", [("encoder", "bf16"), ("onnx", "int8")])
 def test_low_precision_runs_and_passes_its_check(models, kind, precision):
     backend = load_backend(models[kind], precision=precision)
-    images = batch(4)
+    images = pixels(4)
     (grid, _), worst = checked_run(backend, images)
-    want, _ = reference(images)
+    want, _ = reference(normalised(images))
     assert not np.array_equal(grid, want)  # really a different arithmetic
     assert 0.99 <= worst <= 1.0
     cosine = (grid * want).sum(-1) / np.linalg.norm(grid, axis=-1) / np.linalg.norm(want, axis=-1)
@@ -73,7 +91,7 @@ class NoisyBackend(Backend):
 
 def test_precision_check_refuses_a_bad_path(models):
     with pytest.raises(BackendError, match="too far from fp32"):
-        checked_run(NoisyBackend(load_backend(models["encoder"])), batch(2))
+        checked_run(NoisyBackend(load_backend(models["encoder"])), pixels(2))
 
 
 def test_auto_choice_on_this_machine(models):
@@ -179,8 +197,8 @@ def test_tensorrt_engine_equals_onnx(models, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_torch_cuda(models, precision):
     backend = load_backend(models["encoder"], backend="torch-cuda", precision=precision)
-    (grid, _), _ = checked_run(backend, batch(4))
-    np.testing.assert_allclose(grid, reference(batch(4))[0], atol=1e-3 if precision == "fp32" else 0.1)
+    (grid, _), _ = checked_run(backend, pixels(4))
+    np.testing.assert_allclose(grid, reference(normalised(pixels(4)))[0], atol=1e-3 if precision == "fp32" else 0.1)
 
 
 def test_embed_images_api_accepts_every_image_kind(models, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderInfo
+from serve.images import normalise
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 MIN_PATCH_COSINE = 0.99
@@ -29,6 +30,10 @@ class Backend(ABC):
     @abstractmethod
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [B, 3, H, W] -> float32 patch embeddings [B, H/p, W/p, D] and pooled [B, D]."""
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] -> the same outputs as `run`, normalising with the model's pixel mean/std."""
+        return self.run(normalise(pixels, self.info.pixel_mean, self.info.pixel_std))
 
     def reference(self) -> "Backend | None":
         """The same model in fp32 for the precision check, or None where this backend has none."""
@@ -55,13 +60,13 @@ def patch_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-def checked_run(backend: Backend, images: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None]:
-    """Run a batch and compare it with fp32; returns the outputs and the worst patch cosine (None: no check)."""
-    outputs = backend.run(images)
+def checked_run(backend: Backend, pixels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None]:
+    """Run a uint8 batch and compare it with fp32; returns the outputs and the worst patch cosine (None: no check)."""
+    outputs = backend.run_pixels(pixels)
     reference = backend.reference()
     if reference is None:
         return outputs, None
-    worst = float(patch_cosine(outputs[0], reference.run(images)[0]).min())
+    worst = float(patch_cosine(outputs[0], reference.run_pixels(pixels)[0]).min())
     if worst < MIN_PATCH_COSINE:
         raise BackendError(
             f"{backend.precision} on {backend.name} is too far from fp32 on the first batch (worst patch cosine "

@@ -46,11 +46,20 @@ class TorchBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(self.device, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)  # [B, 3, H, W]
+    def _dense(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode(), self._autocast():
             grid, pooled = self.encoder.dense(x)  # [B, h, w, D], [B, D]
         return grid.float().cpu().numpy(), pooled.float().cpu().numpy()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._dense(torch.from_numpy(images).to(self.device, non_blocking=True))  # [B, 3, H, W]
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # uint8 crosses to the device (a quarter of the bytes) and is normalised there.
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+        mean = torch.tensor(self.info.pixel_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.info.pixel_std, device=self.device).view(1, 3, 1, 1)
+        return self._dense((x.float() / 255.0 - mean) / std)
 
     def reference(self) -> Backend | None:
         if self.precision == "fp32":
