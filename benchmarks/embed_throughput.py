@@ -50,14 +50,21 @@ class _Dense(torch.nn.Module):
         return self.encoder.dense(images)
 
 
-def export_onnx(module: torch.nn.Module, path: Path, size: int, outputs: list[str], metadata: dict | None = None) -> Path:
+def export_onnx(
+    module: torch.nn.Module, path: Path, size: int, outputs: list[str], metadata: dict | None = None
+) -> Path:
     """Plain torch.onnx (dynamo) export with a dynamic batch; `dmtjepa export` adds the parity checks."""
     import onnx
 
     example = torch.randn(2, 3, size, size)
     program = torch.onnx.export(
-        module.eval(), (example,), dynamo=True, input_names=["images"], output_names=outputs,
-        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        module.eval(),
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=outputs,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
     )
     model = program.model_proto
     if metadata:
@@ -70,7 +77,9 @@ def baseline_timm(work: Path, batch: np.ndarray, batches: int) -> float:
     import onnxruntime as ort
     import timm
 
-    path = export_onnx(timm.create_model("vit_small_patch16_224", pretrained=False), work / "timm.onnx", batch.shape[-1], ["out"])
+    path = export_onnx(
+        timm.create_model("vit_small_patch16_224", pretrained=False), work / "timm.onnx", batch.shape[-1], ["out"]
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return images_per_second(lambda x: session.run(None, {"images": x}), batch, batches)
 
@@ -106,7 +115,8 @@ def write_shards(folder: Path, images: int, per_shard: int = 64) -> None:
 END_TO_END = """
 import json, sys
 from serve.job import embed_shards
-summary = embed_shards(sys.argv[1], sys.argv[2], sys.argv[3], backend=sys.argv[4], precision=sys.argv[5], batch_size=int(sys.argv[6]))
+inputs, out, model, backend, precision, batch = sys.argv[1:]
+summary = embed_shards(inputs, out, model, backend=backend, precision=precision, batch_size=int(batch))
 print(json.dumps({"images": summary.embedded, "seconds": summary.seconds, "check_seconds": summary.check_seconds}))
 """
 
@@ -175,20 +185,32 @@ def main() -> None:
     encoder = create_encoder(args.arch, img_size=args.size).eval()
     info = info_from_encoder(encoder, arch=args.arch)
     encoder_path = save_encoder(work / "encoder.safetensors", encoder, info)
-    onnx_path = export_onnx(_Dense(encoder), work / "encoder.onnx", args.size, ["patch_embeddings", "pooled"], info.to_metadata())
+    onnx_path = export_onnx(
+        _Dense(encoder), work / "encoder.onnx", args.size, ["patch_embeddings", "pooled"], info.to_metadata()
+    )
     batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
 
     configs = [("torch-cpu", "fp32"), ("torch-cpu", "bf16"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8")]
     if cuda:
-        configs += [("torch-cuda", "fp32"), ("torch-cuda", "bf16"), ("torch-cuda", "fp16"), ("onnxruntime-cuda", "fp32")]
+        configs += [
+            ("torch-cuda", "fp32"),
+            ("torch-cuda", "bf16"),
+            ("torch-cuda", "fp16"),
+            ("onnxruntime-cuda", "fp32"),
+        ]
     fp32 = load_backend(encoder_path, "torch-cuda" if cuda else "torch-cpu").run(batch)[0]
     model_only = []
     for backend, precision in configs:
         path = onnx_path if backend.startswith("onnxruntime") else encoder_path
         runner = load_backend(path, backend, precision)
         cosine = patch_cosine(runner.run(batch)[0], fp32)
-        entry = {"backend": backend, "precision": precision, "images_per_s": images_per_second(runner.run, batch, args.batches),
-                 "patch_cosine_min": float(cosine.min()), "patch_cosine_mean": float(cosine.mean())}
+        entry = {
+            "backend": backend,
+            "precision": precision,
+            "images_per_s": images_per_second(runner.run, batch, args.batches),
+            "patch_cosine_min": float(cosine.min()),
+            "patch_cosine_mean": float(cosine.mean()),
+        }
         if backend == "torch-cuda" and precision == "bf16":
             runner.encoder = torch.compile(runner.encoder)
             entry["compiled_images_per_s"] = images_per_second(runner.run, batch, args.batches)
@@ -201,15 +223,27 @@ def main() -> None:
     best_path = onnx_path if best["backend"].startswith("onnxruntime") else encoder_path
     e2e = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name() if cuda else None,
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name() if cuda else None,
+            "torch": torch.__version__,
+        },
         "model": {"arch": args.arch, "patch_size": 16, "size": args.size, "batch": args.batch, "weights": "random"},
         "model_only": model_only,
         "baseline_timm_onnxruntime_fp32_images_per_s": baseline,
-        "best": {"backend": best["backend"], "precision": best["precision"], "images_per_s": best["images_per_s"],
-                 "vs_baseline": best["images_per_s"] / baseline if baseline else None},
-        "end_to_end": {**e2e, "backend": best["backend"], "precision": best["precision"],
-                       "vs_model_only": e2e["images_per_s_after_check"] / best["images_per_s"]},
+        "best": {
+            "backend": best["backend"],
+            "precision": best["precision"],
+            "images_per_s": best["images_per_s"],
+            "vs_baseline": best["images_per_s"] / baseline if baseline else None,
+        },
+        "end_to_end": {
+            **e2e,
+            "backend": best["backend"],
+            "precision": best["precision"],
+            "vs_model_only": e2e["images_per_s_after_check"] / best["images_per_s"],
+        },
     }
     print(json.dumps(result, indent=1))
 

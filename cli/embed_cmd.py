@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-BACKEND_HELP = "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt (auto: fastest for the model here)."
+BACKEND_HELP = (
+    "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt (auto: fastest for the model here)."
+)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -21,20 +23,37 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def embed(
-    input: str = typer.Argument(..., help="Shards: a brace pattern (data/shard-{000..099}.tar), a file listing shard paths/URLs, or a directory."),
+    input: str = typer.Argument(
+        ...,
+        help="Shards: a brace pattern (data/shard-{000..099}.tar), a file listing shard paths/URLs, or a directory.",
+    ),
     out_dir: Path = typer.Argument(..., help="Where NAME.tar and NAME.json go for each input shard NAME.tar."),
-    model: Path = typer.Option(..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."),
+    model: Path = typer.Option(
+        ..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."
+    ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    precision: str = typer.Option(None, help="fp32, bf16, fp16 or int8 where the backend supports it (default: the model's own)."),
+    precision: str = typer.Option(
+        None, help="fp32, bf16, fp16 or int8 where the backend supports it (default: the model's own)."
+    ),
     size: str = typer.Option(None, help="Model input HxW, multiples of the patch size (default: the training size)."),
-    resize: str = typer.Option("crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."),
+    resize: str = typer.Option(
+        "crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."
+    ),
     batch_size: int = typer.Option(32, min=1, help="Images per inference batch."),
-    workers: int = typer.Option(None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."),
+    workers: int = typer.Option(
+        None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
+    ),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
     rank: int = typer.Option(None, help="This process's rank (default: RANK or SLURM_PROCID, else 0)."),
-    world_size: int = typer.Option(None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."),
-    max_pixels: int = typer.Option(None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+    world_size: int = typer.Option(
+        None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."
+    ),
+    max_pixels: int = typer.Option(
+        None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."
+    ),
+    progress: bool = typer.Option(
+        None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
+    ),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done."""
     from dmt_jepa.encoder_file import EncoderFileError
@@ -64,7 +83,11 @@ def embed(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     done = len(summary.shards) - len(summary.skipped)
-    check = "" if summary.worst_patch_cosine is None else f"; {summary.precision} vs fp32 worst patch cosine {summary.worst_patch_cosine:.4f}"
+    check = (
+        ""
+        if summary.worst_patch_cosine is None
+        else f"; {summary.precision} vs fp32 worst patch cosine {summary.worst_patch_cosine:.4f}"
+    )
     typer.echo(
         f"rank {summary.rank}/{summary.world_size}: {done} shards embedded, {len(summary.skipped)} already done; "
         f"{summary.embedded} images embedded, {summary.failed} failed (reasons in NAME.json), "

@@ -56,7 +56,9 @@ def _from_list_file(path: Path) -> list[str]:
 def _from_directory(path: Path) -> list[str]:
     sources = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
     if not sources:
-        raise InputError(f"the directory {path} holds no .tar shards; pass a directory of shards, a pattern or a list file.")
+        raise InputError(
+            f"the directory {path} holds no .tar shards; pass a directory of shards, a pattern or a list file."
+        )
     return sources
 
 
@@ -108,7 +110,9 @@ def resolve_rank(rank: int | None, world_size: int | None, env: Mapping[str, str
                 try:
                     rank, world_size = int(env[rank_var]), int(env[world_var])
                 except ValueError as err:
-                    raise InputError(f"{rank_var}/{world_var} must be integers, got {env[rank_var]!r}/{env[world_var]!r}.") from err
+                    raise InputError(
+                        f"{rank_var}/{world_var} must be integers, got {env[rank_var]!r}/{env[world_var]!r}."
+                    ) from err
                 break
     if (rank is None) != (world_size is None):
         raise InputError("give both --rank and --world-size, or neither.")

@@ -63,13 +63,18 @@ def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
     for shard in shards:
         target = out_dir / f"{shard.name}.tar"
         if "://" not in shard.url and target.exists() and target.resolve() == Path(shard.url).resolve():
-            raise OutputDirError(f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; choose another OUT_DIR.")
+            raise OutputDirError(
+                f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; "
+                "choose another OUT_DIR."
+            )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise OutputDirError(f"cannot write to OUT_DIR {out_dir} ({err.strerror or err}); choose a writable directory.") from err
+        raise OutputDirError(
+            f"cannot write to OUT_DIR {out_dir} ({err.strerror or err}); choose a writable directory."
+        ) from err
     return out_dir
 
 
@@ -117,7 +122,11 @@ def _rejected(reason: str) -> Future:
 
 
 def _read_shards(
-    pending: Sequence[ShardSource], prep: Preprocess, pool: ProcessPoolExecutor | None, out: queue.Queue, stop: threading.Event
+    pending: Sequence[ShardSource],
+    prep: Preprocess,
+    pool: ProcessPoolExecutor | None,
+    out: queue.Queue,
+    stop: threading.Event,
 ) -> None:
     """Reader thread: put ("sample", shard, key, Future) and ("end", shard, cut) items, then None."""
     try:
@@ -172,7 +181,9 @@ class _Writer(threading.Thread):
         self.join()
 
 
-def _write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid: np.ndarray, pooled: np.ndarray | None) -> None:
+def _write_batch(
+    out: ShardOutput, keys: list[str], records: list[dict], grid: np.ndarray, pooled: np.ndarray | None
+) -> None:
     for i, key in enumerate(keys):
         out.add(key, grid[i], records[i], None if pooled is None else pooled[i])
 
@@ -185,7 +196,14 @@ class _Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("embedding"),
@@ -279,7 +297,9 @@ def _run(
         pool.submit(int).result()
     samples: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2 * workers)
     stop = threading.Event()
-    reader = threading.Thread(target=_read_shards, args=(pending, prep, pool, samples, stop), name="embed-reader", daemon=True)
+    reader = threading.Thread(
+        target=_read_shards, args=(pending, prep, pool, samples, stop), name="embed-reader", daemon=True
+    )
     writer = _Writer(depth=4)
     outputs: dict[int, ShardOutput] = {}
     shard_info = {"input_size": list(prep.size), "resize": prep.resize, "pooled": pooled, **runner.describe()}
@@ -289,7 +309,7 @@ def _run(
     def flush(out: ShardOutput) -> None:
         if not batch:
             return
-        keys, arrays, records = zip(*batch)
+        keys, arrays, records = zip(*batch, strict=True)
         pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
         if summary.embedded == 0:
             check_start = time.perf_counter()
@@ -327,7 +347,12 @@ def _run(
                 cut = item[2]
                 if cut is not None:
                     summary.cut_shards.append(pending[index].name)
-                writer.submit(partial(out.commit, {"shard": f"{pending[index].name}.tar", "source": pending[index].url, "cut": cut, **shard_info}))
+                writer.submit(
+                    partial(
+                        out.commit,
+                        {"shard": f"{pending[index].name}.tar", "source": pending[index].url, "cut": cut, **shard_info},
+                    )
+                )
                 bar.shard_done()
         writer.close()
         if writer.error is not None:

@@ -105,7 +105,8 @@ class ShardReader:
             header = _read_exactly(self.stream, BLOCK)
             if len(header) < BLOCK:
                 self.cut = (
-                    "the shard is empty" if self.offset == 0 and not header
+                    "the shard is empty"
+                    if self.offset == 0 and not header
                     else f"the shard ends at byte {self.offset + len(header)} without the tar end marker "
                     "(cut off; the samples before the cut were kept)"
                 )

@@ -92,7 +92,9 @@ def photo_samples(prefix: str, count: int, seed: int = 0) -> list[tuple[str, dic
     for i in range(count):
         height, width = (int(v) for v in rng.integers(40, 120, size=2))
         fmt, ext = [("PNG", "png"), ("JPEG", "jpg")][i % 2]
-        samples.append((f"{prefix}{i:04d}", {ext: image_bytes(height, width, fmt, seed=seed * 1000 + i), "cls": b"%d" % i}))
+        samples.append(
+            (f"{prefix}{i:04d}", {ext: image_bytes(height, width, fmt, seed=seed * 1000 + i), "cls": b"%d" % i})
+        )
     return samples
 
 
@@ -108,6 +110,7 @@ def read_output(path: Path) -> dict[str, dict[str, bytes]]:
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares an absurd size (a decompression bomb)."""
+
     def chunk(kind, payload):
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 

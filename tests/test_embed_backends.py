@@ -19,7 +19,10 @@ from serve.images import ImageRejected, normalise
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"encoder": write_encoder_file(root / "enc.safetensors"), "onnx": write_onnx_model(root / "enc.onnx", tiny_encoder())}
+    return {
+        "encoder": write_encoder_file(root / "enc.safetensors"),
+        "onnx": write_onnx_model(root / "enc.onnx", tiny_encoder()),
+    }
 
 
 def reference(images: np.ndarray):
@@ -148,7 +151,11 @@ def test_engine_sidecar(tmp_path):
     with pytest.raises(BackendError, match="no sidecar"):
         read_sidecar(engine)
     meta = info_from_encoder(tiny_encoder(), "vit_test").to_metadata()
-    sidecar = {"metadata": meta, "precision": "fp16", "profile": {"min": [1, 3, 32, 32], "opt": [8, 3, 64, 64], "max": [32, 3, 128, 128]}}
+    sidecar = {
+        "metadata": meta,
+        "precision": "fp16",
+        "profile": {"min": [1, 3, 32, 32], "opt": [8, 3, 64, 64], "max": [32, 3, 128, 128]},
+    }
     (tmp_path / "enc.json").write_text(json.dumps(sidecar))
     read = read_sidecar(engine)
     assert read["precision"] == "fp16" and read["info"].patch_size == 16 and read["profile"]["max"] == [32, 3, 128, 128]
@@ -205,7 +212,9 @@ def test_embed_images_api_accepts_every_image_kind(models, tmp_path):
     data = image_bytes(70, 90, "PNG", seed=3)
     (tmp_path / "a.png").write_bytes(data)
     pil = Image.open(io.BytesIO(data))
-    out = serve.embed_images(models["encoder"], [data, tmp_path / "a.png", str(tmp_path / "a.png"), pil, np.asarray(pil)])
+    out = serve.embed_images(
+        models["encoder"], [data, tmp_path / "a.png", str(tmp_path / "a.png"), pil, np.asarray(pil)]
+    )
     assert len(out) == 5 and out[0].shape == (4, 4, 32) and out[0].dtype == np.float32
     for other in out[1:]:
         np.testing.assert_array_equal(other, out[0])

@@ -86,11 +86,15 @@ def test_colour_modes_become_rgb():
     cmyk = prepare(encode(rgb.convert("CMYK"), "JPEG", quality=95), prep())[0]
     assert cmyk.shape == (32, 32, 3)
     palette = rgb.convert("P")
-    np.testing.assert_array_equal(prepare(encode(palette), prep())[0], prepare(encode(palette.convert("RGB")), prep())[0])
+    np.testing.assert_array_equal(
+        prepare(encode(palette), prep())[0], prepare(encode(palette.convert("RGB")), prep())[0]
+    )
 
 
 def test_large_jpeg_decoded_at_reduced_scale_is_close_to_full_decode():
-    image = Image.fromarray(np.kron(np.random.default_rng(0).integers(0, 256, (30, 40, 3)), np.ones((32, 32, 1))).astype(np.uint8))
+    image = Image.fromarray(
+        np.kron(np.random.default_rng(0).integers(0, 256, (30, 40, 3)), np.ones((32, 32, 1))).astype(np.uint8)
+    )
     data = encode(image, "JPEG", quality=95)  # 960 x 1280: DCT scaling kicks in
     fast, record = prepare(data, prep(size=(64, 64)))
     full = Image.open(io.BytesIO(data)).convert("RGB")

@@ -74,7 +74,9 @@ def test_rank_sources_in_priority_order(flags, env, expected):
     assert resolve_rank(*flags, env=env) == expected
 
 
-@pytest.mark.parametrize("flags, env", [((2, 2), {}), ((0, None), {}), ((None, None), {"RANK": "a", "WORLD_SIZE": "2"})])
+@pytest.mark.parametrize(
+    "flags, env", [((2, 2), {}), ((0, None), {}), ((None, None), {"RANK": "a", "WORLD_SIZE": "2"})]
+)
 def test_bad_rank_settings(flags, env):
     with pytest.raises(InputError):
         resolve_rank(*flags, env=env)

@@ -60,7 +60,9 @@ def test_outputs_equal_pytorch_with_documented_shapes(tmp_path, encoder_file):
     shards = {f"part-{s}": photo_samples(f"p{s}_", 5, seed=s) for s in range(2)}
     for name, samples in shards.items():
         write_shard(tmp_path / "in" / f"{name}.tar", samples)
-    summary = embed_shards(str(tmp_path / "in" / "part-{0..1}.tar"), tmp_path / "out", encoder_file, batch_size=3, workers=1, pooled=True)
+    summary = embed_shards(
+        str(tmp_path / "in" / "part-{0..1}.tar"), tmp_path / "out", encoder_file, batch_size=3, workers=1, pooled=True
+    )
     assert summary.embedded == 10 and summary.failed == 0 and summary.backend == "torch-cpu"
     for name, samples in shards.items():
         written = read_output(tmp_path / "out" / f"{name}.tar")
@@ -99,7 +101,9 @@ def test_bad_inputs_never_stop_the_job_and_every_key_is_accounted_for(tmp_path, 
     cut_source = write_shard(tmp_path / "whole.tar", photo_samples("c", 6, seed=9)).read_bytes()
     (tmp_path / "in" / "cut.tar").write_bytes(cut_source[: len(cut_source) * 2 // 3])
     (tmp_path / "in" / "garbage.tar").write_bytes(os.urandom(3000))
-    result = CliRunner().invoke(app, ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "1"])
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "1"]
+    )
     assert result.exit_code == 0, result.output
     bad = json.loads((tmp_path / "out" / "bad.json").read_text())
     embedded = set(read_output(tmp_path / "out" / "bad.tar"))
@@ -183,9 +187,21 @@ def test_killed_mid_shard_then_rerun_equals_one_clean_run(tmp_path, encoder_file
     embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, batch_size=4, workers=0)
     clean = snapshot(tmp_path / "clean")
     out = tmp_path / "out"
-    args = ["embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--batch-size", "4", "--workers", "1"]
+    args = [
+        "embed",
+        str(tmp_path / "in"),
+        str(out),
+        "--model",
+        str(encoder_file),
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         wait_for(lambda: (out / "s0.json").exists() and (out / ".s1.tar.partial").exists())
         children = [int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
@@ -231,3 +247,19 @@ def test_user_errors_are_one_sentence_and_write_nothing(tmp_path, encoder_file, 
     assert result.exit_code == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_pipe_and_gzip_sources_give_the_same_output(tmp_path, encoder_file):
+    import gzip
+
+    shard = write_shard(tmp_path / "src" / "a.tar", photo_samples("k", 3))
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    (tmp_path / "list.txt").write_text(f"pipe:cat {shard}\n")
+    for name, inputs in [("plain", str(shard)), ("pipe", str(tmp_path / "list.txt")), ("gzip", str(tmp_path / "gz"))]:
+        embed_shards(inputs, tmp_path / name, encoder_file, workers=0)
+    assert (
+        snapshot(tmp_path / "plain")["a.tar"]
+        == snapshot(tmp_path / "pipe")["a.tar"]
+        == snapshot(tmp_path / "gzip")["a.tar"]
+    )

@@ -17,7 +17,16 @@ KIND_BACKENDS = {
 }
 KIND_WORDS = {"encoder": "an encoder file", "onnx": "an ONNX model", "engine": "a TensorRT engine"}
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BackendError", "checked_run", "load_backend", "model_kind", "patch_cosine"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendError",
+    "checked_run",
+    "load_backend",
+    "model_kind",
+    "patch_cosine",
+]
 
 
 def model_kind(path: Path) -> str:
@@ -47,7 +56,11 @@ def choose_backend(kind: str) -> str:
     if kind == "onnx":
         import onnxruntime as ort
 
-        return "onnxruntime-cuda" if cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "onnxruntime-cpu"
+        return (
+            "onnxruntime-cuda"
+            if cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+            else "onnxruntime-cpu"
+        )
     return "torch-cuda" if cuda else "torch-cpu"
 
 

@@ -35,7 +35,7 @@ class Backend(ABC):
         """uint8 [B, H, W, 3] -> the same outputs as `run`, normalising with the model's pixel mean/std."""
         return self.run(normalise(pixels, self.info.pixel_mean, self.info.pixel_std))
 
-    def reference(self) -> "Backend | None":
+    def reference(self) -> Backend | None:
         """The same model in fp32 for the precision check, or None where this backend has none."""
         return None
 

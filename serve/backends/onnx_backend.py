@@ -27,7 +27,9 @@ def _session(model: Path | bytes, device: str):
     if device == "cpu":  # idle ORT threads spin by default, taking the cores the decode workers need
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=PROVIDERS[device])
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), options, providers=PROVIDERS[device]
+        )
     except Exception as err:  # ORT raises its own exception types, not exported under stable names
         raise BackendError(f"ONNX Runtime cannot load the model ({err}).") from err
 
@@ -61,7 +63,9 @@ class OnnxRuntimeBackend(Backend):
             import torch
 
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-                raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu.")
+                raise BackendError(
+                    "--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu."
+                )
         self.session = _session(path, device)
         self.info = self._read_contract(self.session, path)
         stored = _stored_precision(path)
@@ -69,7 +73,8 @@ class OnnxRuntimeBackend(Backend):
         precision = precision or stored
         if precision not in allowed:
             raise BackendError(
-                f"{path} holds {stored} weights, which ONNX Runtime on {device} runs as {' or '.join(sorted(allowed))}, "
+                f"{path} holds {stored} weights, which ONNX Runtime on {device} runs as "
+                f"{' or '.join(sorted(allowed))}, "
                 f"not {precision}; export the model in that precision or pick another backend."
             )
         self.precision, self._stored = precision, stored

@@ -32,7 +32,9 @@ def read_sidecar(engine: Path) -> dict:
         profile = {k: [int(v) for v in sidecar["profile"][k]] for k in ("min", "opt", "max")}
         return {"info": info, "profile": profile, "precision": str(sidecar["precision"])}
     except FileNotFoundError as err:
-        raise BackendError(f"the engine {engine} has no sidecar {path}; rebuild it with `dmtjepa export --trt`.") from err
+        raise BackendError(
+            f"the engine {engine} has no sidecar {path}; rebuild it with `dmtjepa export --trt`."
+        ) from err
     except (ValueError, KeyError, TypeError, EncoderFileError) as err:
         raise BackendError(f"the sidecar {path} is unreadable or incomplete ({err}); rebuild the engine.") from err
 
@@ -45,12 +47,16 @@ class TensorRTBackend(Backend):
         self.info, self.profile = sidecar["info"], sidecar["profile"]
         self.name, self.model_path, self.precision = "tensorrt", path, sidecar["precision"]
         if precision not in (None, self.precision):
-            raise BackendError(f"the engine {path} was built for {self.precision}, not {precision}; rebuild it or omit --precision.")
+            raise BackendError(
+                f"the engine {path} was built for {self.precision}, not {precision}; rebuild it or omit --precision."
+            )
         try:
             import tensorrt as trt
             import torch
         except ImportError as err:
-            raise BackendError("the TensorRT backend needs the tensorrt package (pip install tensorrt) and a CUDA GPU.") from err
+            raise BackendError(
+                "the TensorRT backend needs the tensorrt package (pip install tensorrt) and a CUDA GPU."
+            ) from err
         if int(trt.__version__.split(".")[0]) < 10:
             raise BackendError(f"TensorRT {trt.__version__} is too old; this backend needs TensorRT 10 or newer.")
         if not torch.cuda.is_available():
@@ -59,10 +65,14 @@ class TensorRTBackend(Backend):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise BackendError(f"TensorRT cannot deserialise {path} (built by another TensorRT version or GPU?); rebuild it here.")
+            raise BackendError(
+                f"TensorRT cannot deserialise {path} (built by another TensorRT version or GPU?); rebuild it here."
+            )
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         if names != {INPUT, *OUTPUTS}:
-            raise BackendError(f"the engine {path} has tensors {sorted(names)}, not the dmt-jepa contract {[INPUT, *OUTPUTS]}.")
+            raise BackendError(
+                f"the engine {path} has tensors {sorted(names)}, not the dmt-jepa contract {[INPUT, *OUTPUTS]}."
+            )
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
 

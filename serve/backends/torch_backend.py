@@ -36,7 +36,7 @@ class TorchBackend(Backend):
         self.name = f"torch-{device}"
 
     @classmethod
-    def from_file(cls, path: Path, *, device: str, precision: str) -> "TorchBackend":
+    def from_file(cls, path: Path, *, device: str, precision: str) -> TorchBackend:
         _check(device, precision)
         encoder, info = load_encoder(path, device)
         return cls(encoder, info, device=device, precision=precision, model_path=path)
