@@ -92,12 +92,19 @@ class TensorRTBackend(Backend):
         ]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._execute(self._torch.from_numpy(images).to("cuda"))
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from serve.backends.torch_backend import normalise_on_device
+
+        return self._execute(normalise_on_device(pixels, self.info, "cuda"))
+
+    def _execute(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """float32 CUDA tensor [B, 3, H, W] -> numpy outputs; batches above the profile's maximum are split."""
         torch = self._torch
         outputs = []
-        # The profile bounds the batch dimension too: split larger batches.
         for start in range(0, images.shape[0], self.profile["max"][0]):
-            chunk = images[start : start + self.profile["max"][0]]
-            x = torch.from_numpy(chunk).to("cuda", dtype=self._torch_dtype(INPUT)).contiguous()  # [b, 3, H, W]
+            x = images[start : start + self.profile["max"][0]].to(self._torch_dtype(INPUT)).contiguous()  # [b, 3, H, W]
             self.context.set_input_shape(INPUT, tuple(x.shape))
             self.context.set_tensor_address(INPUT, x.data_ptr())
             results = {}
@@ -105,7 +112,7 @@ class TensorRTBackend(Backend):
                 shape = tuple(self.context.get_tensor_shape(name))
                 results[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
                 self.context.set_tensor_address(name, results[name].data_ptr())
-            self.stream.wait_stream(torch.cuda.current_stream())
+            self.stream.wait_stream(torch.cuda.current_stream())  # the input is ready before TensorRT reads it
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
             self.stream.synchronize()

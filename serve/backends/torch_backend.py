@@ -26,6 +26,14 @@ def _check(device: str, precision: str) -> None:
         raise BackendError("--backend torch-cuda needs a CUDA GPU and none is visible; use torch-cpu.")
 
 
+def normalise_on_device(pixels: np.ndarray, info: EncoderInfo, device: str) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] on `device`; the uint8 copy is a quarter of the bytes."""
+    x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2)  # uint8 [B, 3, H, W]
+    mean = torch.tensor(info.pixel_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info.pixel_std, device=device).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
 class TorchBackend(Backend):
     """The encoder in eval mode; bf16/fp16 through autocast, so LayerNorm and softmax stay in fp32."""
 
@@ -55,11 +63,7 @@ class TorchBackend(Backend):
         return self._dense(torch.from_numpy(images).to(self.device, non_blocking=True))  # [B, 3, H, W]
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # uint8 crosses to the device (a quarter of the bytes) and is normalised there.
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
-        mean = torch.tensor(self.info.pixel_mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.info.pixel_std, device=self.device).view(1, 3, 1, 1)
-        return self._dense((x.float() / 255.0 - mean) / std)
+        return self._dense(normalise_on_device(pixels, self.info, self.device))
 
     def reference(self) -> Backend | None:
         if self.precision == "fp32":
