@@ -10,7 +10,6 @@ that a shard's bytes do not depend on which shards a restarted run skips.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import queue
 import tempfile
@@ -18,7 +17,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 
 from serve.api import preprocess_for
 from serve.backends import Backend, checked_run, load_backend
-from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess, prepare
+from serve.decode import Decoder, finished
+from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from serve.shards import ShardOutput, ShardReader, is_done, open_source
 
@@ -78,17 +77,6 @@ def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
     return out_dir
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Worker initialiser: leave when the job process is gone, even if it was killed with SIGKILL."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 class _Stopped(Exception):
     """The job is shutting down; the reader thread leaves."""
 
@@ -104,31 +92,13 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> None:
             continue
 
 
-def _decode_task(pool: ProcessPoolExecutor | None, data: bytes, prep: Preprocess) -> Future:
-    if pool is not None:
-        return pool.submit(prepare, data, prep)
-    done: Future = Future()
-    try:
-        done.set_result(prepare(data, prep))
-    except ImageRejected as err:
-        done.set_exception(err)
-    return done
-
-
-def _rejected(reason: str) -> Future:
-    done: Future = Future()
-    done.set_exception(ImageRejected(reason))
-    return done
-
-
 def _read_shards(
     pending: Sequence[ShardSource],
-    prep: Preprocess,
-    pool: ProcessPoolExecutor | None,
+    decoder: Decoder,
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Reader thread: put ("sample", shard, key, Future) and ("end", shard, cut) items, then None."""
+    """Reader thread: put ("sample", shard, key, Future, image bytes) and ("end", shard, cut) items, then None."""
     try:
         for index, source in enumerate(pending):
             cut = None
@@ -136,14 +106,16 @@ def _read_shards(
                 with open_source(source.url) as stream:
                     reader = ShardReader(stream)
                     for sample in reader:
+                        data = b""
                         if sample.error is not None:
-                            task = _rejected(sample.error)
+                            task = finished(error=ImageRejected(sample.error))
                         else:
                             try:
-                                task = _decode_task(pool, sample.image()[1], prep)
+                                data = sample.image()[1]
+                                task = decoder.submit(data)
                             except LookupError as err:
-                                task = _rejected(str(err))
-                        _put(out, ("sample", index, sample.key, task), stop)
+                                task = finished(error=ImageRejected(str(err)))
+                        _put(out, ("sample", index, sample.key, task, data), stop)
                     cut = reader.cut
             except (OSError, EOFError, zlib.error) as err:  # unreadable or corrupt-compressed shard
                 cut = f"cannot read the shard ({err}); the samples before the error were kept"
@@ -283,22 +255,11 @@ def _run(
     progress: bool,
 ) -> None:
     """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
-    pool = None
-    if workers > 0:
-        # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded
-        # scripts. The first submit forks every worker, so it runs before this job starts threads;
-        # the workers never touch torch, whose thread pools do not survive a fork.
-        pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_exit_with_parent,
-            initargs=(os.getpid(),),
-        )
-        pool.submit(int).result()
+    decoder = Decoder(workers, prep)
     samples: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2 * workers)
     stop = threading.Event()
     reader = threading.Thread(
-        target=_read_shards, args=(pending, prep, pool, samples, stop), name="embed-reader", daemon=True
+        target=_read_shards, args=(pending, decoder, samples, stop), name="embed-reader", daemon=True
     )
     writer = _Writer(depth=4)
     outputs: dict[int, ShardOutput] = {}
@@ -332,9 +293,9 @@ def _run(
             index = item[1]
             out = outputs.setdefault(index, ShardOutput(out_dir, pending[index].name))
             if item[0] == "sample":
-                key, task = item[2], item[3]
+                key, task, data = item[2], item[3], item[4]
                 try:
-                    array, record = task.result()
+                    array, record = decoder.result(task, data)
                 except ImageRejected as err:
                     writer.submit(partial(out.fail, key, str(err)))
                     summary.failed += 1
@@ -360,8 +321,7 @@ def _run(
     finally:
         stop.set()
         reader.join(timeout=10)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        decoder.close()
         if writer.is_alive():
             writer.close()
         for out in outputs.values():

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from dmt_jepa.encoder_file import file_sha256
 from serve import embed_shards
+from serve.images import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -263,3 +264,21 @@ def test_pipe_and_gzip_sources_give_the_same_output(tmp_path, encoder_file):
         == snapshot(tmp_path / "pipe")["a.tar"]
         == snapshot(tmp_path / "gzip")["a.tar"]
     )
+
+
+def crash_on_marker(data: bytes, prep):
+    """`prepare` with a decoder that dies the hard way (as a segfault in an image library would)."""
+    if data.startswith(b"CRASH"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare(data, prep)
+
+
+def test_a_decoder_crash_costs_only_its_own_image(tmp_path, encoder_file, monkeypatch):
+    monkeypatch.setattr("serve.decode.prepare", crash_on_marker)
+    samples = photo_samples("a", 3) + [("boom", {"png": b"CRASH" + bytes(100)})] + photo_samples("b", 4)
+    write_shard(tmp_path / "in" / "s.tar", samples)
+    summary = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=1, batch_size=2)
+    record = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert summary.embedded == 7 and [f["key"] for f in record["failures"]] == ["boom"]
+    assert "crashed the decoder" in record["failures"][0]["reason"]
+    assert list(read_output(tmp_path / "out" / "s.tar")) == [key for key, _ in samples if key != "boom"]
