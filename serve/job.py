@@ -106,15 +106,11 @@ def _read_shards(
                 with open_source(source.url) as stream:
                     reader = ShardReader(stream)
                     for sample in reader:
-                        data = b""
-                        if sample.error is not None:
-                            task = finished(error=ImageRejected(sample.error))
-                        else:
-                            try:
-                                data = sample.image()[1]
-                                task = decoder.submit(data)
-                            except LookupError as err:
-                                task = finished(error=ImageRejected(str(err)))
+                        try:
+                            data = sample.image()[1]
+                            task = decoder.submit(data)
+                        except ImageRejected as err:
+                            data, task = b"", finished(error=err)
                         _put(out, ("sample", index, sample.key, task, data), stop)
                     cut = reader.cut
             except (OSError, EOFError, zlib.error) as err:  # unreadable or corrupt-compressed shard

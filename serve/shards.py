@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from serve.images import ImageRejected
+
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
 # into memory would break the job's memory bound.
@@ -40,12 +42,14 @@ class Sample:
 
     def image(self) -> tuple[str, bytes]:
         """The member holding the image: the first extension in IMAGE_EXTENSIONS order."""
+        if self.error is not None:
+            raise ImageRejected(self.error)
         by_lower = {ext.lower(): ext for ext in self.members}
         for ext in IMAGE_EXTENSIONS:
             if ext in by_lower:
                 return by_lower[ext], self.members[by_lower[ext]]
         found = ", ".join(sorted(self.members)) or "nothing"
-        raise LookupError(f"the sample has no image member (found: {found})")
+        raise ImageRejected(f"the sample has no image member (found: {found})")
 
 
 def split_key(name: str) -> tuple[str, str]:
