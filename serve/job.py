@@ -17,9 +17,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,6 +79,24 @@ def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
     return out_dir
 
 
+class _Decoding(NamedTuple):
+    """One input sample on its way from the reader thread to the batcher."""
+
+    shard: int  # index into the pending shards
+    key: str
+    task: Future  # (pixels, record), or raises ImageRejected
+    data: bytes  # the encoded image, kept to decode it again if its worker dies
+
+
+class _ShardEnd(NamedTuple):
+    shard: int
+    cut: str | None  # why the shard ended early, if it did
+
+
+class _ReaderFailed(NamedTuple):
+    error: BaseException
+
+
 class _Stopped(Exception):
     """The job is shutting down; the reader thread leaves."""
 
@@ -98,7 +118,7 @@ def _read_shards(
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Reader thread: put ("sample", shard, key, Future, image bytes) and ("end", shard, cut) items, then None."""
+    """Reader thread: a _Decoding per sample and a _ShardEnd per shard, in input order, then None."""
     try:
         for index, source in enumerate(pending):
             cut = None
@@ -111,16 +131,16 @@ def _read_shards(
                             task = decoder.submit(data)
                         except ImageRejected as err:
                             data, task = b"", finished(error=err)
-                        _put(out, ("sample", index, sample.key, task, data), stop)
+                        _put(out, _Decoding(index, sample.key, task, data), stop)
                     cut = reader.cut
             except (OSError, EOFError, zlib.error) as err:  # unreadable or corrupt-compressed shard
                 cut = f"cannot read the shard ({err}); the samples before the error were kept"
-            _put(out, ("end", index, cut), stop)
+            _put(out, _ShardEnd(index, cut), stop)
         _put(out, None, stop)
     except _Stopped:
         return
     except BaseException as err:  # a bug: hand it to the main thread rather than dying silently
-        out.put(("error", err))
+        out.put(_ReaderFailed(err))
 
 
 class _Writer(threading.Thread):
@@ -284,32 +304,27 @@ def _run(
     writer.start()
     try:
         for item in iter(samples.get, None):
-            if item[0] == "error":
-                raise item[1]
-            index = item[1]
-            out = outputs.setdefault(index, ShardOutput(out_dir, pending[index].name))
-            if item[0] == "sample":
-                key, task, data = item[2], item[3], item[4]
+            if isinstance(item, _ReaderFailed):
+                raise item.error
+            source = pending[item.shard]
+            out = outputs.setdefault(item.shard, ShardOutput(out_dir, source.name))
+            if isinstance(item, _Decoding):
                 try:
-                    array, record = decoder.result(task, data)
+                    array, record = decoder.result(item.task, item.data)
                 except ImageRejected as err:
-                    writer.submit(partial(out.fail, key, str(err)))
+                    writer.submit(partial(out.fail, item.key, str(err)))
                     summary.failed += 1
                     continue
-                batch.append((key, array, record))
+                batch.append((item.key, array, record))
                 if len(batch) == batch_size:
                     flush(out)
             else:
                 flush(out)
-                cut = item[2]
-                if cut is not None:
-                    summary.cut_shards.append(pending[index].name)
-                writer.submit(
-                    partial(
-                        out.commit,
-                        {"shard": f"{pending[index].name}.tar", "source": pending[index].url, "cut": cut, **shard_info},
-                    )
-                )
+                if item.cut is not None:
+                    summary.cut_shards.append(source.name)
+                done = {"shard": f"{source.name}.tar", "source": source.url, "cut": item.cut, **shard_info}
+                writer.submit(partial(out.commit, done))
+                del outputs[item.shard]  # from here on the writer owns it; memory stays flat over many shards
                 bar.shard_done()
         writer.close()
         if writer.error is not None:
