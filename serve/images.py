@@ -77,10 +77,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _target_size(height: int, width: int, prep: Preprocess) -> tuple[int, int]:
     """[height, width] the image is scaled to before cropping or padding."""
     out_h, out_w = prep.size
-    scale_h, scale_w = out_h / height, out_w / width
-    scale = max(scale_h, scale_w) if prep.resize == "crop" else min(scale_h, scale_w)
-    if prep.resize == "crop":
+    if prep.resize == "crop":  # cover the target; never below it after rounding
+        scale = max(out_h / height, out_w / width)
         return max(out_h, round(height * scale)), max(out_w, round(width * scale))
+    scale = min(out_h / height, out_w / width)  # fit inside the target; never above it after rounding
     return max(1, min(out_h, round(height * scale))), max(1, min(out_w, round(width * scale)))
 
 

@@ -239,6 +239,7 @@ def embed_shards(
 ) -> JobSummary:
     """Embed every shard of INPUT assigned to this rank into OUT_DIR; finished shards are skipped.
 
+    `model` is a model file, or a Backend already built (then `backend` and `precision` are its own).
     `workers` decode processes (None: half the CPUs, at least one; 0: decode in a thread).
     """
     assert batch_size >= 1
