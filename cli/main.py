@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import embed_cmd
+from cli import embed_cmd, eval_cmd, export_cmd, scenes_cmd, viz_cmd
 
 app = typer.Typer(
     name="dmtjepa",
@@ -32,6 +32,11 @@ def version() -> None:
     typer.echo(__version__)
 
 
+app.command("scenes")(scenes_cmd.scenes)
+app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(viz_cmd.app, name="viz")
+app.command("export")(export_cmd.export)
+app.command("info")(export_cmd.info)
 app.command("embed")(embed_cmd.embed)
 
 

@@ -25,6 +25,8 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
+    # vit_nano is not a paper size: it exists for CPU demos and tests.
+    "vit_nano": Variant(64, 4, 2),
     "vit_tiny": Variant(192, 12, 3),
     "vit_small": Variant(384, 12, 6),
     "vit_base": Variant(768, 12, 12),
@@ -153,7 +155,7 @@ class VisionTransformer(nn.Module):
 def create_encoder(
     arch: str, *, patch_size: int = 16, img_size: int | tuple[int, int] = 224, drop_path_rate: float = 0.0
 ) -> VisionTransformer:
-    """Build an encoder by name: vit_tiny, vit_small, vit_base, vit_large or vit_huge."""
+    """Build an encoder by name: vit_nano, vit_tiny, vit_small, vit_base, vit_large or vit_huge."""
     if arch not in VARIANTS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VARIANTS)}")
     if patch_size not in (14, 16):

@@ -1,0 +1,103 @@
+"""`dmtjepa eval knn|linear|dense|all`: frozen-feature evaluations of an encoder file on labelled shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Evaluate an encoder file on labelled shards (cls and, for dense, seg.png).", no_args_is_help=True)
+
+ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
+DATA = typer.Argument(None, help="Directory holding train-*.tar and test-*.tar (as `dmtjepa data scenes` writes).")
+TRAIN = typer.Option(None, "--train", help="Training shards: directory, glob or brace pattern (overrides DATA).")
+TEST = typer.Option(None, "--test", help="Test shards: directory, glob or brace pattern (overrides DATA).")
+SIZE = typer.Option(None, "--image-size", help="Resize images to this side; default the encoder's training size.")
+BATCH = typer.Option(64, "--batch-size", help="Images per forward pass.")
+
+
+def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | None, test: str | None, **options) -> None:
+    """Resolve the shards, evaluate, print one JSON line and a table; user errors exit with one sentence."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dmt_jepa.encoder_file import EncoderFileError
+    from dmt_jepa.evaluation import EvalDataError, EvalOptions, evaluate_encoder
+    from dmt_jepa.evaluation.run import result_rows
+
+    if (train is None or test is None) and data is None:
+        typer.echo("error: give a DATA directory or both --train and --test shard patterns.", err=True)
+        raise typer.Exit(code=2)
+    train = train or str(data / "train-*.tar")
+    test = test or str(data / "test-*.tar")
+    try:
+        result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
+    except (EncoderFileError, EvalDataError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(json.dumps(result))
+    table = Table(title=f"dmtjepa eval {' + '.join(tasks)}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, value in result_rows(result):
+        table.add_row(metric, value)
+    Console().print(table)
+
+
+@app.command()
+def knn(
+    encoder: Path = ENCODER,
+    data: Path = DATA,
+    train: str = TRAIN,
+    test: str = TEST,
+    k: int = typer.Option(20, "--k", help="Neighbours that vote."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Votes are weighted exp(cosine / T)."),
+    image_size: int = SIZE,
+    batch_size: int = BATCH,
+) -> None:
+    """Cosine kNN top-1 on pooled features."""
+    _run(("knn",), encoder, data, train, test, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size)
+
+
+@app.command()
+def linear(
+    encoder: Path = ENCODER,
+    data: Path = DATA,
+    train: str = TRAIN,
+    test: str = TEST,
+    c: float = typer.Option(1.0, "--c", help="Inverse L2 regularisation strength of the logistic regression."),
+    image_size: int = SIZE,
+    batch_size: int = BATCH,
+) -> None:
+    """Logistic-regression probe top-1 on pooled features."""
+    _run(("linear",), encoder, data, train, test, c=c, image_size=image_size, batch_size=batch_size)
+
+
+@app.command()
+def dense(
+    encoder: Path = ENCODER,
+    data: Path = DATA,
+    train: str = TRAIN,
+    test: str = TEST,
+    epochs: int = typer.Option(10, "--epochs", help="Passes of the linear pixel classifier over the training set."),
+    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate of the linear pixel classifier."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the classifier's data order."),
+    image_size: int = SIZE,
+    batch_size: int = BATCH,
+) -> None:
+    """Linear segmentation: a linear classifier on frozen patch embeddings, logits upsampled, mIoU."""
+    _run(("dense",), encoder, data, train, test, dense_epochs=epochs, dense_lr=lr, seed=seed, image_size=image_size, batch_size=batch_size)
+
+
+@app.command("all")
+def all_tasks(
+    encoder: Path = ENCODER,
+    data: Path = DATA,
+    train: str = TRAIN,
+    test: str = TEST,
+    image_size: int = SIZE,
+    batch_size: int = BATCH,
+) -> None:
+    """kNN, linear probe and dense segmentation with default settings, features extracted once."""
+    _run(("knn", "linear", "dense"), encoder, data, train, test, image_size=image_size, batch_size=batch_size)

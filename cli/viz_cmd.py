@@ -1,0 +1,84 @@
+"""`dmtjepa viz pca|attention|curves`: PNG pictures of an encoder or of a training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Draw PNG pictures: PCA of patch embeddings, last-layer attention, training curves.", no_args_is_help=True)
+
+ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
+IMAGE = typer.Argument(..., help="An image file, or a .tar shard (see --index).")
+INDEX = typer.Option(0, "--index", help="Which sample of a .tar shard to draw.")
+SIZE = typer.Option(None, "--image-size", help="Resize the image to this side first; default the encoder's training size.")
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def pca(
+    encoder: Path = ENCODER,
+    image: Path = IMAGE,
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    index: int = INDEX,
+    image_size: int = SIZE,
+    side: int = typer.Option(256, "--side", help="Side of each panel in pixels."),
+) -> None:
+    """The image beside the first three principal components of its patch embeddings as RGB."""
+    from dmt_jepa.encoder_file import EncoderFileError, load_encoder
+    from dmt_jepa.viz import VizError, pca_picture, read_image, save_png
+
+    try:
+        model, info = load_encoder(encoder)
+        picture = pca_picture(model, info, read_image(image, index), image_size=image_size, side=side)
+    except (EncoderFileError, VizError) as error:
+        _fail(error)
+    typer.echo(str(save_png(picture, out)))
+
+
+@app.command()
+def attention(
+    encoder: Path = ENCODER,
+    image: Path = IMAGE,
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    query: str = typer.Option(None, "--query", help="Query patch as ROW,COL of the patch grid; default the centre."),
+    index: int = INDEX,
+    image_size: int = SIZE,
+    side: int = typer.Option(160, "--side", help="Side of each panel in pixels."),
+) -> None:
+    """Last-layer attention of one query patch: per head and averaged over heads."""
+    from dmt_jepa.encoder_file import EncoderFileError, load_encoder
+    from dmt_jepa.viz import VizError, attention_picture, read_image, save_png
+
+    try:
+        cell = tuple(int(v) for v in query.split(",")) if query else None
+    except ValueError:
+        cell = ()
+    if cell is not None and len(cell) != 2:
+        _fail(ValueError(f"--query must be ROW,COL (two integers), got {query!r}."))
+    try:
+        model, info = load_encoder(encoder)
+        picture = attention_picture(model, info, read_image(image, index), cell, image_size=image_size, side=side)
+    except (EncoderFileError, VizError) as error:
+        _fail(error)
+    typer.echo(str(save_png(picture, out)))
+
+
+@app.command()
+def curves(
+    run_dir: Path = typer.Argument(..., help="Run directory holding log.jsonl (or the log file itself)."),
+    out: Path = typer.Option(None, "--out", "-o", help="PNG file to write; default RUN_DIR/curves.png."),
+) -> None:
+    """Training loss and learning rate against step."""
+    from dmt_jepa.viz import VizError, curves_picture, read_log, save_png
+
+    try:
+        records = read_log(run_dir)
+    except VizError as error:
+        _fail(error)
+    target = out or (run_dir / "curves.png" if run_dir.is_dir() else run_dir.with_suffix(".png"))
+    typer.echo(str(save_png(curves_picture(records), target)))

@@ -1,0 +1,127 @@
+"""Evaluate an encoder file on labelled shards: kNN, linear probe and dense linear segmentation."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from dmt_jepa.evaluation.data import IGNORE_INDEX, EvalDataError, LabelledSet, read_labelled_shards
+from dmt_jepa.evaluation.dense import dense_miou
+from dmt_jepa.evaluation.features import Features, extract_features
+from dmt_jepa.evaluation.knn import knn_top1
+from dmt_jepa.evaluation.linear import linear_top1
+
+TASKS = ("knn", "linear", "dense")
+
+
+@dataclass
+class EvalOptions:
+    """Settings of the three protocols."""
+
+    image_size: int | None = None  # None: the size the encoder was trained at
+    batch_size: int = 64
+    k: int = 20
+    temperature: float = 0.07
+    c: float = 1.0
+    dense_epochs: int = 10
+    dense_lr: float = 1e-2
+    seed: int = 0
+
+
+def _seg_classes(*sets: LabelledSet) -> int:
+    """Number of pixel classes: one more than the largest label that is not ignored."""
+    largest = max(int(np.max(np.where(s == IGNORE_INDEX, 0, s))) for data in sets for s in data.segs)
+    return largest + 1
+
+
+def evaluate_features(
+    tasks: tuple[str, ...],
+    train: LabelledSet,
+    test: LabelledSet,
+    train_features: Features,
+    test_features: Features,
+    options: EvalOptions,
+) -> dict:
+    """Run the requested protocols on already extracted features; one result dict per task."""
+    results = {}
+    if "knn" in tasks:
+        top1 = knn_top1(
+            train_features.pooled,
+            torch.from_numpy(train.labels),
+            test_features.pooled,
+            torch.from_numpy(test.labels),
+            k=options.k,
+            temperature=options.temperature,
+        )
+        results["knn"] = {"top1": top1, "k": options.k}
+    if "linear" in tasks:
+        top1 = linear_top1(
+            train_features.pooled, torch.from_numpy(train.labels), test_features.pooled, torch.from_numpy(test.labels), c=options.c
+        )
+        results["linear"] = {"top1": top1, "c": options.c}
+    if "dense" in tasks:
+        results["dense"] = dense_miou(
+            train_features.patches,
+            train.segs,
+            test_features.patches,
+            test.segs,
+            num_classes=_seg_classes(train, test),
+            epochs=options.dense_epochs,
+            lr=options.dense_lr,
+            seed=options.seed,
+        )
+    return results
+
+
+def evaluate_encoder(
+    encoder_path: str | os.PathLike,
+    train_shards: str,
+    test_shards: str,
+    tasks: tuple[str, ...] = TASKS,
+    options: EvalOptions | None = None,
+) -> dict:
+    """Load an encoder file and labelled shards, extract frozen features once, and run the protocols."""
+    from dmt_jepa.encoder_file import load_encoder
+
+    options = options or EvalOptions()
+    unknown = set(tasks) - set(TASKS)
+    assert not unknown, unknown
+    start = time.perf_counter()
+    encoder, info = load_encoder(encoder_path)
+    train, test = read_labelled_shards(train_shards), read_labelled_shards(test_shards)
+    if len(np.unique(train.labels)) < 2:
+        raise EvalDataError(f"the training shards {train_shards} hold fewer than two classes; a probe needs at least two.")
+    if "dense" in tasks and (train.segs is None or test.segs is None):
+        raise EvalDataError("dense evaluation needs a seg.png label map in every sample of both train and test shards.")
+    size = options.image_size or info.img_size
+    train_features = extract_features(encoder, info, train.images, image_size=size, batch_size=options.batch_size)
+    test_features = extract_features(encoder, info, test.images, image_size=size, batch_size=options.batch_size)
+    results = evaluate_features(tasks, train, test, train_features, test_features, options)
+    return {
+        "encoder": str(encoder_path),
+        "arch": info.arch,
+        "train": len(train),
+        "test": len(test),
+        "image_size": list(size) if not isinstance(size, int) else [size, size],
+        **results,
+        "options": asdict(options),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def result_rows(result: dict) -> list[tuple[str, str]]:
+    """(metric, value) pairs for a readable table."""
+    rows = [("encoder", result["encoder"]), ("train / test samples", f"{result['train']} / {result['test']}")]
+    if "knn" in result:
+        rows.append((f"kNN top-1 (k={result['knn']['k']})", f"{result['knn']['top1']:.2f} %"))
+    if "linear" in result:
+        rows.append(("linear probe top-1", f"{result['linear']['top1']:.2f} %"))
+    if "dense" in result:
+        rows.append(("dense mIoU", f"{result['dense']['miou']:.2f} %"))
+        rows.append(("dense pixel accuracy", f"{result['dense']['pixel_accuracy']:.2f} %"))
+    rows.append(("seconds", f"{result['seconds']:.1f}"))
+    return rows

@@ -1,0 +1,62 @@
+"""Masked semantic neighbouring: the top-k most similar patches in each patch's local window."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=64)
+def window_candidates(h: int, w: int, k_size: int, border: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate neighbours of every patch: indices [N, W] and validity [N, W], W = k_size^2 - 1.
+
+    `clip` keeps only in-image window slots (slots outside the image are invalid and hold the
+    patch's own index as a harmless placeholder); `wrap` wraps rows and columns around (a torus).
+    A slot that lands on the patch itself (possible under `wrap` on grids smaller than the
+    window) is invalid too, so a patch is never its own neighbour.
+    """
+    r = k_size // 2
+    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    dy = torch.tensor([o[0] for o in offsets])  # [W]
+    dx = torch.tensor([o[1] for o in offsets])
+    rows = torch.arange(h).repeat_interleave(w)[:, None]  # [N, 1]
+    cols = torch.arange(w).repeat(h)[:, None]
+    ny, nx = rows + dy, cols + dx  # [N, W]
+    if border == "clip":
+        valid = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    elif border == "wrap":
+        ny, nx = ny % h, nx % w
+        valid = torch.ones_like(ny, dtype=torch.bool)
+    else:
+        raise ValueError(f"border must be 'clip' or 'wrap', got {border!r}")
+    self_idx = rows * w + cols  # [N, 1]
+    idx = torch.where(valid, ny * w + nx, self_idx)
+    valid &= idx != self_idx
+    return idx, valid
+
+
+def semantic_neighbours(
+    features: torch.Tensor, grid: tuple[int, int], *, k: int = 4, k_size: int = 3, border: str = "clip"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k neighbours by cosine similarity inside each patch's k_size x k_size window.
+
+    features [B, N, D] -> (indices [B, N, k] long, valid [B, N, k] bool), most similar first.
+    Where a window has fewer than k valid candidates (borders under `clip`), the remaining slots
+    are invalid; their index is the patch itself and must be masked by the consumer.
+    """
+    h, w = grid
+    batch, n, dim = features.shape
+    assert n == h * w, f"{n} tokens do not form a {h}x{w} grid"
+    cand, cand_valid = window_candidates(h, w, k_size, border)
+    cand, cand_valid = cand.to(features.device), cand_valid.to(features.device)
+    unit = F.normalize(features.float(), dim=-1)  # [B, N, D]
+    neigh = unit[:, cand.flatten()].reshape(batch, n, -1, dim)  # [B, N, W, D]
+    sim = torch.einsum("bnd,bnwd->bnw", unit, neigh)  # [B, N, W]
+    sim = sim.masked_fill(~cand_valid, float("-inf"))
+    top_sim, top_slot = sim.topk(k, dim=-1)  # [B, N, k]
+    valid = torch.isfinite(top_sim)
+    idx = torch.gather(cand.expand(batch, -1, -1), 2, top_slot)
+    self_idx = torch.arange(n, device=features.device)[None, :, None]
+    return torch.where(valid, idx, self_idx), valid

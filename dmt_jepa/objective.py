@@ -1,0 +1,154 @@
+"""The DMT-JEPA objective: context encoder, EMA target encoder, predictor and aggregation heads."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmt_jepa.config import MethodConfig
+from dmt_jepa.heads import LocalAggregationHead, pool_neighbours
+from dmt_jepa.masks import Masks
+from dmt_jepa.models import Predictor, create_encoder
+from dmt_jepa.neighbours import semantic_neighbours
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+class DMTJEPA(nn.Module):
+    """All trained modules of DMT-JEPA; `forward` returns the loss of one batch.
+
+    With `aggregation: none` this is plain I-JEPA (targets are the patches' own features), and
+    with `mean` / `max` the neighbours are pooled without parameters; only `cross_attention` and
+    `self_attention` have online/target heads.
+    """
+
+    def __init__(self, cfg: MethodConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or MethodConfig()
+        m = cfg.model
+        self.context_encoder = create_encoder(
+            m.arch, patch_size=m.patch_size, img_size=m.img_size, drop_path_rate=m.drop_path_rate
+        )
+        self.target_encoder = _frozen_copy(self.context_encoder)
+        dim, heads = self.context_encoder.embed_dim, self.context_encoder.num_heads
+        self.predictor = Predictor(
+            embed_dim=dim, predictor_dim=m.pred_width, depth=m.pred_depth, num_heads=m.pred_heads or heads
+        )
+        if cfg.target.aggregation in ("cross_attention", "self_attention"):
+            self.online_head = LocalAggregationHead(dim, heads, depth=cfg.target.head_depth, mode=cfg.target.aggregation)
+            self.target_head = _frozen_copy(self.online_head)
+        else:
+            self.online_head = None
+            self.target_head = None
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """Discriminative targets at the target blocks: [B, M, T] -> [M*B, T, D] (block-major)."""
+        t = self.cfg.target
+        h = self.target_encoder(images)  # [B, N, D]
+        h = F.layer_norm(h, (h.shape[-1],))
+        batch, n_blocks, n_tgt = target_idx.shape
+        positions = target_idx.reshape(batch, n_blocks * n_tgt)  # [B, M*T]
+        if t.aggregation == "none":
+            out = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
+        else:
+            grid = self.grid(images)
+            idx, valid = semantic_neighbours(h, grid, k=t.k, k_size=t.k_size, border=t.border)
+            if self.target_head is not None:
+                out = self.target_head.forward_local(h, idx, valid, positions)
+            else:
+                out = pool_neighbours(h, idx, valid, t.aggregation, positions)  # [B, M*T, D]
+        out = out.reshape(batch, n_blocks, n_tgt, -1).transpose(0, 1)  # [M, B, T, D]
+        return out.reshape(n_blocks * batch, n_tgt, -1)
+
+    def context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
+        """Context tokens [B, Nc, D], with the online head's global aggregation added."""
+        z = self.context_encoder(images, keep=context_idx)
+        if self.online_head is not None:
+            z = self.online_head.forward_global(z)
+        return z
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        prediction, target = prediction.float(), target.float()
+        if self.cfg.target.loss == "smooth_l1":
+            return F.smooth_l1_loss(prediction, target)
+        return F.mse_loss(prediction, target)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.context_encoder.patch_size
+        return images.shape[-2] // p, images.shape[-1] // p
+
+    def forward(self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """One batch: targets (no grad) -> context -> predictor -> loss."""
+        targets = self.targets(images, target_idx)
+        context = self.context(images, context_idx)
+        prediction = self.predictor(context, context_idx, target_idx, self.grid(images))
+        return self.loss(prediction, targets)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, target) module pairs that the EMA ties together."""
+        pairs = [(self.context_encoder, self.target_encoder)]
+        if self.online_head is not None:
+            pairs.append((self.online_head, self.target_head))
+        return pairs
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * online, for encoder and head."""
+        targets, onlines = [], []
+        for online, target in self.ema_pairs():
+            targets += list(target.parameters())
+            onlines += list(online.parameters())
+        # Two separately rounded products, then their sum: exactly the formula, no fused multiply-add.
+        torch._foreach_mul_(targets, momentum)
+        torch._foreach_add_(targets, torch._foreach_mul(onlines, 1.0 - momentum))
+
+
+def autocast_dtype_for(device: torch.device | str, precision: str) -> torch.dtype | None:
+    """bf16 autocast where asked for and the device supports it, else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if precision != "bf16":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: Masks,
+    optimizer: torch.optim.Optimizer,
+    momentum: float,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+) -> float:
+    """One optimisation step of DMT-JEPA; returns the loss.
+
+    targets (no grad) -> context -> predictor -> loss -> backward -> optimizer -> EMA of the
+    target encoder and target head. `model` may be wrapped in DistributedDataParallel.
+    """
+    core = model.module if hasattr(model, "module") else model
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(images, masks.context_idx, masks.target_idx)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    core.update_target(momentum)
+    return loss.item()
