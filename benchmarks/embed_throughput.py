@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder  # noqa: E402
 from dmt_jepa.models import create_encoder  # noqa: E402
+from export.onnx_export import export_graph  # noqa: E402
 from serve.backends import load_backend, patch_cosine  # noqa: E402
 
 
@@ -41,46 +42,22 @@ def images_per_second(run, batch: np.ndarray, batches: int) -> float:
     return batches * len(batch) / (time.perf_counter() - start)
 
 
-class _Dense(torch.nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images):
-        return self.encoder.dense(images)
-
-
-def export_onnx(
-    module: torch.nn.Module, path: Path, size: int, outputs: list[str], metadata: dict | None = None
-) -> Path:
-    """Plain torch.onnx (dynamo) export with a dynamic batch; `dmtjepa export` adds the parity checks."""
-    import onnx
-
-    example = torch.randn(2, 3, size, size)
-    program = torch.onnx.export(
-        module.eval(),
-        (example,),
-        dynamo=True,
-        input_names=["images"],
-        output_names=outputs,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        verbose=False,
-    )
-    model = program.model_proto
-    if metadata:
-        onnx.helper.set_model_props(model, metadata)
-    onnx.save(model, str(path))
-    return path
-
-
 def baseline_timm(work: Path, batch: np.ndarray, batches: int) -> float:
+    """What a user would do without this project: timm's ViT-S/16, torch.onnx (dynamo), ONNX Runtime fp32."""
     import onnxruntime as ort
     import timm
 
-    path = export_onnx(
-        timm.create_model("vit_small_patch16_224", pretrained=False), work / "timm.onnx", batch.shape[-1], ["out"]
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    program = torch.onnx.export(
+        model,
+        (torch.randn(2, 3, batch.shape[-2], batch.shape[-1]),),
+        dynamo=True,
+        input_names=["images"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
     )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    program.save(str(work / "timm.onnx"))
+    session = ort.InferenceSession(str(work / "timm.onnx"), providers=["CPUExecutionProvider"])
     return images_per_second(lambda x: session.run(None, {"images": x}), batch, batches)
 
 
@@ -185,9 +162,8 @@ def main() -> None:
     encoder = create_encoder(args.arch, img_size=args.size).eval()
     info = info_from_encoder(encoder, arch=args.arch)
     encoder_path = save_encoder(work / "encoder.safetensors", encoder, info)
-    onnx_path = export_onnx(
-        _Dense(encoder), work / "encoder.onnx", args.size, ["patch_embeddings", "pooled"], info.to_metadata()
-    )
+    onnx_path = work / "encoder.onnx"
+    export_graph(encoder, info, onnx_path, {**info.to_metadata(), "precision": "fp32"})
     batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
 
     configs = [("torch-cpu", "fp32"), ("torch-cpu", "bf16"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8")]

@@ -29,35 +29,12 @@ def write_encoder_file(path: Path, seed: int = 0) -> Path:
     return save_encoder(path, encoder, info_from_encoder(encoder, arch="vit_test"))
 
 
-class DenseWrapper(torch.nn.Module):
-    """The deployment view of an encoder as a module with the ONNX contract's two outputs."""
+def write_onnx_model(path: Path, encoder: VisionTransformer, fp16: bool = False) -> Path:
+    """An ONNX model as `dmtjepa export` writes it (names, dynamic B/H/W, metadata props), unverified."""
+    from export.onnx_export import export_graph
 
-    def __init__(self, encoder: VisionTransformer):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder.dense(images)
-
-
-def write_onnx_model(path: Path, encoder: VisionTransformer) -> Path:
-    """An ONNX model in the project's contract (names, dynamic B/H/W, metadata props)."""
-    import onnx
-
-    images = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
-    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
-    program = torch.onnx.export(
-        DenseWrapper(encoder).eval(),
-        (images,),
-        dynamo=True,
-        input_names=["images"],
-        output_names=["patch_embeddings", "pooled"],
-        dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
-        verbose=False,
-    )
-    model = program.model_proto
-    onnx.helper.set_model_props(model, info_from_encoder(encoder, arch="vit_test").to_metadata())
-    onnx.save(model, str(path))
+    info = info_from_encoder(encoder, arch="vit_test")
+    export_graph(encoder, info, path, {**info.to_metadata(), "precision": "fp16" if fp16 else "fp32"}, fp16=fp16)
     return path
 
 

@@ -78,6 +78,17 @@ def test_low_precision_runs_and_passes_its_check(models, kind, precision):
     assert cosine.min() == pytest.approx(worst, abs=1e-3)
 
 
+def test_fp16_onnx_runs_in_its_own_precision(models, tmp_path):
+    backend = load_backend(write_onnx_model(tmp_path / "fp16.onnx", tiny_encoder(), fp16=True))
+    assert backend.precision == "fp16" and backend.reference() is None
+    grid, _ = backend.run(batch(2))
+    want, _ = reference(batch(2))
+    cosine = (grid * want).sum(-1) / np.linalg.norm(grid, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cosine.min() >= 0.99
+    with pytest.raises(BackendError, match="not int8"):
+        load_backend(tmp_path / "fp16.onnx", precision="int8")
+
+
 class NoisyBackend(Backend):
     """A low-precision path gone wrong: noise as large as the signal."""
 
@@ -145,21 +156,20 @@ def test_onnx_without_the_contract_is_refused(tmp_path):
         load_backend(tmp_path / "relu.onnx")
 
 
-def test_engine_sidecar(tmp_path):
+def test_engine_sidecar_as_export_writes_it(tmp_path):
+    from export.tensorrt_build import SIDECAR_FORMAT
+
     engine = tmp_path / "enc.engine"
     engine.write_bytes(b"engine bytes")
-    with pytest.raises(BackendError, match="no sidecar"):
+    with pytest.raises(BackendError, match="does not exist"):
         read_sidecar(engine)
     meta = info_from_encoder(tiny_encoder(), "vit_test").to_metadata()
-    sidecar = {
-        "metadata": meta,
-        "precision": "fp16",
-        "profile": {"min": [1, 3, 32, 32], "opt": [8, 3, 64, 64], "max": [32, 3, 128, 128]},
-    }
-    (tmp_path / "enc.json").write_text(json.dumps(sidecar))
+    profile = {"min": [1, 3, 32, 32], "opt": [8, 3, 64, 64], "max": [32, 3, 128, 128]}
+    sidecar = {"format": SIDECAR_FORMAT, "encoder": meta, "precision": "fp16", "profile": profile}
+    (tmp_path / "enc.engine.json").write_text(json.dumps(sidecar))
     read = read_sidecar(engine)
     assert read["precision"] == "fp16" and read["info"].patch_size == 16 and read["profile"]["max"] == [32, 3, 128, 128]
-    (tmp_path / "enc.json").write_text(json.dumps({"precision": "fp16"}))
+    (tmp_path / "enc.engine.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "precision": "fp16"}))
     with pytest.raises(BackendError, match="incomplete"):
         read_sidecar(engine)
 
@@ -188,9 +198,12 @@ def test_tensorrt_engine_equals_onnx(models, tmp_path):
     config.add_optimization_profile(profile)
     engine = tmp_path / "enc.engine"
     engine.write_bytes(bytes(builder.build_serialized_network(network, config)))
+    from export.tensorrt_build import SIDECAR_FORMAT
+
     meta = load_backend(models["onnx"]).info.to_metadata()
     profile_json = {"min": [1, 3, 32, 32], "opt": [4, 3, 64, 64], "max": [8, 3, 96, 96]}
-    (tmp_path / "enc.json").write_text(json.dumps({"metadata": meta, "precision": "fp32", "profile": profile_json}))
+    sidecar = {"format": SIDECAR_FORMAT, "encoder": meta, "precision": "fp32", "profile": profile_json}
+    (tmp_path / "enc.engine.json").write_text(json.dumps(sidecar))
     backend = load_backend(engine)
     images = batch(10)  # more than the profile's batch: split inside the backend
     grid, pooled = backend.run(images)

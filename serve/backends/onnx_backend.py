@@ -34,8 +34,10 @@ def _session(model: Path | bytes, device: str):
         raise BackendError(f"ONNX Runtime cannot load the model ({err}).") from err
 
 
-def _stored_precision(path: Path) -> str:
-    """fp16 if the file holds fp16 weights (an --fp16 export), else fp32."""
+def _stored_precision(path: Path, metadata: dict[str, str]) -> str:
+    """The precision of the file's weights: its `precision` metadata (set by `dmtjepa export`), else from them."""
+    if metadata.get("precision") in ("fp32", "fp16"):
+        return metadata["precision"]
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -68,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
                 )
         self.session = _session(path, device)
         self.info = self._read_contract(self.session, path)
-        stored = _stored_precision(path)
+        stored = _stored_precision(path, self.session.get_modelmeta().custom_metadata_map)
         allowed = {stored} | ({"int8"} if device == "cpu" and stored == "fp32" else set())
         precision = precision or stored
         if precision not in allowed:

@@ -1,13 +1,11 @@
 """TensorRT backend: runs a built engine (TensorRT 10 or 11 Python API) with torch CUDA tensors as buffers.
 
-The engine's JSON sidecar (NAME.json beside NAME.engine) supplies what the engine cannot say about
-itself: the encoder metadata (`metadata`, EncoderInfo.to_metadata()), the `precision` it was built
-in and its optimisation `profile` ({"min", "opt", "max"}: [B, 3, H, W] each).
+What the engine cannot say about itself comes from the sidecar `dmtjepa export --trt` writes beside
+it (NAME.engine.json): the encoder metadata, the precision it was built in, its optimisation profile.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +17,20 @@ INPUT = "images"
 OUTPUTS = ("patch_embeddings", "pooled")
 
 
-def sidecar_path(engine: Path) -> Path:
-    return engine.with_suffix(".json")
-
-
 def read_sidecar(engine: Path) -> dict:
-    """The engine's sidecar, checked for the fields this backend needs."""
-    path = sidecar_path(engine)
+    """The engine's sidecar, reduced to what this backend needs: info, profile ([B, 3, H, W] each), precision."""
+    from export.errors import ExportError
+    from export.tensorrt_build import read_sidecar as read_export_sidecar
+
     try:
-        sidecar = json.loads(path.read_text())
-        info = EncoderInfo.from_metadata(sidecar["metadata"], source=str(path))
+        sidecar = read_export_sidecar(engine)
+        info = EncoderInfo.from_metadata(sidecar["encoder"], source=f"the sidecar of {engine}")
         profile = {k: [int(v) for v in sidecar["profile"][k]] for k in ("min", "opt", "max")}
         return {"info": info, "profile": profile, "precision": str(sidecar["precision"])}
-    except FileNotFoundError as err:
-        raise BackendError(
-            f"the engine {engine} has no sidecar {path}; rebuild it with `dmtjepa export --trt`."
-        ) from err
-    except (ValueError, KeyError, TypeError, EncoderFileError) as err:
-        raise BackendError(f"the sidecar {path} is unreadable or incomplete ({err}); rebuild the engine.") from err
+    except ExportError as err:
+        raise BackendError(str(err)) from err
+    except (KeyError, ValueError, TypeError, EncoderFileError) as err:
+        raise BackendError(f"the sidecar of {engine} is incomplete ({err}); rebuild the engine.") from err
 
 
 class TensorRTBackend(Backend):
