@@ -204,13 +204,13 @@ def test_killed_mid_shard_then_rerun_equals_one_clean_run(tmp_path, encoder_file
         [sys.executable, "-c", SLOW_WRITER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        wait_for(lambda: (out / "s0.json").exists() and (out / ".s1.tar.partial").exists())
+        wait_for(lambda: (out / "s0.json").exists() and any(p.name.endswith(".partial") for p in out.iterdir()))
         children = [int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=30)
     visible = snapshot(out)
-    assert "s0.json" in visible and "s3.json" not in visible  # killed mid-job
+    assert "s0.json" in visible and len([n for n in visible if n.endswith(".json")]) < 4  # killed mid-job
     for name, data in visible.items():
         if not name.startswith("."):
             assert data == clean[name], f"{name} became visible before it was complete"
