@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,34 +59,14 @@ def split_key(name: str) -> tuple[str, str]:
     return (match.group(1), match.group(2)) if match else (name, "")
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes:
-    chunks, left = [], size
-    while left > 0:
-        chunk = stream.read(min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _skip(stream: BinaryIO, size: int) -> int:
-    """Discard `size` bytes; returns how many were really there."""
-    skipped = 0
-    while skipped < size:
-        chunk = stream.read(min(size - skipped, 1 << 20))
-        if not chunk:
-            break
-        skipped += len(chunk)
-    return skipped
-
-
 def _pax_fields(data: bytes) -> dict[str, str]:
     """Parse a pax extended header: records of the form b'LEN key=value\\n'."""
     fields, pos = {}, 0
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError(f"pax record length {length} at offset {pos}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -100,18 +81,45 @@ class ShardReader:
         self.max_member_bytes = max_member_bytes
         self.cut: str | None = None
         self.offset = 0
+        self._read_error = ""  # why the stream stopped early, when it raised rather than ended
+
+    def _take(self, size: int) -> bytes:
+        """Up to `size` bytes; fewer only where the stream ends or fails (a broken pipe, bad gzip data)."""
+        chunks, left = [], size
+        try:
+            while left > 0:
+                chunk = self.stream.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        except (OSError, EOFError, zlib.error) as err:
+            self._read_error = f" ({type(err).__name__}: {err})"
+        data = b"".join(chunks)
+        self.offset += len(data)
+        return data
+
+    def _drop(self, size: int) -> bool:
+        """Discard `size` bytes in bounded chunks; False if the stream ended first."""
+        while size > 0:
+            got = len(self._take(min(size, 1 << 20)))
+            if got == 0:
+                return False
+            size -= got
+        return True
 
     def _members(self) -> Iterator[tuple[str, bytes | None, str | None]]:
         """(name, data or None, why the data is missing) per regular file member, in archive order."""
         long_name: str | None = None
         pax: dict[str, str] = {}
         while True:
-            header = _read_exactly(self.stream, BLOCK)
+            start = self.offset
+            header = self._take(BLOCK)
             if len(header) < BLOCK:
                 self.cut = (
-                    "the shard is empty"
-                    if self.offset == 0 and not header
-                    else f"the shard ends at byte {self.offset + len(header)} without the tar end marker "
+                    f"the shard is empty{self._read_error}"
+                    if start == 0 and not header
+                    else f"the shard ends at byte {self.offset} without the tar end marker{self._read_error} "
                     "(cut off; the samples before the cut were kept)"
                 )
                 return
@@ -120,47 +128,47 @@ class ShardReader:
             try:
                 info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
             except tarfile.HeaderError as err:
-                self.cut = f"invalid tar header at byte {self.offset} ({err}); the samples before it were kept"
+                self.cut = f"invalid tar header at byte {start} ({err}); the samples before it were kept"
                 return
-            self.offset += BLOCK
             size = int(pax.get("size", info.size))
             padded = -size % BLOCK
             name = pax.get("path", long_name or info.name)
+            cut_inside = f"the shard is cut off inside member {name}"
             if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
-                data = _read_exactly(self.stream, size + padded)
-                self.offset += len(data)
+                data = self._take(size + padded)
                 if len(data) < size + padded:
-                    self.cut = f"the shard is cut off inside a tar extension header at byte {self.offset}"
+                    self.cut = (
+                        f"the shard is cut off inside a tar extension header at byte {self.offset}{self._read_error}"
+                    )
                     return
-                if info.type == tarfile.XHDTYPE:
-                    pax = _pax_fields(data[:size])
-                elif info.type == tarfile.GNUTYPE_LONGNAME:
-                    long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                try:
+                    if info.type == tarfile.XHDTYPE:
+                        pax = _pax_fields(data[:size])
+                    elif info.type == tarfile.GNUTYPE_LONGNAME:
+                        long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                except ValueError as err:
+                    self.cut = f"invalid pax header at byte {start} ({err}); the samples before it were kept"
+                    return
                 continue
             long_name, pax = None, {}
             if info.type not in tarfile.REGULAR_TYPES:
-                got = _skip(self.stream, size + padded)
-                self.offset += got
-                if got < size + padded:
-                    self.cut = f"the shard is cut off inside member {name} at byte {self.offset}"
+                if not self._drop(size + padded):
+                    self.cut = f"{cut_inside} at byte {self.offset}{self._read_error}"
                     return
                 continue
             if size > self.max_member_bytes:
-                got = _skip(self.stream, size + padded)
-                self.offset += got
+                complete = self._drop(size + padded)
                 yield name, None, f"member {name} is {size} bytes, more than the {self.max_member_bytes}-byte limit"
-                if got < size + padded:
-                    self.cut = f"the shard is cut off inside member {name} at byte {self.offset}"
+                if not complete:
+                    self.cut = f"{cut_inside} at byte {self.offset}{self._read_error}"
                     return
                 continue
-            data = _read_exactly(self.stream, size + padded)
-            self.offset += len(data)
+            data = self._take(size + padded)
             if len(data) < size:
                 self.cut = (
-                    f"the shard is cut off inside member {name} (got {len(data)} of {size} bytes); "
-                    "the samples before it were kept"
+                    f"{cut_inside} (got {len(data)} of {size} bytes){self._read_error}; the samples before it were kept"
                 )
-                yield name, None, f"the shard is cut off inside member {name}"
+                yield name, None, cut_inside
                 return
             yield name, data[:size], None
 

@@ -103,3 +103,22 @@ def test_abort_leaves_nothing(tmp_path):
     out, _ = write_one(tmp_path, "s")
     out.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_gzip_shard_keeps_what_came_before_and_accounts_for_the_rest(tmp_path):
+    import gzip
+
+    samples, data = five_samples(tmp_path)
+    packed = gzip.compress(data)
+    reader = ShardReader(gzip.open(io.BytesIO(packed[: len(packed) * 3 // 5])))
+    got = [(s.key, s.members, s.error) for s in reader]
+    assert [g[0] for g in got] == [k for k, _ in samples[: len(got)]] and 0 < len(got) < 5
+    assert all(g[1] == dict(samples[i][1]) for i, g in enumerate(got) if g[2] is None)
+    assert "EOFError" in reader.cut or "cut off" in reader.cut
+
+
+def test_malformed_pax_header_is_a_cut_not_a_crash(tmp_path):
+    data = write_shard(tmp_path / "s.tar", [("a", {"jpg": b"1"}), ("d" * 150 + "/b", {"jpg": b"2"})]).read_bytes()
+    record = data.index(b" path=")  # preceded by the record's length in 3 digits
+    got, cut = samples_of(data[: record - 3] + b"zzz" + data[record:])
+    assert got == [("a", {"jpg": b"1"}, None)] and "invalid pax header" in cut
