@@ -89,3 +89,12 @@ def test_partition_covers_every_shard_exactly_once(world_size):
     assert sorted(seen, key=lambda s: s.name) == sorted(shards, key=lambda s: s.name)
     sizes = [len(partition(shards, r, world_size)) for r in range(world_size)]
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(
+    "env, gpu", [({}, 0), ({"LOCAL_RANK": "3"}, 3), ({"SLURM_LOCALID": "1"}, 1), ({"LOCAL_RANK": "x"}, 0)]
+)
+def test_local_gpu_follows_the_launcher(env, gpu):
+    from serve.backends import local_gpu
+
+    assert local_gpu(env) == gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from dmt_jepa.encoder_file import EncoderFileError, file_sha256
@@ -64,6 +65,21 @@ def choose_backend(kind: str) -> str:
     return "torch-cuda" if cuda else "torch-cpu"
 
 
+def local_gpu(env: Mapping[str, str] = os.environ) -> int:
+    """The GPU this process should use: its rank on the node (torchrun LOCAL_RANK, SLURM_LOCALID), else 0."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def _select_gpu() -> None:
+    """Make this process's GPU the current one, so that several processes on one node do not share GPU 0."""
+    import torch
+
+    torch.cuda.set_device(local_gpu() % torch.cuda.device_count())
+
+
 def load_backend(model: str | os.PathLike, backend: str = "auto", precision: str | None = None) -> Backend:
     """Build the backend for a model file; `precision` None means the model's own (fp32 unless built otherwise)."""
     path = Path(model)
@@ -79,6 +95,8 @@ def load_backend(model: str | os.PathLike, backend: str = "auto", precision: str
             f"{KIND_WORDS[next(k for k, names in KIND_BACKENDS.items() if name in names)]}. "
             "Use `dmtjepa export` to convert, or --backend auto."
         )
+    if name != "torch-cpu" and name != "onnxruntime-cpu" and _cuda_available():
+        _select_gpu()
     try:
         if kind == "encoder":
             from serve.backends.torch_backend import TorchBackend

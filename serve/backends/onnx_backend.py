@@ -27,10 +27,13 @@ def _session(model: Path | bytes, device: str):
     options.enable_cpu_mem_arena = device != "cpu"
     if device == "cpu":  # idle ORT threads spin by default, taking the cores the decode workers need
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers: list = list(PROVIDERS[device])
+    if device == "cuda":
+        import torch
+
+        providers[0] = ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()})
     try:
-        return ort.InferenceSession(
-            model if isinstance(model, bytes) else str(model), options, providers=PROVIDERS[device]
-        )
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as err:  # ORT raises its own exception types, not exported under stable names
         raise BackendError(f"ONNX Runtime cannot load the model ({err}).") from err
 
