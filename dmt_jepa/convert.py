@@ -2,12 +2,9 @@
 
 Their ViT uses timm's block naming (patch_embed.proj, blocks.N.norm1 / attn.qkv / attn.proj /
 norm2 / mlp.fc1 / mlp.fc2, norm), which ours shares, plus a stored `pos_embed` table [1, N, D].
-Ours computes the same fixed sin-cos table on the fly, so the table is not copied but checked.
-The public table encodes the column in its first half of channels and the row in its second;
-when that order is the reverse of ours, every tensor that reads or writes the residual stream
-has its channels permuted so that the network computes the same function: the converted
-encoder's outputs are then the public encoder's outputs with their two channel halves swapped,
-which changes nothing for any downstream use (PCA, kNN, linear probes, dense heads retrained on it).
+Ours computes the same fixed sin-cos table (same channel layout: column half, then row half) on
+the fly, so the table is not copied but checked: a converted encoder computes exactly the
+public encoder's function.
 """
 
 from __future__ import annotations
@@ -48,33 +45,16 @@ def _variant_for(dim: int, depth: int, arch: str | None, source: str) -> tuple[s
     return matches[0], VARIANTS[matches[0]].num_heads
 
 
-def residual_permutation(pos_embed: torch.Tensor, grid: tuple[int, int], source: str) -> torch.Tensor | None:
-    """Channel order mapping the public position table onto ours, or None if they already agree."""
+def check_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], source: str) -> None:
+    """Refuse a position table that is not the fixed sin-cos table our encoder computes."""
     dim = pos_embed.shape[-1]
     ours = sincos_2d(*grid, dim)
     table = pos_embed.reshape(-1, dim).float()
-    if table.shape == ours.shape and torch.allclose(table, ours, atol=1e-4):
-        return None
-    half = dim // 2
-    swap = torch.cat([torch.arange(half, dim), torch.arange(0, half)])
-    if table.shape == ours.shape and torch.allclose(table[:, swap], ours, atol=1e-4):
-        return swap
-    raise ConvertError(
-        f"the pos_embed of {source} is not a fixed 2-D sin-cos table for a {grid[0]}x{grid[1]} grid "
-        "(learned positions?); only fixed sin-cos encoders can be converted."
-    )
-
-
-def permute_residual(state: dict, perm: torch.Tensor) -> dict:
-    """Reorder the residual-stream channels of every tensor that touches it by `perm`."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("patch_embed.proj.") or re.search(r"(norm1|norm2|attn\.proj|mlp\.fc2)\.(weight|bias)$", key) or key.startswith("norm."):
-            value = value[perm]  # output channels (or LayerNorm affine) live in the stream
-        elif re.search(r"(attn\.qkv|mlp\.fc1)\.weight$", key):
-            value = value[:, perm]  # input channels read the stream
-        out[key] = value
-    return out
+    if table.shape != ours.shape or not torch.allclose(table, ours, atol=1e-4):
+        raise ConvertError(
+            f"the pos_embed of {source} is not a fixed 2-D sin-cos table for a {grid[0]}x{grid[1]} grid "
+            "(learned positions?); only fixed sin-cos encoders can be converted."
+        )
 
 
 def encoder_from_public(state: dict, *, arch: str | None = None, source: str = "checkpoint") -> tuple[VisionTransformer, str]:
@@ -96,9 +76,7 @@ def encoder_from_public(state: dict, *, arch: str | None = None, source: str = "
         img_size=side * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=fc1.shape[0] / dim
     )
     weights = {k: v for k, v in state.items() if k != "pos_embed"}
-    perm = residual_permutation(pos_embed, (side, side), source)
-    if perm is not None:
-        weights = permute_residual(weights, perm)
+    check_pos_embed(pos_embed, (side, side), source)
     expected = encoder.state_dict()
     unexpected = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))
