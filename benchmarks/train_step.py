@@ -43,7 +43,7 @@ def build(args, aggregation: str, device: torch.device):
         target=TargetConfig(aggregation=aggregation, loss=args.loss),
     )
     model = DMTJEPA(cfg).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05, fused=True)
     if args.compile:
         model = torch.compile(model)
     return model, opt

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import eval_cmd, scenes_cmd, viz_cmd
+from cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd
 
 app = typer.Typer(
     name="dmtjepa",
@@ -32,9 +32,15 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.command("scenes")(scenes_cmd.scenes)
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(viz_cmd.app, name="viz")
+app.command("export")(export_cmd.export)
+app.command("info")(export_cmd.info)
+app.command("embed")(embed_cmd.embed)
+app.command("pretrain")(pretrain_cmd.pretrain)
+app.command("convert")(pretrain_cmd.convert)
+pretrain_cmd.data_app.command("scenes")(scenes_cmd.scenes)
+app.add_typer(pretrain_cmd.data_app, name="data")
 
 
 def main() -> None:

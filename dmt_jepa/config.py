@@ -1,8 +1,14 @@
-"""Dataclass configuration of the method: encoder, predictor, masks and targets."""
+"""Dataclass configuration: the method (encoder, predictor, masks, targets) and a training run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 AGGREGATIONS = ("cross_attention", "self_attention", "mean", "max", "none")
 BORDERS = ("clip", "wrap")
@@ -65,3 +71,215 @@ class MethodConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they become batches."""
+
+    train: str = ""  # WebDataset shard pattern ("data/shard-{000000..000099}.tar"); "" = built-in scenes
+    samples_per_epoch: int = 1_281_167  # epoch length: shards are resampled to this many samples
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    shuffle_buffer: int = 1000
+    num_workers: int = 8
+    scenes_train: int = 2000  # built-in scenes for training, made when `train` is ""
+    scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval`
+
+    def __post_init__(self) -> None:
+        if self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch must be positive, got {self.samples_per_epoch}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimizationConfig:
+    """AdamW with warm-up + cosine learning rate, cosine weight decay and an EMA schedule."""
+
+    epochs: int = 600
+    batch_size: int = 2048  # global: summed over processes and accumulation steps
+    accumulation: int = 1  # micro-batches per optimizer step
+    start_lr: float = 2e-4
+    lr: float = 1e-3  # peak, reached after the warm-up
+    final_lr: float = 1e-6
+    warmup_epochs: float = 40
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema: tuple[float, float] = (0.996, 1.0)
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"optimization.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulation < 1:
+            raise ValueError("optimization.epochs, batch_size and accumulation must be positive")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"optimization.warmup_epochs must be within [0, epochs], got {self.warmup_epochs}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how often it saves, and what it prints."""
+
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available (one GPU per process), else CPU
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # older checkpoint directories are deleted once a newer one is complete
+    progress: bool = True  # live progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """A whole pretraining run: the method, its data, its optimisation and its run settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def method(self) -> MethodConfig:
+        return MethodConfig(model=self.model, mask=self.mask, target=self.target)
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote that cannot be used; the message is one sentence."""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the type a dataclass field declares."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key} cannot be {value!r}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"{key} needs a list of {len(args)} values, got {value!r}.")
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_coerce(v, t, key) for v, t in zip(value, kinds))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} needs true or false, got {value!r}.")
+    if hint in (int, float):
+        try:
+            number = hint(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (hint is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} needs {'an integer' if hint is int else 'a number'}, got {value!r}.")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} needs a string, got {value!r}.")
+        return str(value)
+    raise AssertionError(f"unsupported config field type {hint!r} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys, got {values!r}.")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {where!r}; valid keys here are: {', '.join(names)}.")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        kwargs[name] = _build(hint, value, key) if is_dataclass(hint) else _coerce(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{err}.".replace("..", ".")) from err
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r} goes inside {part!r}, which is a value, not a section.")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (defaults where absent) and apply `section.key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optimization.lr=5e-4.")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(TrainConfig, tree, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a config dataclass, ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(asdict(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically); `load_config` reads it back unchanged."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def builtin_config_path(name: str) -> Path | None:
+    """The packaged YAML of a built-in config name (demo, vit_b16, vit_l16, vit_h14), else None."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return path if "/" not in name and not name.endswith(".yaml") and path.is_file() else None

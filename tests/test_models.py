@@ -15,7 +15,7 @@ def test_sincos_matches_hand_formula():
     for r in range(h):
         for c in range(w):
             expected = []
-            for pos in (r, c):
+            for pos in (c, r):  # column half first, then row
                 omegas = [1.0 / 10000 ** (i / quarter) for i in range(quarter)]
                 expected += [math.sin(pos * o) for o in omegas] + [math.cos(pos * o) for o in omegas]
             torch.testing.assert_close(emb[r * w + c], torch.tensor(expected), rtol=0, atol=1e-6)

@@ -140,8 +140,8 @@ def test_cli_writes_shards_and_reports_bad_requests(tmp_path) -> None:
     from cli.main import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["scenes", str(tmp_path / "out"), "--train", "2", "--test", "1", "--size", "32"])
+    result = runner.invoke(app, ["data", "scenes", str(tmp_path / "out"), "--train", "2", "--test", "1", "--size", "32"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "test-000000.tar").exists()
-    result = runner.invoke(app, ["scenes", str(tmp_path / "bad"), "--train", "0", "--test", "0"])
+    result = runner.invoke(app, ["data", "scenes", str(tmp_path / "bad"), "--train", "0", "--test", "0"])
     assert result.exit_code != 0 and "at least one scene" in result.output

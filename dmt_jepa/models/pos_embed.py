@@ -8,8 +8,9 @@ import torch
 def sincos_2d(h: int, w: int, dim: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Return the [h*w, dim] sin-cos embedding of the integer grid positions, row-major.
 
-    The first half of the channels encodes the row, the second half the column (I-JEPA layout),
-    each as [sin(p * omega), cos(p * omega)] with omega = 1 / 10000^(i / (dim/4)).
+    The first half of the channels encodes the column, the second half the row (the layout of the
+    public I-JEPA table, so its checkpoints convert unchanged), each as
+    [sin(p * omega), cos(p * omega)] with omega = 1 / 10000^(i / (dim/4)).
 
     A grid other than the training one gets the same function evaluated at its own integer
     positions (row 0..h-1, column 0..w-1): no interpolation and no stored table, so any h x w
@@ -27,7 +28,7 @@ def sincos_2d(h: int, w: int, dim: int, *, device=None, dtype=torch.float32) -> 
     row_emb = torch.cat([row_angles.sin(), row_angles.cos()], dim=1)  # [h, dim/2]
     col_emb = torch.cat([col_angles.sin(), col_angles.cos()], dim=1)  # [w, dim/2]
     grid = torch.cat(
-        [row_emb[:, None, :].expand(h, w, dim // 2), col_emb[None, :, :].expand(h, w, dim // 2)],
+        [col_emb[None, :, :].expand(h, w, dim // 2), row_emb[:, None, :].expand(h, w, dim // 2)],
         dim=2,
     )  # [h, w, dim]
     return grid.reshape(h * w, dim).to(dtype)

@@ -1,0 +1,246 @@
+"""Throughput of the embedding service; prints one JSON object.
+
+Model-only images/s per backend and precision (ViT-S/16 at 224, batch 32 by default), next to a plain
+baseline measured in the same run: timm's vit_small_patch16_224 (random init) exported with
+torch.onnx and run by ONNX Runtime fp32, which is what a user would do without this project. Then
+`dmtjepa embed` end to end over generated shards, and its peak memory. Random weights: the figures
+measure speed, and the cosine of each lower precision against fp32 on the same batch.
+
+    python benchmarks/embed_throughput.py [--arch vit_small] [--batch 32] [--rounds 3] [--images 192]
+
+On a GPU it adds torch-cuda fp32/bf16/fp16 (bf16 also under torch.compile) and onnxruntime-cuda;
+`--arch vit_base` gives the ViT-B/16 figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dmt_jepa.encoder_file import info_from_encoder, save_encoder  # noqa: E402
+from dmt_jepa.models import create_encoder  # noqa: E402
+from export.onnx_export import export_graph  # noqa: E402
+from serve.backends import load_backend, patch_cosine  # noqa: E402
+
+
+def images_per_second(run, batch: np.ndarray, batches: int) -> float:
+    """One timed measurement of `batches` runs (the caller warms up first)."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        run(batch)
+    return batches * len(batch) / (time.perf_counter() - start)
+
+
+def baseline_timm(work: Path, batch: np.ndarray):
+    """What a user would do without this project: timm's ViT-S/16, torch.onnx (dynamo), ONNX Runtime fp32."""
+    import onnxruntime as ort
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    program = torch.onnx.export(
+        model,
+        (torch.randn(2, 3, batch.shape[-2], batch.shape[-1]),),
+        dynamo=True,
+        input_names=["images"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    program.save(str(work / "timm.onnx"))
+    session = ort.InferenceSession(str(work / "timm.onnx"), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"images": x})
+
+
+def synthetic_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A photo-like JPEG (smooth gradients and a few blocks), so decoding costs what photos cost."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    pixels = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + c) * 0.5 + 0.5 for c in range(3)], -1) * 200
+    for _ in range(4):
+        top, left = rng.integers(0, height - 40), rng.integers(0, width - 40)
+        pixels[top : top + 40, left : left + 60] = rng.integers(0, 256, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels + y[..., None] * 40, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, images: int, per_shard: int = 64) -> None:
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for shard in range(0, images, per_shard):
+        with tarfile.open(folder / f"bench-{shard // per_shard:04d}.tar", "w") as tar:
+            for i in range(shard, min(shard + per_shard, images)):
+                data = synthetic_jpeg(rng, int(rng.integers(300, 480)), int(rng.integers(400, 640)))
+                info = tarfile.TarInfo(f"img{i:06d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+END_TO_END = """
+import json, sys
+from serve.job import embed_shards
+inputs, out, model, backend, precision, batch = sys.argv[1:]
+summary = embed_shards(inputs, out, model, backend=backend, precision=precision, batch_size=int(batch))
+print(json.dumps({"images": summary.embedded, "seconds": summary.seconds, "check_seconds": summary.check_seconds}))
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        index += 1
+    return pids
+
+
+def _memory_mib(pids: list[int], field: str) -> float:
+    """Sum of one /proc/PID/smaps_rollup field (Pss: shared pages split between their users; Rss)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1024
+
+
+def end_to_end(work: Path, model: Path, backend: str, precision: str, batch: int, images: int) -> dict:
+    """Run the job in its own process; sample the memory of it and its decode workers as it runs."""
+    write_shards(work / "shards", images)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(work / "shards"), str(work / "out"), str(model), backend, precision, str(batch)]
+    process = subprocess.Popen([sys.executable, "-c", END_TO_END, *args], env=env, stdout=subprocess.PIPE, text=True)
+    peak_pss = peak_rss = 0.0
+    while process.poll() is None:
+        pids = _tree(process.pid)
+        peak_pss = max(peak_pss, _memory_mib(pids, "Pss"))
+        peak_rss = max(peak_rss, _memory_mib(pids, "Rss"))
+        time.sleep(0.2)
+    assert process.returncode == 0, f"the end-to-end run failed ({process.returncode})"
+    figures = json.loads(process.stdout.read().strip().splitlines()[-1])
+    figures["images_per_s"] = figures["images"] / figures["seconds"]
+    # The precision check runs the first batch once more in fp32: a fixed cost, not a rate.
+    figures["images_per_s_after_check"] = figures["images"] / (figures["seconds"] - figures["check_seconds"])
+    figures["peak_pss_mib"] = peak_pss  # what the job really holds, job process and decode workers together
+    figures["peak_rss_sum_mib"] = peak_rss  # counts pages shared by the forked workers more than once
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per path, best kept")
+    parser.add_argument("--images", type=int, default=192, help="images in the end-to-end run")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    torch.manual_seed(0)
+    encoder = create_encoder(args.arch, img_size=args.size).eval()
+    info = info_from_encoder(encoder, arch=args.arch)
+    encoder_path = save_encoder(work / "encoder.safetensors", encoder, info)
+    onnx_path = work / "encoder.onnx"
+    export_graph(encoder, info, onnx_path, {**info.to_metadata(), "precision": "fp32"})
+    batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+
+    configs = [("torch-cpu", "fp32"), ("torch-cpu", "bf16"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8")]
+    if cuda:
+        configs += [
+            ("torch-cuda", "fp32"),
+            ("torch-cuda", "bf16"),
+            ("torch-cuda", "fp16"),
+            ("onnxruntime-cuda", "fp32"),
+        ]
+    fp32 = load_backend(encoder_path, "torch-cuda" if cuda else "torch-cpu").run(batch)[0]
+    model_only, runs = [], []
+    for backend, precision in configs:
+        path = onnx_path if backend.startswith("onnxruntime") else encoder_path
+        runner = load_backend(path, backend, precision)
+        cosine = patch_cosine(runner.run(batch)[0], fp32)  # doubles as the warm-up
+        model_only.append(
+            {
+                "backend": backend,
+                "precision": precision,
+                "patch_cosine_min": float(cosine.min()),
+                "patch_cosine_mean": float(cosine.mean()),
+            }
+        )
+        runs.append(runner.run)
+        if backend == "torch-cuda" and precision == "bf16":
+            compiled = load_backend(path, backend, precision)
+            compiled.encoder = torch.compile(compiled.encoder)
+            compiled.run(batch)
+            model_only.append({**model_only[-1], "compiled": True})
+            runs.append(compiled.run)
+    baseline_run = None if args.no_baseline else baseline_timm(work, batch)
+    if baseline_run is not None:
+        baseline_run(batch)
+        runs.append(baseline_run)
+    # Round-robin, best of rounds: other load on the machine then hits every path alike.
+    rates = [0.0] * len(runs)
+    for _ in range(args.rounds):
+        for i, run in enumerate(runs):
+            rates[i] = max(rates[i], images_per_second(run, batch, args.batches))
+    for entry, rate in zip(model_only, rates, strict=False):
+        entry["images_per_s"] = rate
+    baseline = rates[-1] if baseline_run is not None else None
+
+    eligible = [e for e in model_only if e["patch_cosine_min"] >= 0.99 and not e.get("compiled")]  # as the job runs
+    best = max(eligible, key=lambda e: e["images_per_s"])
+    best_path = onnx_path if best["backend"].startswith("onnxruntime") else encoder_path
+    e2e = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images)
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name() if cuda else None,
+            "torch": torch.__version__,
+        },
+        "model": {"arch": args.arch, "patch_size": 16, "size": args.size, "batch": args.batch, "weights": "random"},
+        "model_only": model_only,
+        "baseline_timm_onnxruntime_fp32_images_per_s": baseline,
+        "best": {
+            "backend": best["backend"],
+            "precision": best["precision"],
+            "images_per_s": best["images_per_s"],
+            "vs_baseline": best["images_per_s"] / baseline if baseline else None,
+        },
+        "end_to_end": {
+            **e2e,
+            "backend": best["backend"],
+            "precision": best["precision"],
+            "vs_model_only": e2e["images_per_s_after_check"] / best["images_per_s"],
+        },
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`dmtjepa embed`: image shards -> dense patch embeddings, one output shard per input shard."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+BACKEND_HELP = (
+    "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt (auto: fastest for the model here)."
+)
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'224' -> (224, 224); '160x288' -> (160, 288) as [H, W]."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"{text!r} is not a size; write HxW (e.g. 224x224 or 160x288) or one number.")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def embed(
+    input: str = typer.Argument(
+        ...,
+        help="Shards: a brace pattern (data/shard-{000..099}.tar), a file listing shard paths/URLs, or a directory.",
+    ),
+    out_dir: Path = typer.Argument(..., help="Where NAME.tar and NAME.json go for each input shard NAME.tar."),
+    model: Path = typer.Option(
+        ..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."
+    ),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    precision: str = typer.Option(
+        None, help="fp32, bf16, fp16 or int8 where the backend supports it (default: the model's own)."
+    ),
+    size: str = typer.Option(None, help="Model input HxW, multiples of the patch size (default: the training size)."),
+    resize: str = typer.Option(
+        "crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."
+    ),
+    batch_size: int = typer.Option(32, min=1, help="Images per inference batch."),
+    workers: int = typer.Option(
+        None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
+    ),
+    pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
+    rank: int = typer.Option(None, help="This process's rank (default: RANK or SLURM_PROCID, else 0)."),
+    world_size: int = typer.Option(
+        None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."
+    ),
+    max_pixels: int = typer.Option(
+        None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."
+    ),
+    progress: bool = typer.Option(
+        None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
+    ),
+) -> None:
+    """Embed every image of the input shards; reruns skip shards already done."""
+    from dmt_jepa.encoder_file import EncoderFileError
+    from serve.backends import BackendError
+    from serve.images import DEFAULT_MAX_PIXELS
+    from serve.inputs import InputError
+    from serve.job import OutputDirError, embed_shards
+
+    try:
+        summary = embed_shards(
+            input,
+            out_dir,
+            model,
+            backend=backend,
+            precision=precision,
+            size=parse_size(size),
+            resize=resize,
+            batch_size=batch_size,
+            workers=workers,
+            pooled=pooled,
+            rank=rank,
+            world_size=world_size,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            progress=sys.stderr.isatty() if progress is None else progress,
+        )
+    except (InputError, BackendError, OutputDirError, EncoderFileError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    done = len(summary.shards) - len(summary.skipped)
+    check = (
+        ""
+        if summary.worst_patch_cosine is None
+        else f"; {summary.precision} vs fp32 worst patch cosine {summary.worst_patch_cosine:.4f}"
+    )
+    typer.echo(
+        f"rank {summary.rank}/{summary.world_size}: {done} shards embedded, {len(summary.skipped)} already done; "
+        f"{summary.embedded} images embedded, {summary.failed} failed (reasons in NAME.json), "
+        f"{len(summary.cut_shards)} shards cut off; {summary.images_per_second:.1f} images/s on "
+        f"{summary.backend} {summary.precision}{check}; outputs in {out_dir}"
+    )

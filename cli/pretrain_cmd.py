@@ -1,0 +1,103 @@
+"""`dmtjepa pretrain`, `dmtjepa data pack` and `dmtjepa convert`: parse, validate, call dmt_jepa."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
+
+
+def _fail(err: Exception, code: int = 2) -> None:
+    """One sentence on stderr; exit 2 for input the user can fix, 1 for a run that failed."""
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code)
+
+
+def pretrain(
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Config overrides as section.key=value, e.g. optimization.lr=5e-4 data.train='shards/{000..009}.tar'."
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="YAML config file, or a built-in name: demo, vit_b16, vit_l16, vit_h14 (default: demo)."
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue a run: its directory (newest checkpoint) or one checkpoint folder."
+    ),
+) -> None:
+    """Pretrain DMT-JEPA on WebDataset shards; with no arguments, a tiny model on built-in scenes (CPU, minutes)."""
+    from dmt_jepa.checkpoint import CheckpointError, find_checkpoint
+    from dmt_jepa.config import ConfigError, builtin_config_path, load_config
+    from dmt_jepa.data import DataError
+    from dmt_jepa.train import TrainingError, pretrain as run_pretrain
+
+    try:
+        if config is not None:
+            path = builtin_config_path(config) or Path(config)
+        elif resume is not None:
+            path = find_checkpoint(resume) / "config.yaml"
+        else:
+            path = builtin_config_path("demo")
+        cfg = load_config(path, overrides or [])
+        if os.environ.get("RANK", "0") == "0":
+            where = find_checkpoint(resume).parent.parent if resume is not None else Path(cfg.run.out_dir)
+            typer.echo(f"training in {where} (per-step log: {where / 'log.jsonl'})")
+        result = run_pretrain(cfg, resume=resume)
+    except (ConfigError, DataError, CheckpointError) as err:
+        _fail(err)
+    except TrainingError as err:
+        _fail(err, code=1)
+    if not result.is_main:
+        return
+    typer.echo(f"run directory: {result.run_dir}")
+    typer.echo(f"checkpoint:    {result.checkpoint}")
+    typer.echo(f"encoder file:  {result.encoder}  (the target encoder after {result.steps} steps, loss {result.loss:.4f})")
+
+
+def pack(
+    image_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG/WebP images; first-level subfolders are class labels."),
+    out_dir: Path = typer.Argument(..., help="Empty folder for shard-000000.tar, shard-000001.tar, ..."),
+    max_shard_mb: float = typer.Option(500.0, help="Start a new shard after this many megabytes."),
+    max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
+) -> None:
+    """Pack a folder of images into WebDataset tar shards."""
+    from dmt_jepa.data import DataError, pack_images
+
+    if max_shard_mb <= 0 or max_shard_count < 1:
+        _fail(ValueError("--max-shard-mb and --max-shard-count must be positive."))
+    try:
+        summary = pack_images(image_dir, out_dir, max_shard_bytes=int(max_shard_mb * 1e6), max_shard_count=max_shard_count)
+    except DataError as err:
+        _fail(err)
+    for rel, reason in summary.skipped:
+        typer.echo(f"skipped {rel}: {reason}", err=True)
+    classes = f" in {len(summary.classes)} classes" if summary.classes else ""
+    typer.echo(
+        f"packed {summary.images} images{classes} into {len(summary.shards)} shards in {out_dir} "
+        f"({len(summary.skipped)} unreadable files skipped)"
+    )
+
+
+def convert(
+    checkpoint: Path = typer.Argument(..., help="I-JEPA / DMT-JEPA checkpoint (.pth.tar) of the public code."),
+    out: Path = typer.Argument(..., help="Encoder file to write (*.safetensors)."),
+    which: str = typer.Option("target_encoder", help="Which state dict to convert: target_encoder or encoder."),
+    arch: Optional[str] = typer.Option(None, help="Architecture name; default: inferred from the width."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Convert a public I-JEPA / DMT-JEPA checkpoint into an encoder file that export and serve take."""
+    from dmt_jepa.convert import ConvertError, convert_checkpoint
+
+    if out.exists() and not force:
+        _fail(ValueError(f"{out} already exists; pass --force to overwrite it or choose another path."))
+    try:
+        info = convert_checkpoint(checkpoint, out, which=which, arch=arch)
+    except ConvertError as err:
+        _fail(err)
+    typer.echo(f"wrote {out}: {info.arch}/{info.patch_size}, {info.embed_dim} wide, trained at {info.img_size[0]}x{info.img_size[1]}")
+
+
+data_app.command("pack")(pack)

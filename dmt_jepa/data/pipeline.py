@@ -1,0 +1,263 @@
+"""Training input: shard patterns -> resampled, shuffled, decoded, cropped micro-batches with masks.
+
+Every random choice is drawn from generators seeded by (seed, epoch, rank, stream), so the data
+order is a pure function of the config. A stream's position is the number of samples it has
+emitted from its shuffle buffer; resuming replays the stream up to that point reading only tar
+bytes (no decoding), which makes a resumed run see exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dmt_jepa.config import DataConfig, MaskConfig
+from dmt_jepa.masks import MultiBlockMaskSampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_FAILED_IN_A_ROW = 100  # beyond this the shards are not image shards, not a few corrupt files
+
+
+class DataError(ValueError):
+    """Input data the user pointed at that cannot be used; the message is one sentence."""
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a WebDataset brace pattern ("a-{000..009}.tar", "::"-separated lists) into shard URLs.
+
+    Local paths must all exist; remote URLs (http://, s3://, pipe:) are passed on unchecked.
+    """
+    urls = wds.shardlists.expand_urls(pattern)
+    missing = [u for u in urls if not _is_remote(u) and not Path(u).is_file()]
+    if not urls or len(missing) == len(urls):
+        raise DataError(f"shard pattern {pattern!r} matches no file; check the path and the brace range.")
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(urls)} shards of {pattern!r} do not exist (first: {missing[0]}); "
+            "fix the brace range."
+        )
+    return urls
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random):
+    """RandomResizedCrop's box (left, top, w, h): area fraction in `scale`, aspect w/h log-uniform in `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # No draw fitted (extreme aspect): the largest centred box with an aspect inside `ratio`.
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
+    w, h = min(w, width), min(h, height)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (JPEG, PNG or WebP); raises ValueError if there is none."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"no image entry ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('_'))}")
+    return sample[key]
+
+
+class Augment:
+    """Decode, RandomResizedCrop to the training size, normalise: encoded image -> [3, H, W] float32.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
+    least as large as the output, so large photos cost a fraction of a full decode; the crop
+    box is drawn on the full-size image either way, so the draws do not depend on it.
+    """
+
+    def __init__(self, cfg: DataConfig, img_size: tuple[int, int]):
+        self.cfg = cfg
+        self.height, self.width = img_size
+        self.mean = np.asarray(cfg.pixel_mean, dtype=np.float32) * 255.0
+        self.scale = 1.0 / (np.asarray(cfg.pixel_std, dtype=np.float32) * 255.0)
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            left, top, w, h = crop_box(width, height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
+            if image.format == "JPEG":
+                image.draft("RGB", (math.ceil(width * self.width / w), math.ceil(height * self.height / h)))
+            sx, sy = image.size[0] / width, image.size[1] / height  # 1, or the DCT scale draft chose
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            rgb = image.convert("RGB").resize((self.width, self.height), Image.BICUBIC, box=box)
+        # numpy, not torch: no intra-op thread pool to wake for a small image in the main process
+        pixels = (np.asarray(rgb, dtype=np.float32) - self.mean) * self.scale  # [H, W, 3]
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (stable across processes and runs)."""
+    return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
+
+
+@dataclass
+class StreamSpec:
+    """Everything that determines the data of one epoch on one rank."""
+
+    urls: list[str]
+    cfg: DataConfig
+    mask_cfg: MaskConfig
+    img_size: tuple[int, int]
+    grid: tuple[int, int]
+    batch_size: int  # per micro-batch on this rank
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    batches_per_epoch: int  # micro-batches this rank takes this epoch
+    start_batch: int = 0  # micro-batches already consumed this epoch (resume)
+    emitted: tuple[int, ...] = ()  # per stream: samples already emitted this epoch (resume)
+
+
+class ShardStream(IterableDataset):
+    """One rank's micro-batches for one epoch; DataLoader workers each play one stream.
+
+    With W workers, micro-batch i of the epoch comes from stream i mod W (DataLoader fetches
+    round-robin), so on resume worker w plays stream (w + start_batch) mod W and the order holds.
+    """
+
+    def __init__(self, spec: StreamSpec, num_streams: int):
+        self.spec = spec
+        self.num_streams = num_streams
+
+    def _my_shards(self, stream: int) -> list[str]:
+        """This stream's share of the shards for the epoch (all of them if there are fewer than streams)."""
+        spec = self.spec
+        order = list(spec.urls)
+        random.Random(f"shards/{spec.seed}/{spec.epoch}").shuffle(order)  # same on every rank
+        slot, slots = spec.rank * self.num_streams + stream, spec.world_size * self.num_streams
+        return order[slot::slots] or order
+
+    def _raw_samples(self, stream: int, rng: random.Random, counters: dict) -> Iterator[dict]:
+        """Samples of this stream's shards, reshuffled on every pass, endlessly (resampling to the epoch length)."""
+
+        def on_error(err: Exception) -> bool:
+            counters["skipped"] += 1
+            log.warning("skipped the rest of an unreadable shard (%s)", err)
+            return True
+
+        mine = self._my_shards(stream)
+        while True:
+            rng.shuffle(mine)
+            found = 0
+            for url in mine:
+                for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+                    found += 1
+                    yield sample
+            if not found:
+                raise DataError(
+                    f"none of the {len(mine)} shards {mine[0]}, ... holds a sample; check that they are WebDataset tar files."
+                )
+
+    def _shuffled(self, stream: int, counters: dict) -> Iterator[dict]:
+        """Raw samples through a seeded shuffle buffer."""
+        spec = self.spec
+        rng = random.Random(f"stream/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}")
+        buffer: list[dict] = []
+        for sample in self._raw_samples(stream, rng, counters):
+            if len(buffer) < max(spec.cfg.shuffle_buffer, 1):
+                buffer.append(sample)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        assert (info.num_workers if info is not None else 1) == self.num_streams
+        stream = (worker + spec.start_batch) % self.num_streams
+        # Micro-batches of the epoch this stream serves, from where the epoch resumes.
+        mine = [i for i in range(spec.start_batch, spec.batches_per_epoch) if i % self.num_streams == stream]
+        if not mine:
+            return
+        augment = Augment(spec.cfg, spec.img_size)
+        sampler = MultiBlockMaskSampler(spec.grid, spec.mask_cfg)
+        counters = {"skipped": 0}
+        emitted = spec.emitted[stream] if spec.emitted else 0
+        failed_in_a_row = 0
+        samples = self._shuffled(stream, counters)
+        for _ in range(emitted):  # replay without decoding
+            next(samples)
+        counters["skipped"] = 0  # what the replay met was counted before the checkpoint
+        for index in mine:
+            images = []
+            while len(images) < spec.batch_size:
+                sample = next(samples)
+                emitted += 1
+                rng = random.Random(f"crop/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}/{emitted}")
+                try:
+                    image = augment(image_bytes(sample), rng)
+                except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                    counters["skipped"] += 1
+                    failed_in_a_row += 1
+                    log.warning("skipped undecodable sample %s in %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
+                    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                        raise DataError(
+                            f"{failed_in_a_row} samples in a row had no decodable image (the last: "
+                            f"{sample.get('__key__')} in {sample.get('__url__')}); check that the shards hold "
+                            "JPEG, PNG or WebP images."
+                        ) from err
+                    continue
+                failed_in_a_row = 0
+                images.append(image)
+            step = spec.epoch * spec.batches_per_epoch + index
+            generator = torch.Generator().manual_seed(hash_seed(spec.seed, spec.rank, step))
+            masks = sampler(spec.batch_size, generator)
+            yield {
+                "images": torch.stack(images),  # [B, 3, H, W]
+                "context_idx": masks.context_idx,  # [B, Nc]
+                "target_idx": masks.target_idx,  # [B, M, T]
+                "index": index,
+                "stream": stream,
+                "emitted": emitted,
+                "skipped": counters["skipped"],
+            }
+
+
+def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = False) -> Iterator[dict]:
+    """The rank's micro-batches of one epoch, in order, through a DataLoader with `num_workers`."""
+    streams = max(num_workers, 1)
+    loader = DataLoader(
+        ShardStream(spec, streams),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(spec.seed),  # keeps the global RNG (drop path) untouched
+    )
+    expected = spec.start_batch
+    try:
+        for batch in loader:
+            assert batch["index"] == expected, "DataLoader returned micro-batches out of order"
+            expected += 1
+            yield batch
+    except DataError as err:
+        # A worker's DataError arrives with its traceback in the message: keep the sentence.
+        raise DataError(str(err).strip().splitlines()[-1].split("DataError: ")[-1]) from None

@@ -1,0 +1,472 @@
+"""The pretraining loop: data -> DMT-JEPA steps (DDP, bf16, accumulation) -> logs and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config
+from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
+from dmt_jepa.encoder_file import info_from_encoder, save_encoder
+from dmt_jepa.objective import DMTJEPA
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss diverged); the message says what is kept and what to do."""
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished run left its outputs."""
+
+    run_dir: Path
+    encoder: Path
+    checkpoint: Path
+    steps: int
+    loss: float
+    is_main: bool = True  # rank 0, the process that wrote the outputs
+
+
+@dataclass
+class Schedule:
+    """Learning rate, weight decay and EMA momentum as functions of the optimizer step."""
+
+    total_steps: int
+    warmup_steps: int
+    start_lr: float
+    lr: float
+    final_lr: float
+    weight_decay: float
+    final_weight_decay: float
+    ema: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, opt: OptimizationConfig, steps_per_epoch: int) -> "Schedule":
+        return cls(
+            total_steps=opt.epochs * steps_per_epoch,
+            warmup_steps=round(opt.warmup_epochs * steps_per_epoch),
+            start_lr=opt.start_lr,
+            lr=opt.lr,
+            final_lr=opt.final_lr,
+            weight_decay=opt.weight_decay,
+            final_weight_decay=opt.final_weight_decay,
+            ema=opt.ema,
+        )
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up start_lr -> lr, then cosine lr -> final_lr."""
+        if step < self.warmup_steps:
+            return self.start_lr + (self.lr - self.start_lr) * step / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def weight_decay_at(self, step: int) -> float:
+        """Cosine weight_decay -> final_weight_decay over the whole run."""
+        progress = step / max(1, self.total_steps)
+        return self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
+
+    def momentum(self, step: int) -> float:
+        """EMA momentum, linear from ema[0] to ema[1] over the whole run."""
+        return self.ema[0] + (self.ema[1] - self.ema[0]) * step / max(1, self.total_steps)
+
+
+def param_groups(model: DMTJEPA) -> list[dict]:
+    """AdamW groups: (encoder, predictor + online head) x (decayed, not decayed: biases and 1-D)."""
+    groups = {
+        name: {"name": name, "params": [], "apply_wd": not name.endswith("no_wd")}
+        for name in ("encoder", "encoder_no_wd", "predictor", "predictor_no_wd")
+    }
+    for module_name in ("context_encoder", "predictor", "online_head"):
+        module = getattr(model, module_name)
+        if module is None:
+            continue
+        side = "encoder" if module_name == "context_encoder" else "predictor"
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                no_wd = p.ndim == 1 or pname.endswith(".bias")
+                groups[side + ("_no_wd" if no_wd else "")]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+@dataclass
+class World:
+    """This process's place in the (possibly single-process) distributed job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_world(cfg: TrainConfig) -> World:
+    """Join the torchrun job if there is one: NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda but no CUDA device is visible; set run.device=cpu or auto.")
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def _gather(world: World, obj):
+    """Every rank's `obj`, in rank order."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def _weights_digest(model: DMTJEPA) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def builtin_shards(run_dir: Path, cfg: TrainConfig, world: World) -> str:
+    """The built-in scenes data set (made once inside the run directory): its train shard pattern."""
+    from dmt_jepa.scenes import ScenesError, write_scene_shards
+
+    out = run_dir / "data"
+    if world.is_main and not (out / "scenes.json").is_file():
+        partial = run_dir / "data.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        try:
+            write_scene_shards(
+                partial,
+                n_train=cfg.data.scenes_train,
+                n_test=cfg.data.scenes_test,
+                seed=cfg.run.seed,
+                image_size=cfg.model.img_size,
+            )
+        except ScenesError as err:
+            raise ConfigError(f"the built-in scenes (data.scenes_train, data.scenes_test) cannot be made: {err}") from err
+        os.replace(partial, out)
+    _barrier(world)
+    return "::".join(str(p) for p in sorted(out.glob("train-*.tar")))
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None, world: World) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: a fresh run)."""
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        return checkpoint.parent.parent, checkpoint
+    run_dir = Path(cfg.run.out_dir)
+    if checkpoint_dirs(run_dir) or (run_dir / "encoder.safetensors").exists():
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue it "
+            "or set run.out_dir to a new folder."
+        )
+    _barrier(world)  # every rank checked before rank 0 writes anything
+    if world.is_main:  # a run stopped before its first checkpoint left nothing to resume: start it again
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    return run_dir, None
+
+
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s  ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    task = progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), lr=0.0, ips=0.0)
+    return progress, task
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> PretrainResult:
+    """Train DMT-JEPA as `cfg` says (under torchrun: one process per device); rank 0 writes.
+
+    `resume` is a run directory or one of its checkpoints; the run continues exactly where that
+    checkpoint stopped (same world size and data.num_workers required).
+    """
+    world = _init_world(cfg)
+    try:
+        return Trainer(cfg, world, resume).run()
+    finally:
+        if world.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class DataPosition:
+    """Where this rank's data streams are within the current epoch."""
+
+    emitted: list[int]  # per stream: samples taken from its shuffle buffer
+    skipped: list[int]  # per stream: samples skipped as undecodable
+    skipped_before: int = 0  # skipped in earlier epochs (all ranks) and before a resume
+
+    def record(self, batch: dict) -> None:
+        self.emitted[batch["stream"]] = batch["emitted"]
+        self.skipped[batch["stream"]] = batch["skipped"]
+
+    def new_epoch(self) -> None:
+        self.skipped_before += sum(self.skipped)
+        self.emitted = [0] * len(self.emitted)
+        self.skipped = [0] * len(self.skipped)
+
+
+class Trainer:
+    """One pretraining run: set-up, the optimisation step, logging and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, world: World, resume: str | os.PathLike | None):
+        self.cfg, self.world = cfg, world
+        opt = cfg.optimization
+        self.per_rank, rest = divmod(opt.batch_size, world.size * opt.accumulation)
+        if rest or self.per_rank == 0:
+            raise ConfigError(
+                f"optimization.batch_size={opt.batch_size} must be a multiple of processes x accumulation "
+                f"= {world.size} x {opt.accumulation}."
+            )
+        self.steps_per_epoch = cfg.data.samples_per_epoch // opt.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.samples_per_epoch={cfg.data.samples_per_epoch} is smaller than one batch ({opt.batch_size}); raise it."
+            )
+        urls = expand_shards(cfg.data.train) if cfg.data.train else None  # checked before anything is written
+        self.run_dir, checkpoint = _prepare_run_dir(cfg, resume, world)
+        self.urls = urls or expand_shards(builtin_shards(self.run_dir, cfg, world))
+        self.total_steps = opt.epochs * self.steps_per_epoch
+        self.schedule = Schedule.from_config(opt, self.steps_per_epoch)
+        self.autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model = DMTJEPA(cfg.method).to(world.device)
+        # fused: one kernel over all parameters (CPU and CUDA); the per-tensor default is slow on CPU
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=opt.start_lr, fused=True)
+        streams = max(cfg.data.num_workers, 1)
+        self.position = DataPosition(emitted=[0] * streams, skipped=[0] * streams)
+        self.step = 0
+        self.checkpoint, self.saved_step = checkpoint, -1
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            if world.is_main:  # overrides given on resume (e.g. more epochs) are part of the run from now on
+                save_config(cfg, self.run_dir / "config.yaml")
+        self.ddp: nn.Module = self.model
+        if world.size > 1:
+            device_ids = [world.device] if world.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.log_path = self.run_dir / "log.jsonl"
+        if world.is_main:
+            _trim_log(self.log_path, self.step)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model, self.cfg)
+        if state["world_size"] != self.world.size or state["num_workers"] != self.cfg.data.num_workers:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was written by {state['world_size']} processes with data.num_workers="
+                f"{state['num_workers']}; resume with the same numbers so that the data order continues exactly."
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = self.saved_step = state["step"]
+        self.position.emitted = list(state["emitted"][self.world.rank])
+        self.position.skipped_before = state["skipped"]
+        _set_rng_state(state["rng"][self.world.rank], self.world.device)
+
+    def _epoch_batches(self, epoch: int, in_epoch: int):
+        """This rank's micro-batches of `epoch` from optimizer step `in_epoch` on."""
+        cfg = self.cfg
+        if in_epoch == 0:
+            self.position.new_epoch()
+        spec = StreamSpec(
+            urls=self.urls,
+            cfg=cfg.data,
+            mask_cfg=cfg.mask,
+            img_size=(cfg.model.img_size, cfg.model.img_size),
+            grid=(cfg.model.img_size // cfg.model.patch_size,) * 2,
+            batch_size=self.per_rank,
+            seed=cfg.run.seed,
+            epoch=epoch,
+            rank=self.world.rank,
+            world_size=self.world.size,
+            batches_per_epoch=self.steps_per_epoch * cfg.optimization.accumulation,
+            start_batch=in_epoch * cfg.optimization.accumulation,
+            emitted=tuple(self.position.emitted) if in_epoch else (),
+        )
+        return micro_batches(spec, cfg.data.num_workers, pin_memory=self.world.device.type == "cuda")
+
+    def train_step(self, batches) -> tuple[float, float, float, float]:
+        """One optimizer step over `accumulation` micro-batches; returns loss, lr, weight decay, momentum."""
+        opt, device = self.cfg.optimization, self.world.device
+        lr, wd = self.schedule.learning_rate(self.step), self.schedule.weight_decay_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["apply_wd"] else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(opt.accumulation):
+            batch = next(batches)
+            self.position.record(batch)
+            images, context_idx, target_idx = (
+                batch[k].to(device, non_blocking=True) for k in ("images", "context_idx", "target_idx")
+            )
+            last = micro == opt.accumulation - 1
+            with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    # targets (no grad) -> context -> predictor -> loss, inside the objective's forward
+                    loss = self.ddp(images, context_idx, target_idx) / opt.accumulation
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.world.size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world.size
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
+            raise TrainingError(
+                f"loss became {loss_value} at step {self.step + 1}; {kept}; lower optimization.lr or set "
+                "optimization.grad_clip, then resume or start again."
+            )
+        if opt.grad_clip:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], opt.grad_clip)
+        self.optimizer.step()
+        momentum = self.schedule.momentum(self.step)
+        self.model.update_target(momentum)  # EMA of the target encoder and target head
+        self.step += 1
+        return loss_value, lr, wd, momentum
+
+    def state(self) -> dict:
+        """Training state for the checkpoint, with every rank's data position and RNG states."""
+        mine = {
+            "emitted": list(self.position.emitted),
+            "skipped": sum(self.position.skipped),
+            "rng": _rng_state(self.world.device),
+            "digest": _weights_digest(self.model),
+        }
+        shared = _gather(self.world, mine)
+        assert len({s["digest"] for s in shared}) == 1, "ranks hold different weights"
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "world_size": self.world.size,
+            "num_workers": self.cfg.data.num_workers,
+            "emitted": [s["emitted"] for s in shared],
+            "rng": [s["rng"] for s in shared],
+            "skipped": self.position.skipped_before + sum(s["skipped"] for s in shared),
+            "weights_sha256": [s["digest"] for s in shared],
+        }
+
+    def save(self) -> None:
+        state = self.state()
+        if self.world.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg, keep=self.cfg.run.keep_checkpoints)
+        _barrier(self.world)
+        self.checkpoint = self.run_dir / "checkpoints" / f"step-{self.step:09d}"
+        self.saved_step = self.step
+
+    def _log(self, record: dict) -> None:
+        if self.world.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self) -> PretrainResult:
+        cfg = self.cfg
+        loss = float("nan")
+        progress, task = _progress(cfg.run.progress and self.world.is_main, self.total_steps, self.step)
+        start_time, start_step = time.perf_counter(), self.step
+        with progress:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                batches = self._epoch_batches(epoch, in_epoch)
+                for _ in range(in_epoch, self.steps_per_epoch):
+                    tic = time.perf_counter()
+                    loss, lr, wd, momentum = self.train_step(batches)
+                    elapsed = time.perf_counter() - start_time
+                    images_per_s = cfg.optimization.batch_size / max(time.perf_counter() - tic, 1e-9)
+                    progress.update(task, completed=self.step, loss=loss, lr=lr, ips=images_per_s)
+                    self._log({
+                        "step": self.step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "weight_decay": wd,
+                        "momentum": momentum,
+                        "images_per_s": round(images_per_s, 2),
+                        "elapsed_s": round(elapsed, 3),
+                        "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
+                        "skipped": self.position.skipped_before + sum(self.position.skipped),
+                    })
+                    if self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps:
+                        self.save()
+                del batches  # stops this epoch's workers
+        if self.saved_step != self.step:
+            self.save()
+        encoder_path = self.run_dir / "encoder.safetensors"
+        if self.world.is_main:
+            target = self.model.target_encoder
+            provenance = {"source": "dmtjepa pretrain", "steps": self.step, "config": config_to_dict(cfg)}
+            info = info_from_encoder(target, cfg.model.arch, provenance=provenance)
+            info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
+            save_encoder(encoder_path, target, info)
+        _barrier(self.world)
+        return PretrainResult(
+            run_dir=self.run_dir,
+            encoder=encoder_path,
+            checkpoint=self.checkpoint,
+            steps=self.step,
+            loss=loss,
+            is_main=self.world.is_main,
+        )

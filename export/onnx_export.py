@@ -1,0 +1,248 @@
+"""Encoder file -> ONNX model (fp32, optionally fp16), verified before it is kept."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
+from dmt_jepa.models import VisionTransformer
+from export.errors import ExportError, ParityError
+from export.verify import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    ParityReport,
+    Shape,
+    Tolerance,
+    check_multiple_of_patch,
+    check_parity,
+    default_shapes,
+)
+
+# Opset 18 keeps attention as MatMul -> Softmax -> MatMul (opset 23 would emit the fused
+# Attention op, which older TensorRT parsers reject); TensorRT's ONNX parser recognises that
+# pattern and fuses it into its own attention kernels. 18 also has LayerNormalization (17+).
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = (18, 19, 20)
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("patch_embeddings", "pooled")
+FP32_FILENAME = "encoder.onnx"
+FP16_FILENAME = "encoder_fp16.onnx"
+TRACE_BATCH = 2  # batch 1 would let the tracer specialise the batch dimension to a constant
+
+
+class DenseEncoder(nn.Module):
+    """The deployed graph: float32 images [B, 3, H, W] -> float32 (patches [B, h, w, D], pooled [B, D])."""
+
+    def __init__(self, encoder: nn.Module, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.encoder = encoder
+        self.compute_dtype = compute_dtype
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches, pooled = self.encoder.dense(images.to(self.compute_dtype))
+        return patches.float(), pooled.float()
+
+
+class Float32LayerNorm(nn.Module):
+    """A LayerNorm computed in float32 whatever its input dtype: fp16 variance overflows and loses the mean."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+def half_encoder(encoder: VisionTransformer) -> VisionTransformer:
+    """An fp16 copy of the encoder whose LayerNorms keep their fp32 weights and compute in fp32."""
+    half = copy.deepcopy(encoder).half()
+    norm_names = [name for name, module in encoder.named_modules() if isinstance(module, nn.LayerNorm)]
+    for name in norm_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = half.get_submodule(parent_name) if parent_name else half
+        setattr(parent, child, Float32LayerNorm(copy.deepcopy(encoder.get_submodule(name))))
+    return half.eval()
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """One written ONNX model and the parity figures that let it be kept."""
+
+    path: Path
+    precision: str
+    report: ParityReport
+
+
+def torch_runner(encoder: VisionTransformer) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The fp32 PyTorch reference as a numpy function."""
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            patches, pooled = encoder.dense(torch.from_numpy(images))
+        return patches.numpy(), pooled.numpy()
+
+    return run
+
+
+def onnx_runner(path: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session on `path` as a numpy function."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT warns about every fp16 node it runs through fp32 casts on CPU
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        patches, pooled = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return patches, pooled
+
+    return run
+
+
+def export_graph(
+    encoder: VisionTransformer,
+    info: EncoderInfo,
+    path: Path,
+    metadata: dict[str, str],
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+) -> None:
+    """Trace the dense view of `encoder` with dynamic batch, height and width and save it to `path`."""
+    model = DenseEncoder(half_encoder(encoder), torch.float16) if fp16 else DenseEncoder(encoder)
+    example = torch.randn(TRACE_BATCH, 3, *info.img_size)
+    with warnings.catch_warnings():
+        # The exporter warns about internals (deprecated decompositions, fake-tensor notes) that
+        # say nothing about this model; a real problem surfaces as an exception or in parity.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.model.metadata_props.update(metadata)
+    program.model.doc_string = f"dmt-jepa {info.arch}/{info.patch_size} target encoder, {'fp16' if fp16 else 'fp32'}"
+    program.save(str(path))
+
+
+def full_check(path: Path) -> None:
+    """onnx.checker with full check (shape inference included); raises ExportError on a broken model."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ExportError(f"the exported model {path.name} fails onnx.checker ({err}); please report this.") from err
+
+
+def verify_onnx(
+    path: Path,
+    encoder: VisionTransformer,
+    shapes: Sequence[Shape],
+    tolerance: Tolerance,
+    *,
+    name: str = "ONNX Runtime",
+) -> ParityReport:
+    """ONNX Runtime on `path` against the fp32 PyTorch encoder at every shape."""
+    return check_parity(
+        onnx_runner(path),
+        torch_runner(encoder),
+        shapes,
+        tolerance,
+        candidate_name=name,
+        reference_name="PyTorch fp32",
+    )
+
+
+def _write_verified(
+    out_dir: Path,
+    filename: str,
+    write: Callable[[Path], None],
+    verify: Callable[[Path], ParityReport],
+    log: Callable[[str], None],
+) -> ParityReport:
+    """Write into a scratch folder, check, and only then move into `out_dir` (an older file survives a failure)."""
+    scratch = out_dir / f".{filename}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir(parents=True)
+    except OSError as err:
+        raise ExportError(f"cannot write into {out_dir} ({err.strerror}); choose a writable --out.") from err
+    try:
+        write(scratch / filename)
+        full_check(scratch / filename)
+        report = verify(scratch / filename)
+        for line in report.lines():
+            log(line)
+        if not report.ok:
+            raise ParityError(
+                f"{filename} differs from the PyTorch encoder beyond tolerance and was not kept "
+                "(figures above); please report this with the encoder's architecture.",
+                report.lines(),
+            )
+        # Large models carry an external data file next to the graph; move everything written.
+        for item in scratch.iterdir():
+            os.replace(item, out_dir / item.name)
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_onnx(
+    encoder_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    shapes: Sequence[Shape] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[OnnxExport]:
+    """Export the encoder file to `out_dir/encoder.onnx` (and `encoder_fp16.onnx`), each verified first."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}.")
+    encoder, info = load_encoder(encoder_path)
+    shapes = list(shapes) if shapes is not None else default_shapes(info)
+    for shape in shapes:
+        check_multiple_of_patch(shape, info.patch_size, "check shape")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(
+            f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out."
+        ) from err
+
+    metadata = {**info.to_metadata(), "source_sha256": file_sha256(encoder_path), "opset": str(opset)}
+    variants = [("fp32", FP32_FILENAME, FP32_TOLERANCE)]
+    if fp16:
+        variants.append(("fp16", FP16_FILENAME, FP16_TOLERANCE))
+    results = []
+    for precision, filename, tolerance in variants:
+
+        def write(path: Path, precision: str = precision) -> None:
+            meta = {**metadata, "precision": precision}
+            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset)
+
+        def verify(path: Path, precision: str = precision, tolerance: Tolerance = tolerance) -> ParityReport:
+            return verify_onnx(path, encoder, shapes, tolerance, name=f"ONNX Runtime {precision}")
+
+        report = _write_verified(out_dir, filename, write, verify, log)
+        results.append(OnnxExport(out_dir / filename, precision, report))
+        log(f"wrote {out_dir / filename}")
+    return results

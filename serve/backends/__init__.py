@@ -1,0 +1,116 @@
+"""Inference backends behind one interface; `load_backend` picks and builds one for a model file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from dmt_jepa.encoder_file import EncoderFileError, file_sha256
+from serve.backends.base import PRECISIONS, Backend, BackendError, checked_run, patch_cosine
+
+BACKENDS = ("auto", "torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+MODEL_KINDS = {".safetensors": "encoder", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
+KIND_BACKENDS = {
+    "encoder": ("torch-cpu", "torch-cuda"),
+    "onnx": ("onnxruntime-cpu", "onnxruntime-cuda"),
+    "engine": ("tensorrt",),
+}
+KIND_WORDS = {"encoder": "an encoder file", "onnx": "an ONNX model", "engine": "a TensorRT engine"}
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendError",
+    "checked_run",
+    "load_backend",
+    "model_kind",
+    "patch_cosine",
+]
+
+
+def model_kind(path: Path) -> str:
+    """encoder, onnx or engine, from the file's suffix; BackendError for anything else."""
+    if not path.is_file():
+        raise BackendError(f"the model file {path} does not exist.")
+    kind = MODEL_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise BackendError(
+            f"{path} is neither an encoder file (.safetensors), an ONNX model (.onnx) nor a TensorRT engine "
+            "(.engine); pass one of those with --model."
+        )
+    return kind
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(kind: str) -> str:
+    """The fastest backend for a model kind on this machine: engine > ORT CUDA > PyTorch CUDA > CPU."""
+    if kind == "engine":
+        return "tensorrt"
+    cuda = _cuda_available()
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        return (
+            "onnxruntime-cuda"
+            if cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+            else "onnxruntime-cpu"
+        )
+    return "torch-cuda" if cuda else "torch-cpu"
+
+
+def local_gpu(env: Mapping[str, str] = os.environ) -> int:
+    """The GPU this process should use: its rank on the node (torchrun LOCAL_RANK, SLURM_LOCALID), else 0."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def _select_gpu() -> None:
+    """Make this process's GPU the current one, so that several processes on one node do not share GPU 0."""
+    import torch
+
+    torch.cuda.set_device(local_gpu() % torch.cuda.device_count())
+
+
+def load_backend(model: str | os.PathLike, backend: str = "auto", precision: str | None = None) -> Backend:
+    """Build the backend for a model file; `precision` None means the model's own (fp32 unless built otherwise)."""
+    path = Path(model)
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if precision is not None and precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    kind = model_kind(path)
+    name = choose_backend(kind) if backend == "auto" else backend
+    if name not in KIND_BACKENDS[kind]:
+        raise BackendError(
+            f"--backend {name} cannot run {KIND_WORDS[kind]} ({path.name}); it runs "
+            f"{KIND_WORDS[next(k for k, names in KIND_BACKENDS.items() if name in names)]}. "
+            "Use `dmtjepa export` to convert, or --backend auto."
+        )
+    if name != "torch-cpu" and name != "onnxruntime-cpu" and _cuda_available():
+        _select_gpu()
+    try:
+        if kind == "encoder":
+            from serve.backends.torch_backend import TorchBackend
+
+            built: Backend = TorchBackend.from_file(path, device=name.split("-")[1], precision=precision or "fp32")
+        elif kind == "onnx":
+            from serve.backends.onnx_backend import OnnxRuntimeBackend
+
+            built = OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision)
+        else:
+            from serve.backends.tensorrt_backend import TensorRTBackend
+
+            built = TensorRTBackend(path, precision=precision)
+    except EncoderFileError as err:
+        raise BackendError(str(err)) from err
+    built.model_sha256 = file_sha256(path)
+    return built

@@ -1,0 +1,75 @@
+"""The one interface every inference backend offers, and the first-batch precision check."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from dmt_jepa.encoder_file import EncoderInfo
+from serve.images import normalise
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+MIN_PATCH_COSINE = 0.99
+
+
+class BackendError(ValueError):
+    """A model file, backend or precision that cannot be used; the message is one sentence for the user."""
+
+
+class Backend(ABC):
+    """Runs the deployed encoder: normalised images -> patch embeddings and their mean."""
+
+    name: str  # torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt
+    precision: str
+    info: EncoderInfo
+    model_path: Path
+    model_sha256: str = ""
+
+    @abstractmethod
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [B, 3, H, W] -> float32 patch embeddings [B, H/p, W/p, D] and pooled [B, D]."""
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] -> the same outputs as `run`, normalising with the model's pixel mean/std."""
+        return self.run(normalise(pixels, self.info.pixel_mean, self.info.pixel_std))
+
+    def reference(self) -> Backend | None:
+        """The same model in fp32 for the precision check, or None where this backend has none."""
+        return None
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Raise BackendError if this backend cannot run images of [H, W] = size."""
+        patch = self.info.patch_size
+        if size[0] % patch or size[1] % patch:
+            raise BackendError(f"the input size {size[0]}x{size[1]} is not a multiple of the patch size {patch}.")
+
+    def describe(self) -> dict:
+        """What the output records say about the model that made them."""
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "model": {"file": self.model_path.name, "sha256": self.model_sha256, "arch": self.info.arch},
+        }
+
+
+def patch_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per patch of two [..., D] arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def checked_run(backend: Backend, pixels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None]:
+    """Run a uint8 batch and compare it with fp32; returns the outputs and the worst patch cosine (None: no check)."""
+    outputs = backend.run_pixels(pixels)
+    reference = backend.reference()
+    if reference is None:
+        return outputs, None
+    worst = float(patch_cosine(outputs[0], reference.run_pixels(pixels)[0]).min())
+    if worst < MIN_PATCH_COSINE:
+        raise BackendError(
+            f"{backend.precision} on {backend.name} is too far from fp32 on the first batch (worst patch cosine "
+            f"{worst:.4f} < {MIN_PATCH_COSINE}); use --precision fp32 or another backend."
+        )
+    return outputs, worst

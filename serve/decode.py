@@ -1,0 +1,109 @@
+"""Decode worker processes for the embedding job, robust to a worker that dies mid-image."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from serve.images import ImageRejected, Preprocess, prepare
+
+# fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded scripts.
+# Workers never touch torch, whose thread pools do not survive a fork.
+_FORK = multiprocessing.get_context("fork")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initialiser: leave when the job process is gone, even if it was killed with SIGKILL."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _decode_into(conn: Connection, data: bytes, prep: Preprocess) -> None:
+    try:
+        conn.send(prepare(data, prep))
+    except ImageRejected as err:
+        conn.send(err)
+
+
+def finished(result: tuple[np.ndarray, dict] | None = None, error: Exception | None = None) -> Future:
+    """A Future that is already done."""
+    done: Future = Future()
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
+    return done
+
+
+class Decoder:
+    """`prepare` in `workers` processes (0: in the calling thread).
+
+    A worker that dies (a crash inside an image library, not an exception) breaks the pool: the
+    pool is replaced, and each sample it held is decoded again alone in a throwaway process, so
+    that only the sample that really crashes becomes a failure.
+    """
+
+    def __init__(self, workers: int, prep: Preprocess):
+        self.workers, self.prep = workers, prep
+        self._lock = threading.Lock()
+        self._pool = self._new_pool() if workers > 0 else None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=_FORK, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        )
+        pool.submit(int).result()  # forks every worker now, before the job starts its threads
+        return pool
+
+    def submit(self, data: bytes) -> Future:
+        """Start decoding one image; the Future holds (pixels, record) or raises ImageRejected."""
+        if self._pool is None:
+            try:
+                return finished(prepare(data, self.prep))
+            except ImageRejected as err:
+                return finished(error=err)
+        with self._lock:
+            try:
+                return self._pool.submit(prepare, data, self.prep)
+            except BrokenProcessPool:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+                return self._pool.submit(prepare, data, self.prep)
+
+    def result(self, task: Future, data: bytes) -> tuple[np.ndarray, dict]:
+        """The decoded image, re-decoding alone if its worker died; ImageRejected if it cannot be used."""
+        try:
+            return task.result()
+        except BrokenProcessPool:
+            return self._isolated(data)
+
+    def _isolated(self, data: bytes) -> tuple[np.ndarray, dict]:
+        receive, send = _FORK.Pipe(duplex=False)
+        process = _FORK.Process(target=_decode_into, args=(send, data, self.prep), daemon=True)
+        process.start()
+        send.close()
+        try:
+            result = receive.recv()
+        except EOFError:
+            process.join()
+            raise ImageRejected(f"the image crashed the decoder process (exit code {process.exitcode})") from None
+        process.join()
+        if isinstance(result, ImageRejected):
+            raise result
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

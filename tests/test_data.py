@@ -1,0 +1,193 @@
+"""Packing image folders into shards, and the training pipeline that reads them."""
+
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmt_jepa.config import DataConfig, MaskConfig
+from dmt_jepa.data import DataError, expand_shards, micro_batches, pack_images
+from dmt_jepa.data.pipeline import Augment, ShardStream, StreamSpec, crop_box
+from pretrain_fixtures import make_images, png_bytes, write_shard
+
+
+def _spec(urls, **kw) -> StreamSpec:
+    base = dict(
+        urls=urls,
+        cfg=DataConfig(shuffle_buffer=6, num_workers=0),
+        mask_cfg=MaskConfig(min_keep=2),
+        img_size=(64, 64),
+        grid=(4, 4),
+        batch_size=3,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        batches_per_epoch=8,
+    )
+    base.update(kw)
+    return StreamSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("data")
+    make_images(root / "images", 30, classes=3)
+    pack_images(root / "images", root / "shards", max_shard_count=6)
+    return str(root / "shards" / "shard-{000000..000004}.tar")
+
+
+def test_pack_keeps_every_image_in_sorted_order_with_labels(tmp_path):
+    paths = make_images(tmp_path / "images", 10, classes=2)
+    (tmp_path / "images" / "class0" / "broken.png").write_bytes(b"not an image")
+    summary = pack_images(tmp_path / "images", tmp_path / "out", max_shard_count=4)
+    assert summary.images == 10 and summary.classes == ["class0", "class1"]
+    assert [rel for rel, _ in summary.skipped] == ["class0/broken.png"]
+    assert [Path(s).name for s in summary.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    records = []
+    for shard in summary.shards:
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key in sorted({name.split(".")[0] for name in members}):
+            meta = json.loads(members[f"{key}.json"])
+            image = next(v for k, v in members.items() if k.startswith(key) and k.split(".", 1)[1] in ("png", "jpg", "webp"))
+            records.append((meta["source"], int(members[f"{key}.cls"]), image))
+    expected = sorted(paths, key=lambda p: str(p.relative_to(tmp_path / "images")))
+    assert [r[0] for r in records] == [str(p.relative_to(tmp_path / "images")) for p in expected]
+    assert [r[1] for r in records] == [int(p.parent.name[-1]) for p in expected]
+    assert all(r[2] == p.read_bytes() for r, p in zip(records, expected))
+
+
+def test_pack_refuses_to_overwrite_shards(tmp_path):
+    make_images(tmp_path / "images", 3)
+    pack_images(tmp_path / "images", tmp_path / "out")
+    before = (tmp_path / "out" / "shard-000000.tar").read_bytes()
+    make_images(tmp_path / "images", 5, seed=1)
+    with pytest.raises(DataError, match="already holds shards"):
+        pack_images(tmp_path / "images", tmp_path / "out")
+    assert (tmp_path / "out" / "shard-000000.tar").read_bytes() == before
+
+
+def test_shard_pattern_matching_nothing_is_one_sentence(tmp_path):
+    with pytest.raises(DataError, match="matches no file") as err:
+        expand_shards(str(tmp_path / "nothing-{000..009}.tar"))
+    assert str(err.value).count(". ") == 0
+    write_shard(tmp_path / "s-000.tar", [{"__key__": "a", "png": png_bytes(np.zeros((8, 8, 3), np.uint8))}])
+    with pytest.raises(DataError, match="1 of the 2 shards"):
+        expand_shards(str(tmp_path / "s-{000..001}.tar"))
+    assert expand_shards(str(tmp_path / "s-{000..000}.tar")) == [str(tmp_path / "s-000.tar")]
+
+
+def test_crop_box_respects_scale_and_ratio():
+    rng = random.Random(0)
+    for _ in range(500):
+        width, height = rng.randint(20, 300), rng.randint(20, 300)
+        left, top, w, h = crop_box(width, height, (0.3, 1.0), (0.75, 4 / 3), rng)
+        assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+        # rounding to whole pixels moves area and aspect by at most a pixel per side
+        assert (w - 1) / (h + 1) <= 4 / 3 and (w + 1) / (h - 1) >= 0.75
+        fallback = (w == width or h == height) and left == (width - w) // 2 and top == (height - h) // 2
+        assert (w + 1) * (h + 1) >= 0.3 * width * height or fallback
+
+
+def test_augment_normalises_with_mean_and_std():
+    cfg = DataConfig()
+    out = Augment(cfg, (32, 48))(png_bytes(np.full((30, 50, 3), (255, 128, 0), np.uint8)), random.Random(0))
+    assert out.shape == (3, 32, 48)
+    expected = [(c / 255 - m) / s for c, m, s in zip((255, 128, 0), cfg.pixel_mean, cfg.pixel_std)]
+    torch.testing.assert_close(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_reduced_jpeg_decode_matches_a_full_decode():
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    photo = np.stack([xx * 255 // 800, yy * 255 // 600, (xx + yy) * 255 // 1400], axis=-1).astype(np.uint8)
+    photo[200:400, 300:500] = (20, 200, 60)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=95)
+    cfg = DataConfig()
+    for seed in range(5):
+        out = Augment(cfg, (32, 32))(buf.getvalue(), random.Random(seed))
+        # reference: full decode, the same crop box (same draws), resize, normalise
+        left, top, w, h = crop_box(800, 600, cfg.crop_scale, cfg.crop_ratio, random.Random(seed))
+        full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        ref = np.asarray(full.resize((32, 32), Image.BICUBIC, box=(left, top, left + w, top + h)), np.float32) / 255
+        ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(cfg.pixel_mean)[:, None, None]) / torch.tensor(
+            cfg.pixel_std)[:, None, None]
+        assert (out - ref).abs().mean() < 0.05 and (out - ref).abs().max() < 1.0
+
+
+def test_same_spec_gives_same_batches_and_other_seed_does_not(shards):
+    urls = expand_shards(shards)
+    a, b = list(micro_batches(_spec(urls), 0)), list(micro_batches(_spec(urls), 0))
+    c = list(micro_batches(_spec(urls, seed=1), 0))
+    assert len(a) == 8 and a[0]["images"].shape == (3, 3, 64, 64)
+    for x, y in zip(a, b):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["target_idx"], y["target_idx"])
+    assert not torch.equal(a[0]["images"], c[0]["images"])
+
+
+def test_resumed_stream_continues_exactly_with_workers(shards):
+    urls = expand_shards(shards)
+    full = list(micro_batches(_spec(urls), 2))
+    assert [b["stream"] for b in full] == [0, 1] * 4
+    # Interrupt after 3 micro-batches: each stream's last emitted count is the saved position.
+    emitted = [0, 0]
+    for batch in full[:3]:
+        emitted[batch["stream"]] = batch["emitted"]
+    resumed = list(micro_batches(_spec(urls, start_batch=3, emitted=tuple(emitted)), 2))
+    assert [b["index"] for b in resumed] == list(range(3, 8))
+    for x, y in zip(full[3:], resumed):
+        assert torch.equal(x["images"], y["images"])
+        assert torch.equal(x["context_idx"], y["context_idx"]) and torch.equal(x["target_idx"], y["target_idx"])
+
+
+def test_ranks_and_workers_split_the_shards(shards):
+    urls = expand_shards(shards)
+    first_pass = []
+    for rank in range(2):
+        stream = ShardStream(_spec(urls, rank=rank, world_size=2), num_streams=2)
+        for s in range(2):
+            first_pass += stream._my_shards(s) if len(urls) > rank * 2 + s else []
+    assert sorted(first_pass) == sorted(urls)
+
+
+def test_corrupt_image_in_shard_is_a_counted_skip(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"{i:03d}", "png": png_bytes(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))} for i in range(9)]
+    samples.insert(4, {"__key__": "bad", "jpg": b"\xff\xd8 this is not a jpeg"})
+    write_shard(tmp_path / "s-000.tar", samples)
+    spec = _spec([str(tmp_path / "s-000.tar")], cfg=DataConfig(shuffle_buffer=1, num_workers=0), batches_per_epoch=3)
+    batches = list(micro_batches(spec, 0))
+    assert all(b["images"].shape[0] == 3 for b in batches)
+    assert batches[-1]["emitted"] == 10 and batches[-1]["skipped"] == 1
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    good = [{"__key__": f"{i:03d}", "png": png_bytes(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))} for i in range(6)]
+    write_shard(tmp_path / "s-000.tar", good)
+    write_shard(tmp_path / "s-001.tar", good)
+    data = (tmp_path / "s-001.tar").read_bytes()
+    (tmp_path / "s-001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+    spec = _spec([str(tmp_path / "s-000.tar"), str(tmp_path / "s-001.tar")], batches_per_epoch=6)
+    batches = list(micro_batches(spec, 0))
+    assert len(batches) == 6 and batches[-1]["skipped"] >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_without_images_are_one_sentence_not_a_hang(tmp_path, workers):
+    write_shard(tmp_path / "text.tar", [{"__key__": f"{i:03d}", "txt": b"no image here"} for i in range(5)])
+    (tmp_path / "notatar.tar").write_bytes(b"this is not a tar file at all" * 20)
+    for url, message in [("text.tar", "samples in a row had no decodable image"), ("notatar.tar", "holds a sample")]:
+        spec = _spec([str(tmp_path / url)], batches_per_epoch=2)
+        with pytest.raises(DataError, match=message) as err:
+            list(micro_batches(spec, workers))
+        assert "\n" not in str(err.value)

@@ -1,0 +1,284 @@
+"""The embedding job end to end: equal to PyTorch, every key accounted for, ranks, restarts, kills, errors."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from embed_helpers import (
+    TRAIN_SIZE,
+    huge_png_header,
+    image_bytes,
+    photo_samples,
+    read_output,
+    tiny_encoder,
+    write_encoder_file,
+    write_shard,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from dmt_jepa.encoder_file import file_sha256
+from serve import embed_shards
+from serve.images import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    return write_encoder_file(tmp_path_factory.mktemp("model") / "enc.safetensors")
+
+
+def reference_embedding(data: bytes) -> tuple[np.ndarray, list[int]]:
+    """Shorter side to 64, centre 64 x 64, normalise, encoder.dense: written out step by step."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    height, width = image.height, image.width
+    scale = TRAIN_SIZE / min(height, width)
+    new_h, new_w = max(TRAIN_SIZE, round(height * scale)), max(TRAIN_SIZE, round(width * scale))
+    top, left = (new_h - TRAIN_SIZE) // 2, (new_w - TRAIN_SIZE) // 2
+    pixels = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))[top : top + TRAIN_SIZE, left : left + TRAIN_SIZE]
+    x = ((pixels / 255.0 - MEAN) / STD).transpose(2, 0, 1)[None].astype(np.float32)
+    with torch.no_grad():
+        grid, _ = tiny_encoder().dense(torch.from_numpy(x))
+    return grid[0].numpy(), [height, width]
+
+
+def snapshot(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+def test_outputs_equal_pytorch_with_documented_shapes(tmp_path, encoder_file):
+    shards = {f"part-{s}": photo_samples(f"p{s}_", 5, seed=s) for s in range(2)}
+    for name, samples in shards.items():
+        write_shard(tmp_path / "in" / f"{name}.tar", samples)
+    summary = embed_shards(
+        str(tmp_path / "in" / "part-{0..1}.tar"), tmp_path / "out", encoder_file, batch_size=3, workers=1, pooled=True
+    )
+    assert summary.embedded == 10 and summary.failed == 0 and summary.backend == "torch-cpu"
+    for name, samples in shards.items():
+        written = read_output(tmp_path / "out" / f"{name}.tar")
+        assert list(written) == [key for key, _ in samples]
+        for key, members in samples:
+            emb = np.load(io.BytesIO(written[key]["emb.npy"]))
+            pooled = np.load(io.BytesIO(written[key]["pooled.npy"]))
+            want, original = reference_embedding(next(v for e, v in members.items() if e in ("png", "jpg")))
+            assert emb.dtype == np.float16 and emb.shape == (4, 4, 32)
+            np.testing.assert_allclose(emb.astype(np.float32), want, atol=2e-2, rtol=1e-2)
+            np.testing.assert_allclose(pooled.astype(np.float32), want.mean((0, 1)), atol=2e-3)
+            record = json.loads(written[key]["json"])
+            assert record == {"original_size": original, "input_size": [64, 64], "grid": [4, 4], "resize": "crop"}
+        done = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert done["embedded"] == 5 and done["failures"] == [] and done["cut"] is None
+        assert done["model"]["sha256"] == file_sha256(encoder_file) and done["precision"] == "fp32"
+
+
+def bad_samples() -> list[tuple[str, dict[str, bytes]]]:
+    good = image_bytes(80, 70, "PNG", seed=1)
+    return [
+        ("good0", {"png": good, "cls": b"0"}),
+        ("corrupt", {"jpg": b"\xff\xd8\xff\xe0" + os.urandom(300)}),
+        ("truncated", {"png": image_bytes(90, 90, "PNG", seed=2)[:200]}),
+        ("zero", {"jpg": b""}),
+        ("textasjpg", {"jpg": b"this is a caption, not an image"}),
+        ("bomb", {"png": huge_png_header(100_000, 100_000)}),
+        ("tiny", {"png": image_bytes(8, 300, "PNG")}),
+        ("noimage", {"cls": b"3", "txt": b"caption"}),
+        ("good1", {"jpg": image_bytes(100, 64, "JPEG", seed=3)}),
+    ]
+
+
+def test_bad_inputs_never_stop_the_job_and_every_key_is_accounted_for(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "bad.tar", bad_samples())
+    cut_source = write_shard(tmp_path / "whole.tar", photo_samples("c", 6, seed=9)).read_bytes()
+    (tmp_path / "in" / "cut.tar").write_bytes(cut_source[: len(cut_source) * 2 // 3])
+    (tmp_path / "in" / "garbage.tar").write_bytes(os.urandom(3000))
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    bad = json.loads((tmp_path / "out" / "bad.json").read_text())
+    embedded = set(read_output(tmp_path / "out" / "bad.tar"))
+    reasons = {f["key"]: f["reason"] for f in bad["failures"]}
+    assert embedded == {"good0", "good1"} and bad["embedded"] == 2
+    assert set(reasons) | embedded == {key for key, _ in bad_samples()} and not set(reasons) & embedded
+    for key, words in [
+        ("corrupt", "cannot decode"),
+        ("truncated", "cannot decode"),
+        ("zero", "empty"),
+        ("textasjpg", "cannot decode"),
+        ("bomb", "decompression bomb"),
+        ("tiny", "smaller than one"),
+        ("noimage", "no image member"),
+    ]:
+        assert words in reasons[key], (key, reasons[key])
+    cut = json.loads((tmp_path / "out" / "cut.json").read_text())
+    kept = list(read_output(tmp_path / "out" / "cut.tar"))
+    assert cut["cut"] and kept == [f"c{i:04d}" for i in range(len(kept))] and len(kept) >= 2
+    assert cut["embedded"] + cut["failed"] >= len(kept)
+    assert json.loads((tmp_path / "out" / "garbage.json").read_text())["cut"]
+    assert "3 shards embedded" in result.output and "2 shards cut off" in result.output
+
+
+def test_two_ranks_cover_every_shard_once_and_equal_one_process(tmp_path, encoder_file, monkeypatch):
+    for s in range(5):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 2, seed=s))
+    single = embed_shards(str(tmp_path / "in"), tmp_path / "one", encoder_file, workers=0)
+    rank0 = embed_shards(str(tmp_path / "in"), tmp_path / "two", encoder_file, workers=0, rank=0, world_size=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rank1 = embed_shards(str(tmp_path / "in"), tmp_path / "two", encoder_file, workers=0)
+    assert (rank0.rank, rank1.rank) == (0, 1)
+    assert sorted(rank0.shards + rank1.shards) == sorted(single.shards) and not set(rank0.shards) & set(rank1.shards)
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
+
+
+def test_rerun_skips_done_shards_and_redoes_the_rest(tmp_path, encoder_file):
+    for s in range(3):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 2, seed=s))
+    embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    clean = snapshot(tmp_path / "out")
+    (tmp_path / "out" / "s1.json").unlink()
+    (tmp_path / "out" / ".s1.tar.partial").write_bytes(b"left by a killed run")
+    again = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0, progress=True)
+    assert again.skipped == ["s0", "s2"] and again.embedded == 2
+    assert snapshot(tmp_path / "out") == clean
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the embedding process never reached the state to kill it in"
+        time.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+# The real CLI in a real process, with a writer slowed down so that the kill lands mid-shard.
+SLOW_WRITER = """
+import sys, time
+from serve.shards import ShardOutput
+add = ShardOutput.add
+def slow_add(self, *args, **kwargs):
+    time.sleep(0.05)
+    add(self, *args, **kwargs)
+ShardOutput.add = slow_add
+from cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def test_killed_mid_shard_then_rerun_equals_one_clean_run(tmp_path, encoder_file):
+    for s in range(4):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 8, seed=s))
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, batch_size=4, workers=0)
+    clean = snapshot(tmp_path / "clean")
+    out = tmp_path / "out"
+    args = [
+        "embed",
+        str(tmp_path / "in"),
+        str(out),
+        "--model",
+        str(encoder_file),
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: (out / "s0.json").exists() and any(p.name.endswith(".partial") for p in out.iterdir()))
+        children = [int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    visible = snapshot(out)
+    assert "s0.json" in visible and len([n for n in visible if n.endswith(".json")]) < 4  # killed mid-job
+    for name, data in visible.items():
+        if not name.startswith("."):
+            assert data == clean[name], f"{name} became visible before it was complete"
+    wait_for(lambda: all(gone(pid) for pid in children), timeout=10)  # decode workers follow their parent
+    embed_shards(str(tmp_path / "in"), out, encoder_file, batch_size=4, workers=0)
+    assert snapshot(out) == clean
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("no-input", "matches no existing shard"),
+        ("model-kind", "neither an encoder file"),
+        ("out-not-writable", "cannot write to OUT_DIR"),
+        ("out-is-input", "would overwrite"),
+        ("bad-size", "not a multiple of the patch size"),
+    ],
+)
+def test_user_errors_are_one_sentence_and_write_nothing(tmp_path, encoder_file, case, words):
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 1))
+    (tmp_path / "notes.txt").write_text("not a model")
+    inputs, out, model, extra = str(tmp_path / "in"), tmp_path / "out", encoder_file, []
+    if case == "no-input":
+        inputs = str(tmp_path / "none-{0..3}.tar")
+    elif case == "model-kind":
+        model = tmp_path / "notes.txt"
+    elif case == "out-not-writable":
+        out = tmp_path / "notes.txt" / "out"
+    elif case == "out-is-input":
+        out = tmp_path / "in"
+    else:
+        extra = ["--size", "50x64"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    result = CliRunner().invoke(app, ["embed", inputs, str(out), "--model", str(model), *extra])
+    assert result.exit_code == 2
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_pipe_and_gzip_sources_give_the_same_output(tmp_path, encoder_file):
+    import gzip
+
+    shard = write_shard(tmp_path / "src" / "a.tar", photo_samples("k", 3))
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "a.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    (tmp_path / "list.txt").write_text(f"pipe:cat {shard}\n")
+    for name, inputs in [("plain", str(shard)), ("pipe", str(tmp_path / "list.txt")), ("gzip", str(tmp_path / "gz"))]:
+        embed_shards(inputs, tmp_path / name, encoder_file, workers=0)
+    assert (
+        snapshot(tmp_path / "plain")["a.tar"]
+        == snapshot(tmp_path / "pipe")["a.tar"]
+        == snapshot(tmp_path / "gzip")["a.tar"]
+    )
+
+
+def crash_on_marker(data: bytes, prep):
+    """`prepare` with a decoder that dies the hard way (as a segfault in an image library would)."""
+    if data.startswith(b"CRASH"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare(data, prep)
+
+
+def test_a_decoder_crash_costs_only_its_own_image(tmp_path, encoder_file, monkeypatch):
+    monkeypatch.setattr("serve.decode.prepare", crash_on_marker)
+    samples = photo_samples("a", 3) + [("boom", {"png": b"CRASH" + bytes(100)})] + photo_samples("b", 4)
+    write_shard(tmp_path / "in" / "s.tar", samples)
+    summary = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=1, batch_size=2)
+    record = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert summary.embedded == 7 and [f["key"] for f in record["failures"]] == ["boom"]
+    assert "crashed the decoder" in record["failures"][0]["reason"]
+    assert list(read_output(tmp_path / "out" / "s.tar")) == [key for key, _ in samples if key != "boom"]

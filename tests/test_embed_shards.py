@@ -1,0 +1,124 @@
+"""Reading damaged shards sample by sample, and writing output shards deterministically and atomically."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from embed_helpers import write_shard
+
+from serve.shards import ShardOutput, ShardReader, is_done, split_key
+
+
+def samples_of(data: bytes):
+    reader = ShardReader(io.BytesIO(data))
+    return [(s.key, dict(s.members), s.error) for s in reader], reader.cut
+
+
+def five_samples(tmp_path):
+    samples = [(f"k{i}", {"jpg": bytes([i]) * (700 + i), "cls": b"%d" % i}) for i in range(5)]
+    return samples, write_shard(tmp_path / "s.tar", samples).read_bytes()
+
+
+def test_groups_members_like_webdataset(tmp_path):
+    long_dir = "d" * 120  # longer than a ustar name: stored through a pax header
+    samples = [
+        ("a/b/img1", {"jpg": b"x", "seg.png": b"y"}),
+        (f"{long_dir}/img2", {"png": b"z"}),
+        ("noext", {"": b"w"}),
+    ]
+    got, cut = samples_of(write_shard(tmp_path / "s.tar", samples).read_bytes())
+    assert cut is None
+    assert got == [(key, members, None) for key, members in samples]
+    assert split_key("x/y.tar.d/z.seg.png") == ("x/y.tar.d/z", "seg.png")
+
+
+def test_cut_mid_member_keeps_samples_before_and_names_the_cut_one(tmp_path):
+    samples, data = five_samples(tmp_path)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        k3_image = tar.getmember("k3.jpg")
+    got, cut = samples_of(data[: k3_image.offset_data + 100])
+    assert [g[:2] for g in got[:3]] == [(k, m) for k, m in samples[:3]]
+    assert got[3][0] == "k3" and "cut off inside member k3.jpg" in got[3][2]
+    assert len(got) == 4 and "cut off" in cut
+
+
+def test_cut_between_members_keeps_everything_and_records_missing_end(tmp_path):
+    samples, data = five_samples(tmp_path)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        end = max(m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers())
+    got, cut = samples_of(data[:end])
+    assert [g[:2] for g in got] == [(k, m) for k, m in samples] and all(g[2] is None for g in got)
+    assert "without the tar end marker" in cut
+
+
+@pytest.mark.parametrize("data, words", [(b"", "empty"), (b"not a tar at all" * 64, "invalid tar header")])
+def test_not_a_tar(data, words):
+    got, cut = samples_of(data)
+    assert got == [] and words in cut
+
+
+def test_repeated_key_is_refused_after_the_first(tmp_path):
+    samples = [("a", {"jpg": b"1"}), ("b", {"jpg": b"2"}), ("a", {"jpg": b"3"})]
+    got, _ = samples_of(write_shard(tmp_path / "s.tar", samples).read_bytes())
+    assert got[0] == ("a", {"jpg": b"1"}, None)
+    assert got[2][0] == "a" and "appears again" in got[2][2]
+
+
+def test_oversized_member_is_refused_unread(tmp_path):
+    data = write_shard(tmp_path / "s.tar", [("a", {"jpg": b"1" * 5000}), ("b", {"jpg": b"2"})]).read_bytes()
+    reader = ShardReader(io.BytesIO(data), max_member_bytes=1000)
+    got = [(s.key, s.members, s.error) for s in reader]
+    assert "5000 bytes" in got[0][2] and got[1] == ("b", {"jpg": b"2"}, None) and reader.cut is None
+
+
+def write_one(out_dir, name):
+    out = ShardOutput(out_dir, name)
+    emb = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 7
+    out.add("k0", emb, {"grid": [2, 3]}, pooled=emb.mean((0, 1)))
+    out.fail("k1", "broken")
+    return out, emb
+
+
+def test_output_is_invisible_until_commit_then_deterministic(tmp_path):
+    (tmp_path / "a").mkdir()
+    first, emb = write_one(tmp_path / "a", "s")
+    assert not (tmp_path / "a" / "s.tar").exists() and not is_done(tmp_path / "a", "s")
+    first.commit({"shard": "s.tar"})
+    (tmp_path / "b").mkdir()
+    second, _ = write_one(tmp_path / "b", "s")
+    second.commit({"shard": "s.tar"})
+    assert (tmp_path / "a" / "s.tar").read_bytes() == (tmp_path / "b" / "s.tar").read_bytes()
+    assert is_done(tmp_path / "a", "s") and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["s.json", "s.tar"]
+    record = json.loads((tmp_path / "a" / "s.json").read_text())
+    assert record["embedded"] == 1 and record["failures"] == [{"key": "k1", "reason": "broken"}]
+    with tarfile.open(tmp_path / "a" / "s.tar") as tar:
+        stored = np.load(io.BytesIO(tar.extractfile("k0.emb.npy").read()))
+        assert tar.getnames() == ["k0.emb.npy", "k0.pooled.npy", "k0.json"]
+    assert stored.dtype == np.float16 and np.array_equal(stored, emb.astype(np.float16))
+
+
+def test_abort_leaves_nothing(tmp_path):
+    out, _ = write_one(tmp_path, "s")
+    out.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_gzip_shard_keeps_what_came_before_and_accounts_for_the_rest(tmp_path):
+    import gzip
+
+    samples, data = five_samples(tmp_path)
+    packed = gzip.compress(data)
+    reader = ShardReader(gzip.open(io.BytesIO(packed[: len(packed) * 3 // 5])))
+    got = [(s.key, s.members, s.error) for s in reader]
+    assert [g[0] for g in got] == [k for k, _ in samples[: len(got)]] and 0 < len(got) < 5
+    assert all(g[1] == dict(samples[i][1]) for i, g in enumerate(got) if g[2] is None)
+    assert "EOFError" in reader.cut or "cut off" in reader.cut
+
+
+def test_malformed_pax_header_is_a_cut_not_a_crash(tmp_path):
+    data = write_shard(tmp_path / "s.tar", [("a", {"jpg": b"1"}), ("d" * 150 + "/b", {"jpg": b"2"})]).read_bytes()
+    record = data.index(b" path=")  # preceded by the record's length in 3 digits
+    got, cut = samples_of(data[: record - 3] + b"zzz" + data[record:])
+    assert got == [("a", {"jpg": b"1"}, None)] and "invalid pax header" in cut
