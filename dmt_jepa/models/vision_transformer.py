@@ -133,10 +133,9 @@ class VisionTransformer(nn.Module):
 
     def dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Deployment view: patch embeddings [B, h, w, D] and their mean, pooled [B, D]."""
-        x = self.patch_embed(images)
-        batch, h, w, dim = x.shape
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         tokens = self.forward(images)  # [B, h*w, D]
-        return tokens.reshape(batch, h, w, dim), tokens.mean(dim=1)
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]), tokens.mean(dim=1)
 
     def last_layer_attention(self, images: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the last block, [B, heads, N, N] (for visualisation)."""
