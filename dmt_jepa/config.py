@@ -13,6 +13,8 @@ import yaml
 AGGREGATIONS = ("cross_attention", "self_attention", "mean", "max", "none")
 BORDERS = ("clip", "wrap")
 LOSSES = ("smooth_l1", "l2")
+QUERIES = ("self", "learned", "mean")  # what starts a target's residual stream in the head (dmt_jepa.heads)
+CONTEXT_PATHS = ("tokens", "added")
 
 
 @dataclass
@@ -49,6 +51,8 @@ class TargetConfig:
     k_size: int = 3
     border: str = "clip"
     head_depth: int = 2
+    query: str = "self"  # what starts each target's residual stream in the head: self | learned | mean
+    context: str = "tokens"  # the online head on the context side: tokens (per-token stream) | added
     loss: str = "smooth_l1"
 
     def __post_init__(self) -> None:
@@ -56,6 +60,10 @@ class TargetConfig:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         if self.border not in BORDERS:
             raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {self.border!r}")
+        if self.query not in QUERIES:
+            raise ValueError(f"target.query must be one of {', '.join(QUERIES)}, got {self.query!r}")
+        if self.context not in CONTEXT_PATHS:
+            raise ValueError(f"target.context must be one of {', '.join(CONTEXT_PATHS)}, got {self.context!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.k_size < 3 or self.k_size % 2 == 0:
@@ -137,12 +145,15 @@ class RunConfig:
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # older checkpoint directories are deleted once a newer one is complete
     progress: bool = True  # live progress bar on rank 0
+    locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
+        if self.locality_every < 0:
+            raise ValueError(f"run.locality_every must be >= 0 (0: never), got {self.locality_every}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmt_jepa.config import MethodConfig
-from dmt_jepa.heads import LocalAggregationHead, pool_neighbours
+from dmt_jepa.heads import LocalAggregationHead, gather_rows, pool_neighbours, target_locality
 from dmt_jepa.masks import Masks
 from dmt_jepa.models import Predictor, create_encoder
 from dmt_jepa.neighbours import semantic_neighbours
@@ -44,31 +44,39 @@ class DMTJEPA(nn.Module):
             embed_dim=dim, predictor_dim=m.pred_width, depth=m.pred_depth, num_heads=m.pred_heads or heads
         )
         if cfg.target.aggregation in ("cross_attention", "self_attention"):
-            self.online_head = LocalAggregationHead(dim, heads, depth=cfg.target.head_depth, mode=cfg.target.aggregation)
+            t = cfg.target
+            self.online_head = LocalAggregationHead(
+                dim, heads, depth=t.head_depth, mode=t.aggregation, query=t.query, context=t.context
+            )
             self.target_head = _frozen_copy(self.online_head)
         else:
             self.online_head = None
             self.target_head = None
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
-        """Discriminative targets at the target blocks: [B, M, T] -> [M*B, T, D] (block-major)."""
+    def patch_targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Targets of the patches at positions [B, P] (default: every patch) -> [B, P or N, D]."""
         t = self.cfg.target
         h = self.target_encoder(images)  # [B, N, D]
         h = F.layer_norm(h, (h.shape[-1],))
-        batch, n_blocks, n_tgt = target_idx.shape
-        positions = target_idx.reshape(batch, n_blocks * n_tgt)  # [B, M*T]
         if t.aggregation == "none":
-            out = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
-        else:
-            grid = self.grid(images)
-            idx, valid = semantic_neighbours(h, grid, k=t.k, k_size=t.k_size, border=t.border)
-            if self.target_head is not None:
-                out = self.target_head.forward_local(h, idx, valid, positions)
-            else:
-                out = pool_neighbours(h, idx, valid, t.aggregation, positions)  # [B, M*T, D]
+            return h if positions is None else gather_rows(h, positions)
+        idx, valid = semantic_neighbours(h, self.grid(images), k=t.k, k_size=t.k_size, border=t.border)
+        if self.target_head is not None:
+            return self.target_head.forward_local(h, idx, valid, positions)
+        return pool_neighbours(h, idx, valid, t.aggregation, positions)
+
+    def targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """Discriminative targets at the target blocks: [B, M, T] -> [M*B, T, D] (block-major)."""
+        batch, n_blocks, n_tgt = target_idx.shape
+        out = self.patch_targets(images, target_idx.reshape(batch, n_blocks * n_tgt))  # [B, M*T, D]
         out = out.reshape(batch, n_blocks, n_tgt, -1).transpose(0, 1)  # [M, B, T, D]
         return out.reshape(n_blocks * batch, n_tgt, -1)
+
+    @torch.no_grad()
+    def locality(self, images: torch.Tensor) -> dict[str, float]:
+        """`target_locality` of every patch's target in this batch of images [B, 3, H, W]."""
+        return target_locality(self.patch_targets(images))
 
     def context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
         """Context tokens [B, Nc, D], with the online head's global aggregation added."""

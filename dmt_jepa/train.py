@@ -370,6 +370,7 @@ class Trainer:
                     loss = self.ddp(images, context_idx, target_idx) / opt.accumulation
                 loss.backward()
             loss_sum += loss.detach()
+        self.last_images = images
         if self.world.size > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= self.world.size
@@ -437,7 +438,9 @@ class Trainer:
                     elapsed = time.perf_counter() - start_time
                     images_per_s = cfg.optimization.batch_size / max(time.perf_counter() - tic, 1e-9)
                     progress.update(task, completed=self.step, loss=loss, lr=lr, ips=images_per_s)
-                    self._log({
+                    every = cfg.run.locality_every
+                    locality = self.model.locality(self.last_images) if every and self.step % every == 0 and self.world.is_main else {}
+                    self._log(locality | {
                         "step": self.step,
                         "epoch": epoch,
                         "loss": loss,

@@ -119,24 +119,30 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 
 def curves_picture(records: list[dict], *, width: int = 1000, height: int = 400) -> Image.Image:
-    """Loss and learning rate against step, side by side: width x height pixels."""
+    """Loss, learning rate and (when logged) target locality against step, side by side: width x height pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    panels = [("training loss", ("loss",)), ("learning rate", ("lr",))]
+    if any("within_image_share" in r for r in records):
+        panels.append(("target locality", ("within_image_share", "cos_to_image_mean")))
     dpi = 100
-    figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(width / dpi, height / dpi), dpi=dpi)
-    for axis, key in ((loss_axis, "loss"), (lr_axis, "lr")):
-        points = [(r["step"], r[key]) for r in records if "step" in r and key in r]
-        if points:
-            steps, values = zip(*points)
-            axis.plot(steps, values, linewidth=1.2)
+    figure, axes = plt.subplots(1, len(panels), figsize=(width / dpi, height / dpi), dpi=dpi)
+    for axis, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if "step" in r and key in r]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, linewidth=1.2, marker="." if len(keys) > 1 else None, label=key)
         axis.set_xlabel("step")
-        axis.set_ylabel(key)
+        axis.set_ylabel(keys[0] if len(keys) == 1 else "")
+        axis.set_title(title)
         axis.grid(alpha=0.3)
-    loss_axis.set_title("training loss")
-    lr_axis.set_title("learning rate")
+        if len(keys) > 1:
+            axis.set_ylim(0, 1.02)
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.canvas.draw()
     picture = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")

@@ -60,8 +60,9 @@ def test_keep_equals_processing_only_the_kept_patches():
 def test_factory_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown architecture"):
         create_encoder("vit_gigantic")
-    with pytest.raises(ValueError, match="patch size"):
-        create_encoder("vit_tiny", patch_size=8)
+    for bad in (1, 0, 65):
+        with pytest.raises(ValueError, match="patch size"):
+            create_encoder("vit_tiny", patch_size=bad)
 
 
 def test_variants_have_paper_widths():

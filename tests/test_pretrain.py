@@ -86,7 +86,11 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_p
 
 
 def test_checkpoint_holds_every_module_and_a_weights_only_state(shards, tmp_path):
-    result = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")))
+    result = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1", "run.locality_every=2")))
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    with_locality = [r["step"] for r in log if "within_image_share" in r]
+    assert with_locality == [r["step"] for r in log if r["step"] % 2 == 0] and with_locality
+    assert all(0 <= r["within_image_share"] <= 1 and -1 <= r["cos_to_image_mean"] <= 1 for r in log if "within_image_share" in r)
     files = sorted(p.name for p in result.checkpoint.iterdir())
     assert files == ["config.yaml", "context_encoder.safetensors", "online_head.safetensors", "predictor.safetensors",
                      "state.pt", "target_encoder.safetensors", "target_head.safetensors"]
@@ -200,3 +204,25 @@ def test_save_killed_midway_leaves_earlier_checkpoints_usable(shards, tmp_path):
     assert find_checkpoint(tmp_path / "run") == result.checkpoint  # the partial save is never picked
     resumed = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2")), resume=result.run_dir)
     assert resumed.steps == 8 and not stale.exists()
+
+
+def test_patch_size_8_trains_exports_and_matches_onnx(shards, tmp_path):
+    from export.onnx_export import export_onnx
+
+    overrides = tiny_overrides(shards, tmp_path / "p8", "model.patch_size=8", "model.img_size=48", "optimization.epochs=1")
+    result = pretrain(load_config(None, overrides))
+    encoder, info = load_encoder(result.encoder)
+    assert info.patch_size == 8 and info.grid_size == (6, 6)
+    log: list[str] = []
+    (exported,) = export_onnx(result.encoder, tmp_path / "onnx", shapes=[(2, 48, 48), (1, 40, 72)], log=log.append)
+    assert exported.report.ok and sum(line.endswith("ok") for line in log) == 2
+    import onnxruntime as ort
+
+    images = torch.randn(2, 3, 56, 32)
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    patches, pooled = session.run(["patch_embeddings", "pooled"], {"images": images.numpy()})
+    with torch.no_grad():
+        ref_patches, ref_pooled = encoder.eval().dense(images)
+    assert patches.shape == (2, 7, 4, encoder.embed_dim)
+    assert (torch.from_numpy(patches) - ref_patches).abs().max() <= 1e-4
+    assert (torch.from_numpy(pooled) - ref_pooled).abs().max() <= 1e-4

@@ -22,6 +22,9 @@ def test_overrides_are_typed_by_the_dataclass():
         ("optimization.epochs=2.5", "optimization.epochs needs an integer"),
         ("data.crop_scale=[0.3]", "data.crop_scale needs a list of 2 values"),
         ("target.aggregation=sum", "aggregation must be one of"),
+        ("target.query=image", "target.query must be one of self, learned, mean, got 'image'"),
+        ("target.context=both", "target.context must be one of tokens, added"),
+        ("run.locality_every=-1", "run.locality_every must be >= 0"),
         ("optimization.lr", "must look like section.key=value"),
     ],
 )

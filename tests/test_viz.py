@@ -68,7 +68,8 @@ def test_viz_reads_a_sample_of_a_shard(encoder_file, tmp_path) -> None:
 def test_viz_curves_from_a_run_log(tmp_path) -> None:
     with open(tmp_path / "log.jsonl", "w") as f:
         for step in range(1, 21):
-            f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-3 * min(step, 5) / 5}) + "\n")
+            locality = {"within_image_share": 0.5, "cos_to_image_mean": 0.7} if step % 5 == 0 else {}
+            f.write(json.dumps(locality | {"step": step, "loss": 1.0 / step, "lr": 1e-3 * min(step, 5) / 5}) + "\n")
     result = runner.invoke(app, ["viz", "curves", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert _png(tmp_path / "curves.png").size == (1000, 400)

@@ -157,8 +157,8 @@ def create_encoder(
     """Build an encoder by name: vit_nano, vit_tiny, vit_small, vit_base, vit_large or vit_huge."""
     if arch not in VARIANTS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VARIANTS)}")
-    if patch_size not in (14, 16):
-        raise ValueError(f"patch size must be 14 or 16, got {patch_size}")
+    if not 2 <= patch_size <= 64:
+        raise ValueError(f"patch size must be between 2 and 64 pixels (8, 14 and 16 are usual), got {patch_size}")
     v = VARIANTS[arch]
     return VisionTransformer(
         img_size=img_size,
