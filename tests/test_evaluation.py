@@ -143,3 +143,20 @@ def test_unlabelled_or_truncated_shards_are_one_sentence_errors(shards, tmp_path
         read_labelled_shards(str(tmp_path / "cut.tar"))
     with pytest.raises(EvalDataError, match="no shards match"):
         read_labelled_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_perfect_patch_ceiling_by_hand() -> None:
+    from dmt_jepa.evaluation import perfect_patch_miou
+
+    # Labels that follow the 4x4 patch grid: bilinear upsampling keeps every pixel but the inner
+    # corner (7, 7), where class 1 gets weight 0.625^2 < 1/2. IoU(1) = 63/64, IoU(0) = 192/193.
+    aligned = np.zeros((16, 16), dtype=np.uint8)
+    aligned[:8, :8] = 1
+    assert perfect_patch_miou([aligned], (4, 4), num_classes=2) == pytest.approx(100.0 * (63 / 64 + 192 / 193) / 2)
+    # One pixel of class 1 inside a 4x4 patch of background: the patch says "background", so
+    # IoU(0) = 255/256 and IoU(1) = 0.
+    speck = np.zeros((16, 16), dtype=np.uint8)
+    speck[5, 5] = 1
+    assert perfect_patch_miou([speck], (4, 4), num_classes=2) == pytest.approx(100.0 * (255 / 256) / 2)
+    # The same speck at a 16x16 grid (one pixel per patch) is found exactly.
+    assert perfect_patch_miou([speck], (16, 16), num_classes=2) == pytest.approx(100.0)

@@ -1,7 +1,7 @@
 """Frozen-feature evaluations of an encoder: kNN, linear probe and dense linear segmentation."""
 
 from dmt_jepa.evaluation.data import EvalDataError, LabelledSet, read_labelled_shards
-from dmt_jepa.evaluation.dense import dense_miou
+from dmt_jepa.evaluation.dense import dense_miou, perfect_patch_miou
 from dmt_jepa.evaluation.features import Features, extract_features
 from dmt_jepa.evaluation.knn import knn_top1
 from dmt_jepa.evaluation.linear import linear_top1
@@ -14,6 +14,7 @@ __all__ = [
     "Features",
     "LabelledSet",
     "dense_miou",
+    "perfect_patch_miou",
     "evaluate_encoder",
     "evaluate_features",
     "extract_features",

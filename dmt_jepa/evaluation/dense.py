@@ -60,13 +60,15 @@ def dense_miou(
     lr: float = 1e-2,
     batch_size: int = 64,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a linear pixel classifier on frozen patch embeddings; return mIoU (%) and per-class IoU on test."""
     generator = torch.Generator().manual_seed(seed)
     dim = train_patches.shape[-1]
+    train_patches, test_patches = train_patches.to(device), test_patches.to(device)
     mean = train_patches.reshape(-1, dim).mean(0)
     std = train_patches.reshape(-1, dim).std(0).clamp_min(1e-6)  # constant channels stay finite
-    probe = nn.Linear(dim, num_classes)
+    probe = nn.Linear(dim, num_classes).to(device)
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
@@ -74,7 +76,7 @@ def dense_miou(
     for _ in range(epochs):
         for batch in _by_label_size(train_segs, batch_size, generator):
             x = (train_patches[batch] - mean) / std
-            target = torch.stack([labels[i] for i in batch])  # [B, H, W]
+            target = torch.stack([labels[i] for i in batch]).to(device)  # [B, H, W]
             loss = F.cross_entropy(_pixel_logits(probe, x, tuple(target.shape[-2:])), target, ignore_index=IGNORE_INDEX)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,7 +86,7 @@ def dense_miou(
         for batch in _by_label_size(test_segs, batch_size, None):
             x = (test_patches[batch] - mean) / std
             truth = np.stack([test_segs[i] for i in batch])
-            predicted = _pixel_logits(probe, x, truth.shape[-2:]).argmax(1).numpy()
+            predicted = _pixel_logits(probe, x, truth.shape[-2:]).argmax(1).cpu().numpy()
             confusion += confusion_matrix(predicted, truth, num_classes)
     iou = iou_per_class(confusion)
     return {
@@ -92,3 +94,20 @@ def dense_miou(
         "pixel_accuracy": 100.0 * float(np.trace(confusion) / max(confusion.sum(), 1)),
         "iou_per_class": [None if np.isnan(v) else round(100.0 * float(v), 3) for v in iou],
     }
+
+
+def perfect_patch_miou(segs: list[np.ndarray], grid: tuple[int, int], *, num_classes: int) -> float:
+    """mIoU (%) of a perfect per-patch predictor under the probe's scoring: the ceiling at this grid.
+
+    Each patch's logits are the true class fractions of its pixels; they are upsampled bilinearly to
+    the label size like the probe's logits, then scored the same way.
+    """
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for seg in segs:
+        labels = torch.from_numpy(seg.astype(np.int64))
+        valid = (labels != IGNORE_INDEX).float()
+        onehot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(2, 0, 1).float() * valid  # [C, H, W]
+        fractions = F.adaptive_avg_pool2d(onehot[None], grid)  # [1, C, h, w]
+        predicted = F.interpolate(fractions, size=seg.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        confusion += confusion_matrix(predicted.numpy(), seg, num_classes)
+    return 100.0 * float(np.nanmean(iou_per_class(confusion)))
