@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +177,9 @@ def main() -> None:
             ("torch-cuda", "fp32"),
             ("torch-cuda", "bf16"),
             ("torch-cuda", "fp16"),
-            ("onnxruntime-cuda", "fp32"),
         ]
+    if cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():  # the CPU-only wheel has none
+        configs.append(("onnxruntime-cuda", "fp32"))
     fp32 = load_backend(encoder_path, "torch-cuda" if cuda else "torch-cpu").run(batch)[0]
     model_only, runs = [], []
     for backend, precision in configs:
