@@ -22,6 +22,22 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (int(parts[0]), int(parts[-1]))
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    """'3,5,7,11' -> [3, 5, 7, 11]: block indices, 0-based, negative from the end."""
+    if text is None:
+        return None
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a list of block indices; write e.g. 3,5,7,11.") from None
+    if len(set(layers)) != len(layers):
+        raise typer.BadParameter(f"{text!r} names a block twice; list each block once.")
+    return layers
+
+
+LAYERS_HELP = "Also output these blocks (after the final norm), e.g. 3,5,7,11 (0-based; -1 = last)."
+
+
 def embed(
     input: str = typer.Argument(
         ...,
@@ -54,6 +70,7 @@ def embed(
     progress: bool = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
     ),
+    layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy."),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done."""
     from dmt_jepa.encoder_file import EncoderFileError
@@ -78,6 +95,7 @@ def embed(
             world_size=world_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             progress=sys.stderr.isatty() if progress is None else progress,
+            layers=parse_layers(layers),
         )
     except (InputError, BackendError, OutputDirError, EncoderFileError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from cli.embed_cmd import LAYERS_HELP, parse_layers
+
 
 def _fail(err: Exception) -> typer.Exit:
     """One sentence on stderr; exit 1 when a built model failed its check, 2 for anything the user can fix."""
@@ -32,6 +34,7 @@ def export(
         str | None, typer.Option(help="Largest engine input Bx3xHxW [32 at twice the training size].")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 to 20.")] = 18,
+    layers: Annotated[str | None, typer.Option(help=LAYERS_HELP + " Adds outputs layer_<i>.")] = None,
 ) -> None:
     """Export the target encoder to ONNX (and TensorRT); every file is checked against PyTorch before it is kept."""
     from dmt_jepa.encoder_file import EncoderFileError
@@ -41,7 +44,7 @@ def export(
     try:
         export_encoder(
             encoder, out, fp16=fp16, trt=trt, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-            opset=opset, log=typer.echo,
+            opset=opset, layers=parse_layers(layers), log=typer.echo,
         )
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import warnings
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
-from dmt_jepa.models import VisionTransformer
+from dmt_jepa.models import VisionTransformer, resolve_layers
 from export.errors import ExportError, ParityError
 from export.verify import (
     FP16_TOLERANCE,
@@ -37,22 +38,39 @@ SUPPORTED_OPSETS = (18, 19, 20)
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("patch_embeddings", "pooled")
+LAYERS_METADATA = "layers"  # metadata prop: JSON list of the block indices exported as extra outputs
 FP32_FILENAME = "encoder.onnx"
 FP16_FILENAME = "encoder_fp16.onnx"
 TRACE_BATCH = 2  # batch 1 would let the tracer specialise the batch dimension to a constant
 
 
-class DenseEncoder(nn.Module):
-    """The deployed graph: float32 images [B, 3, H, W] -> float32 (patches [B, h, w, D], pooled [B, D])."""
+def layer_output_name(index: int) -> str:
+    """The ONNX output holding block `index` (0-based) after the final norm, [B, h, w, D]."""
+    return f"layer_{index}"
 
-    def __init__(self, encoder: nn.Module, compute_dtype: torch.dtype = torch.float32):
+
+def output_names(layers: Sequence[int] = ()) -> list[str]:
+    """The contract's two outputs, then one per chosen layer in the order given."""
+    return [*OUTPUT_NAMES, *(layer_output_name(i) for i in layers)]
+
+
+def dense_outputs(encoder: VisionTransformer, images: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+    """The graph's outputs in `output_names(layers)` order; without layers exactly `encoder.dense`."""
+    grid, pooled, maps = encoder.dense_with_layers(images, layers)
+    return (grid, pooled, *maps)
+
+
+class DenseEncoder(nn.Module):
+    """The deployed graph: float32 images [B, 3, H, W] -> float32 (patches [B, h, w, D], pooled [B, D], layers...)."""
+
+    def __init__(self, encoder: nn.Module, compute_dtype: torch.dtype = torch.float32, layers: Sequence[int] = ()):
         super().__init__()
         self.encoder = encoder
         self.compute_dtype = compute_dtype
+        self.layers = tuple(layers)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches, pooled = self.encoder.dense(images.to(self.compute_dtype))
-        return patches.float(), pooled.float()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(out.float() for out in dense_outputs(self.encoder, images.to(self.compute_dtype), self.layers))
 
 
 class Float32LayerNorm(nn.Module):
@@ -86,28 +104,33 @@ class OnnxExport:
     report: ParityReport
 
 
-def torch_runner(encoder: VisionTransformer) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The fp32 PyTorch reference as a numpy function."""
+def torch_runner(encoder: VisionTransformer, layers: Sequence[int] = ()) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """The fp32 PyTorch reference as a numpy function, with the outputs `output_names(layers)` names."""
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            patches, pooled = encoder.dense(torch.from_numpy(images))
-        return patches.numpy(), pooled.numpy()
+            outputs = dense_outputs(encoder, torch.from_numpy(images), layers)
+        return tuple(out.numpy() for out in outputs)
 
     return run
 
 
-def onnx_runner(path: str | os.PathLike, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)):
-    """An ONNX Runtime session on `path` as a numpy function."""
+def onnx_runner(
+    path: str | os.PathLike,
+    providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
+    layers: Sequence[int] = (),
+):
+    """An ONNX Runtime session on `path` as a numpy function, returning `output_names(layers)`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns about every fp16 node it runs through fp32 casts on CPU
     session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        patches, pooled = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return patches, pooled
+    names = output_names(layers)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(names, {INPUT_NAME: images}))
 
     return run
 
@@ -120,9 +143,10 @@ def export_graph(
     *,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
+    layers: Sequence[int] = (),
 ) -> None:
     """Trace the dense view of `encoder` with dynamic batch, height and width and save it to `path`."""
-    model = DenseEncoder(half_encoder(encoder), torch.float16) if fp16 else DenseEncoder(encoder)
+    model = DenseEncoder(half_encoder(encoder) if fp16 else encoder, torch.float16 if fp16 else torch.float32, layers)
     example = torch.randn(TRACE_BATCH, 3, *info.img_size)
     with warnings.catch_warnings():
         # The exporter warns about internals (deprecated decompositions, fake-tensor notes) that
@@ -132,7 +156,7 @@ def export_graph(
             model.eval(),
             (example,),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=output_names(layers),
             dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
             opset_version=opset,
             dynamo=True,
@@ -158,11 +182,12 @@ def verify_onnx(
     tolerance: Tolerance,
     *,
     name: str = "ONNX Runtime",
+    layers: Sequence[int] = (),
 ) -> ParityReport:
-    """ONNX Runtime on `path` against the fp32 PyTorch encoder at every shape."""
+    """ONNX Runtime on `path` against the fp32 PyTorch encoder at every shape, on every output."""
     return check_parity(
-        onnx_runner(path),
-        torch_runner(encoder),
+        onnx_runner(path, layers=layers),
+        torch_runner(encoder, layers),
         shapes,
         tolerance,
         candidate_name=name,
@@ -211,12 +236,23 @@ def export_onnx(
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     shapes: Sequence[Shape] | None = None,
+    layers: int | Sequence[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[OnnxExport]:
-    """Export the encoder file to `out_dir/encoder.onnx` (and `encoder_fp16.onnx`), each verified first."""
+    """Export the encoder file to `out_dir/encoder.onnx` (and `encoder_fp16.onnx`), each verified first.
+
+    `layers` (an int: the last n blocks; or block indices) adds one output `layer_<i>` per block,
+    [B, h, w, D] after the final norm, beside the two outputs of the contract.
+    """
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}.")
     encoder, info = load_encoder(encoder_path)
+    try:
+        layers = resolve_layers(info.depth, layers) if layers is not None else []
+    except ValueError as err:
+        raise ExportError(f"--layers: {err}") from err
+    if len(set(layers)) != len(layers):
+        raise ExportError(f"--layers names a block twice ({layers}); list each block once.")
     shapes = list(shapes) if shapes is not None else default_shapes(info)
     for shape in shapes:
         check_multiple_of_patch(shape, info.patch_size, "check shape")
@@ -229,6 +265,8 @@ def export_onnx(
         ) from err
 
     metadata = {**info.to_metadata(), "source_sha256": file_sha256(encoder_path), "opset": str(opset)}
+    if layers:
+        metadata[LAYERS_METADATA] = json.dumps(layers)
     variants = [("fp32", FP32_FILENAME, FP32_TOLERANCE)]
     if fp16:
         variants.append(("fp16", FP16_FILENAME, FP16_TOLERANCE))
@@ -237,10 +275,10 @@ def export_onnx(
 
         def write(path: Path, precision: str = precision) -> None:
             meta = {**metadata, "precision": precision}
-            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset)
+            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset, layers=layers)
 
         def verify(path: Path, precision: str = precision, tolerance: Tolerance = tolerance) -> ParityReport:
-            return verify_onnx(path, encoder, shapes, tolerance, name=f"ONNX Runtime {precision}")
+            return verify_onnx(path, encoder, shapes, tolerance, name=f"ONNX Runtime {precision}", layers=layers)
 
         report = _write_verified(out_dir, filename, write, verify, log)
         results.append(OnnxExport(out_dir / filename, precision, report))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +32,23 @@ def export_encoder(
     opt_shape: str | None = None,
     max_shape: str | None = None,
     opset: int = DEFAULT_OPSET,
+    layers: Sequence[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Export an encoder file to `out_dir`: encoder.onnx, with fp16 encoder_fp16.onnx, with trt encoder.engine."""
+    """Export an encoder file to `out_dir`: encoder.onnx, with fp16 encoder_fp16.onnx, with trt encoder.engine.
+
+    `layers` adds the outputs `layer_<i>` to the ONNX models (docs/export.md).
+    """
     info = read_encoder_info(encoder_path)  # a wrong file fails here, before minutes of work
+    if trt and layers:
+        # The engine, its sidecar and the TensorRT backend bind exactly the contract's two outputs.
+        raise ExportError("--layers applies to the ONNX models only; export the engine without --layers.")
     if not trt and (min_shape or opt_shape or max_shape):
         raise ExportError(
             "--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them."
         )
     if not trt:
-        return ExportResult(export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, log=log))
+        return ExportResult(export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, layers=layers, log=log))
 
     from export.tensorrt_build import build_engine, precision_plan, require_gpu, require_tensorrt
 

@@ -10,8 +10,8 @@ import numpy as np
 from dmt_jepa.encoder_file import EncoderInfo
 from export.errors import ExportError
 
-# images [B, 3, H, W] float32 -> (patch_embeddings [B, h, w, D], pooled [B, D])
-Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# images [B, 3, H, W] float32 -> (patch_embeddings [B, h, w, D], pooled [B, D], extra layers [B, h, w, D]...)
+Runner = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 Shape = tuple[int, int, int]  # (batch, height, width)
 
 # A non-square grid every export is checked on besides the training size (160x288 at patch 16).
@@ -43,12 +43,13 @@ class ParityCheck:
     max_abs_err_pooled: float
     cos_mean: float
     cos_min: float
+    max_abs_err_layers: float | None = None  # worst over the extra layer outputs, where there are any
 
     def failures(self, tol: Tolerance) -> list[str]:
         """The bounds of `tol` this check misses, as short phrases."""
         out = []
         if tol.max_abs_err is not None:
-            worst = max(self.max_abs_err_patches, self.max_abs_err_pooled)
+            worst = max(self.max_abs_err_patches, self.max_abs_err_pooled, self.max_abs_err_layers or 0.0)
             if not worst <= tol.max_abs_err:  # also catches NaN
                 out.append(f"max abs error {worst:.2e} > {tol.max_abs_err:.0e}")
         if tol.cos_mean is not None and not self.cos_mean >= tol.cos_mean:
@@ -60,9 +61,10 @@ class ParityCheck:
     def line(self, tol: Tolerance) -> str:
         failed = self.failures(tol)
         verdict = "ok" if not failed else "FAIL: " + "; ".join(failed)
+        layers = "" if self.max_abs_err_layers is None else f", layers {self.max_abs_err_layers:.2e}"
         return (
             f"batch {self.batch}, {self.height}x{self.width}: max|diff| patches {self.max_abs_err_patches:.2e}, "
-            f"pooled {self.max_abs_err_pooled:.2e}; cosine per patch mean {self.cos_mean:.6f}, "
+            f"pooled {self.max_abs_err_pooled:.2e}{layers}; cosine per patch mean {self.cos_mean:.6f}, "
             f"min {self.cos_min:.6f}  {verdict}"
         )
 
@@ -93,26 +95,31 @@ class ParityReport:
         }
 
 
-def compare(
-    shape: Shape, reference: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray]
-) -> ParityCheck:
-    """Figures of one candidate output against its reference, both (patches, pooled)."""
-    ref_patches, ref_pooled = (np.asarray(a, dtype=np.float64) for a in reference)
-    cand_patches, cand_pooled = (np.asarray(a, dtype=np.float64) for a in candidate)
-    assert ref_patches.shape == cand_patches.shape, (ref_patches.shape, cand_patches.shape)
-    assert ref_pooled.shape == cand_pooled.shape, (ref_pooled.shape, cand_pooled.shape)
-    ref = ref_patches.reshape(-1, ref_patches.shape[-1])  # [B*h*w, D]
-    cand = cand_patches.reshape(-1, cand_patches.shape[-1])
+def compare(shape: Shape, reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...]) -> ParityCheck:
+    """Figures of one candidate against its reference, both (patches, pooled, extra layers...).
+
+    The cosine figures cover every grid output (the patches and each extra layer).
+    """
+    assert len(reference) == len(candidate), (len(reference), len(candidate))
+    ref_all = [np.asarray(a, dtype=np.float64) for a in reference]
+    cand_all = [np.asarray(a, dtype=np.float64) for a in candidate]
+    for ref_out, cand_out in zip(ref_all, cand_all):
+        assert ref_out.shape == cand_out.shape, (ref_out.shape, cand_out.shape)
+    errors = [float(np.abs(r - c).max()) for r, c in zip(ref_all, cand_all)]
+    grids = [0, *range(2, len(ref_all))]
+    ref = np.concatenate([ref_all[i].reshape(-1, ref_all[i].shape[-1]) for i in grids])  # [outputs*B*h*w, D]
+    cand = np.concatenate([cand_all[i].reshape(-1, cand_all[i].shape[-1]) for i in grids])
     denom = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
-    cos = (ref * cand).sum(axis=1) / denom  # [B*h*w]
+    cos = (ref * cand).sum(axis=1) / denom
     return ParityCheck(
         batch=shape[0],
         height=shape[1],
         width=shape[2],
-        max_abs_err_patches=float(np.abs(ref_patches - cand_patches).max()),
-        max_abs_err_pooled=float(np.abs(ref_pooled - cand_pooled).max()),
+        max_abs_err_patches=errors[0],
+        max_abs_err_pooled=errors[1],
         cos_mean=float(cos.mean()),
         cos_min=float(cos.min()),
+        max_abs_err_layers=max(errors[2:]) if len(errors) > 2 else None,
     )
 
 

@@ -68,6 +68,6 @@ def embed_images(
     embeddings: list[np.ndarray] = []
     for start in range(0, len(inputs), batch_size):
         batch = np.stack(inputs[start : start + batch_size])  # uint8 [B, H, W, 3]
-        grid, _ = checked_run(runner, batch)[0] if start == 0 else runner.run_pixels(batch)
+        grid = (checked_run(runner, batch)[0] if start == 0 else runner.run_pixels(batch))[0]
         embeddings.extend(grid)
     return embeddings

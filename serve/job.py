@@ -170,10 +170,15 @@ class _Writer(threading.Thread):
 
 
 def _write_batch(
-    out: ShardOutput, keys: list[str], records: list[dict], grid: np.ndarray, pooled: np.ndarray | None
+    out: ShardOutput,
+    keys: list[str],
+    records: list[dict],
+    grid: np.ndarray,
+    pooled: np.ndarray | None,
+    layers: dict[int, np.ndarray],
 ) -> None:
     for i, key in enumerate(keys):
-        out.add(key, grid[i], records[i], None if pooled is None else pooled[i])
+        out.add(key, grid[i], records[i], None if pooled is None else pooled[i], {k: v[i] for k, v in layers.items()})
 
 
 class _Progress:
@@ -236,17 +241,19 @@ def embed_shards(
     world_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> JobSummary:
     """Embed every shard of INPUT assigned to this rank into OUT_DIR; finished shards are skipped.
 
-    `model` is a model file, or a Backend already built (then `backend` and `precision` are its own).
+    `model` is a model file, or a Backend already built (then `backend`, `precision` and `layers`
+    are its own). `layers` also writes those blocks per sample (KEY.layer_<i>.npy).
     `workers` decode processes (None: half the CPUs, at least one; 0: decode in a thread).
     """
     assert batch_size >= 1
     shards = resolve_inputs(inputs)
     rank, world_size = resolve_rank(rank, world_size)
     mine = partition(shards, rank, world_size)
-    runner = model if isinstance(model, Backend) else load_backend(model, backend, precision)
+    runner = model if isinstance(model, Backend) else load_backend(model, backend, precision, layers)
     prep = preprocess_for(runner, size, resize, max_pixels)
     out = prepare_out_dir(Path(out_dir), shards)
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
@@ -281,6 +288,8 @@ def _run(
     writer = _Writer(depth=4)
     outputs: dict[int, ShardOutput] = {}
     shard_info = {"input_size": list(prep.size), "resize": prep.resize, "pooled": pooled, **runner.describe()}
+    if runner.layers:
+        shard_info["layers"] = list(runner.layers)
     bar = _Progress(progress, len(pending))
     batch: list[tuple[str, np.ndarray, dict]] = []
 
@@ -291,12 +300,15 @@ def _run(
         pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
         if summary.embedded == 0:
             check_start = time.perf_counter()
-            (grid, pool_vec), summary.worst_patch_cosine = checked_run(runner, pixels)
+            (grid, pool_vec, *maps), summary.worst_patch_cosine = checked_run(runner, pixels)
             if summary.worst_patch_cosine is not None:
                 summary.check_seconds = time.perf_counter() - check_start
         else:
-            grid, pool_vec = runner.run_pixels(pixels)  # [B, h, w, D], [B, D]
-        writer.submit(partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None))
+            grid, pool_vec, *maps = runner.run_pixels(pixels)  # [B, h, w, D], [B, D], [B, h, w, D] per layer
+        layer_maps = dict(zip(runner.layers, maps, strict=True))
+        writer.submit(
+            partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None, layer_maps)
+        )
         summary.embedded += len(keys)
         batch.clear()
         bar.images(summary.embedded)

@@ -242,11 +242,21 @@ class ShardOutput:
             self._tar = tarfile.open(self.partial, "w", format=tarfile.PAX_FORMAT)
         self._tar.addfile(_deterministic_info(name, len(data)), io.BytesIO(data))
 
-    def add(self, key: str, embedding: np.ndarray, record: dict, pooled: np.ndarray | None = None) -> None:
-        """One embedded sample: emb.npy float16 [h, w, D], json, and pooled.npy float16 [D] if asked."""
+    def add(
+        self,
+        key: str,
+        embedding: np.ndarray,
+        record: dict,
+        pooled: np.ndarray | None = None,
+        layers: dict[int, np.ndarray] | None = None,
+    ) -> None:
+        """One embedded sample: emb.npy float16 [h, w, D], json, pooled.npy float16 [D] and
+        layer_<i>.npy float16 [h, w, D] if asked."""
         self._member(f"{key}.emb.npy", npy_bytes(embedding.astype(np.float16)))
         if pooled is not None:
             self._member(f"{key}.pooled.npy", npy_bytes(pooled.astype(np.float16)))
+        for index, grid in (layers or {}).items():
+            self._member(f"{key}.layer_{index}.npy", npy_bytes(grid.astype(np.float16)))
         self._member(f"{key}.json", json.dumps(record, sort_keys=True).encode())
         self.embedded += 1
 

@@ -22,7 +22,7 @@ from dmt_jepa.encoder_file import EncoderFileError, file_sha256, info_from_encod
 from dmt_jepa.models import VisionTransformer, create_encoder
 from export.errors import ExportError
 from export.onnx_export import export_onnx, verify_onnx
-from export.verify import FP32_TOLERANCE
+from export.verify import FP32_TOLERANCE, check_parity
 
 
 def _encoder_file(directory: Path, encoder: VisionTransformer, arch: str) -> Path:
@@ -233,3 +233,44 @@ def test_info_reads_encoder_and_onnx(tiny, tmp_path):
     assert described["metadata"]["precision"] == "fp16"
     assert described["metadata"]["source_sha256"] == file_sha256(tiny.path)
     assert described["inputs"] == {"images": "float32 ['batch', 3, 'height', 'width']"}
+
+
+def test_layers_are_extra_outputs_each_checked(tmp_path):
+    torch.manual_seed(3)
+    encoder = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2).eval()
+    path = _encoder_file(tmp_path, encoder, "custom")
+    result = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "out"), "--layers=0,-2"])
+    assert result.exit_code == 0, result.output
+    assert "layers" in result.output  # the parity lines carry the layer outputs' error
+    onnx_path = tmp_path / "out" / "encoder.onnx"
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["patch_embeddings", "pooled", "layer_0", "layer_1"]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["layers"]) == [0, 1]
+    images = torch.randn(2, 3, 48, 80)
+    outputs = session.run(names, {"images": images.numpy()})
+    with torch.no_grad():
+        grid, pooled = encoder.dense(images)
+        layers = encoder.intermediate_layers(images, [0, 1]).maps
+    for got, expected in zip(outputs, [grid, pooled, *layers]):
+        assert got.shape == tuple(expected.shape)
+        assert np.abs(got - expected.numpy()).max() <= 1e-4
+    # A candidate wrong on one layer output only fails the check.
+    reference = onnx_export.torch_runner(encoder, [0, 1])
+    candidate = onnx_export.onnx_runner(onnx_path, layers=[0, 1])
+
+    def wrong_layer(x):
+        patches, pooled, first, second = candidate(x)
+        return patches, pooled, first, second + 1e-3
+
+    shapes = [(1, 64, 64)]
+    assert check_parity(candidate, reference, shapes, FP32_TOLERANCE, candidate_name="c", reference_name="r").ok
+    report = check_parity(wrong_layer, reference, shapes, FP32_TOLERANCE, candidate_name="c", reference_name="r")
+    assert not report.ok and report.checks[0].max_abs_err_layers > 1e-4
+
+
+def test_layers_are_refused_for_engines_and_out_of_range(tiny, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(tmp_path / "a"), "--layers", "5"])
+    assert result.exit_code == 2 and "within 0 to 1" in result.output
+    result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(tmp_path / "b"), "--trt", "--layers", "1"])
+    assert result.exit_code == 2 and "ONNX models only" in result.output

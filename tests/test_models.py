@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dmt_jepa.models import Predictor, create_encoder, sincos_2d
+from dmt_jepa.models import Predictor, VisionTransformer, create_encoder, sincos_2d
 
 
 def test_sincos_matches_hand_formula():
@@ -84,3 +84,58 @@ def test_predictor_block_major_order_and_shapes():
         for b in range(3):
             single = pred(ctx[b : b + 1], ctx_idx[b : b + 1], tgt_idx[b : b + 1, m : m + 1], (6, 6))
             torch.testing.assert_close(out[m * 3 + b], single[0], rtol=1e-5, atol=1e-5)
+
+
+def _hand_run(enc, x):
+    """Every block's output [B, N, D], computed without the encoder's own loop."""
+    tokens = enc.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, N, D], conv then row-major flatten
+    h, w = x.shape[-2] // enc.patch_size, x.shape[-1] // enc.patch_size
+    tokens = tokens + sincos_2d(h, w, enc.embed_dim)
+    outputs = []
+    for block in enc.blocks:
+        tokens = block(tokens)
+        outputs.append(tokens)
+    return outputs, h, w
+
+
+def test_intermediate_layers_equal_a_hand_run_of_the_blocks():
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    x = torch.randn(2, 3, 48, 80)  # non-square, not the training size
+    with torch.no_grad():
+        outputs, h, w = _hand_run(enc, x)
+        raw = enc.intermediate_layers(x, [0, 2, -1], norm=False)
+        normed = enc.intermediate_layers(x, [0, 2, -1])
+        grid, pooled = enc.dense(x)
+    for got_raw, got_normed, index in zip(raw.maps, normed.maps, [0, 2, 3]):
+        expected = outputs[index].reshape(2, h, w, 32)
+        torch.testing.assert_close(got_raw, expected)
+        torch.testing.assert_close(got_normed, enc.norm(expected))
+    # The normed last layer is the deployed grid, and the pooled vector is the deployed one.
+    torch.testing.assert_close(normed.maps[-1], grid)
+    torch.testing.assert_close(normed.pooled, pooled)
+    torch.testing.assert_close(raw.pooled, pooled)
+
+
+def test_intermediate_layers_last_n_and_layouts_agree():
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        last_two = enc.intermediate_layers(x, 2)
+        explicit = enc.intermediate_layers(x, [2, 3])
+        nchw = enc.intermediate_layers(x, [2, 3], output_fmt="NCHW")
+    for a, b, c in zip(last_two.maps, explicit.maps, nchw.maps):
+        assert a.shape == (1, 4, 6, 32) and c.shape == (1, 32, 4, 6)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(c, a.permute(0, 3, 1, 2))
+
+
+def test_intermediate_layers_reject_bad_choices():
+    enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+    x = torch.randn(1, 3, 32, 32)
+    for layers in (0, 5, [4], [-5], []):
+        with pytest.raises(ValueError, match="layer"):
+            enc.intermediate_layers(x, layers)
+    with pytest.raises(ValueError, match="format"):
+        enc.intermediate_layers(x, 1, output_fmt="NWHC")

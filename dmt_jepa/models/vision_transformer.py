@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,33 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
     for layer_id, block in enumerate(blocks, start=1):
         block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
         block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+
+
+OUTPUT_FORMATS = ("NHWC", "NCHW")
+
+
+class LayerFeatures(NamedTuple):
+    """Chosen layers as maps and the deployed pooled vector (mean of the last layer's normed tokens)."""
+
+    maps: list[torch.Tensor]  # one per chosen layer, [B, h, w, D] (NHWC) or [B, D, h, w] (NCHW)
+    pooled: torch.Tensor  # [B, D]
+
+
+def resolve_layers(depth: int, layers: int | Sequence[int]) -> list[int]:
+    """Block indices from "the last n" (an int) or explicit indices (negative count from the end).
+
+    The conventions of timm's `forward_intermediates(indices=...)` and DINOv2's
+    `get_intermediate_layers(n=...)`; a user's wrong choice raises ValueError with the valid range.
+    """
+    if isinstance(layers, int):
+        if not 0 < layers <= depth:
+            raise ValueError(f"cannot take the last {layers} layers of a {depth}-block encoder; choose 1 to {depth}.")
+        return list(range(depth - layers, depth))
+    chosen = [i + depth if i < 0 else i for i in layers]
+    bad = [i for i, c in zip(layers, chosen) if not 0 <= c < depth]
+    if bad or not chosen:
+        raise ValueError(f"layer indices {list(layers)} are not all within 0 to {depth - 1} (or -{depth} to -1).")
+    return chosen
 
 
 class VisionTransformer(nn.Module):
@@ -136,6 +165,51 @@ class VisionTransformer(nn.Module):
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         tokens = self.forward(images)  # [B, h*w, D]
         return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]), tokens.mean(dim=1)
+
+    def intermediate_layers(
+        self,
+        images: torch.Tensor,
+        layers: int | Sequence[int] = 1,
+        *,
+        norm: bool = True,
+        output_fmt: str = "NHWC",
+    ) -> LayerFeatures:
+        """Outputs of chosen blocks as maps, for dense heads (UperNet, ViTDet, DPT); and the pooled vector.
+
+        `layers`: an int n takes the last n blocks, a sequence takes those block indices (0-based,
+        negative from the end), in the order given. `norm` applies the final LayerNorm to each
+        (DINOv2 and timm do the same by default); the last block with `norm` is `dense`'s grid.
+        Separate from `forward` so that training pays for none of this.
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_fmt!r}")
+        chosen = resolve_layers(len(self.blocks), layers)
+        x, h, w = self.embed(images)  # [B, N, D]
+        taken: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in chosen:
+                taken[index] = x
+        last = self.norm(x)
+        maps = []
+        for index in chosen:
+            tokens = self.norm(taken[index]) if norm else taken[index]
+            grid = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])  # [B, h, w, D]
+            maps.append(grid.permute(0, 3, 1, 2) if output_fmt == "NCHW" else grid)
+        return LayerFeatures(maps, last.mean(dim=1))
+
+    def dense_with_layers(
+        self, images: torch.Tensor, layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """`dense` plus chosen blocks after the final norm, NHWC: (grid, pooled, [[B, h, w, D] per layer]).
+
+        What the ONNX export and the embedding job write when asked for layers; with none it is `dense`.
+        """
+        if not layers:
+            grid, pooled = self.dense(images)
+            return grid, pooled, []
+        features = self.intermediate_layers(images, [*layers, -1])
+        return features.maps[-1], features.pooled, features.maps[:-1]
 
     def last_layer_attention(self, images: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the last block, [B, heads, N, N] (for visualisation)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dmt_jepa.encoder_file import EncoderFileError, file_sha256
@@ -80,8 +80,13 @@ def _select_gpu() -> None:
     torch.cuda.set_device(local_gpu() % torch.cuda.device_count())
 
 
-def load_backend(model: str | os.PathLike, backend: str = "auto", precision: str | None = None) -> Backend:
-    """Build the backend for a model file; `precision` None means the model's own (fp32 unless built otherwise)."""
+def load_backend(
+    model: str | os.PathLike, backend: str = "auto", precision: str | None = None, layers: Sequence[int] | None = None
+) -> Backend:
+    """Build the backend for a model file; `precision` None means the model's own (fp32 unless built otherwise).
+
+    `layers` (block indices) makes `run` return those blocks too; an ONNX model must have been exported with them.
+    """
     path = Path(model)
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
@@ -95,17 +100,21 @@ def load_backend(model: str | os.PathLike, backend: str = "auto", precision: str
             f"{KIND_WORDS[next(k for k, names in KIND_BACKENDS.items() if name in names)]}. "
             "Use `dmtjepa export` to convert, or --backend auto."
         )
+    if layers and kind == "engine":
+        raise BackendError("TensorRT engines output the grid and pooled vector only; use the ONNX model for --layers.")
     if name != "torch-cpu" and name != "onnxruntime-cpu" and _cuda_available():
         _select_gpu()
     try:
         if kind == "encoder":
             from serve.backends.torch_backend import TorchBackend
 
-            built: Backend = TorchBackend.from_file(path, device=name.split("-")[1], precision=precision or "fp32")
+            built: Backend = TorchBackend.from_file(
+                path, device=name.split("-")[1], precision=precision or "fp32", layers=layers
+            )
         elif kind == "onnx":
             from serve.backends.onnx_backend import OnnxRuntimeBackend
 
-            built = OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision)
+            built = OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision, layers=layers)
         else:
             from serve.backends.tensorrt_backend import TensorRTBackend
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderInfo
+from dmt_jepa.models import resolve_layers
 from serve.images import normalise
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -26,12 +28,14 @@ class Backend(ABC):
     info: EncoderInfo
     model_path: Path
     model_sha256: str = ""
+    layers: tuple[int, ...] = ()  # blocks output besides the grid, absolute indices
 
     @abstractmethod
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, 3, H, W] -> float32 patch embeddings [B, H/p, W/p, D] and pooled [B, D]."""
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """float32 [B, 3, H, W] -> float32 patch embeddings [B, H/p, W/p, D], pooled [B, D], then
+        one [B, H/p, W/p, D] per entry of `layers` (after the final norm)."""
 
-    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         """uint8 [B, H, W, 3] -> the same outputs as `run`, normalising with the model's pixel mean/std."""
         return self.run(normalise(pixels, self.info.pixel_mean, self.info.pixel_std))
 
@@ -54,13 +58,23 @@ class Backend(ABC):
         }
 
 
+def backend_layers(info: EncoderInfo, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """Absolute block indices of a `--layers` choice, or BackendError saying the valid range."""
+    if not layers:
+        return ()
+    try:
+        return tuple(resolve_layers(info.depth, layers))
+    except ValueError as err:
+        raise BackendError(f"--layers: {err}") from err
+
+
 def patch_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity per patch of two [..., D] arrays."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-def checked_run(backend: Backend, pixels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None]:
+def checked_run(backend: Backend, pixels: np.ndarray) -> tuple[tuple[np.ndarray, ...], float | None]:
     """Run a uint8 batch and compare it with fp32; returns the outputs and the worst patch cosine (None: no check)."""
     outputs = backend.run_pixels(pixels)
     reference = backend.reference()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
-from serve.backends.base import Backend, BackendError
+from serve.backends.base import Backend, BackendError, backend_layers
 
 INPUT = "images"
 OUTPUTS = ["patch_embeddings", "pooled"]
@@ -66,7 +67,7 @@ def _quantized(path: Path) -> bytes:
 class OnnxRuntimeBackend(Backend):
     """An ONNX model in the project's contract: input `images`, outputs `patch_embeddings` and `pooled`."""
 
-    def __init__(self, path: Path, *, device: str, precision: str | None):
+    def __init__(self, path: Path, *, device: str, precision: str | None, layers: Sequence[int] | None = None):
         self.name, self.device, self.model_path = f"onnxruntime-{device}", device, path
         if device == "cuda":
             import onnxruntime as ort
@@ -78,6 +79,14 @@ class OnnxRuntimeBackend(Backend):
                 )
         self.session = _session(path, device)
         self.info = self._read_contract(self.session, path)
+        self.layers = backend_layers(self.info, layers)
+        exported = {o.name for o in self.session.get_outputs()}
+        missing = [i for i in self.layers if f"layer_{i}" not in exported]
+        if missing:
+            raise BackendError(
+                f"{path} has no output for layers {missing}; export it with `dmtjepa export --layers` naming them."
+            )
+        self._outputs = OUTPUTS + [f"layer_{i}" for i in self.layers]
         stored = _stored_precision(path, self.session.get_modelmeta().custom_metadata_map)
         allowed = {stored} | ({"int8"} if device == "cpu" and stored == "fp32" else set())
         precision = precision or stored
@@ -106,11 +115,11 @@ class OnnxRuntimeBackend(Backend):
         except EncoderFileError as err:
             raise BackendError(f"{err} Export the ONNX model with `dmtjepa export`.") from err
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        grid, pooled = self.session.run(OUTPUTS, {INPUT: images.astype(self._input_dtype, copy=False)})
-        return grid.astype(np.float32, copy=False), pooled.astype(np.float32, copy=False)
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        outputs = self.session.run(self._outputs, {INPUT: images.astype(self._input_dtype, copy=False)})
+        return tuple(out.astype(np.float32, copy=False) for out in outputs)
 
     def reference(self) -> Backend | None:
         if self.precision == self._stored:
             return None  # the file's own precision is what it was verified in at export
-        return OnnxRuntimeBackend(self.model_path, device=self.device, precision=self._stored)
+        return OnnxRuntimeBackend(self.model_path, device=self.device, precision=self._stored, layers=self.layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from dmt_jepa.encoder_file import EncoderInfo, load_encoder
 from dmt_jepa.models import VisionTransformer
-from serve.backends.base import Backend, BackendError
+from serve.backends.base import Backend, BackendError, backend_layers
 
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,35 +38,47 @@ def normalise_on_device(pixels: np.ndarray, info: EncoderInfo, device: str) -> t
 class TorchBackend(Backend):
     """The encoder in eval mode; bf16/fp16 through autocast, so LayerNorm and softmax stay in fp32."""
 
-    def __init__(self, encoder: VisionTransformer, info: EncoderInfo, *, device: str, precision: str, model_path: Path):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        info: EncoderInfo,
+        *,
+        device: str,
+        precision: str,
+        model_path: Path,
+        layers: Sequence[int] | None = None,
+    ):
         _check(device, precision)
+        self.layers = backend_layers(info, layers)
         self.encoder = encoder.to(device).eval()
         self.info, self.device, self.precision, self.model_path = info, device, precision, model_path
         self.name = f"torch-{device}"
 
     @classmethod
-    def from_file(cls, path: Path, *, device: str, precision: str) -> TorchBackend:
+    def from_file(cls, path: Path, *, device: str, precision: str, layers: Sequence[int] | None = None) -> TorchBackend:
         _check(device, precision)
         encoder, info = load_encoder(path, device)
-        return cls(encoder, info, device=device, precision=precision, model_path=path)
+        return cls(encoder, info, device=device, precision=precision, model_path=path, layers=layers)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def _dense(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _dense(self, x: torch.Tensor) -> tuple[np.ndarray, ...]:
         with torch.inference_mode(), self._autocast():
-            grid, pooled = self.encoder.dense(x)  # [B, h, w, D], [B, D]
-        return grid.float().cpu().numpy(), pooled.float().cpu().numpy()
+            grid, pooled, maps = self.encoder.dense_with_layers(x, self.layers)  # [B, h, w, D], [B, D], ...
+        return tuple(out.float().cpu().numpy() for out in (grid, pooled, *maps))
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         return self._dense(torch.from_numpy(images).to(self.device, non_blocking=True))  # [B, 3, H, W]
 
-    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         return self._dense(normalise_on_device(pixels, self.info, self.device))
 
     def reference(self) -> Backend | None:
         if self.precision == "fp32":
             return None
-        return TorchBackend(self.encoder, self.info, device=self.device, precision="fp32", model_path=self.model_path)
+        return TorchBackend(
+            self.encoder, self.info, device=self.device, precision="fp32", model_path=self.model_path, layers=self.layers
+        )
