@@ -1,4 +1,4 @@
-"""`dmtjepa eval knn|linear|dense|all`: frozen-feature evaluations of an encoder file on labelled shards."""
+"""`dmtjepa eval knn|linear|dense|all|detect`: evaluations of an encoder file on labelled shards."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
     from rich.table import Table
 
     from dmt_jepa.encoder_file import EncoderFileError
-    from dmt_jepa.evaluation import EvalDataError, EvalOptions, evaluate_encoder
+    from dmt_jepa.evaluation import DetectOptions, EvalDataError, EvalOptions, evaluate_detection, evaluate_encoder
     from dmt_jepa.evaluation.run import result_rows
 
     if (train is None or test is None) and data is None:
@@ -32,7 +32,10 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
     train = train or str(data / "train-*.tar")
     test = test or str(data / "test-*.tar")
     try:
-        result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
+        if tasks == ("detect",):
+            result = evaluate_detection(encoder, train, test, DetectOptions(**options))
+        else:
+            result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
     except (EncoderFileError, EvalDataError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
@@ -88,6 +91,33 @@ def dense(
 ) -> None:
     """Linear segmentation: a linear classifier on frozen patch embeddings, logits upsampled, mIoU."""
     _run(("dense",), encoder, data, train, test, dense_epochs=epochs, dense_lr=lr, seed=seed, image_size=image_size, batch_size=batch_size)
+
+
+@app.command()
+def detect(
+    encoder: Path = ENCODER,
+    data: Path = DATA,
+    train: str = TRAIN,
+    test: str = TEST,
+    epochs: int = typer.Option(6, "--epochs", help="Passes over the training images."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (cosine decay to 0)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per training step."),
+    out_channels: int = typer.Option(64, "--channels", help="Width of the feature pyramid."),
+    layers: str = typer.Option(
+        None, "--layers", help="One block per pyramid level, e.g. 2,5,8,11 (default: every level from the last block)."
+    ),
+    finetune: bool = typer.Option(False, "--finetune", help="Train the encoder too (default: frozen)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the heads' initialisation and the data order."),
+    image_size: int = SIZE,
+) -> None:
+    """Faster R-CNN on the encoder's simple feature pyramid (boxes.json); COCO box AP, AP50, AP75 on test."""
+    from cli.embed_cmd import parse_layers
+
+    chosen = parse_layers(layers)
+    _run(
+        ("detect",), encoder, data, train, test, epochs=epochs, lr=lr, batch_size=batch_size, out_channels=out_channels,
+        layers=tuple(chosen) if chosen else None, finetune=finetune, seed=seed, image_size=image_size,
+    )
 
 
 @app.command("all")

@@ -4,7 +4,9 @@ Each scene is a crop of a real photo (scikit-learn's and scikit-image's bundled 
 to three of scikit-learn's handwritten digits (8x8 scans, 1797 samples) scaled up, tinted and
 pasted on it. Per pixel the label is 0 for background and 1 + d where digit d is visible
 (its upscaled ink is at least half of full strength); the image label is the class of the
-dominant digit, the one that covers the most labelled pixels (ties go to the lower class).
+dominant digit, the one that covers the most labelled pixels (ties go to the lower class); and
+for detection, one box per placed digit that stays visible: the extent of its own labelled pixels
+after later digits are pasted over it, class = the digit.
 Train and test scenes draw from disjoint photos and disjoint digit samples.
 """
 
@@ -14,7 +16,7 @@ import colorsys
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,12 +64,13 @@ class Placement:
 
 @dataclass
 class Scene:
-    """An RGB image with its image label and per-pixel label map."""
+    """An RGB image with its image label, per-pixel label map and one box per visible digit."""
 
     image: np.ndarray  # [H, W, 3] uint8
     label: int  # class of the dominant digit
     seg: np.ndarray  # [H, W] uint8, 0 = background, 1 + d = digit d
     sources: dict  # the photo and digit samples it was built from
+    boxes: list[dict] = field(default_factory=list)  # {"box": [x0, y0, x1, y1] pixel edges, "digit": d}
 
 
 def _load_photo(name: str) -> np.ndarray:
@@ -113,9 +116,10 @@ def compose(background: np.ndarray, placements: list[Placement]) -> Scene:
     """Paste digits on a background in order (later ones on top) and derive both labels."""
     image = background.astype(np.float32)
     seg = np.zeros(background.shape[:2], dtype=np.uint8)
+    owner = np.full(background.shape[:2], -1, dtype=np.int64)  # which placement labels each pixel
     ink_all, classes = digits()
     height, width = seg.shape
-    for p in placements:
+    for index, p in enumerate(placements):
         # Bilinear upscaling of the 8x8 scan gives a soft ink mask of the requested size.
         ink = np.asarray(Image.fromarray(ink_all[p.sample]).resize((p.size, p.size), Image.BILINEAR))
         # Faint ink (the scans' grey fringe) is dropped and strong ink made opaque, so that no
@@ -129,10 +133,17 @@ def compose(background: np.ndarray, placements: list[Placement]) -> Scene:
         region = image[top:bottom, left:right]
         region[:] = alpha * np.asarray(p.color, np.float32) + (1.0 - alpha) * region
         seg[top:bottom, left:right][alpha[:, :, 0] >= 0.5] = 1 + classes[p.sample]
+        owner[top:bottom, left:right][alpha[:, :, 0] >= 0.5] = index
     counts = np.bincount(seg.ravel(), minlength=NUM_SEG_CLASSES)[1:]
     label = int(np.argmax(counts))  # argmax returns the lowest class among ties
     sources = {"digits": [p.sample for p in placements]}
-    return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), label, seg, sources)
+    boxes = []
+    for index, p in enumerate(placements):
+        rows, cols = np.nonzero(owner == index)
+        if len(rows):  # a digit wholly covered by later ones, or outside the scene, has no box
+            box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+            boxes.append({"box": box, "digit": int(classes[p.sample])})
+    return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), label, seg, sources, boxes)
 
 
 def _crop_background(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -207,6 +218,7 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: i
                         "png": _png(scene.image),
                         "cls": str(scene.label).encode(),
                         "seg.png": _png(scene.seg),
+                        "boxes.json": json.dumps(scene.boxes).encode(),
                     }
                 )
         os.replace(partial, path)

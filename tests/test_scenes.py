@@ -116,14 +116,14 @@ def test_write_scene_shards_round_trip(tmp_path) -> None:
     assert json.loads((tmp_path / "s" / "scenes.json").read_text()) == summary
     with tarfile.open(tmp_path / "s" / "train-000001.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    assert sorted(members) == ["train-0000002.cls", "train-0000002.png", "train-0000002.seg.png",
-                               "train-0000003.cls", "train-0000003.png", "train-0000003.seg.png"]
+    assert sorted(members) == [f"train-000000{i}.{ext}" for i in (2, 3) for ext in ("boxes.json", "cls", "png", "seg.png")]
     expected = make_scene("train", 3, seed=1, image_size=32)
     image = np.asarray(Image.open(io.BytesIO(members["train-0000003.png"])))
     seg = np.asarray(Image.open(io.BytesIO(members["train-0000003.seg.png"])))
     assert image.shape == (32, 32, 3) and seg.dtype == np.uint8
     assert np.array_equal(image, expected.image) and np.array_equal(seg, expected.seg)
     assert int(members["train-0000003.cls"]) == expected.label
+    assert json.loads(members["train-0000003.boxes.json"]) == expected.boxes and expected.boxes
 
 
 def test_refuses_to_write_over_existing_shards(tmp_path) -> None:
@@ -145,3 +145,40 @@ def test_cli_writes_shards_and_reports_bad_requests(tmp_path) -> None:
     assert (tmp_path / "out" / "test-000000.tar").exists()
     result = runner.invoke(app, ["data", "scenes", str(tmp_path / "bad"), "--train", "0", "--test", "0"])
     assert result.exit_code != 0 and "at least one scene" in result.output
+
+
+def test_one_box_per_visible_digit_from_its_own_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = _solid_digit(monkeypatch, np.ones((8, 8), np.float32), label=4)
+    background = np.zeros((20, 20, 3), np.uint8)
+    scene = compose(
+        background,
+        [
+            Placement(sample, top=2, left=2, size=8, color=(255, 0, 0)),  # rows/cols 2..9, right part covered
+            Placement(sample, top=4, left=6, size=8, color=(0, 255, 0)),  # rows 4..11, cols 6..13
+            Placement(sample, top=5, left=7, size=2, color=(0, 0, 255)),  # wholly inside the next one
+            Placement(sample, top=4, left=6, size=4, color=(0, 0, 255)),  # covers the previous one entirely
+            Placement(sample, top=16, left=17, size=8, color=(9, 9, 9)),  # clipped by the scene's corner
+        ],
+    )
+    assert scene.boxes == [
+        {"box": [2, 2, 10, 10], "digit": 4},  # its top rows still span columns 2..9
+        {"box": [6, 4, 14, 12], "digit": 4},  # the later small square sits inside it
+        {"box": [6, 4, 10, 8], "digit": 4},
+        {"box": [17, 16, 20, 20], "digit": 4},
+    ]
+
+
+def test_generated_boxes_cover_exactly_the_labelled_pixels() -> None:
+    for index in range(20):
+        scene = make_scene("test", index, image_size=64)
+        covered = np.zeros_like(scene.seg, dtype=bool)
+        for record in scene.boxes:
+            x0, y0, x1, y1 = record["box"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            inside = scene.seg[y0:y1, x0:x1]
+            assert (inside == 1 + record["digit"]).any()  # the box holds pixels of its class
+            # each edge of the box touches a pixel of that class (the box is tight)
+            mask = inside == 1 + record["digit"]
+            assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
+            covered[y0:y1, x0:x1] = True
+        assert not (scene.seg[~covered]).any()  # every labelled pixel is in some box

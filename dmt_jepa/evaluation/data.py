@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,14 @@ class EvalDataError(ValueError):
 
 @dataclass
 class LabelledSet:
-    """Images with an image label each and, where the shards have them, per-pixel labels."""
+    """Images with an image label each and, where the shards have them, per-pixel labels and boxes."""
 
     keys: list[str]
     images: list[np.ndarray]  # each [H, W, 3] uint8
     labels: np.ndarray  # [N] int64
     segs: list[np.ndarray] | None  # each [H, W] uint8, or None when any sample lacks seg.png
+    # per image [{"box": [x0, y0, x1, y1], "digit": class}], or None when any sample lacks boxes.json
+    boxes: list[list[dict]] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -77,8 +80,8 @@ def _samples(shard: Path):
 
 
 def read_labelled_shards(pattern: str) -> LabelledSet:
-    """Read every sample of the matching shards: an image, its `cls` label and, if present, `seg.png`."""
-    keys, images, labels, segs = [], [], [], []
+    """Read every sample of the matching shards: an image, its `cls` label and, if present, `seg.png` and `boxes.json`."""
+    keys, images, labels, segs, boxes = [], [], [], [], []
     for shard in resolve_shards(pattern):
         for key, fields in _samples(shard):
             what = f"sample {key} of {shard}"
@@ -94,8 +97,25 @@ def read_labelled_shards(pattern: str) -> LabelledSet:
             segs.append(_decode(fields["seg.png"], "L", what) if "seg.png" in fields else None)
             if segs[-1] is not None and segs[-1].shape != images[-1].shape[:2]:
                 raise EvalDataError(f"{what} has a seg.png of another size than its image; fix the shard.")
+            boxes.append(_boxes(fields["boxes.json"], what) if "boxes.json" in fields else None)
     has_segs = all(s is not None for s in segs)
-    return LabelledSet(keys, images, np.asarray(labels, dtype=np.int64), segs if has_segs else None)
+    has_boxes = all(b is not None for b in boxes)
+    return LabelledSet(
+        keys, images, np.asarray(labels, dtype=np.int64), segs if has_segs else None, boxes if has_boxes else None
+    )
+
+
+def _boxes(data: bytes, what: str) -> list[dict]:
+    """A boxes.json member: a list of {"box": [x0, y0, x1, y1], "digit": class} with x0 < x1, y0 < y1."""
+    try:
+        boxes = json.loads(data)
+        for record in boxes:
+            x0, y0, x1, y1 = (float(v) for v in record["box"])
+            if not (x0 < x1 and y0 < y1) or int(record["digit"]) < 0:
+                raise ValueError(f"empty box or negative class in {record}")
+    except (ValueError, TypeError, KeyError) as err:
+        raise EvalDataError(f"{what} has a boxes.json that is not a list of boxes ({err}); fix the shard.") from err
+    return boxes
 
 
 def image_from_shard(shard: str | Path, index: int) -> np.ndarray:

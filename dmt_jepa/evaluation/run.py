@@ -1,4 +1,4 @@
-"""Evaluate an encoder file on labelled shards: kNN, linear probe and dense linear segmentation."""
+"""Evaluate an encoder file on labelled shards: kNN, linear probe, dense linear segmentation, detection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from dmt_jepa.evaluation.data import IGNORE_INDEX, EvalDataError, LabelledSet, read_labelled_shards
 from dmt_jepa.evaluation.dense import dense_miou
+from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_box_ap, predict, train_detector
 from dmt_jepa.evaluation.features import Features, extract_features
 from dmt_jepa.evaluation.knn import knn_top1
 from dmt_jepa.evaluation.linear import linear_top1
@@ -113,6 +114,46 @@ def evaluate_encoder(
     }
 
 
+def evaluate_detection(
+    encoder_path: str | os.PathLike, train_shards: str, test_shards: str, options: DetectOptions | None = None
+) -> dict:
+    """Train Faster R-CNN on the encoder's pyramid with the train shards' boxes; COCO box AP on the test shards."""
+    from dmt_jepa.encoder_file import load_encoder
+
+    options = options or DetectOptions()
+    start = time.perf_counter()
+    torch.manual_seed(options.seed)  # the pyramid and heads start from the same weights every run
+    encoder, info = load_encoder(encoder_path)
+    train, test = read_labelled_shards(train_shards), read_labelled_shards(test_shards)
+    if train.boxes is None or test.boxes is None:
+        raise EvalDataError(
+            "detection needs a boxes.json in every sample of both train and test shards; "
+            "write scenes with this version of `dmtjepa data scenes`."
+        )
+    digits = [b["digit"] for data in (train, test) for boxes in data.boxes for b in boxes]
+    if not digits:
+        raise EvalDataError("the shards hold no boxes at all; detection needs labelled objects.")
+    num_classes = max(digits) + 1
+    size = options.image_size or info.img_size[0]
+    try:
+        model = build_detector(encoder, info, num_classes, options)
+    except ValueError as err:
+        raise EvalDataError(f"cannot build the detector ({err}).") from err
+    losses = train_detector(model, train.images, train.boxes, options, size)
+    predictions = predict(model, test.images, size)
+    scores = coco_box_ap(test.boxes, predictions, [image.shape[:2] for image in test.images], num_classes)
+    return {
+        "encoder": str(encoder_path),
+        "arch": info.arch,
+        "train": len(train),
+        "test": len(test),
+        "image_size": [size, size],
+        "detect": {**scores, "final_loss": losses[-1], "steps": len(losses)},
+        "options": asdict(options),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def result_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) pairs for a readable table."""
     rows = [("encoder", result["encoder"]), ("train / test samples", f"{result['train']} / {result['test']}")]
@@ -123,5 +164,9 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
     if "dense" in result:
         rows.append(("dense mIoU", f"{result['dense']['miou']:.2f} %"))
         rows.append(("dense pixel accuracy", f"{result['dense']['pixel_accuracy']:.2f} %"))
+    if "detect" in result:
+        rows.append(("detection box AP", f"{result['detect']['ap']:.2f}"))
+        rows.append(("detection box AP50", f"{result['detect']['ap50']:.2f}"))
+        rows.append(("detection box AP75", f"{result['detect']['ap75']:.2f}"))
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     return rows
