@@ -87,6 +87,9 @@ def convert(
     which: str = typer.Option("target_encoder", help="Which state dict to convert: target_encoder or encoder."),
     arch: Optional[str] = typer.Option(None, help="Architecture name; default: inferred from the width."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    license: str = typer.Option(
+        "cc-by-nc-4.0", "--license", help="Licence of the weights, recorded in the file (the public I-JEPA weights': CC-BY-NC 4.0)."
+    ),
 ) -> None:
     """Convert a public I-JEPA / DMT-JEPA checkpoint into an encoder file that export and serve take."""
     from dmt_jepa.convert import ConvertError, convert_checkpoint
@@ -94,10 +97,13 @@ def convert(
     if out.exists() and not force:
         _fail(ValueError(f"{out} already exists; pass --force to overwrite it or choose another path."))
     try:
-        info = convert_checkpoint(checkpoint, out, which=which, arch=arch)
+        info = convert_checkpoint(checkpoint, out, which=which, arch=arch, license=license)
     except ConvertError as err:
         _fail(err)
-    typer.echo(f"wrote {out}: {info.arch}/{info.patch_size}, {info.embed_dim} wide, trained at {info.img_size[0]}x{info.img_size[1]}")
+    typer.echo(
+        f"wrote {out}: {info.arch}/{info.patch_size}, {info.embed_dim} wide, trained at {info.img_size[0]}x{info.img_size[1]}, "
+        f"licence {license}"
+    )
 
 
 data_app.command("pack")(pack)

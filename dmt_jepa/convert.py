@@ -21,6 +21,15 @@ from dmt_jepa.encoder_file import EncoderInfo, info_from_encoder, save_encoder
 from dmt_jepa.models import VARIANTS, VisionTransformer, sincos_2d
 
 
+# The public I-JEPA weights are released under CC-BY-NC 4.0; converted weights keep their terms, and
+# the provenance carries them on into every export and the model card.
+PUBLIC_LICENSE = "cc-by-nc-4.0"
+PUBLIC_LICENSE_NOTE = (
+    "the public I-JEPA weights are released under CC-BY-NC 4.0 (attribution, non-commercial use only); "
+    "weights converted from them keep that licence"
+)
+
+
 class ConvertError(ValueError):
     """A checkpoint that cannot be converted; the message is one sentence for the user."""
 
@@ -93,9 +102,17 @@ def encoder_from_public(state: dict, *, arch: str | None = None, source: str = "
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, out: str | os.PathLike, *, which: str = "target_encoder", arch: str | None = None
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    which: str = "target_encoder",
+    arch: str | None = None,
+    license: str = PUBLIC_LICENSE,
 ) -> EncoderInfo:
-    """Read a public `.pth.tar` (weights_only) and write its `which` encoder as our encoder file."""
+    """Read a public `.pth.tar` (weights_only) and write its `which` encoder as our encoder file.
+
+    `license` (an SPDX-style id) is recorded in the provenance; the default is the public weights'.
+    """
     src = Path(src)
     if not src.is_file():
         raise ConvertError(f"checkpoint {src} does not exist.")
@@ -108,6 +125,9 @@ def convert_checkpoint(
         keys = ", ".join(sorted(map(str, checkpoint))) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConvertError(f"{src} has no {which!r} state dict (it holds: {keys}); pick one with --which.")
     encoder, arch = encoder_from_public(checkpoint[which], arch=arch, source=f"{src} [{which}]")
-    info = info_from_encoder(encoder, arch, provenance={"source": "dmtjepa convert", "checkpoint": src.name, "state_dict": which})
+    provenance = {"source": "dmtjepa convert", "checkpoint": src.name, "state_dict": which, "license": license}
+    if license == PUBLIC_LICENSE:
+        provenance["license_note"] = PUBLIC_LICENSE_NOTE
+    info = info_from_encoder(encoder, arch, provenance=provenance)
     save_encoder(out, encoder, info)
     return info

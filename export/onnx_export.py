@@ -195,6 +195,17 @@ def verify_onnx(
     )
 
 
+def fresh_scratch(out_dir: Path, name: str) -> Path:
+    """An empty hidden folder `out_dir/.NAME.partial` to write into before a check decides what is kept."""
+    scratch = out_dir / f".{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir(parents=True)
+    except OSError as err:
+        raise ExportError(f"cannot write into {out_dir} ({err.strerror}); choose a writable --out.") from err
+    return scratch
+
+
 def _write_verified(
     out_dir: Path,
     filename: str,
@@ -203,12 +214,7 @@ def _write_verified(
     log: Callable[[str], None],
 ) -> ParityReport:
     """Write into a scratch folder, check, and only then move into `out_dir` (an older file survives a failure)."""
-    scratch = out_dir / f".{filename}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        scratch.mkdir(parents=True)
-    except OSError as err:
-        raise ExportError(f"cannot write into {out_dir} ({err.strerror}); choose a writable --out.") from err
+    scratch = fresh_scratch(out_dir, filename)
     try:
         write(scratch / filename)
         full_check(scratch / filename)
