@@ -33,7 +33,7 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
     test = test or str(data / "test-*.tar")
     try:
         if tasks == ("detect",):
-            result = evaluate_detection(encoder, train, test, DetectOptions(**options))
+            result = evaluate_detection(encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True))
         else:
             result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
     except (EncoderFileError, EvalDataError) as error:

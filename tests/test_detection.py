@@ -118,7 +118,8 @@ def test_eval_detect_command_end_to_end(tmp_path):
     args = ["eval", "detect", str(path), str(tmp_path / "data"), "--epochs", "1", "--batch-size", "8", "--channels", "16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output.splitlines()[0])
+    record = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert "detector epoch 1/1: mean loss" in result.output
     assert record["detect"]["steps"] == 2 and np.isfinite(record["detect"]["final_loss"])
     assert 0.0 <= record["detect"]["ap"] <= record["detect"]["ap50"] <= 100.0
     assert record["options"]["finetune"] is False and "detection box AP" in result.output

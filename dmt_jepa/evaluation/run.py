@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -115,7 +116,11 @@ def evaluate_encoder(
 
 
 def evaluate_detection(
-    encoder_path: str | os.PathLike, train_shards: str, test_shards: str, options: DetectOptions | None = None
+    encoder_path: str | os.PathLike,
+    train_shards: str,
+    test_shards: str,
+    options: DetectOptions | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train Faster R-CNN on the encoder's pyramid with the train shards' boxes; COCO box AP on the test shards."""
     from dmt_jepa.encoder_file import load_encoder
@@ -139,7 +144,7 @@ def evaluate_detection(
         model = build_detector(encoder, info, num_classes, options)
     except ValueError as err:
         raise EvalDataError(f"cannot build the detector ({err}).") from err
-    losses = train_detector(model, train.images, train.boxes, options, size)
+    losses = train_detector(model, train.images, train.boxes, options, size, log)
     predictions = predict(model, test.images, size)
     scores = coco_box_ap(test.boxes, predictions, [image.shape[:2] for image in test.images], num_classes)
     return {
