@@ -134,3 +134,31 @@ def test_eval_detect_refuses_shards_without_boxes(tmp_path):
     write_shard(tmp_path / "d" / "test-0.tar", photo_samples("b", 2))
     result = CliRunner().invoke(app, ["eval", "detect", str(path), str(tmp_path / "d")])
     assert result.exit_code == 2 and "boxes.json" in result.output
+
+
+def test_mask_rcnn_takes_the_backbone_as_it_is():
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    backbone = EncoderBackbone(_encoder(depth=2), out_channels=16)
+    sizes = tuple((int(4 * s),) for s in backbone.strides)
+    model = MaskRCNN(
+        backbone,
+        num_classes=11,
+        min_size=64,
+        max_size=64,
+        rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
+    )
+    scenes = [make_scene("train", i, image_size=64) for i in range(2)]
+    inputs, targets = detection_batch([s.image for s in scenes], [s.boxes for s in scenes], size=64)
+    for scene, target in zip(scenes, targets):
+        masks = []
+        for record in scene.boxes:  # the digit's own pixels inside its box: an instance mask
+            x0, y0, x1, y1 = record["box"]
+            mask = np.zeros_like(scene.seg)
+            mask[y0:y1, x0:x1] = scene.seg[y0:y1, x0:x1] == 1 + record["digit"]
+            masks.append(mask)
+        target["masks"] = torch.from_numpy(np.stack(masks)).to(torch.uint8)
+    model.train()
+    losses = model(inputs, targets)
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
