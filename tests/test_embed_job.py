@@ -25,6 +25,7 @@ from embed_helpers import (
 from PIL import Image
 from typer.testing import CliRunner
 
+import dmt_jepa
 from cli.main import app
 from dmt_jepa.encoder_file import file_sha256
 from serve import embed_shards
@@ -177,6 +178,7 @@ def slow_add(self, *args, **kwargs):
     time.sleep(0.05)
     add(self, *args, **kwargs)
 ShardOutput.add = slow_add
+import dmt_jepa
 from cli.main import app
 app(sys.argv[1:])
 """
@@ -282,3 +284,59 @@ def test_a_decoder_crash_costs_only_its_own_image(tmp_path, encoder_file, monkey
     assert summary.embedded == 7 and [f["key"] for f in record["failures"]] == ["boom"]
     assert "crashed the decoder" in record["failures"][0]["reason"]
     assert list(read_output(tmp_path / "out" / "s.tar")) == [key for key, _ in samples if key != "boom"]
+
+
+def test_rerun_with_other_settings_refuses_naming_the_difference(tmp_path, encoder_file):
+    for s in range(4):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 2, seed=s))
+    other_model = write_encoder_file(tmp_path / "other.safetensors", seed=1)
+    embed_shards(str(tmp_path / "in" / "s{0..1}.tar"), tmp_path / "out", encoder_file, workers=0)
+    first = snapshot(tmp_path / "out")
+    for extra, words in [
+        (["--model", str(other_model)], "model_sha256"),
+        (["--model", str(encoder_file), "--size", "128"], "input_size"),
+        (["--model", str(encoder_file), "--resize", "pad"], "resize"),
+        (["--model", str(encoder_file), "--pooled"], "pooled"),
+    ]:
+        result = CliRunner().invoke(app, ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), *extra])
+        assert result.exit_code == 2, result.output
+        assert words in result.stderr and "--overwrite" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot(tmp_path / "out") == first  # nothing written, nothing mixed in
+    args = ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), "--model", str(other_model)]
+    result = CliRunner().invoke(app, [*args, "--overwrite", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", other_model, workers=0)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "clean")
+
+
+def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    clean = snapshot(tmp_path / "out")
+    record = json.loads(clean["s0.json"])
+    assert record["identity"] == {
+        "model_sha256": file_sha256(encoder_file),
+        "input_size": [64, 64],
+        "resize": "crop",
+        "pooled": False,
+        "precision": "fp32",
+        "backend": "torch",
+        "version": dmt_jepa.__version__,
+    }
+    (tmp_path / "out" / "s0.tar").unlink()  # NAME.json alone is not a done shard
+    again = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    assert again.skipped == [] and again.completed == ["s0"] and snapshot(tmp_path / "out") == clean
+
+
+def test_a_missing_shard_is_reported_and_done_once_it_appears(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    (tmp_path / "list.txt").write_text("in/s0.tar\nin/late.tar\n")
+    args = ["embed", str(tmp_path / "list.txt"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3 and "late" in result.stderr and "not done" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.json", "s0.tar"]
+    write_shard(tmp_path / "in" / "late.tar", photo_samples("l", 2, seed=5))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "1 shards embedded, 1 already done" in result.output
+    assert json.loads((tmp_path / "out" / "late.json").read_text())["embedded"] == 2
