@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -340,3 +341,38 @@ def test_a_missing_shard_is_reported_and_done_once_it_appears(tmp_path, encoder_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "1 shards embedded, 1 already done" in result.output
     assert json.loads((tmp_path / "out" / "late.json").read_text())["embedded"] == 2
+
+
+def test_hostile_member_names_stay_inside_an_extraction_and_keep_their_key(tmp_path, encoder_file):
+    image = image_bytes(70, 70, "PNG", seed=4)
+    write_shard(tmp_path / "in" / "evil.tar", [("../../x", {"png": image}), ("/abs/path", {"png": image})])
+    summary = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    assert summary.embedded == 2
+    target = tmp_path / "deep" / "extract"
+    target.mkdir(parents=True)
+    with tarfile.open(tmp_path / "out" / "evil.tar") as tar:
+        names = tar.getnames()
+        # what an extractall without a filter (Python < 3.14's default) would write to: inside, every one
+        assert all(target in Path(os.path.realpath(os.path.join(target, n))).parents for n in names), names
+        tar.extractall(target, filter="data")  # raises, writing nothing, for a name that leaves `target`
+    written = {p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".npy")}
+    assert len(written) == 2 and all(target in p.parents for p in written), sorted(map(str, written))
+    assert names[0] == "%2E%2E/%2E%2E/x.emb.npy" and names[2] == "%2Fabs/path.emb.npy"
+    record = json.loads((target / "%2Fabs" / "path.json").read_text())
+    assert record["key"] == "/abs/path"
+
+
+def test_a_malformed_pax_header_cuts_its_shard_and_the_job_goes_on(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("a", 2))
+    image = image_bytes(70, 70)
+    info = tarfile.TarInfo("b.png")
+    info.size, info.pax_headers = len(image), {"size": "abc"}
+    with tarfile.open(tmp_path / "in" / "s1.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(image))
+    write_shard(tmp_path / "in" / "s2.tar", photo_samples("c", 2, seed=2))
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "s1.json").read_text())["cut"]
+    assert json.loads((tmp_path / "out" / "s2.json").read_text())["embedded"] == 2
