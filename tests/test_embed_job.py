@@ -4,10 +4,13 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +379,67 @@ def test_a_malformed_pax_header_cuts_its_shard_and_the_job_goes_on(tmp_path, enc
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "s1.json").read_text())["cut"]
     assert json.loads((tmp_path / "out" / "s2.json").read_text())["embedded"] == 2
+
+
+def long_thin_png(width: int, height: int) -> bytes:
+    """A grayscale PNG of zeros written chunk by chunk: 1,000,000 x 16 is about 20 KB."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = zlib.compress(bytes(height * (1 + width)), 9)  # filter byte 0, then the row's pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+# Peak RSS of one embedding process, in its own interpreter: after a warm-up job on a small image
+# (torch, the model, the pipeline), then after a job on the given shard; decoding in the process.
+PEAK_RSS = """
+import json, resource, sys
+from serve import embed_shards
+embed_shards(sys.argv[1], sys.argv[3], sys.argv[4], workers=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+summary = embed_shards(sys.argv[2], sys.argv[3], sys.argv[4], workers=0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_kib": before, "after_kib": after, "embedded": summary.embedded}))
+"""
+HUGE_IMAGE_RSS_BOUND_MIB = 200  # docs/embed.md: what one 16 M-pixel image may add to the job's peak
+
+
+def test_peak_memory_of_an_extreme_aspect_ratio_stays_bounded(tmp_path, encoder_file):
+    png = long_thin_png(1_000_000, 16)
+    assert len(png) < 40_000
+    write_shard(tmp_path / "small" / "a.tar", [("small", {"png": image_bytes(70, 70)})])
+    write_shard(tmp_path / "huge" / "b.tar", [("thin", {"png": png})])
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(tmp_path / "small"), str(tmp_path / "huge"), str(tmp_path / "out"), str(encoder_file)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rss["embedded"] == 1
+    assert (rss["after_kib"] - rss["before_kib"]) / 1024 < HUGE_IMAGE_RSS_BOUND_MIB, rss
+
+
+def test_queued_bytes_are_bounded_and_one_image_over_the_budget_still_passes(tmp_path, encoder_file):
+    from serve.job import _ByteBudget
+
+    budget, stop, peak = _ByteBudget(1000), threading.Event(), []
+    budget.acquire(600, stop)
+    waiter = threading.Thread(target=lambda: (budget.acquire(600, stop), peak.append(budget.used)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and budget.used == 600  # 1200 would exceed the budget: it waits
+    budget.release(600)
+    waiter.join(timeout=5)
+    assert peak == [600]
+    budget.release(600)
+    budget.acquire(5000, stop)  # alone in the queue: larger than the budget, yet it passes
+    assert budget.used == 5000
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 6))
+    embed_shards(str(tmp_path / "in"), tmp_path / "tight", encoder_file, workers=1, max_queued_bytes=1)
+    embed_shards(str(tmp_path / "in"), tmp_path / "loose", encoder_file, workers=1)
+    assert snapshot(tmp_path / "tight") == snapshot(tmp_path / "loose")
