@@ -443,3 +443,53 @@ def test_queued_bytes_are_bounded_and_one_image_over_the_budget_still_passes(tmp
     embed_shards(str(tmp_path / "in"), tmp_path / "tight", encoder_file, workers=1, max_queued_bytes=1)
     embed_shards(str(tmp_path / "in"), tmp_path / "loose", encoder_file, workers=1)
     assert snapshot(tmp_path / "tight") == snapshot(tmp_path / "loose")
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG, as they would on a full disk."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_failure_is_one_sentence_removes_partials_and_marks_nothing_done(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("a", 2))
+    write_shard(tmp_path / "in" / "s1.tar", photo_samples("b", 16, seed=1))
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, workers=0)
+    clean = snapshot(tmp_path / "clean")
+    assert len(clean["s0.tar"]) < 20_000 < len(clean["s1.tar"])
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(20_000),
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: writing into OUT_DIR") and len(result.stderr.strip().splitlines()) == 1
+    assert "File too large" in result.stderr
+    assert snapshot(out) == {"s0.json": clean["s0.json"], "s0.tar": clean["s0.tar"]}  # nothing aside, s1 not done
+    embed_shards(str(tmp_path / "in"), out, encoder_file, workers=0)
+    assert snapshot(out) == clean
+
+
+def test_name_json_is_the_same_bytes_on_every_run(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "bad.tar", bad_samples())
+    for name in ("one", "two"):
+        subprocess.run(
+            [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(tmp_path / name), "--model", str(encoder_file)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    one = (tmp_path / "one" / "bad.json").read_bytes()
+    assert one == (tmp_path / "two" / "bad.json").read_bytes() and b" at 0x" not in one
