@@ -345,7 +345,7 @@ def embed_shards(
         check_identity(out, shards, identity)
     prepare_out_dir(out, shards)
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
-    summary.notices += getattr(runner, "notices", [])
+    summary.notices += runner.notices
     summary.skipped = [s.name for s in mine if is_done(out, s.name, identity)]
     pending = [s for s in mine if s.name not in set(summary.skipped)]
     start = time.perf_counter()
