@@ -6,7 +6,9 @@ thread refreshes their modification times every lease / 4 seconds: the heartbeat
 that sees a claim unchanged for a whole lease, timed on its own monotonic clock (so that the
 clocks of different machines never need to agree), takes it over: holding OUT/.NAME.claim.takeover,
 itself created exclusively, it checks the claim is still the one it watched and replaces it with
-its own. The claim is removed once the shard is committed, or given back when it is not.
+its own. A claim whose holder ran on the same machine and no longer exists is taken over at once,
+so that a rerun after a crash does not wait a lease. The claim is removed once the shard is
+committed, or given back when it is not.
 """
 
 from __future__ import annotations
@@ -60,11 +62,28 @@ class Claims:
     def _content(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}).encode()
 
-    def _owner_of(self, name: str) -> str | None:
+    def _holder(self, name: str) -> dict:
         try:
-            return json.loads(self._path(name).read_bytes()).get("owner")
-        except (OSError, ValueError, AttributeError):
-            return None
+            holder = json.loads(self._path(name).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _owner_of(self, name: str) -> str | None:
+        return self._holder(name).get("owner")
+
+    def _holder_is_gone(self, name: str) -> bool:
+        """The holder ran on this machine and its process no longer exists: no need to wait a lease."""
+        holder = self._holder(name)
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # exists, owned by another user
+            return False
+        return False
 
     def try_claim(self, name: str) -> bool:
         """Claim shard NAME if nobody holds it, or if its holder stopped beating for a lease."""
@@ -79,12 +98,15 @@ class Claims:
             self.held.add(name)
         return True
 
-    def _stale(self, path: Path) -> tuple[int, int, int] | None:
-        """The claim's signature if it has not changed for a lease since this process first saw it."""
+    def _stale(self, path: Path, name: str | None = None) -> tuple[int, int, int] | None:
+        """The claim's signature if it has not changed for a lease since this process first saw it,
+        or at once if its holder was a process of this machine that is gone (killed, crashed)."""
         signature, now = _signature(path), time.monotonic()
         if signature is None:
             self._watched.pop(path, None)
             return None
+        if name is not None and self._holder_is_gone(name):
+            return signature
         seen = self._watched.get(path)
         if seen is None or seen[0] != signature:
             self._watched[path] = (signature, now)
@@ -92,7 +114,7 @@ class Claims:
         return signature if now - seen[1] >= self.lease else None
 
     def _take_over_if_stale(self, path: Path, name: str) -> bool:
-        signature = self._stale(path)
+        signature = self._stale(path, name)
         if signature is None:
             return False
         lock = path.with_name(path.name + ".takeover")

@@ -45,26 +45,50 @@ def test_two_processes_on_one_out_dir_equal_one_run(tmp_path, encoder_file):
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "one")
 
 
-def test_a_killed_workers_claim_is_taken_over_after_the_lease(tmp_path, encoder_file):
+def start_mid_shard(tmp_path, encoder_file, lease: float) -> tuple[subprocess.Popen, list[str], dict]:
+    """A worker (writer slowed down) stopped at nothing yet: returned once it holds a claim and writes aside."""
     for s in range(3):
         write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 8, seed=s))
     embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, workers=0, batch_size=4)
-    out, lease = tmp_path / "out", 2.0
+    out = tmp_path / "out"
     args = [str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0", "--batch-size", "4"]
-    first = embed_process(*args, "--lease", str(lease), slow=True)
-    try:
-        wait_for(lambda: out.is_dir() and any(p.name.endswith(".partial") for p in out.iterdir()))
-        first.send_signal(signal.SIGKILL)
-    finally:
-        first.communicate(timeout=30)
-    held = [p.name for p in out.iterdir() if p.name.endswith(".claim")]
-    assert held, "the killed process held no claim"
+    args += ["--lease", str(lease)]
+    worker = embed_process(*args, slow=True)
+    wait_for(lambda: out.is_dir() and any(p.name.endswith(".partial") for p in out.iterdir()))
+    return worker, args, snapshot(tmp_path / "clean")
+
+
+def test_a_sigkilled_workers_claim_is_taken_over(tmp_path, encoder_file):
+    lease = 120.0  # longer than the whole test: the takeover must come from seeing the holder gone
+    first, args, clean = start_mid_shard(tmp_path, encoder_file, lease)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    assert any(p.name.endswith(".claim") for p in (tmp_path / "out").iterdir()), "the killed worker held no claim"
     started = time.monotonic()
-    second = embed_process(*args, "--lease", str(lease))
-    stdout, stderr = second.communicate(timeout=300)
+    second = embed_process(*args)
+    _, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr
-    assert time.monotonic() - started >= lease  # it waited for the lease before taking over
-    assert snapshot(out) == snapshot(tmp_path / "clean")  # no claim, no file aside left
+    assert time.monotonic() - started < lease
+    assert snapshot(tmp_path / "out") == clean  # no claim, no file aside left
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_is_taken_over_after_the_lease_and_then_steps_aside(tmp_path, encoder_file):
+    lease = 2.0
+    first, args, clean = start_mid_shard(tmp_path, encoder_file, lease)
+    first.send_signal(signal.SIGSTOP)  # alive, holding its claim, but no longer beating
+    try:
+        started = time.monotonic()
+        second = embed_process(*args)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 0, stderr
+        assert time.monotonic() - started >= lease
+        assert snapshot(tmp_path / "out") == clean
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=120)  # it finds its claim gone and drops its work
+    assert first.returncode == 0, stderr
+    assert snapshot(tmp_path / "out") == clean
 
 
 def test_a_live_claim_is_not_taken_and_a_stale_one_is(tmp_path):
