@@ -26,6 +26,7 @@ class Backend(ABC):
     info: EncoderInfo
     model_path: Path
     model_sha256: str = ""
+    notices: tuple[str, ...] = ()  # one line each for the user (a precision that was changed, and why)
 
     @abstractmethod
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
