@@ -74,7 +74,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     control_seeds: list[int] = field(default_factory=lambda: [0, 1])
     arms: list[str] = field(default_factory=lambda: ["i-jepa", DEFAULT_ARM])
-    controls: list[str] = field(default_factory=lambda: ["dmt-jepa-learned", "dmt-jepa-mean", "mean-pool", "random"])
+    controls: list[str] = field(default_factory=lambda: ["dmt-jepa-mean", "mean-pool", "random"])
     steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
@@ -101,9 +101,10 @@ class StudyConfig:
     device: str = "cpu"
 
     def jobs(self) -> list[tuple[str, int]]:
-        """(arm, seed) pairs, seed by seed (a cut run holds whole pairs), untrained arms last (they are quick)."""
-        pairs = [(a, s) for a in self.arms for s in self.seeds] + [(a, s) for a in self.controls for s in self.control_seeds]
-        return sorted(dict.fromkeys(pairs), key=lambda pair: (ARMS[pair[0]] is None, pair[1]))
+        """(arm, seed) pairs: main arms seed by seed (a cut run holds whole pairs), then trained controls, then untrained."""
+        main = sorted(((a, s) for a in self.arms for s in self.seeds), key=lambda pair: pair[1])
+        controls = sorted(((a, s) for a in self.controls for s in self.control_seeds), key=lambda pair: (ARMS[pair[0]] is None, pair[1]))
+        return list(dict.fromkeys(main + controls))
 
 
 def method_config(cfg: StudyConfig, arm: str) -> MethodConfig:

@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -21,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dmt_jepa.config import MaskConfig, MethodConfig, ModelConfig, TargetConfig
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.objective import DMTJEPA, autocast_dtype_for, train_step
+from dmt_jepa.precision import effective_precision
 
 # Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -71,6 +73,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     dtype = autocast_dtype_for(device, args.precision)
+    if args.precision == "bf16" and dtype is None:
+        print(f"note: {effective_precision('bf16', device.type, False)[1]}", file=sys.stderr)
+        args.precision = "fp32"  # what was measured
     grid = (args.img_size // args.patch_size, args.img_size // args.patch_size)
     sampler = MultiBlockMaskSampler(grid, MaskConfig(num_targets=args.num_targets))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)

@@ -70,45 +70,65 @@ def embed(
     progress: bool = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo shards OUT_DIR holds from other settings (default: refuse such a run)."
+    ),
+    lease: float = typer.Option(
+        60.0, min=0.1, help="Seconds after which a shard claimed by a process that stopped is taken over."
+    ),
     layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy."),
 ) -> None:
-    """Embed every image of the input shards; reruns skip shards already done."""
+    """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
     from serve.backends import BackendError
     from serve.images import DEFAULT_MAX_PIXELS
     from serve.inputs import InputError
-    from serve.job import OutputDirError, embed_shards
+    from serve.job import EmbedOptions, OutputDirError, OutputWriteError, embed_shards
 
+    options = EmbedOptions(
+        backend=backend,
+        precision=precision,
+        size=parse_size(size),
+        resize=resize,
+        batch_size=batch_size,
+        workers=workers,
+        pooled=pooled,
+        rank=rank,
+        world_size=world_size,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        overwrite=overwrite,
+        layers=tuple(chosen) if (chosen := parse_layers(layers)) else None,
+        lease_seconds=lease,
+    )
     try:
-        summary = embed_shards(
-            input,
-            out_dir,
-            model,
-            backend=backend,
-            precision=precision,
-            size=parse_size(size),
-            resize=resize,
-            batch_size=batch_size,
-            workers=workers,
-            pooled=pooled,
-            rank=rank,
-            world_size=world_size,
-            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-            progress=sys.stderr.isatty() if progress is None else progress,
-            layers=parse_layers(layers),
-        )
+        summary = embed_shards(input, out_dir, model, options)
     except (InputError, BackendError, OutputDirError, EncoderFileError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    done = len(summary.shards) - len(summary.skipped)
+    except OutputWriteError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    for notice in summary.notices:
+        typer.echo(f"note: {notice}", err=True)
     check = (
         ""
         if summary.worst_patch_cosine is None
         else f"; {summary.precision} vs fp32 worst patch cosine {summary.worst_patch_cosine:.4f}"
     )
+    others = f", {summary.by_others} by other processes" if summary.by_others else ""
     typer.echo(
-        f"rank {summary.rank}/{summary.world_size}: {done} shards embedded, {len(summary.skipped)} already done; "
+        f"rank {summary.rank}/{summary.world_size}: {len(summary.completed)} shards embedded, "
+        f"{len(summary.skipped)} already done{others}; "
         f"{summary.embedded} images embedded, {summary.failed} failed (reasons in NAME.json), "
         f"{len(summary.cut_shards)} shards cut off; {summary.images_per_second:.1f} images/s on "
         f"{summary.backend} {summary.precision}{check}; outputs in {out_dir}"
     )
+    if summary.missing:
+        name, reason = next(iter(summary.missing.items()))
+        typer.echo(
+            f"error: {len(summary.missing)} shards could not be read and are not done (first: {name}: {reason}); "
+            "rerun the same command once they are readable.",
+            err=True,
+        )
+        raise typer.Exit(3)

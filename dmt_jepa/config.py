@@ -265,7 +265,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optimization.lr=5e-4.")
         dotted, raw = item.split("=", 1)
         _set_dotted(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return _build(TrainConfig, tree, "")
+    return validate_config(_build(TrainConfig, tree, ""))
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -294,3 +294,60 @@ def builtin_config_path(name: str) -> Path | None:
     """The packaged YAML of a built-in config name (demo, vit_b16, vit_l16, vit_h14), else None."""
     path = Path(__file__).parent / "configs" / f"{name}.yaml"
     return path if "/" not in name and not name.endswith(".yaml") and path.is_file() else None
+
+
+# --- Values that each parse but cannot train: checked once the whole config is known, before a
+# run directory is made, so that a bad value is one sentence and not a traceback after config.yaml.
+
+
+def _ordered_range(value: tuple[float, float], low: float, high: float | None) -> bool:
+    """low <= value[0] <= value[1] (<= high): a (min, max) pair inside its bounds."""
+    return low <= value[0] <= value[1] and (high is None or value[1] <= high)
+
+
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Every value of `cfg` that cannot train, each as a phrase naming its key."""
+    from dmt_jepa.models import VARIANTS  # the architectures by name; torch is imported by training anyway
+
+    m, k, o, d = cfg.model, cfg.mask, cfg.optimization, cfg.data
+    checks = [
+        (m.arch in VARIANTS, f"model.arch must be one of {', '.join(VARIANTS)}, got {m.arch!r}"),
+        (m.patch_size >= 1, f"model.patch_size must be positive, got {m.patch_size}"),
+        (
+            m.patch_size >= 1 and m.img_size >= m.patch_size and m.img_size % m.patch_size == 0,
+            f"model.img_size {m.img_size} must be a positive multiple of model.patch_size {m.patch_size}",
+        ),
+        (0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}"),
+        (m.pred_width >= 1 and m.pred_depth >= 1, "model.pred_width and model.pred_depth must be positive"),
+        (m.pred_heads is None or m.pred_heads >= 1, f"model.pred_heads must be positive, got {m.pred_heads}"),
+        (k.num_targets >= 1, f"mask.num_targets must be at least 1, got {k.num_targets}"),
+        (k.min_keep >= 1, f"mask.min_keep must be at least 1, got {k.min_keep}"),
+        (_ordered_range(k.target_scale, 1e-9, 1), f"mask.target_scale must satisfy 0 < low <= high <= 1, got {list(k.target_scale)}"),
+        (_ordered_range(k.context_scale, 1e-9, 1), f"mask.context_scale must satisfy 0 < low <= high <= 1, got {list(k.context_scale)}"),
+        (_ordered_range(k.target_aspect, 1e-9, None), f"mask.target_aspect must satisfy 0 < low <= high, got {list(k.target_aspect)}"),
+        (_ordered_range(k.context_aspect, 1e-9, None), f"mask.context_aspect must satisfy 0 < low <= high, got {list(k.context_aspect)}"),
+        (cfg.target.head_depth >= 0, f"target.head_depth must be >= 0, got {cfg.target.head_depth}"),
+        (o.lr > 0, f"optimization.lr must be positive, got {o.lr}"),
+        (o.start_lr >= 0 and o.final_lr >= 0, "optimization.start_lr and final_lr must be >= 0"),
+        (o.weight_decay >= 0 and o.final_weight_decay >= 0, "optimization.weight_decay and final_weight_decay must be >= 0"),
+        (_ordered_range(o.ema, 0, 1), f"optimization.ema must satisfy 0 <= start <= end <= 1, got {list(o.ema)}"),
+        (o.grad_clip is None or o.grad_clip > 0, f"optimization.grad_clip must be positive or none, got {o.grad_clip}"),
+        (all(s > 0 for s in d.pixel_std), f"data.pixel_std must be positive, got {list(d.pixel_std)}"),
+        (_ordered_range(d.crop_ratio, 1e-9, None), f"data.crop_ratio must satisfy 0 < low <= high, got {list(d.crop_ratio)}"),
+        (d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if m.arch in VARIANTS and m.pred_width >= 1:
+        heads = m.pred_heads or VARIANTS[m.arch].num_heads
+        if m.pred_width % heads:
+            problems.append(f"model.pred_width {m.pred_width} must be divisible by the predictor's {heads} heads")
+    return problems
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` itself, or ConfigError naming the first value that cannot train."""
+    problems = config_problems(cfg)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}.")
+    return cfg

@@ -54,6 +54,15 @@ def _variant_for(dim: int, depth: int, arch: str | None, source: str) -> tuple[s
     return matches[0], VARIANTS[matches[0]].num_heads
 
 
+def _check_tensors(state: dict, source: str) -> None:
+    """Refuse entries that are not tensors of finite floating-point numbers."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ConvertError(f"{source} holds {key} as {type(value).__name__}, not a floating-point tensor.")
+        if not torch.isfinite(value).all():
+            raise ConvertError(f"{source} holds non-finite numbers (NaN or inf) in {key}; it is damaged.")
+
+
 def check_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], source: str) -> None:
     """Refuse a position table that is not the fixed sin-cos table our encoder computes."""
     dim = pos_embed.shape[-1]
@@ -75,7 +84,15 @@ def encoder_from_public(state: dict, *, arch: str | None = None, source: str = "
         fc1 = state["blocks.0.mlp.fc1.weight"]  # [hidden, D]
     except KeyError as err:
         raise ConvertError(f"{source} is not a ViT state dict of the public I-JEPA code (no {err.args[0]}).") from err
+    _check_tensors(state, source)
+    if proj.ndim != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3] or 0 in proj.shape:
+        raise ConvertError(f"{source} has a patch embedding of shape {list(proj.shape)}, not [D, 3, p, p].")
     dim, patch = proj.shape[0], proj.shape[-1]
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != dim or fc1.ndim != 2 or fc1.shape[1] != dim:
+        raise ConvertError(
+            f"{source} has pos_embed {list(pos_embed.shape)} and blocks.0.mlp.fc1.weight {list(fc1.shape)}, "
+            f"not [1, N, {dim}] and [hidden, {dim}] as its {dim}-wide patch embedding needs."
+        )
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     side = math.isqrt(pos_embed.shape[1])
     if side * side != pos_embed.shape[1]:

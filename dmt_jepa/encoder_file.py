@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,21 +63,75 @@ class EncoderInfo:
                 f"({FORMAT_VERSION}); upgrade dmt-jepa."
             )
         try:
-            return cls(
+            info = cls(
                 arch=meta["arch"],
-                patch_size=int(json.loads(meta["patch_size"])),
-                embed_dim=int(json.loads(meta["embed_dim"])),
-                depth=int(json.loads(meta["depth"])),
-                num_heads=int(json.loads(meta["num_heads"])),
-                mlp_ratio=float(json.loads(meta["mlp_ratio"])),
-                img_size=tuple(json.loads(meta["img_size"])),
-                pixel_mean=tuple(json.loads(meta["pixel_mean"])),
-                pixel_std=tuple(json.loads(meta["pixel_std"])),
+                patch_size=_integer(meta, "patch_size"),
+                embed_dim=_integer(meta, "embed_dim"),
+                depth=_integer(meta, "depth"),
+                num_heads=_integer(meta, "num_heads"),
+                mlp_ratio=_number(json.loads(meta["mlp_ratio"]), "mlp_ratio"),
+                img_size=tuple(_integer(meta, "img_size", i) for i in range(2)),
+                pixel_mean=tuple(_number(v, "pixel_mean") for v in _triple(meta, "pixel_mean")),
+                pixel_std=tuple(_number(v, "pixel_std") for v in _triple(meta, "pixel_std")),
                 provenance=json.loads(meta.get("provenance", "{}")),
                 format_version=version,
             )
         except (KeyError, ValueError, TypeError) as err:
             raise EncoderFileError(f"{source} has incomplete encoder metadata ({err}).") from err
+        problem = info.problem()
+        if problem is not None:
+            raise EncoderFileError(f"{source} has impossible encoder metadata: {problem}.")
+        return info
+
+    def problem(self) -> str | None:
+        """What makes this description impossible to build, in words; None if it can be built."""
+        if not isinstance(self.arch, str) or not self.arch:
+            return "arch must be a name"
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                return f"{name} must be positive, not {getattr(self, name)}"
+        if self.embed_dim % self.num_heads:
+            return f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+        if not 0 < self.mlp_ratio <= 64 or int(self.embed_dim * self.mlp_ratio) < 1:
+            return f"mlp_ratio must be in (0, 64], not {self.mlp_ratio}"
+        if any(s < self.patch_size or s % self.patch_size for s in self.img_size):
+            return f"img_size {list(self.img_size)} must be positive multiples of patch_size {self.patch_size}"
+        if any(s <= 0 for s in self.pixel_std):
+            return f"pixel_std must be positive, not {list(self.pixel_std)}"
+        if not isinstance(self.provenance, dict):
+            return "provenance must be a mapping"
+        return None
+
+    def parameter_count(self) -> int:
+        """How many numbers the encoder this describes holds: what building it allocates."""
+        dim, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        patch = dim * 3 * self.patch_size**2 + dim
+        block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (2 * dim * hidden + hidden + dim)
+        return patch + self.depth * block + 2 * dim
+
+
+def _integer(meta: dict[str, str], key: str, index: int | None = None) -> int:
+    value = json.loads(meta[key])
+    if index is not None:
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError(f"{key} must be [height, width], got {value!r}")
+        value = value[index]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _triple(meta: dict[str, str], key: str) -> list:
+    value = json.loads(meta[key])
+    if not isinstance(value, list) or len(value) != 3:
+        raise ValueError(f"{key} must be 3 numbers, got {value!r}")
+    return value
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be finite numbers, got {value!r}")
+    return float(value)
 
 
 def info_from_encoder(encoder: VisionTransformer, arch: str, provenance: dict | None = None) -> EncoderInfo:
@@ -130,13 +185,33 @@ def read_encoder_info(path: str | os.PathLike) -> EncoderInfo:
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VisionTransformer, EncoderInfo]:
-    """Rebuild the encoder from its file alone, in eval mode."""
+    """Rebuild the encoder from its file alone, in eval mode.
+
+    Nothing is built before the metadata is found possible and the file is found to hold at least
+    as many numbers as the encoder it describes, so that a small file that lies about its size
+    cannot make us allocate a huge model; weights that are not finite are refused.
+    """
     info = read_encoder_info(path)
-    encoder = build_encoder(info)
-    state = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            state[key] = f.get_tensor(key)
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        held = sum(math.prod(shape) for shape in shapes.values())
+        patch = shapes.get("patch_embed.proj.weight")
+        if held < info.parameter_count() or patch != [info.embed_dim, 3, info.patch_size, info.patch_size]:
+            raise EncoderFileError(
+                f"{path} does not hold the weights its metadata describes ({info.arch}, {info.embed_dim} wide, "
+                f"{info.depth} blocks, patch {info.patch_size}: {info.parameter_count()} numbers; the file has "
+                f"{held}, patch embedding {patch}); it is damaged or not an encoder file."
+            )
+        state = {}
+        for key in shapes:
+            tensor = f.get_tensor(key)
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise EncoderFileError(
+                    f"{path} holds weights that are not finite numbers (NaN, inf or not floats) in {key}; "
+                    "it is damaged: export the encoder again from a good checkpoint."
+                )
+            state[key] = tensor
+    encoder = build_encoder(info)
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch

@@ -14,6 +14,7 @@ from dmt_jepa.heads import LocalAggregationHead, gather_rows, pool_neighbours, t
 from dmt_jepa.masks import Masks
 from dmt_jepa.models import Predictor, create_encoder
 from dmt_jepa.neighbours import semantic_neighbours
+from dmt_jepa.precision import device_has_bf16, effective_precision
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -121,16 +122,16 @@ class DMTJEPA(nn.Module):
         torch._foreach_add_(targets, torch._foreach_mul(onlines, 1.0 - momentum))
 
 
-def autocast_dtype_for(device: torch.device | str, precision: str) -> torch.dtype | None:
-    """bf16 autocast where asked for and the device supports it, else None (fp32)."""
-    if precision == "fp32":
-        return None
-    if precision != "bf16":
+def autocast_dtype_for(device: torch.device | str, precision: str, has_bf16: bool | None = None) -> torch.dtype | None:
+    """bf16 autocast where asked for and the device computes bf16 natively, else None (fp32).
+
+    `has_bf16`: the device's capability (None: ask it); see dmt_jepa.precision for why.
+    """
+    if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return None
-    return torch.bfloat16
+    has_bf16 = device_has_bf16(device.type) if has_bf16 is None else has_bf16
+    return torch.bfloat16 if effective_precision(precision, device.type, has_bf16)[0] == "bf16" else None
 
 
 def train_step(

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
+from dmt_jepa.precision import device_has_bf16, effective_precision
 
 
 class TrainingError(RuntimeError):
@@ -291,7 +293,10 @@ class Trainer:
         self.urls = urls or expand_shards(builtin_shards(self.run_dir, cfg, world))
         self.total_steps = opt.epochs * self.steps_per_epoch
         self.schedule = Schedule.from_config(opt, self.steps_per_epoch)
-        self.autocast = opt.precision == "bf16" or (opt.precision == "auto" and world.device.type == "cuda")
+        precision, notice = effective_precision(opt.precision, world.device.type, device_has_bf16(world.device.type))
+        self.autocast = precision == "bf16"
+        if notice and world.is_main:
+            print(f"note: {notice}", file=sys.stderr)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = DMTJEPA(cfg.method).to(world.device)

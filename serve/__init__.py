@@ -11,8 +11,10 @@ import importlib
 
 _EXPORTS = {
     "embed_shards": "serve.job",
+    "EmbedOptions": "serve.job",
     "JobSummary": "serve.job",
     "OutputDirError": "serve.job",
+    "OutputWriteError": "serve.job",
     "embed_images": "serve.api",
     "load_backend": "serve.backends",
     "Backend": "serve.backends",

@@ -17,9 +17,12 @@ Policy (documented in docs/embed.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +33,9 @@ RESIZE_POLICIES = ("crop", "pad")
 DEFAULT_MAX_PIXELS = 178_956_970
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+# `crop` scales the whole image, then cuts, up to this many times the target's area (aspect 8:1);
+# beyond, it resamples only the region it keeps, so no intermediate grows with the aspect ratio.
+MAX_SCALED_AREA = 8
 
 
 class ImageRejected(ValueError):
@@ -84,11 +90,35 @@ def _target_size(height: int, width: int, prep: Preprocess) -> tuple[int, int]:
     return max(1, min(out_h, round(height * scale))), max(1, min(out_w, round(width * scale)))
 
 
+_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own decompression-bomb limit set to ours while decoding, so that --max-pixels can raise it.
+
+    Pillow checks it in many places (open, GIF frames, ICO sizes), so it is set for the whole decode;
+    the lock keeps decodes in threads of one process from restoring each other's value early.
+    """
+    with _LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _without_addresses(err: Exception) -> str:
+    """The error's text without object reprs (`<_io.BytesIO object at 0x7f...>`), which change per run."""
+    return re.sub(r"<[^<>]* at 0x[0-9A-Fa-f]+>", "the image bytes", str(err))
+
+
 def open_image(data: bytes, prep: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `data` into an upright RGB image ready for resizing, and its original [height, width]."""
     if not data:
         raise ImageRejected("the image member is empty (0 bytes)")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pillow_limit(prep.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
@@ -117,9 +147,9 @@ def open_image(data: bytes, prep: Preprocess) -> tuple[Image.Image, tuple[int, i
         except ImageRejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageRejected(f"decompression bomb refused by Pillow ({err})") from err
+            raise ImageRejected(f"decompression bomb refused by Pillow ({err} Raise --max-pixels if it is real.)") from err
         except Exception as err:  # untrusted bytes: Pillow raises many types (OSError, SyntaxError, ...)
-            raise ImageRejected(f"cannot decode the image ({type(err).__name__}: {err})") from err
+            raise ImageRejected(f"cannot decode the image ({type(err).__name__}: {_without_addresses(err)})") from err
     return image, (height, width)
 
 
@@ -127,12 +157,21 @@ def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
     """Apply the resize policy: RGB image -> uint8 [H, W, 3] and the sample's geometry record."""
     out_h, out_w = prep.size
     new_h, new_w = _target_size(image.height, image.width, prep)
-    scaled = image.resize((new_w, new_h), Image.BICUBIC)
     geometry: dict = {"input_size": [out_h, out_w], "grid": list(prep.grid), "resize": prep.resize}
     if prep.resize == "crop":
         top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-        pixels = np.asarray(scaled.crop((left, top, left + out_w, top + out_h)))
+        if new_h * new_w <= MAX_SCALED_AREA * out_h * out_w:
+            scaled = image.resize((new_w, new_h), Image.BICUBIC)
+            pixels = np.asarray(scaled.crop((left, top, left + out_w, top + out_h)))
+        else:
+            # An extreme aspect ratio (1,000,000 x 16 -> 64 x 4,000,000 at 64 px) would make the
+            # scaled image gigabytes: resample only the source region the crop covers. Same
+            # geometry; Pillow may then run its two passes in the other order, a few grey levels apart.
+            sy, sx = image.height / new_h, image.width / new_w
+            box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+            pixels = np.asarray(image.resize((out_w, out_h), Image.BICUBIC, box=box))
     else:
+        scaled = image.resize((new_w, new_h), Image.BICUBIC)  # fits inside the target: never larger than it
         fill = tuple(round(m * 255) for m in prep.pixel_mean)
         canvas = Image.new("RGB", (out_w, out_h), fill)
         canvas.paste(scaled, (0, 0))

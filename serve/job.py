@@ -1,11 +1,13 @@
 """The shard -> dense embeddings batch job.
 
 Three stages run at once so that the slowest one sets the pace:
-  reader thread   shards -> samples -> decode tasks for worker processes (bounded queue)
+  reader thread   claimed shards -> samples -> decode tasks for worker processes (bounded queue)
   main thread     decoded images -> batches -> backend (batches never span two shards)
-  writer thread   embeddings -> OUT/.NAME.tar.partial -> OUT/NAME.tar, then OUT/NAME.json last
-Every queue is bounded, so memory does not grow with shard size. Batches stay inside one shard so
-that a shard's bytes do not depend on which shards a restarted run skips.
+  writer thread   embeddings -> OUT/.NAME.tar.OWNER.partial -> OUT/NAME.tar, then OUT/NAME.json last
+Every queue is bounded in count, and the encoded bytes between reader and batcher in bytes, so
+memory grows neither with shard size nor with image size. Batches stay inside one shard so that a
+shard's bytes do not depend on which shards a restarted run skips, or which process embeds it.
+A shard is done when NAME.tar and NAME.json exist and NAME.json records this run's identity.
 """
 
 from __future__ import annotations
@@ -16,25 +18,63 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+import dmt_jepa
 from serve.api import preprocess_for
-from serve.backends import Backend, checked_run, load_backend
+from serve.backends import Backend, BackendError, checked_run, load_backend
+from serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
 from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
-from serve.shards import ShardOutput, ShardReader, is_done, open_source
+from serve.shards import (
+    ShardOutput,
+    ShardReader,
+    identity_difference,
+    is_done,
+    open_source,
+    read_record,
+    remove_leftovers,
+)
 
 
 class OutputDirError(ValueError):
     """OUT_DIR cannot hold the outputs; the message is one sentence for the user."""
+
+
+class OutputWriteError(OSError):
+    """Writing into OUT_DIR failed mid-job (a full disk, an I/O error); the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Every setting of the embedding job; the CLI builds one, `embed_shards` reads it."""
+
+    backend: str = "auto"
+    precision: str | None = None  # None: the model's own
+    size: tuple[int, int] | None = None  # [H, W]; None: the training size
+    resize: str = "crop"
+    batch_size: int = 32
+    workers: int | None = None  # decode processes; None: half the CPUs, at least one; 0: in a thread
+    pooled: bool = False
+    rank: int | None = None  # with world_size: a static split; None: from the environment, else shared
+    world_size: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = False
+    overwrite: bool = False  # redo shards that OUT_DIR holds from other settings, instead of refusing
+    lease_seconds: float = DEFAULT_LEASE_SECONDS  # a claim unchanged this long belongs to a dead process
+    max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
+    layers: tuple[int, ...] | None = None  # blocks also written per sample (KEY.layer_<i>.npy); a Backend given has its own
+
+    def __post_init__(self) -> None:
+        assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
 
 
 @dataclass
@@ -43,20 +83,54 @@ class JobSummary:
 
     rank: int
     world_size: int
-    shards: list[str]  # NAMEs assigned to this rank
+    shards: list[str]  # NAMEs assigned to this rank (all of them without a static split)
     skipped: list[str] = field(default_factory=list)  # already done before this run
+    completed: list[str] = field(default_factory=list)  # committed by this process
+    missing: dict[str, str] = field(default_factory=dict)  # NAME -> why it could not be read (not done)
     embedded: int = 0
     failed: int = 0
     cut_shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
     backend: str = ""
     precision: str = ""
+    notices: list[str] = field(default_factory=list)  # one line each, for the user
     worst_patch_cosine: float | None = None  # first-batch check against fp32, where one ran
     check_seconds: float = 0.0  # part of `seconds` spent on that check (it runs the first batch twice)
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def by_others(self) -> int:
+        """Shards of this process's share that other processes finished during this run."""
+        return len(self.shards) - len(self.skipped) - len(self.completed) - len(self.missing)
+
+
+def run_identity(runner: Backend, prep: Preprocess, pooled: bool) -> dict:
+    """What makes a shard's bytes what they are; a shard made otherwise is not this run's to skip."""
+    return {
+        "model_sha256": runner.model_sha256,
+        "input_size": list(prep.size),
+        "resize": prep.resize,
+        "pooled": pooled,
+        "precision": runner.precision,
+        "backend": runner.name.split("-")[0],
+        "version": dmt_jepa.__version__,
+        **({"layers": list(runner.layers)} if runner.layers else {}),
+    }
+
+
+def check_identity(out_dir: Path, shards: Sequence[ShardSource], identity: dict) -> None:
+    """Refuse a run whose settings differ from those that made the shards OUT_DIR already holds."""
+    for shard in shards:
+        record = read_record(out_dir, shard.name)
+        difference = None if record is None else identity_difference(record, identity)
+        if difference is not None:
+            raise OutputDirError(
+                f"OUT_DIR {out_dir} already holds {shard.name}, which {difference}; rerun with the same settings, "
+                "choose another OUT_DIR, or pass --overwrite to redo such shards."
+            )
 
 
 def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
@@ -82,15 +156,16 @@ def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
 class _Decoding(NamedTuple):
     """One input sample on its way from the reader thread to the batcher."""
 
-    shard: int  # index into the pending shards
+    shard: ShardSource
     key: str
     task: Future  # (pixels, record), or raises ImageRejected
     data: bytes  # the encoded image, kept to decode it again if its worker dies
 
 
 class _ShardEnd(NamedTuple):
-    shard: int
+    shard: ShardSource
     cut: str | None  # why the shard ended early, if it did
+    missing: str | None  # why the shard could not be read at all (then it is not done)
 
 
 class _ReaderFailed(NamedTuple):
@@ -112,30 +187,64 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> None:
             continue
 
 
+class _ByteBudget:
+    """Bounds the encoded bytes between the reader and the batcher, whatever the count of samples.
+
+    One item larger than the whole budget still passes when nothing else is queued, so that the
+    job never waits for itself.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    def acquire(self, size: int, stop: threading.Event) -> None:
+        with self._changed:
+            while self.used and self.used + size > self.limit:
+                if stop.is_set():
+                    raise _Stopped
+                self._changed.wait(timeout=0.1)
+            self.used += size
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+
 def _read_shards(
-    pending: Sequence[ShardSource],
+    shards: Iterator[ShardSource],
     decoder: Decoder,
+    budget: _ByteBudget,
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Reader thread: a _Decoding per sample and a _ShardEnd per shard, in input order, then None."""
+    """Reader thread: a _Decoding per sample and a _ShardEnd per shard, in claim order, then None."""
     try:
-        for index, source in enumerate(pending):
-            cut = None
+        for source in shards:
+            cut = missing = None
             try:
-                with open_source(source.url) as stream:
-                    reader = ShardReader(stream)
-                    for sample in reader:
-                        try:
-                            data = sample.image()[1]
-                            task = decoder.submit(data)
-                        except ImageRejected as err:
-                            data, task = b"", finished(error=err)
-                        _put(out, _Decoding(index, sample.key, task, data), stop)
+                stream = open_source(source.url)
+            except OSError as err:
+                missing = f"cannot open {source.url} ({err.strerror or err})"
+            else:
+                reader = ShardReader(stream, images_only=True)
+                try:
+                    with stream:
+                        for sample in reader:
+                            try:
+                                data = sample.image()[1]
+                                budget.acquire(len(data), stop)
+                                task = decoder.submit(data)
+                            except ImageRejected as err:
+                                data, task = b"", finished(error=err)
+                            _put(out, _Decoding(source, sample.key, task, data), stop)
                     cut = reader.cut
-            except (OSError, EOFError, zlib.error) as err:  # unreadable or corrupt-compressed shard
-                cut = f"cannot read the shard ({err}); the samples before the error were kept"
-            _put(out, _ShardEnd(index, cut), stop)
+                except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
+                    cut = f"cannot read the shard ({err}); the samples before the error were kept"
+                if reader.offset == 0:  # a pipe whose command failed reads as empty, as does a missing object
+                    missing = f"cannot read {source.url} ({cut})"
+            _put(out, _ShardEnd(source, cut, missing), stop)
         _put(out, None, stop)
     except _Stopped:
         return
@@ -167,18 +276,6 @@ class _Writer(threading.Thread):
     def close(self) -> None:
         self.tasks.put(None)
         self.join()
-
-
-def _write_batch(
-    out: ShardOutput,
-    keys: list[str],
-    records: list[dict],
-    grid: np.ndarray,
-    pooled: np.ndarray | None,
-    layers: dict[int, np.ndarray],
-) -> None:
-    for i, key in enumerate(keys):
-        out.add(key, grid[i], records[i], None if pooled is None else pooled[i], {k: v[i] for k, v in layers.items()})
 
 
 class _Progress:
@@ -229,40 +326,40 @@ def embed_shards(
     inputs: str | Sequence[str],
     out_dir: str | os.PathLike,
     model: str | os.PathLike | Backend,
-    *,
-    backend: str = "auto",
-    precision: str | None = None,
-    size: tuple[int, int] | None = None,
-    resize: str = "crop",
-    batch_size: int = 32,
-    workers: int | None = None,
-    pooled: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = False,
-    layers: Sequence[int] | None = None,
+    options: EmbedOptions | None = None,
+    **settings,
 ) -> JobSummary:
-    """Embed every shard of INPUT assigned to this rank into OUT_DIR; finished shards are skipped.
+    """Embed every shard of INPUT (this rank's share) into OUT_DIR; shards already done are skipped.
 
-    `model` is a model file, or a Backend already built (then `backend`, `precision` and `layers`
-    are its own). `layers` also writes those blocks per sample (KEY.layer_<i>.npy).
-    `workers` decode processes (None: half the CPUs, at least one; 0: decode in a thread).
+    `model` is a model file, or a Backend already built (then `backend` and `precision` are its own).
+    Settings are an EmbedOptions, or its fields as keywords. Any number of processes may run this on
+    one OUT_DIR at once: each shard is claimed by one of them (serve.claims).
     """
-    assert batch_size >= 1
+    options = replace(options or EmbedOptions(), **settings)
     shards = resolve_inputs(inputs)
-    rank, world_size = resolve_rank(rank, world_size)
+    rank, world_size = resolve_rank(options.rank, options.world_size)
     mine = partition(shards, rank, world_size)
-    runner = model if isinstance(model, Backend) else load_backend(model, backend, precision, layers)
-    prep = preprocess_for(runner, size, resize, max_pixels)
-    out = prepare_out_dir(Path(out_dir), shards)
+    runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
+    prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
+    out = Path(out_dir)
+    identity = run_identity(runner, prep, options.pooled)
+    if not options.overwrite:
+        check_identity(out, shards, identity)
+    prepare_out_dir(out, shards)
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
-    summary.skipped = [s.name for s in mine if is_done(out, s.name)]
-    pending = [s for s in mine if not is_done(out, s.name)]
+    summary.notices += runner.notices
+    summary.skipped = [s.name for s in mine if is_done(out, s.name, identity)]
+    pending = [s for s in mine if s.name not in set(summary.skipped)]
     start = time.perf_counter()
     if pending:
-        workers = max(1, (os.cpu_count() or 2) // 2) if workers is None else workers
-        _run(pending, out, runner, prep, batch_size, workers, pooled, summary, progress)
+        workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
+        try:
+            _run(pending, out, runner, prep, identity, workers, options, summary)
+        except OSError as err:
+            raise OutputWriteError(
+                f"writing into OUT_DIR {out} failed ({err.strerror or err}); the shards finished before are kept "
+                "and nothing half-written is left: fix the cause (free space?) and rerun the same command."
+            ) from err
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -272,46 +369,88 @@ def _run(
     out_dir: Path,
     runner: Backend,
     prep: Preprocess,
-    batch_size: int,
+    identity: dict,
     workers: int,
-    pooled: bool,
+    options: EmbedOptions,
     summary: JobSummary,
-    progress: bool,
 ) -> None:
     """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
-    decoder = Decoder(workers, prep)
-    samples: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2 * workers)
+    decoder = Decoder(workers, prep)  # forks its workers first: no other thread of ours may run yet
+    owner = owner_token()
+    claims = Claims(out_dir, owner, options.lease_seconds)
+    budget = _ByteBudget(options.max_queued_bytes)
+    samples: queue.Queue = queue.Queue(maxsize=2 * options.batch_size + 2 * workers)
     stop = threading.Event()
+
+    def claimed() -> Iterator[ShardSource]:
+        for source in claims.each(pending, lambda s: s.name, lambda s: is_done(out_dir, s.name, identity), stop):
+            remove_leftovers(out_dir, source.name, owner)
+            (out_dir / f"{source.name}.json").unlink(missing_ok=True)  # another run's: it is redone now
+            yield source
+
     reader = threading.Thread(
-        target=_read_shards, args=(pending, decoder, samples, stop), name="embed-reader", daemon=True
+        target=_read_shards, args=(claimed(), decoder, budget, samples, stop), name="embed-reader", daemon=True
     )
     writer = _Writer(depth=4)
-    outputs: dict[int, ShardOutput] = {}
-    shard_info = {"input_size": list(prep.size), "resize": prep.resize, "pooled": pooled, **runner.describe()}
+    outputs: dict[str, ShardOutput] = {}  # shards not yet committed; what is left here at the end is removed
+    shard_info = {
+        "input_size": list(prep.size),
+        "resize": prep.resize,
+        "pooled": options.pooled,
+        "identity": identity,
+        **runner.describe(),
+    }
     if runner.layers:
         shard_info["layers"] = list(runner.layers)
-    bar = _Progress(progress, len(pending))
+    bar = _Progress(options.progress, len(pending))
     batch: list[tuple[str, np.ndarray, dict]] = []
+
+    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid, pooled, maps: dict) -> None:
+        for i, key in enumerate(keys):
+            if records[i] is None:
+                out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
+            else:
+                out.add(key, grid[i], records[i], None if pooled is None else pooled[i], {k: v[i] for k, v in maps.items()})
 
     def flush(out: ShardOutput) -> None:
         if not batch:
             return
-        keys, arrays, records = zip(*batch, strict=True)
+        keys, arrays, records = (list(column) for column in zip(*batch, strict=True))
         pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
-        if summary.embedded == 0:
+        first = summary.embedded == 0 and summary.worst_patch_cosine is None
+        if first:
             check_start = time.perf_counter()
             (grid, pool_vec, *maps), summary.worst_patch_cosine = checked_run(runner, pixels)
             if summary.worst_patch_cosine is not None:
                 summary.check_seconds = time.perf_counter() - check_start
         else:
             grid, pool_vec, *maps = runner.run_pixels(pixels)  # [B, h, w, D], [B, D], [B, h, w, D] per layer
+        finite = np.isfinite(grid).reshape(len(keys), -1).all(axis=1) & np.isfinite(pool_vec).all(axis=1)
+        if first and not finite.all():
+            raise BackendError(
+                f"the model gives non-finite embeddings (NaN or inf) on the first batch in {runner.precision}; "
+                "its weights are damaged or overflow: check the model file, or try --precision fp32."
+            )
+        for i in np.flatnonzero(~finite):
+            records[i] = None
         layer_maps = dict(zip(runner.layers, maps, strict=True))
-        writer.submit(
-            partial(_write_batch, out, list(keys), list(records), grid, pool_vec if pooled else None, layer_maps)
-        )
-        summary.embedded += len(keys)
+        writer.submit(partial(write_batch, out, keys, records, grid, pool_vec if options.pooled else None, layer_maps))
+        summary.embedded += int(finite.sum())
+        summary.failed += int((~finite).sum())
         batch.clear()
         bar.images(summary.embedded)
+
+    def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
+        """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
+        if missing is None and claims.owns(source.name):
+            out.commit(record)
+            summary.completed.append(source.name)
+        else:  # unreadable, or taken over by another process after a pause longer than the lease
+            out.abort()
+            if missing is not None:
+                summary.missing[source.name] = missing
+        outputs.pop(source.name, None)
+        claims.release(source.name)
 
     reader.start()
     writer.start()
@@ -319,8 +458,10 @@ def _run(
         for item in iter(samples.get, None):
             if isinstance(item, _ReaderFailed):
                 raise item.error
-            source = pending[item.shard]
-            out = outputs.setdefault(item.shard, ShardOutput(out_dir, source.name))
+            source = item.shard
+            if source.name not in outputs:
+                outputs[source.name] = ShardOutput(out_dir, source.name, owner)
+            out = outputs[source.name]
             if isinstance(item, _Decoding):
                 try:
                     array, record = decoder.result(item.task, item.data)
@@ -328,16 +469,17 @@ def _run(
                     writer.submit(partial(out.fail, item.key, str(err)))
                     summary.failed += 1
                     continue
+                finally:
+                    budget.release(len(item.data))
                 batch.append((item.key, array, record))
-                if len(batch) == batch_size:
+                if len(batch) == options.batch_size:
                     flush(out)
             else:
                 flush(out)
-                if item.cut is not None:
+                if item.cut is not None and item.missing is None:
                     summary.cut_shards.append(source.name)
                 done = {"shard": f"{source.name}.tar", "source": source.url, "cut": item.cut, **shard_info}
-                writer.submit(partial(out.commit, done))
-                del outputs[item.shard]  # from here on the writer owns it; memory stays flat over many shards
+                writer.submit(partial(finish, out, source, done, item.missing))
                 bar.shard_done()
         writer.close()
         if writer.error is not None:
@@ -348,6 +490,7 @@ def _run(
         decoder.close()
         if writer.is_alive():
             writer.close()
-        for out in outputs.values():
+        for out in list(outputs.values()):
             out.abort()  # removes what an unfinished shard left aside; a committed shard has nothing aside
+        claims.close()
         bar.close()

@@ -26,6 +26,8 @@ BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
 # into memory would break the job's memory bound.
 DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+# A pax or GNU long-name header is a few hundred bytes; one far larger is hostile, and is not read.
+MAX_EXTENSION_HEADER_BYTES = 1 << 20
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
@@ -40,6 +42,7 @@ class Sample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
+    names: list[str] = field(default_factory=list)  # extensions of every member, kept or not
 
     def image(self) -> tuple[str, bytes]:
         """The member holding the image: the first extension in IMAGE_EXTENSIONS order."""
@@ -49,7 +52,7 @@ class Sample:
         for ext in IMAGE_EXTENSIONS:
             if ext in by_lower:
                 return by_lower[ext], self.members[by_lower[ext]]
-        found = ", ".join(sorted(self.members)) or "nothing"
+        found = ", ".join(sorted(self.names)) or "nothing"
         raise ImageRejected(f"the sample has no image member (found: {found})")
 
 
@@ -59,13 +62,41 @@ def split_key(name: str) -> tuple[str, str]:
     return (match.group(1), match.group(2)) if match else (name, "")
 
 
+def safe_key(key: str) -> str:
+    """The output name of an input key: the same path, made safe to extract anywhere.
+
+    Percent-encoding, so that distinct keys stay distinct and `urllib.parse.unquote` gives the key
+    back: `%`, `\\`, control characters (NUL, newline, ...) and bytes that are not UTF-8 become
+    `%XX`; a `.` or `..` path component becomes `%2E` or `%2E%2E`; a `/` that would start an
+    absolute path or an empty component becomes `%2F`. What is left has no component that climbs.
+    """
+    chars = []
+    for char in key:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (kept by surrogateescape)
+            chars.append(f"%{code - 0xDC00:02X}")
+        elif char in "%\\" or code < 0x20 or code == 0x7F:
+            chars.append(f"%{code:02X}")
+        else:
+            chars.append(char)
+    parts = "".join(chars).split("/")
+    out = ""
+    for i, part in enumerate(parts):
+        if i > 0:
+            out += "%2F" if parts[i - 1] == "" else "/"
+        out += "%2E" * len(part) if part in (".", "..") else part
+    return out
+
+
 def _pax_fields(data: bytes) -> dict[str, str]:
-    """Parse a pax extended header: records of the form b'LEN key=value\\n'."""
+    """Parse a pax extended header: records of the form b'LEN key=value\\n'; ValueError if malformed."""
     fields, pos = {}, 0
     while pos < len(data):
         space = data.index(b" ", pos)
+        if not data[pos:space].isdigit():
+            raise ValueError(f"pax record length {data[pos:space][:20]!r} at offset {pos}")
         length = int(data[pos:space])
-        if length <= space - pos:
+        if length <= space - pos or pos + length > len(data):
             raise ValueError(f"pax record length {length} at offset {pos}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         fields[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -76,9 +107,12 @@ def _pax_fields(data: bytes) -> dict[str, str]:
 class ShardReader:
     """Iterate the samples of one tar stream; after iteration `cut` says how the stream was damaged."""
 
-    def __init__(self, stream: BinaryIO, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
+    def __init__(
+        self, stream: BinaryIO, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, images_only: bool = False
+    ):
         self.stream = stream
         self.max_member_bytes = max_member_bytes
+        self.images_only = images_only
         self.cut: str | None = None
         self.offset = 0
         self._read_error = ""  # why the stream stopped early, when it raised rather than ended
@@ -109,7 +143,11 @@ class ShardReader:
         return True
 
     def _members(self) -> Iterator[tuple[str, bytes | None, str | None]]:
-        """(name, data or None, why the data is missing) per regular file member, in archive order."""
+        """(name, data or None, why the data is missing) per file member, in archive order.
+
+        Directory entries are not members of any sample and pass silently; every other member that
+        is not a regular file (a link, a device, a FIFO) comes with its reason, so that it is recorded.
+        """
         long_name: str | None = None
         pax: dict[str, str] = {}
         while True:
@@ -130,11 +168,23 @@ class ShardReader:
             except tarfile.HeaderError as err:
                 self.cut = f"invalid tar header at byte {start} ({err}); the samples before it were kept"
                 return
-            size = int(pax.get("size", info.size))
+            try:
+                size = int(pax.get("size", info.size))
+                if size < 0:
+                    raise ValueError(f"negative size {size}")
+            except ValueError as err:
+                self.cut = f"invalid member size in the tar header at byte {start} ({err}); the samples before it were kept"
+                return
             padded = -size % BLOCK
             name = pax.get("path", long_name or info.name)
             cut_inside = f"the shard is cut off inside member {name}"
             if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
+                if size > MAX_EXTENSION_HEADER_BYTES:
+                    self.cut = (
+                        f"the tar extension header at byte {start} declares {size} bytes, more than the "
+                        f"{MAX_EXTENSION_HEADER_BYTES}-byte limit; the samples before it were kept"
+                    )
+                    return
                 data = self._take(size + padded)
                 if len(data) < size + padded:
                     self.cut = (
@@ -155,6 +205,8 @@ class ShardReader:
                 if not self._drop(size + padded):
                     self.cut = f"{cut_inside} at byte {self.offset}{self._read_error}"
                     return
+                if info.type != tarfile.DIRTYPE:
+                    yield name, None, _not_a_file(name, info)
                 continue
             if size > self.max_member_bytes:
                 complete = self._drop(size + padded)
@@ -173,7 +225,13 @@ class ShardReader:
             yield name, data[:size], None
 
     def __iter__(self) -> Iterator[Sample]:
-        """Group consecutive members sharing a key into samples (WebDataset's rule)."""
+        """Group consecutive members sharing a key into samples (WebDataset's rule).
+
+        A sample with a member that cannot be used (a link, an oversized or repeated member) is
+        refused whole, with the reason: which of two `KEY.jpg` members was meant is unknowable.
+        With `images_only`, only the highest-ranked image member's bytes are kept, so that a sample
+        of many large members costs the memory of one.
+        """
         seen: set[str] = set()
         current: Sample | None = None
         for name, data, problem in self._members():
@@ -186,12 +244,33 @@ class ShardReader:
                 if key in seen:
                     current.error = "the key appears again later in the shard; only its first sample is embedded"
                 seen.add(key)
+            if ext in current.names:
+                problem = problem or f"member {name} appears twice in the sample"
+            current.names.append(ext)
             if problem is not None:
                 current.error = current.error or problem
-            elif current.error is None:
+            elif current.error is None and self._keeps(ext, current):
+                if self.images_only:
+                    current.members.clear()
                 current.members[ext] = data
         if current is not None:
             yield current
+
+    def _keeps(self, ext: str, sample: Sample) -> bool:
+        if not self.images_only:
+            return True
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            return False
+        held = [IMAGE_EXTENSIONS.index(e.lower()) for e in sample.members]
+        return not held or IMAGE_EXTENSIONS.index(ext.lower()) < min(held)
+
+
+def _not_a_file(name: str, info: tarfile.TarInfo) -> str:
+    if info.type == tarfile.SYMTYPE:
+        return f"member {name} is a symbolic link (to {info.linkname}); links are not followed"
+    if info.type == tarfile.LNKTYPE:
+        return f"member {name} is a hard link (to {info.linkname}); links are not followed"
+    return f"member {name} is not a regular file (tar type {info.type!r})"
 
 
 def open_source(source: str) -> BinaryIO:
@@ -227,12 +306,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class ShardOutput:
-    """OUT/NAME.tar and OUT/NAME.json for one input shard, written aside and renamed when complete."""
+    """OUT/NAME.tar and OUT/NAME.json for one input shard, written aside and renamed when complete.
 
-    def __init__(self, out_dir: Path, name: str):
+    The files aside carry their owner's token, so that processes sharing OUT_DIR never write into
+    the same file even when one takes over a shard another was still writing.
+    """
+
+    def __init__(self, out_dir: Path, name: str, owner: str = ""):
         self.tar_path = out_dir / f"{name}.tar"
         self.json_path = out_dir / f"{name}.json"
-        self.partial = out_dir / f".{name}.tar.partial"
+        suffix = f".{owner}.partial" if owner else ".partial"
+        self.partial = out_dir / f".{name}.tar{suffix}"
+        self.json_partial = out_dir / f".{name}.json{suffix}"
         self.embedded = 0
         self.failures: list[dict[str, str]] = []
         self._tar: tarfile.TarFile | None = None
@@ -251,43 +336,59 @@ class ShardOutput:
         layers: dict[int, np.ndarray] | None = None,
     ) -> None:
         """One embedded sample: emb.npy float16 [h, w, D], json, pooled.npy float16 [D] and
-        layer_<i>.npy float16 [h, w, D] if asked."""
-        self._member(f"{key}.emb.npy", npy_bytes(embedding.astype(np.float16)))
+        layer_<i>.npy float16 [h, w, D] if asked.
+
+        Member names use `safe_key(key)`; where that differs from the key, the json keeps the key.
+        """
+        name = safe_key(key)
+        if name != key:
+            record = {**record, "key": key}
+        self._member(f"{name}.emb.npy", npy_bytes(embedding.astype(np.float16)))
         if pooled is not None:
-            self._member(f"{key}.pooled.npy", npy_bytes(pooled.astype(np.float16)))
+            self._member(f"{name}.pooled.npy", npy_bytes(pooled.astype(np.float16)))
         for index, grid in (layers or {}).items():
-            self._member(f"{key}.layer_{index}.npy", npy_bytes(grid.astype(np.float16)))
-        self._member(f"{key}.json", json.dumps(record, sort_keys=True).encode())
+            self._member(f"{name}.layer_{index}.npy", npy_bytes(grid.astype(np.float16)))
+        self._member(f"{name}.json", json.dumps(record, sort_keys=True).encode())
         self.embedded += 1
 
     def fail(self, key: str, reason: str) -> None:
         self.failures.append({"key": key, "reason": reason})
 
     def commit(self, record: dict) -> None:
-        """Make the tar visible, then write NAME.json last: from then on the shard counts as done."""
-        if self._tar is None:  # no sample embedded: still an (empty) tar, so every done shard has one
-            self._tar = tarfile.open(self.partial, "w", format=tarfile.PAX_FORMAT)
-        self._tar.close()
-        _fsync(self.partial)
-        os.replace(self.partial, self.tar_path)
-        summary = {
-            "format": OUTPUT_FORMAT,
-            "format_version": OUTPUT_FORMAT_VERSION,
-            **record,
-            "embedded": self.embedded,
-            "failed": len(self.failures),
-            "failures": self.failures,
-        }
-        aside = self.json_path.with_name(f".{self.json_path.name}.partial")
-        aside.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        _fsync(aside)
-        os.replace(aside, self.json_path)
+        """Make the tar visible, then write NAME.json last: from then on the shard counts as done.
+
+        On any error (a full disk) the files aside are removed and NAME.json is not written.
+        """
+        try:
+            if self._tar is None:  # no sample embedded: still an (empty) tar, so every done shard has one
+                self._tar = tarfile.open(self.partial, "w", format=tarfile.PAX_FORMAT)
+            self._tar.close()
+            _fsync(self.partial)
+            os.replace(self.partial, self.tar_path)
+            summary = {
+                "format": OUTPUT_FORMAT,
+                "format_version": OUTPUT_FORMAT_VERSION,
+                **record,
+                "embedded": self.embedded,
+                "failed": len(self.failures),
+                "failures": self.failures,
+            }
+            self.json_partial.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            _fsync(self.json_partial)
+            os.replace(self.json_partial, self.json_path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        """Drop the unfinished tar; nothing visible was written."""
+        """Drop the unfinished files; nothing visible was written."""
         if self._tar is not None:
-            self._tar.close()
+            try:
+                self._tar.close()
+            except OSError:  # the disk that failed the write fails the flush too; the file goes anyway
+                pass
         self.partial.unlink(missing_ok=True)
+        self.json_partial.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -295,6 +396,43 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def is_done(out_dir: Path, name: str) -> bool:
-    """A shard is done exactly when its NAME.json exists."""
-    return (out_dir / f"{name}.json").is_file()
+def remove_leftovers(out_dir: Path, name: str, owner: str) -> None:
+    """Delete the files aside that earlier owners of shard NAME left (killed mid-shard); keep `owner`'s."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:tar|json)(?:\.([^./]+))?\.partial")
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and match.group(1) != owner:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def read_record(out_dir: Path, name: str) -> dict | None:
+    """The NAME.json of a shard that has both of its files, or None (not done, or unreadable)."""
+    json_path, tar_path = out_dir / f"{name}.json", out_dir / f"{name}.tar"
+    try:
+        record = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT or not tar_path.is_file():
+        return None
+    return record
+
+
+def identity_difference(record: dict, identity: dict) -> str | None:
+    """How a shard's recorded identity differs from this run's, in words; None where they agree."""
+    recorded = record.get("identity")
+    if not isinstance(recorded, dict):
+        return "was written by an older dmt-jepa that did not record its settings"
+    for key, wanted in identity.items():
+        if recorded.get(key) != wanted:
+            had, want = recorded.get(key), wanted
+            if key == "model_sha256":
+                had, want = str(had)[:12], str(want)[:12]
+            return f"was made with {key} {had!r}, this run has {want!r}"
+    return None
+
+
+def is_done(out_dir: Path, name: str, identity: dict | None = None) -> bool:
+    """Done: NAME.tar and NAME.json both exist and, given `identity`, NAME.json records the same one."""
+    record = read_record(out_dir, name)
+    return record is not None and (identity is None or identity_difference(record, identity) is None)

@@ -129,3 +129,30 @@ def test_arrays_match_encoded_images():
     assert record["original_size"] == [45, 70]
     with pytest.raises(ImageRejected, match="uint8"):
         prepare_array(np.zeros((40, 40, 3), np.float32), prep())
+
+
+def test_max_pixels_really_raises_pillows_own_limit():
+    declared = huge_png_header(20_000, 10_000)  # 200 M pixels, above Pillow's own limit of 178,956,970
+    with pytest.raises(ImageRejected, match="decompression bomb"):
+        prepare(declared, prep())
+    with pytest.raises(ImageRejected, match="limit of 150000000 pixels"):
+        prepare(declared, prep(max_pixels=150_000_000))
+    with pytest.raises(ImageRejected) as err:  # past every size check: only its missing pixel data stops it
+        prepare(declared, prep(max_pixels=300_000_000))
+    assert "truncated" in str(err.value) and "bomb" not in str(err.value)
+
+
+def test_failure_reasons_carry_no_object_addresses():
+    with pytest.raises(ImageRejected) as err:
+        prepare(b"a caption, not an image", prep())
+    assert "cannot identify image file" in str(err.value) and " at 0x" not in str(err.value)
+
+
+def test_extreme_aspect_ratio_crop_resamples_only_what_it_keeps():
+    ramp = np.linspace(0, 255, 4000)  # smooth, so that the two resampling orders agree closely
+    pixels = np.stack([np.tile(ramp, (20, 1)), np.tile(ramp[::-1], (20, 1)), np.full((20, 4000), 90.0)], axis=-1)
+    image = Image.fromarray(pixels.astype(np.uint8))  # 20 x 4000: scaled whole, 32 x 6400 (200 x the target)
+    x, record = prepare(encode(image), prep())
+    want = np.asarray(image.resize((6400, 32), Image.BICUBIC))[:, 3184:3216]
+    assert x.shape == (32, 32, 3) and record["original_size"] == [20, 4000]
+    assert np.abs(x.astype(int) - want.astype(int)).max() <= 2

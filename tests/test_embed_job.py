@@ -4,9 +4,13 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from embed_helpers import (
 from PIL import Image
 from typer.testing import CliRunner
 
+import dmt_jepa
 from cli.main import app
 from dmt_jepa.encoder_file import file_sha256
 from serve import embed_shards
@@ -177,6 +182,7 @@ def slow_add(self, *args, **kwargs):
     time.sleep(0.05)
     add(self, *args, **kwargs)
 ShardOutput.add = slow_add
+import dmt_jepa
 from cli.main import app
 app(sys.argv[1:])
 """
@@ -282,3 +288,208 @@ def test_a_decoder_crash_costs_only_its_own_image(tmp_path, encoder_file, monkey
     assert summary.embedded == 7 and [f["key"] for f in record["failures"]] == ["boom"]
     assert "crashed the decoder" in record["failures"][0]["reason"]
     assert list(read_output(tmp_path / "out" / "s.tar")) == [key for key, _ in samples if key != "boom"]
+
+
+def test_rerun_with_other_settings_refuses_naming_the_difference(tmp_path, encoder_file):
+    for s in range(4):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 2, seed=s))
+    other_model = write_encoder_file(tmp_path / "other.safetensors", seed=1)
+    embed_shards(str(tmp_path / "in" / "s{0..1}.tar"), tmp_path / "out", encoder_file, workers=0)
+    first = snapshot(tmp_path / "out")
+    for extra, words in [
+        (["--model", str(other_model)], "model_sha256"),
+        (["--model", str(encoder_file), "--size", "128"], "input_size"),
+        (["--model", str(encoder_file), "--resize", "pad"], "resize"),
+        (["--model", str(encoder_file), "--pooled"], "pooled"),
+    ]:
+        result = CliRunner().invoke(app, ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), *extra])
+        assert result.exit_code == 2, result.output
+        assert words in result.stderr and "--overwrite" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot(tmp_path / "out") == first  # nothing written, nothing mixed in
+    args = ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), "--model", str(other_model)]
+    result = CliRunner().invoke(app, [*args, "--overwrite", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", other_model, workers=0)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "clean")
+
+
+def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    clean = snapshot(tmp_path / "out")
+    record = json.loads(clean["s0.json"])
+    assert record["identity"] == {
+        "model_sha256": file_sha256(encoder_file),
+        "input_size": [64, 64],
+        "resize": "crop",
+        "pooled": False,
+        "precision": "fp32",
+        "backend": "torch",
+        "version": dmt_jepa.__version__,
+    }
+    (tmp_path / "out" / "s0.tar").unlink()  # NAME.json alone is not a done shard
+    again = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    assert again.skipped == [] and again.completed == ["s0"] and snapshot(tmp_path / "out") == clean
+
+
+def test_a_missing_shard_is_reported_and_done_once_it_appears(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    (tmp_path / "list.txt").write_text("in/s0.tar\nin/late.tar\n")
+    args = ["embed", str(tmp_path / "list.txt"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3 and "late" in result.stderr and "not done" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.json", "s0.tar"]
+    write_shard(tmp_path / "in" / "late.tar", photo_samples("l", 2, seed=5))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "1 shards embedded, 1 already done" in result.output
+    assert json.loads((tmp_path / "out" / "late.json").read_text())["embedded"] == 2
+
+
+def test_hostile_member_names_stay_inside_an_extraction_and_keep_their_key(tmp_path, encoder_file):
+    image = image_bytes(70, 70, "PNG", seed=4)
+    write_shard(tmp_path / "in" / "evil.tar", [("../../x", {"png": image}), ("/abs/path", {"png": image})])
+    summary = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    assert summary.embedded == 2
+    target = tmp_path / "deep" / "extract"
+    target.mkdir(parents=True)
+    with tarfile.open(tmp_path / "out" / "evil.tar") as tar:
+        names = tar.getnames()
+        # what an extractall without a filter (Python < 3.14's default) would write to: inside, every one
+        assert all(target in Path(os.path.realpath(os.path.join(target, n))).parents for n in names), names
+        tar.extractall(target, filter="data")  # raises, writing nothing, for a name that leaves `target`
+    written = {p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".npy")}
+    assert len(written) == 2 and all(target in p.parents for p in written), sorted(map(str, written))
+    assert names[0] == "%2E%2E/%2E%2E/x.emb.npy" and names[2] == "%2Fabs/path.emb.npy"
+    record = json.loads((target / "%2Fabs" / "path.json").read_text())
+    assert record["key"] == "/abs/path"
+
+
+def test_a_malformed_pax_header_cuts_its_shard_and_the_job_goes_on(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("a", 2))
+    image = image_bytes(70, 70)
+    info = tarfile.TarInfo("b.png")
+    info.size, info.pax_headers = len(image), {"size": "abc"}
+    with tarfile.open(tmp_path / "in" / "s1.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(image))
+    write_shard(tmp_path / "in" / "s2.tar", photo_samples("c", 2, seed=2))
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "s1.json").read_text())["cut"]
+    assert json.loads((tmp_path / "out" / "s2.json").read_text())["embedded"] == 2
+
+
+def long_thin_png(width: int, height: int) -> bytes:
+    """A grayscale PNG of zeros written chunk by chunk: 1,000,000 x 16 is about 20 KB."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = zlib.compress(bytes(height * (1 + width)), 9)  # filter byte 0, then the row's pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+# Peak RSS of one embedding process, in its own interpreter: after a warm-up job on a small image
+# (torch, the model, the pipeline), then after a job on the given shard; decoding in the process.
+PEAK_RSS = """
+import json, resource, sys
+from serve import embed_shards
+embed_shards(sys.argv[1], sys.argv[3], sys.argv[4], workers=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+summary = embed_shards(sys.argv[2], sys.argv[3], sys.argv[4], workers=0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_kib": before, "after_kib": after, "embedded": summary.embedded}))
+"""
+HUGE_IMAGE_RSS_BOUND_MIB = 200  # docs/embed.md: what one 16 M-pixel image may add to the job's peak
+
+
+def test_peak_memory_of_an_extreme_aspect_ratio_stays_bounded(tmp_path, encoder_file):
+    png = long_thin_png(1_000_000, 16)
+    assert len(png) < 40_000
+    write_shard(tmp_path / "small" / "a.tar", [("small", {"png": image_bytes(70, 70)})])
+    write_shard(tmp_path / "huge" / "b.tar", [("thin", {"png": png})])
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(tmp_path / "small"), str(tmp_path / "huge"), str(tmp_path / "out"), str(encoder_file)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rss["embedded"] == 1
+    assert (rss["after_kib"] - rss["before_kib"]) / 1024 < HUGE_IMAGE_RSS_BOUND_MIB, rss
+
+
+def test_queued_bytes_are_bounded_and_one_image_over_the_budget_still_passes(tmp_path, encoder_file):
+    from serve.job import _ByteBudget
+
+    budget, stop, peak = _ByteBudget(1000), threading.Event(), []
+    budget.acquire(600, stop)
+    waiter = threading.Thread(target=lambda: (budget.acquire(600, stop), peak.append(budget.used)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and budget.used == 600  # 1200 would exceed the budget: it waits
+    budget.release(600)
+    waiter.join(timeout=5)
+    assert peak == [600]
+    budget.release(600)
+    budget.acquire(5000, stop)  # alone in the queue: larger than the budget, yet it passes
+    assert budget.used == 5000
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 6))
+    embed_shards(str(tmp_path / "in"), tmp_path / "tight", encoder_file, workers=1, max_queued_bytes=1)
+    embed_shards(str(tmp_path / "in"), tmp_path / "loose", encoder_file, workers=1)
+    assert snapshot(tmp_path / "tight") == snapshot(tmp_path / "loose")
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG, as they would on a full disk."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_failure_is_one_sentence_removes_partials_and_marks_nothing_done(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("a", 2))
+    write_shard(tmp_path / "in" / "s1.tar", photo_samples("b", 16, seed=1))
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, workers=0)
+    clean = snapshot(tmp_path / "clean")
+    assert len(clean["s0.tar"]) < 20_000 < len(clean["s1.tar"])
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(20_000),
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: writing into OUT_DIR") and len(result.stderr.strip().splitlines()) == 1
+    assert "File too large" in result.stderr
+    assert snapshot(out) == {"s0.json": clean["s0.json"], "s0.tar": clean["s0.tar"]}  # nothing aside, s1 not done
+    embed_shards(str(tmp_path / "in"), out, encoder_file, workers=0)
+    assert snapshot(out) == clean
+
+
+def test_name_json_is_the_same_bytes_on_every_run(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "bad.tar", bad_samples())
+    for name in ("one", "two"):
+        subprocess.run(
+            [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(tmp_path / name), "--model", str(encoder_file)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    one = (tmp_path / "one" / "bad.json").read_bytes()
+    assert one == (tmp_path / "two" / "bad.json").read_bytes() and b" at 0x" not in one

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from embed_helpers import write_shard
 
-from serve.shards import ShardOutput, ShardReader, is_done, split_key
+from serve.shards import ShardOutput, ShardReader, is_done, safe_key, split_key
 
 
 def samples_of(data: bytes):
@@ -122,3 +122,75 @@ def test_malformed_pax_header_is_a_cut_not_a_crash(tmp_path):
     record = data.index(b" path=")  # preceded by the record's length in 3 digits
     got, cut = samples_of(data[: record - 3] + b"zzz" + data[record:])
     assert got == [("a", {"jpg": b"1"}, None)] and "invalid pax header" in cut
+
+
+def raw_tar(members: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A tar written member by member, names and headers exactly as given (hostile ones included)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            info, data = member if isinstance(member, tuple) else (member, b"")
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buffer.getvalue()
+
+
+def regular(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def test_safe_key_is_injective_reversible_and_never_climbs():
+    from urllib.parse import unquote
+
+    keys = ["a/b/c", "../../x", "/abs/path", "a//b", "./a", "a/./b/..", "..", "%2E%2E", "a\\..\\b", "x\0y\nz", "\udcff", ""]
+    safe = [safe_key(k) for k in keys]
+    assert len(set(safe)) == len(keys)
+    assert [unquote(s, errors="surrogateescape") for s in safe] == keys
+    for name in safe:
+        parts = name.split("/")
+        assert not name.startswith("/") and "" not in parts[:-1] and not {".", ".."} & set(parts)
+        assert not any(ord(c) < 0x20 for c in name) and "\\" not in name
+    assert safe_key("a/b/c") == "a/b/c" and safe_key("../../x") == "%2E%2E/%2E%2E/x" and safe_key("/abs") == "%2Fabs"
+
+
+def test_links_and_repeated_members_are_refused_with_a_reason():
+    link = tarfile.TarInfo("l.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hard = tarfile.TarInfo("h.jpg")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "a.jpg"
+    folder = tarfile.TarInfo("dir")
+    folder.type = tarfile.DIRTYPE
+    data = raw_tar([regular("a.jpg", b"1"), link, hard, folder, regular("d.jpg", b"2"), regular("d.jpg", b"3")])
+    got, cut = samples_of(data)
+    assert cut is None and [g[0] for g in got] == ["a", "l", "h", "d"]
+    assert "symbolic link (to /etc/passwd)" in got[1][2] and "hard link (to a.jpg)" in got[2][2]
+    assert "d.jpg appears twice" in got[3][2]
+
+
+class Zeros(io.RawIOBase):
+    """A stream of `header` followed by zeros up to `size` bytes, counting what was read."""
+
+    def __init__(self, header: bytes, size: int):
+        self.header, self.size, self.pos = header, size, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.size - self.pos)
+        chunk = (self.header[self.pos : self.pos + n]).ljust(n, b"\0")
+        buffer[:n] = chunk
+        self.pos += n
+        return n
+
+
+def test_pax_headers_are_bounded_and_malformed_ones_are_cuts(tmp_path):
+    bad_size = tarfile.TarInfo("b.jpg")
+    bad_size.pax_headers = {"size": "abc"}
+    got, cut = samples_of(raw_tar([regular("a.jpg", b"1"), (bad_size, b"2"), regular("c.jpg", b"3")]))
+    assert got == [("a", {"jpg": b"1"}, None)] and "invalid member size" in cut
+    huge = tarfile.TarInfo("././@PaxHeader")
+    huge.type, huge.size = tarfile.XHDTYPE, 300 << 20
+    stream = Zeros(huge.tobuf(tarfile.USTAR_FORMAT), (300 << 20) + 1024)
+    reader = ShardReader(stream)
+    assert list(reader) == [] and "limit" in reader.cut and stream.pos < 1 << 20  # refused unread

@@ -60,3 +60,35 @@ def test_paper_configs_carry_the_paper_values():
         assert (o.weight_decay, o.final_weight_decay, o.ema) == (0.04, 0.4, (0.996, 1.0))
         assert cfg.data.crop_scale == (0.3, 1.0) and cfg.target.aggregation == "cross_attention"
     assert builtin_config_path("demo") is not None and builtin_config_path("nope") is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimization.lr=-1", "optimization.lr must be positive, got -1.0"),
+        ("optimization.lr=0", "optimization.lr must be positive"),
+        ("optimization.ema=[2,3]", "optimization.ema must satisfy 0 <= start <= end <= 1"),
+        ("optimization.ema=[1.0,0.9]", "optimization.ema must satisfy 0 <= start <= end <= 1"),
+        ("model.arch=bogus", "model.arch must be one of vit_nano"),
+        ("mask.num_targets=0", "mask.num_targets must be at least 1"),
+        ("model.img_size=100", "model.img_size 100 must be a positive multiple of model.patch_size 16"),
+        ("model.patch_size=0", "model.patch_size must be positive"),
+        ("mask.target_scale=[0.3,0.2]", "mask.target_scale must satisfy"),
+        ("model.pred_heads=5", "model.pred_width 64 must be divisible by the predictor's 5 heads"),
+    ],
+)
+def test_values_that_cannot_train_are_one_sentence(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(builtin_config_path("demo"), [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["model.arch=bogus", "mask.num_targets=0", "optimization.lr=-1"])
+def test_pretrain_refuses_before_writing_anything(tmp_path, override):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["pretrain", override, f"run.out_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "run").exists()

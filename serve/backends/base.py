@@ -28,6 +28,7 @@ class Backend(ABC):
     info: EncoderInfo
     model_path: Path
     model_sha256: str = ""
+    notices: tuple[str, ...] = ()  # one line each for the user (a precision that was changed, and why)
     layers: tuple[int, ...] = ()  # blocks output besides the grid, absolute indices
 
     @abstractmethod

@@ -11,6 +11,7 @@ import torch
 
 from dmt_jepa.encoder_file import EncoderInfo, load_encoder
 from dmt_jepa.models import VisionTransformer
+from dmt_jepa.precision import device_has_bf16, effective_precision
 from serve.backends.base import Backend, BackendError, backend_layers
 
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
@@ -55,10 +56,23 @@ class TorchBackend(Backend):
         self.name = f"torch-{device}"
 
     @classmethod
-    def from_file(cls, path: Path, *, device: str, precision: str, layers: Sequence[int] | None = None) -> TorchBackend:
+    def from_file(
+        cls,
+        path: Path,
+        *,
+        device: str,
+        precision: str,
+        has_bf16: bool | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> TorchBackend:
+        """`has_bf16`: whether the device computes bf16 natively (None: ask it); without, bf16 runs as fp32."""
         _check(device, precision)
+        has_bf16 = device_has_bf16(device) if has_bf16 is None else has_bf16
+        precision, notice = effective_precision(precision, device, has_bf16)
         encoder, info = load_encoder(path, device)
-        return cls(encoder, info, device=device, precision=precision, model_path=path, layers=layers)
+        backend = cls(encoder, info, device=device, precision=precision, model_path=path, layers=layers)
+        backend.notices = (notice,) if notice else ()
+        return backend
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
