@@ -44,6 +44,14 @@ def embed(
         None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
     ),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
+    layout: str = typer.Option(
+        "tar", help="tar: a WebDataset tar per shard; array: .npy arrays (memmap-able) and a Parquet table per shard."
+    ),
+    dtype: str = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
+    pooled_only: bool = typer.Option(False, "--pooled-only", help="Write pooled vectors only, no patch grids."),
+    max_carried_bytes: int = typer.Option(
+        65536, min=0, help="Copy each non-image input member (cls, json, txt, ...) up to this size; 0: none."
+    ),
     rank: int = typer.Option(None, help="This process's rank (default: RANK or SLURM_PROCID, else 0)."),
     world_size: int = typer.Option(
         None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."
@@ -68,21 +76,28 @@ def embed(
     from serve.inputs import InputError
     from serve.job import EmbedOptions, OutputDirError, OutputWriteError, embed_shards
 
-    options = EmbedOptions(
-        backend=backend,
-        precision=precision,
-        size=parse_size(size),
-        resize=resize,
-        batch_size=batch_size,
-        workers=workers,
-        pooled=pooled,
-        rank=rank,
-        world_size=world_size,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        overwrite=overwrite,
-        lease_seconds=lease,
-    )
+    try:
+        options = EmbedOptions(
+            backend=backend,
+            precision=precision,
+            size=parse_size(size),
+            resize=resize,
+            batch_size=batch_size,
+            workers=workers,
+            pooled=pooled,
+            layout=layout,
+            dtype=dtype,
+            pooled_only=pooled_only,
+            max_carried_bytes=max_carried_bytes,
+            rank=rank,
+            world_size=world_size,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            progress=sys.stderr.isatty() if progress is None else progress,
+            overwrite=overwrite,
+            lease_seconds=lease,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
     try:
         summary = embed_shards(input, out_dir, model, options)
     except (InputError, BackendError, OutputDirError, EncoderFileError) as err:

@@ -34,6 +34,8 @@ from serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
 from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
+from serve.layouts import LAYOUTS, OutputSpec, open_output
+from serve.quantize import DTYPES
 from serve.shards import (
     ShardOutput,
     ShardReader,
@@ -64,6 +66,10 @@ class EmbedOptions:
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: half the CPUs, at least one; 0: in a thread
     pooled: bool = False
+    layout: str = "tar"  # tar: WebDataset samples; array: .npy arrays and a Parquet table per shard
+    dtype: str = "float16"  # float32, float16, or int8 with a float32 scale per vector
+    pooled_only: bool = False  # pooled vectors only, no patch grids
+    max_carried_bytes: int = 64 << 10  # non-image input members up to this size are copied; 0: none
     rank: int | None = None  # with world_size: a static split; None: from the environment, else shared
     world_size: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -74,6 +80,14 @@ class EmbedOptions:
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+
+    @property
+    def output(self) -> OutputSpec:
+        return OutputSpec(self.layout, self.dtype, self.pooled, self.pooled_only)
 
 
 @dataclass
@@ -106,13 +120,17 @@ class JobSummary:
         return len(self.shards) - len(self.skipped) - len(self.completed) - len(self.missing)
 
 
-def run_identity(runner: Backend, prep: Preprocess, pooled: bool) -> dict:
+def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> dict:
     """What makes a shard's bytes what they are; a shard made otherwise is not this run's to skip."""
     return {
         "model_sha256": runner.model_sha256,
         "input_size": list(prep.size),
         "resize": prep.resize,
-        "pooled": pooled,
+        "pooled": options.pooled,
+        "layout": options.layout,
+        "dtype": options.dtype,
+        "pooled_only": options.pooled_only,
+        "max_carried_bytes": options.max_carried_bytes,
         "precision": runner.precision,
         "backend": runner.name.split("-")[0],
         "version": dmt_jepa.__version__,
@@ -158,6 +176,8 @@ class _Decoding(NamedTuple):
     key: str
     task: Future  # (pixels, record), or raises ImageRejected
     data: bytes  # the encoded image, kept to decode it again if its worker dies
+    carried: dict[str, bytes]  # the sample's non-image members, copied to its output
+    not_carried: list[str]  # extensions of non-image members too large to copy
 
 
 class _ShardEnd(NamedTuple):
@@ -212,6 +232,7 @@ class _ByteBudget:
 
 def _read_shards(
     shards: Iterator[ShardSource],
+    max_carried_bytes: int,
     decoder: Decoder,
     budget: _ByteBudget,
     out: queue.Queue,
@@ -226,17 +247,19 @@ def _read_shards(
             except OSError as err:
                 missing = f"cannot open {source.url} ({err.strerror or err})"
             else:
-                reader = ShardReader(stream, images_only=True)
+                reader = ShardReader(stream, images_only=True, max_carried_bytes=max_carried_bytes)
                 try:
                     with stream:
                         for sample in reader:
+                            carried = sample.carried()
                             try:
                                 data = sample.image()[1]
-                                budget.acquire(len(data), stop)
+                                budget.acquire(len(data) + sum(map(len, carried.values())), stop)
                                 task = decoder.submit(data)
                             except ImageRejected as err:
-                                data, task = b"", finished(error=err)
-                            _put(out, _Decoding(source, sample.key, task, data), stop)
+                                data, task, carried = b"", finished(error=err), {}
+                            item = _Decoding(source, sample.key, task, data, carried, sample.not_carried)
+                            _put(out, item, stop)
                     cut = reader.cut
                 except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
                     cut = f"cannot read the shard ({err}); the samples before the error were kept"
@@ -340,7 +363,7 @@ def embed_shards(
     runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision)
     prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
     out = Path(out_dir)
-    identity = run_identity(runner, prep, options.pooled)
+    identity = run_identity(runner, prep, options)
     if not options.overwrite:
         check_identity(out, shards, identity)
     prepare_out_dir(out, shards)
@@ -387,7 +410,10 @@ def _run(
             yield source
 
     reader = threading.Thread(
-        target=_read_shards, args=(claimed(), decoder, budget, samples, stop), name="embed-reader", daemon=True
+        target=_read_shards,
+        args=(claimed(), options.max_carried_bytes, decoder, budget, samples, stop),
+        name="embed-reader",
+        daemon=True,
     )
     writer = _Writer(depth=4)
     outputs: dict[str, ShardOutput] = {}  # shards not yet committed; what is left here at the end is removed
@@ -395,23 +421,26 @@ def _run(
         "input_size": list(prep.size),
         "resize": prep.resize,
         "pooled": options.pooled,
+        "layout": options.layout,
+        "dtype": options.dtype,
         "identity": identity,
         **runner.describe(),
     }
     bar = _Progress(options.progress, len(pending))
-    batch: list[tuple[str, np.ndarray, dict]] = []
+    batch: list[tuple[str, np.ndarray, dict, dict]] = []
+    spec = options.output
 
-    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid, pooled) -> None:
+    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], carried: list[dict], grid, pooled) -> None:
         for i, key in enumerate(keys):
             if records[i] is None:
                 out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
             else:
-                out.add(key, grid[i], records[i], None if pooled is None else pooled[i])
+                out.add(key, grid[i], records[i], None if pooled is None else pooled[i], carried[i])
 
     def flush(out: ShardOutput) -> None:
         if not batch:
             return
-        keys, arrays, records = (list(column) for column in zip(*batch, strict=True))
+        keys, arrays, records, carried = (list(column) for column in zip(*batch, strict=True))
         pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
         first = summary.embedded == 0 and summary.worst_patch_cosine is None
         if first:
@@ -429,7 +458,7 @@ def _run(
             )
         for i in np.flatnonzero(~finite):
             records[i] = None
-        writer.submit(partial(write_batch, out, keys, records, grid, pool_vec if options.pooled else None))
+        writer.submit(partial(write_batch, out, keys, records, carried, grid, pool_vec if spec.writes_pooled else None))
         summary.embedded += int(finite.sum())
         summary.failed += int((~finite).sum())
         batch.clear()
@@ -455,7 +484,7 @@ def _run(
                 raise item.error
             source = item.shard
             if source.name not in outputs:
-                outputs[source.name] = ShardOutput(out_dir, source.name, owner)
+                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, runner.info.embed_dim)
             out = outputs[source.name]
             if isinstance(item, _Decoding):
                 try:
@@ -465,8 +494,10 @@ def _run(
                     summary.failed += 1
                     continue
                 finally:
-                    budget.release(len(item.data))
-                batch.append((item.key, array, record))
+                    budget.release(len(item.data) + sum(map(len, item.carried.values())))
+                if item.not_carried:
+                    record = {**record, "not_carried": item.not_carried}
+                batch.append((item.key, array, record, item.carried))
                 if len(batch) == options.batch_size:
                     flush(out)
             else:

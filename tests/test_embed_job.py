@@ -301,6 +301,8 @@ def test_rerun_with_other_settings_refuses_naming_the_difference(tmp_path, encod
         (["--model", str(encoder_file), "--size", "128"], "input_size"),
         (["--model", str(encoder_file), "--resize", "pad"], "resize"),
         (["--model", str(encoder_file), "--pooled"], "pooled"),
+        (["--model", str(encoder_file), "--layout", "array"], "layout"),
+        (["--model", str(encoder_file), "--dtype", "int8"], "dtype"),
     ]:
         result = CliRunner().invoke(app, ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), *extra])
         assert result.exit_code == 2, result.output
@@ -324,6 +326,10 @@ def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_fil
         "input_size": [64, 64],
         "resize": "crop",
         "pooled": False,
+        "layout": "tar",
+        "dtype": "float16",
+        "pooled_only": False,
+        "max_carried_bytes": 65536,
         "precision": "fp32",
         "backend": "torch",
         "version": dmt_jepa.__version__,
