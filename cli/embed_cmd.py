@@ -60,7 +60,12 @@ def embed(
         None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."
     ),
     progress: bool = typer.Option(
-        None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
+        None,
+        "--progress/--no-progress",
+        help="Progress bar (default: a bar when stderr is a terminal, else a plain line every --progress-every s).",
+    ),
+    progress_every: float = typer.Option(
+        30.0, min=0, help="Seconds between plain progress lines when stderr is not a terminal; 0: none."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo shards OUT_DIR holds from other settings (default: refuse such a run)."
@@ -93,6 +98,7 @@ def embed(
             world_size=world_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             progress=sys.stderr.isatty() if progress is None else progress,
+            progress_every=progress_every if progress is None else 0.0,
             overwrite=overwrite,
             lease_seconds=lease,
         )
@@ -121,6 +127,13 @@ def embed(
         f"{len(summary.cut_shards)} shards cut off; {summary.images_per_second:.1f} images/s on "
         f"{summary.backend} {summary.precision}{check}; outputs in {out_dir}"
     )
+    if summary.job is not None:
+        job = summary.job
+        typer.echo(
+            f"job: all {job['shards']} shards done by {job['workers']} workers: {job['embedded']} images embedded, "
+            f"{job['failed']} failed, {job['images_per_second']:.1f} images/s over {job['wall_seconds']:.0f} s "
+            f"(totals in {out_dir}/_stats/summary.json)"
+        )
     if summary.missing:
         name, reason = next(iter(summary.missing.items()))
         typer.echo(

@@ -35,7 +35,9 @@ from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from serve.layouts import LAYOUTS, OutputSpec, open_output
+from serve.progress import Progress
 from serve.quantize import DTYPES
+from serve.stats import STATS_DIR, read_summary, record_job, record_shard, write_summary
 from serve.shards import (
     ShardOutput,
     ShardReader,
@@ -73,7 +75,8 @@ class EmbedOptions:
     rank: int | None = None  # with world_size: a static split; None: from the environment, else shared
     world_size: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = False
+    progress: bool = False  # a bar on stderr (for a terminal)
+    progress_every: float = 0.0  # without the bar: a plain progress line on stderr this often (seconds); 0: none
     overwrite: bool = False  # redo shards that OUT_DIR holds from other settings, instead of refusing
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a claim unchanged this long belongs to a dead process
     max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
@@ -107,6 +110,7 @@ class JobSummary:
     backend: str = ""
     precision: str = ""
     notices: list[str] = field(default_factory=list)  # one line each, for the user
+    job: dict | None = None  # the summary over all workers, once this run saw every shard done
     worst_patch_cosine: float | None = None  # first-batch check against fp32, where one ran
     check_seconds: float = 0.0  # part of `seconds` spent on that check (it runs the first batch twice)
 
@@ -299,50 +303,6 @@ class _Writer(threading.Thread):
         self.join()
 
 
-class _Progress:
-    """A progress bar on stderr over shards, with images and images/s; does nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("embedding"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("shards  {task.fields[images]} images  {task.fields[rate]:.1f} images/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task("embed", total=total, images=0, rate=0.0)
-        self.bar.start()
-        self.started = time.perf_counter()
-
-    def images(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, images=count, rate=count / max(time.perf_counter() - self.started, 1e-9))
-
-    def shard_done(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def embed_shards(
     inputs: str | Sequence[str],
     out_dir: str | os.PathLike,
@@ -375,18 +335,25 @@ def embed_shards(
     if pending:
         workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
-            _run(pending, out, runner, prep, identity, workers, options, summary)
+            _run(pending, [s.name for s in shards], out, runner, prep, identity, workers, options, summary)
         except OSError as err:
             raise OutputWriteError(
                 f"writing into OUT_DIR {out} failed ({err.strerror or err}); the shards finished before are kept "
                 "and nothing half-written is left: fix the cause (free space?) and rerun the same command."
             ) from err
     summary.seconds = time.perf_counter() - start
+    names = [s.name for s in shards]
+    if (summary.completed or read_summary(out) is None) and all(is_done(out, n, identity) for n in names):
+        try:
+            summary.job = write_summary(out, names)
+        except OSError as err:
+            summary.notices.append(f"the job summary could not be written to {out / STATS_DIR} ({err.strerror or err})")
     return summary
 
 
 def _run(
     pending: list[ShardSource],
+    job: list[str],
     out_dir: Path,
     runner: Backend,
     prep: Preprocess,
@@ -426,7 +393,9 @@ def _run(
         "identity": identity,
         **runner.describe(),
     }
-    bar = _Progress(options.progress, len(pending))
+    bar = Progress(options.progress, options.progress_every, len(pending))
+    started: dict[str, float] = {}
+    run_info = {"rank": summary.rank, "world_size": summary.world_size, "backend": runner.name, "precision": runner.precision}
     batch: list[tuple[str, np.ndarray, dict, dict]] = []
     spec = options.output
 
@@ -462,13 +431,19 @@ def _run(
         summary.embedded += int(finite.sum())
         summary.failed += int((~finite).sum())
         batch.clear()
-        bar.images(summary.embedded)
+        bar.update(summary.embedded, summary.failed)
 
     def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
         """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
         if missing is None and claims.owns(source.name):
             out.commit(record)
             summary.completed.append(source.name)
+            try:
+                if len(summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was
+                    record_job(out_dir, job)
+                record_shard(out_dir, source.name, started[source.name], out.embedded, out.failures, run_info)
+            except OSError as err:  # the shard is done; only its figures are lost
+                summary.notices.append(f"no stats record for {source.name} ({err.strerror or err})")
         else:  # unreadable, or taken over by another process after a pause longer than the lease
             out.abort()
             if missing is not None:
@@ -485,6 +460,7 @@ def _run(
             source = item.shard
             if source.name not in outputs:
                 outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, runner.info.embed_dim)
+                started[source.name] = time.time()
             out = outputs[source.name]
             if isinstance(item, _Decoding):
                 try:
@@ -510,6 +486,7 @@ def _run(
         writer.close()
         if writer.error is not None:
             raise writer.error
+        bar.finish()
     finally:
         stop.set()
         reader.join(timeout=10)
