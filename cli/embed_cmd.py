@@ -49,6 +49,9 @@ def embed(
     ),
     dtype: str = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
     pooled_only: bool = typer.Option(False, "--pooled-only", help="Write pooled vectors only, no patch grids."),
+    pca: int = typer.Option(
+        None, help="Store vectors projected on this many principal axes, fitted on the job's first images (OUT/pca.npy)."
+    ),
     max_carried_bytes: int = typer.Option(
         65536, min=0, help="Copy each non-image input member (cls, json, txt, ...) up to this size; 0: none."
     ),
@@ -94,6 +97,7 @@ def embed(
             dtype=dtype,
             pooled_only=pooled_only,
             max_carried_bytes=max_carried_bytes,
+            pca=pca,
             rank=rank,
             world_size=world_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,

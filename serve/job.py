@@ -35,6 +35,7 @@ from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from serve.layouts import LAYOUTS, OutputSpec, open_output
+from serve.pca import PcaError, load_or_fit, project
 from serve.progress import Progress
 from serve.quantize import DTYPES
 from serve.stats import STATS_DIR, read_summary, record_job, record_shard, write_summary
@@ -72,6 +73,7 @@ class EmbedOptions:
     dtype: str = "float16"  # float32, float16, or int8 with a float32 scale per vector
     pooled_only: bool = False  # pooled vectors only, no patch grids
     max_carried_bytes: int = 64 << 10  # non-image input members up to this size are copied; 0: none
+    pca: int | None = None  # store patch (and pooled) vectors projected on this many principal axes
     rank: int | None = None  # with world_size: a static split; None: from the environment, else shared
     world_size: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -87,6 +89,8 @@ class EmbedOptions:
             raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if self.pca is not None and self.pca < 1:
+            raise ValueError(f"--pca {self.pca} is not a number of dimensions; give one of at least 1.")
 
     @property
     def output(self) -> OutputSpec:
@@ -135,6 +139,7 @@ def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> di
         "dtype": options.dtype,
         "pooled_only": options.pooled_only,
         "max_carried_bytes": options.max_carried_bytes,
+        "pca": options.pca,
         "precision": runner.precision,
         "backend": runner.name.split("-")[0],
         "version": dmt_jepa.__version__,
@@ -327,6 +332,12 @@ def embed_shards(
     if not options.overwrite:
         check_identity(out, shards, identity)
     prepare_out_dir(out, shards)
+    projection = None
+    if options.pca is not None:
+        try:
+            projection, identity["pca_sha256"] = load_or_fit(out, runner, prep, shards, options.pca, options.overwrite)
+        except PcaError as err:
+            raise OutputDirError(str(err)) from err
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
     summary.notices += runner.notices
     summary.skipped = [s.name for s in mine if is_done(out, s.name, identity)]
@@ -335,7 +346,7 @@ def embed_shards(
     if pending:
         workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
-            _run(pending, [s.name for s in shards], out, runner, prep, identity, workers, options, summary)
+            _run(pending, [s.name for s in shards], out, runner, prep, identity, projection, workers, options, summary)
         except OSError as err:
             raise OutputWriteError(
                 f"writing into OUT_DIR {out} failed ({err.strerror or err}); the shards finished before are kept "
@@ -358,6 +369,7 @@ def _run(
     runner: Backend,
     prep: Preprocess,
     identity: dict,
+    projection: np.ndarray | None,
     workers: int,
     options: EmbedOptions,
     summary: JobSummary,
@@ -400,6 +412,8 @@ def _run(
     spec = options.output
 
     def write_batch(out: ShardOutput, keys: list[str], records: list[dict], carried: list[dict], grid, pooled) -> None:
+        if projection is not None:
+            grid, pooled = project(projection, grid), None if pooled is None else project(projection, pooled)
         for i, key in enumerate(keys):
             if records[i] is None:
                 out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
@@ -459,7 +473,8 @@ def _run(
                 raise item.error
             source = item.shard
             if source.name not in outputs:
-                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, runner.info.embed_dim)
+                dim = runner.info.embed_dim if projection is None else options.pca
+                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, dim)
                 started[source.name] = time.time()
             out = outputs[source.name]
             if isinstance(item, _Decoding):

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from serve.layouts import metadata_table
+from serve.pca import PCA_FILE
 from serve.quantize import decode
 from serve.shards import OUTPUT_FORMAT, read_record
 
@@ -152,6 +153,13 @@ class Embeddings:
         for shard in self.shards:
             self.starts.append(self.starts[-1] + len(shard.keys))
         self._index: dict[str, int] | None = None
+        # With --pca the stored vectors are coordinates on these axes: float32 [DIM + 1, D], row 0 the mean.
+        self.pca = np.load(self.out_dir / PCA_FILE) if (self.out_dir / PCA_FILE).exists() else None
+
+    def unproject(self, vectors: np.ndarray) -> np.ndarray:
+        """PCA coordinates [..., DIM] -> the model's space [..., D] (what the dropped axes held is lost)."""
+        assert self.pca is not None, "OUT_DIR was written without --pca"
+        return self.pca[0] + np.asarray(vectors, np.float32) @ self.pca[1:]
 
     def __len__(self) -> int:
         return self.starts[-1]

@@ -332,6 +332,7 @@ def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_fil
         "dtype": "float16",
         "pooled_only": False,
         "max_carried_bytes": 65536,
+        "pca": None,
         "precision": "fp32",
         "backend": "torch",
         "version": dmt_jepa.__version__,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
 
-from serve import embed_images, embed_shards, open_embeddings
+from serve import OutputDirError, embed_images, embed_shards, open_embeddings
 from serve.quantize import decode, encode
 
 
@@ -144,3 +144,29 @@ def test_carrying_off_keeps_the_old_tar_members(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "s.tar", [("a", {"png": image_bytes(70, 70), "cls": b"1"})])
     embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0, max_carried_bytes=0)
     assert set(read_output(tmp_path / "out" / "s.tar")["a"]) == {"emb.npy", "json"}
+
+
+def test_pca_projects_on_the_principal_axes_of_the_jobs_patches_and_a_new_dim_is_refused(
+    tmp_path, shards, encoder_file, reference
+):
+    emb = run(shards, encoder_file, tmp_path / "out", layout="array", dtype="float32", pca=8, pooled=True)
+    patches = np.concatenate([grid.reshape(-1, 32) for grid in reference.values()]).astype(np.float64)
+    centred = patches - patches.mean(0)
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues: the top 8 are last
+    top = eigenvectors[:, ::-1][:, :8]
+    mean, axes = emb.pca[0], emb.pca[1:]
+    np.testing.assert_allclose(mean, patches.mean(0), atol=1e-5)
+    np.testing.assert_allclose(np.abs(axes @ top), np.eye(8), atol=1e-3)  # the same axes, up to sign
+    for key in emb.keys:
+        want = (reference[key] - mean) @ axes.T
+        np.testing.assert_allclose(emb[key].patches, want, atol=1e-4)
+        np.testing.assert_allclose(emb[key].pooled, want.mean((0, 1)), atol=1e-4)
+    kept = np.linalg.norm(emb.unproject(emb["s0_0000"].patches) - mean, axis=-1)
+    assert (kept <= np.linalg.norm(reference["s0_0000"] - mean, axis=-1) + 1e-4).all()  # a projection only shrinks
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    with pytest.raises(OutputDirError, match="pca 8, this run has 4"):
+        run(shards, encoder_file, tmp_path / "out", layout="array", dtype="float32", pca=4, pooled=True)
+    again = embed_shards(str(shards[0] / "part-{0..1}.tar"), tmp_path / "out", encoder_file, workers=0, layout="array",
+                         dtype="float32", pca=8, pooled=True)  # fmt: skip
+    assert again.skipped == ["part-0", "part-1"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
