@@ -27,7 +27,9 @@ def embed(
         ...,
         help="Shards: a brace pattern (data/shard-{000..099}.tar), a file listing shard paths/URLs, or a directory.",
     ),
-    out_dir: Path = typer.Argument(..., help="Where NAME.tar and NAME.json go for each input shard NAME.tar."),
+    out_dir: str = typer.Argument(
+        ..., help="Where each input shard NAME.tar's outputs go: a folder, or an fsspec URL (s3://bucket/out, ...)."
+    ),
     model: Path = typer.Option(
         ..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."
     ),

@@ -35,10 +35,11 @@ from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from serve.layouts import LAYOUTS, OutputSpec, open_output
-from serve.pca import PcaError, load_or_fit, project
+from serve.pca import PCA_FILE, PcaError, load_or_fit, project
 from serve.progress import Progress
+from serve.remote import RemoteOut, is_url
 from serve.quantize import DTYPES
-from serve.stats import STATS_DIR, read_summary, record_job, record_shard, write_summary
+from serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 from serve.shards import (
     ShardOutput,
     ShardReader,
@@ -146,10 +147,12 @@ def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> di
     }
 
 
-def check_identity(out_dir: Path, shards: Sequence[ShardSource], identity: dict) -> None:
+def check_identity(
+    out_dir: Path | str, shards: Sequence[ShardSource], identity: dict, read: Callable[[str], dict | None]
+) -> None:
     """Refuse a run whose settings differ from those that made the shards OUT_DIR already holds."""
     for shard in shards:
-        record = read_record(out_dir, shard.name)
+        record = read(shard.name)
         difference = None if record is None else identity_difference(record, identity)
         if difference is not None:
             raise OutputDirError(
@@ -327,38 +330,82 @@ def embed_shards(
     mine = partition(shards, rank, world_size)
     runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision)
     prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
-    out = Path(out_dir)
+    remote = _open_remote(out_dir)
+    try:
+        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _open_remote(out_dir: str | os.PathLike) -> RemoteOut | None:
+    if not is_url(out_dir):
+        return None
+    try:
+        return RemoteOut(str(out_dir))
+    except (OSError, ValueError, ImportError) as err:
+        raise OutputDirError(f"cannot open OUT_DIR {out_dir} ({err}); check the URL and its credentials.") from err
+
+
+def _embed_into(
+    out_dir: str | os.PathLike,
+    remote: RemoteOut | None,
+    shards: list[ShardSource],
+    mine: list[ShardSource],
+    rank: int,
+    world_size: int,
+    runner: Backend,
+    prep: Preprocess,
+    options: EmbedOptions,
+) -> JobSummary:
+    """embed_shards once OUT_DIR is open: local, or a remote one staged in `remote.staging`."""
+    out = Path(out_dir) if remote is None else remote.staging
+    read = partial(read_record, out) if remote is None else remote.read_record
     identity = run_identity(runner, prep, options)
     if not options.overwrite:
-        check_identity(out, shards, identity)
+        check_identity(out_dir, shards, identity, read)
     prepare_out_dir(out, shards)
     projection = None
     if options.pca is not None:
+        if remote is not None:
+            remote.pull(PCA_FILE)
         try:
             projection, identity["pca_sha256"] = load_or_fit(out, runner, prep, shards, options.pca, options.overwrite)
         except PcaError as err:
             raise OutputDirError(str(err)) from err
+        if remote is not None:
+            remote.push(PCA_FILE)
+
+    def done(name: str) -> bool:
+        record = read(name)
+        return record is not None and identity_difference(record, identity) is None
+
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
     summary.notices += runner.notices
-    summary.skipped = [s.name for s in mine if is_done(out, s.name, identity)]
+    summary.skipped = [s.name for s in mine if done(s.name)]
     pending = [s for s in mine if s.name not in set(summary.skipped)]
     start = time.perf_counter()
     if pending:
         workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
-            _run(pending, [s.name for s in shards], out, runner, prep, identity, projection, workers, options, summary)
+            publish = None if remote is None else remote.publish
+            _run(pending, [s.name for s in shards], out, runner, prep, identity, projection, workers, options, summary, publish)
         except OSError as err:
             raise OutputWriteError(
-                f"writing into OUT_DIR {out} failed ({err.strerror or err}); the shards finished before are kept "
+                f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); the shards finished before are kept "
                 "and nothing half-written is left: fix the cause (free space?) and rerun the same command."
             ) from err
     summary.seconds = time.perf_counter() - start
     names = [s.name for s in shards]
-    if (summary.completed or read_summary(out) is None) and all(is_done(out, n, identity) for n in names):
+    if remote is not None:
+        remote.pull_stats()
+    if (summary.completed or read_summary(out) is None) and all(done(n) for n in names):
         try:
             summary.job = write_summary(out, names)
+            if remote is not None:
+                remote.push(f"{STATS_DIR}/{SUMMARY}")
         except OSError as err:
-            summary.notices.append(f"the job summary could not be written to {out / STATS_DIR} ({err.strerror or err})")
+            summary.notices.append(f"the job summary could not be written to {out_dir} ({err.strerror or err})")
     return summary
 
 
@@ -373,6 +420,7 @@ def _run(
     workers: int,
     options: EmbedOptions,
     summary: JobSummary,
+    publish: Callable[[str], None] | None = None,
 ) -> None:
     """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
     decoder = Decoder(workers, prep)  # forks its workers first: no other thread of ours may run yet
@@ -458,6 +506,8 @@ def _run(
                 record_shard(out_dir, source.name, started[source.name], out.embedded, out.failures, run_info)
             except OSError as err:  # the shard is done; only its figures are lost
                 summary.notices.append(f"no stats record for {source.name} ({err.strerror or err})")
+            if publish is not None:
+                publish(source.name)
         else:  # unreadable, or taken over by another process after a pause longer than the lease
             out.abort()
             if missing is not None:

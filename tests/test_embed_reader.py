@@ -170,3 +170,40 @@ def test_pca_projects_on_the_principal_axes_of_the_jobs_patches_and_a_new_dim_is
                          dtype="float32", pca=8, pooled=True)  # fmt: skip
     assert again.skipped == ["part-0", "part-1"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("layout", ["tar", "array"])
+def test_an_fsspec_out_dir_holds_the_same_bytes_as_a_local_one(tmp_path, shards, encoder_file, layout):
+    import fsspec
+
+    root, _ = shards
+    settings = dict(workers=0, batch_size=3, layout=layout, dtype="int8", pooled=True)
+    embed_shards(str(root / "part-{0..1}.tar"), tmp_path / "local", encoder_file, **settings)
+    url = f"memory://embed-test-{layout}/out"
+    remote = embed_shards(str(root / "part-{0..1}.tar"), url, encoder_file, **settings)
+    assert remote.completed == ["part-0", "part-1"] and remote.job["embedded"] == 8
+    fs = fsspec.filesystem("memory")
+    listing = fs.ls(f"/embed-test-{layout}/out", detail=True)
+    stored = {e["name"].rsplit("/", 1)[-1]: fs.cat_file(e["name"]) for e in listing if e["type"] == "file"}
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir() if p.is_file()}
+    assert stored == local and len(local) == (4 if layout == "tar" else 12)
+    assert fs.exists(f"/embed-test-{layout}/out/_stats/summary.json")
+    again = embed_shards(str(root / "part-{0..1}.tar"), url, encoder_file, **settings)
+    assert again.skipped == ["part-0", "part-1"] and again.embedded == 0
+    file_url = embed_shards(str(root / "part-{0..1}.tar"), f"file://{tmp_path}/viafile", encoder_file, **settings)
+    assert file_url.completed == ["part-0", "part-1"]
+    via_file = {p.name: p.read_bytes() for p in (tmp_path / "viafile").iterdir() if p.is_file()}
+    assert via_file == local
+
+
+def test_a_remote_shard_without_its_done_marker_is_not_done(tmp_path, shards, encoder_file):
+    import fsspec
+
+    root, _ = shards
+    url = "memory://embed-test-marker/out"
+    embed_shards(str(root / "part-{0..1}.tar"), url, encoder_file, workers=0)
+    fs = fsspec.filesystem("memory")
+    fs.rm("/embed-test-marker/out/part-1.json")  # as if killed between the data upload and the marker
+    again = embed_shards(str(root / "part-{0..1}.tar"), url, encoder_file, workers=0)
+    assert again.skipped == ["part-0"] and again.completed == ["part-1"]
+    assert json.loads(fs.cat_file("/embed-test-marker/out/part-1.json"))["embedded"] == 4
