@@ -126,7 +126,10 @@ def record_job(out_dir: Path, names: list[str]) -> None:
 
 def describe_out_dir(out_dir: Path) -> dict:
     """What an OUT_DIR holds: model and settings, counts, failures by kind, bytes, missing shards."""
-    from serve.shards import OUTPUT_FORMAT, data_files, read_record
+    from serve.shards import DATA_SUFFIXES, OUTPUT_FORMAT, data_files, read_record
+
+    suffixes = "|".join(map(re.escape, DATA_SUFFIXES))
+    partial_name = re.compile(rf"\.(.+)\.(?:{suffixes})(?:\.[^./]+)?\.partial")
 
     records = {}
     for path in sorted(out_dir.glob("*.json")):
@@ -150,7 +153,7 @@ def describe_out_dir(out_dir: Path) -> dict:
         "shards_done": len(records),
         "shards_in_job": None if job is None else len(job),
         "missing": None if job is None else [n for n in job if n not in records],
-        "in_progress": sorted({p.name.split(".")[1] for p in out_dir.glob(".*.partial")}),
+        "in_progress": sorted({m.group(1) for p in out_dir.glob(".*.partial") if (m := partial_name.fullmatch(p.name))}),
         "embedded": embedded,
         "failed": sum(r.get("failed", 0) for r in records.values()),
         "failures_by_kind": dict(kinds.most_common()),

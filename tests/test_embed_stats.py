@@ -83,6 +83,9 @@ def test_info_summarises_an_out_dir_and_names_what_is_missing(tmp_path, encoder_
     assert info["models"][0]["sha256"] and info["summary"] is None
     text = CliRunner().invoke(app, ["info", str(tmp_path / "out")]).stdout
     assert "not done: 1 (late)" in text and "3 embedded, 1 failed" in text
+    (tmp_path / "out" / ".late.v2.patches.npy.host-1-abc.partial").write_bytes(b"")
+    assert json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "out"), "--json"]).stdout)["in_progress"] == ["late.v2"]
+    (tmp_path / "out" / ".late.v2.patches.npy.host-1-abc.partial").unlink()
     write_shard(tmp_path / "in" / "late.tar", [("b", {"png": image_bytes(70, 70)})])
     embed_shards(str(tmp_path / "list.txt"), tmp_path / "out", encoder_file, workers=0, layout="array", dtype="int8")
     info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "out"), "--json"]).stdout)
