@@ -389,7 +389,8 @@ def _embed_into(
         workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
             publish = None if remote is None else remote.publish
-            _run(pending, [s.name for s in shards], out, runner, prep, identity, projection, workers, options, summary, publish)
+            names = [s.name for s in shards]
+            _run(pending, names, out, runner, prep, identity, projection, workers, options, summary, publish)
         except OSError as err:
             raise OutputWriteError(
                 f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); the shards finished before are kept "
@@ -397,10 +398,10 @@ def _embed_into(
             ) from err
     summary.seconds = time.perf_counter() - start
     names = [s.name for s in shards]
-    if remote is not None:
-        remote.pull_stats()
     if (summary.completed or read_summary(out) is None) and all(done(n) for n in names):
         try:
+            if remote is not None:
+                remote.pull_stats()  # the other workers' records, for totals over all of them
             summary.job = write_summary(out, names)
             if remote is not None:
                 remote.push(f"{STATS_DIR}/{SUMMARY}")

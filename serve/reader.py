@@ -26,7 +26,9 @@ from serve.quantize import decode
 from serve.shards import OUTPUT_FORMAT, read_record
 
 # Columns of `Embeddings.metadata()`, in order; the array layout's Parquet table plus `shard`.
-METADATA_COLUMNS = ("shard", "key", "row", "original_size", "input_size", "grid", "resize", "content", "members", "not_carried")
+METADATA_COLUMNS = (
+    "shard", "key", "row", "original_size", "input_size", "grid", "resize", "content", "members", "not_carried",
+)  # fmt: skip
 
 
 class EmbeddingsError(ValueError):

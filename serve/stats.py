@@ -143,9 +143,8 @@ def describe_out_dir(out_dir: Path) -> dict:
     kinds: Counter = Counter(failure_kind(f["reason"]) for r in records.values() for f in r.get("failures", []))
     data_bytes = sum((out_dir / f).stat().st_size for n, r in records.items() for f in data_files(r, n))
     embedded = sum(r.get("embedded", 0) for r in records.values())
-    settings = sorted(
-        {json.dumps({k: r.get("identity", {}).get(k) for k in ("layout", "dtype", "pooled", "pooled_only")}) for r in records.values()}
-    )
+    shown = ("layout", "dtype", "pooled", "pooled_only")
+    settings = sorted({json.dumps({k: r.get("identity", {}).get(k) for k in shown}) for r in records.values()})
     models = sorted({json.dumps(r.get("model"), sort_keys=True) for r in records.values()})
     return {
         "out_dir": str(out_dir),

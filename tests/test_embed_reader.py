@@ -120,7 +120,8 @@ def test_pooled_only_writes_no_patch_grids(tmp_path, shards, encoder_file, refer
     if layout == "array":
         assert not list((tmp_path / "out").glob("*.patches.npy"))
     else:
-        assert all(set(m) == {"pooled.npy", "json", "in.cls", "in.json", "in.txt"} for m in read_output(tmp_path / "out" / "part-0.tar").values())
+        members = read_output(tmp_path / "out" / "part-0.tar").values()
+        assert all(set(m) == {"pooled.npy", "json", "in.cls", "in.json", "in.txt"} for m in members)
 
 
 @pytest.mark.parametrize("layout", ["tar", "array"])
