@@ -208,3 +208,18 @@ def test_a_remote_shard_without_its_done_marker_is_not_done(tmp_path, shards, en
     again = embed_shards(str(root / "part-{0..1}.tar"), url, encoder_file, workers=0)
     assert again.skipped == ["part-0"] and again.completed == ["part-1"]
     assert json.loads(fs.cat_file("/embed-test-marker/out/part-1.json"))["embedded"] == 4
+
+
+def test_a_remote_shard_is_published_data_first_and_its_done_marker_last(tmp_path, shards, encoder_file, monkeypatch):
+    from serve.remote import RemoteOut
+
+    pushed = []
+    original = RemoteOut.push
+    monkeypatch.setattr(RemoteOut, "push", lambda self, relative: (pushed.append(relative), original(self, relative)))
+    root, _ = shards
+    embed_shards(str(root / "part-{0..1}.tar"), "memory://embed-test-order/out", encoder_file, workers=0,
+                 layout="array", dtype="int8", pooled=True)  # fmt: skip
+    for name in ("part-0", "part-1"):
+        marker = pushed.index(f"{name}.json")
+        data = [i for i, p in enumerate(pushed) if p.startswith(f"{name}.") and p != f"{name}.json"]
+        assert len(data) == 5 and max(data) < marker
