@@ -6,7 +6,10 @@ torch.onnx and run by ONNX Runtime fp32, which is what a user would do without t
 `dmtjepa embed` end to end over generated shards, and its peak memory. Random weights: the figures
 measure speed, and the cosine of each lower precision against fp32 on the same batch.
 
-    python benchmarks/embed_throughput.py [--arch vit_small] [--batch 32] [--rounds 3] [--images 192]
+    python benchmarks/embed_throughput.py [--arch vit_small] [--batch 32] [--rounds 3] [--images 192] [--layouts]
+
+`--layouts` adds an end-to-end run per output layout and dtype: bytes per image on disk, images/s,
+and the patch cosine of what was stored (read back with serve.open_embeddings) to the float32 run.
 
 On a GPU it adds torch-cuda fp32/bf16/fp16 (bf16 also under torch.compile) and onnxruntime-cuda;
 `--arch vit_base` gives the ViT-B/16 figures.
@@ -83,6 +86,8 @@ def write_shards(folder: Path, images: int, per_shard: int = 64) -> None:
     import tarfile
 
     rng = np.random.default_rng(0)
+    if folder.exists():
+        return
     folder.mkdir(parents=True)
     for shard in range(0, images, per_shard):
         with tarfile.open(folder / f"bench-{shard // per_shard:04d}.tar", "w") as tar:
@@ -96,8 +101,10 @@ def write_shards(folder: Path, images: int, per_shard: int = 64) -> None:
 END_TO_END = """
 import json, sys
 from serve.job import embed_shards
-inputs, out, model, backend, precision, batch = sys.argv[1:]
-summary = embed_shards(inputs, out, model, backend=backend, precision=precision, batch_size=int(batch))
+inputs, out, model, backend, precision, batch, settings = sys.argv[1:]
+summary = embed_shards(
+    inputs, out, model, backend=backend, precision=precision, batch_size=int(batch), **json.loads(settings)
+)
 print(json.dumps({"images": summary.embedded, "seconds": summary.seconds, "check_seconds": summary.check_seconds}))
 """
 
@@ -128,11 +135,13 @@ def _memory_mib(pids: list[int], field: str) -> float:
     return total / 1024
 
 
-def end_to_end(work: Path, model: Path, backend: str, precision: str, batch: int, images: int) -> dict:
+def end_to_end(
+    work: Path, model: Path, backend: str, precision: str, batch: int, images: int, out: str = "out", **settings
+) -> dict:
     """Run the job in its own process; sample the memory of it and its decode workers as it runs."""
     write_shards(work / "shards", images)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [str(work / "shards"), str(work / "out"), str(model), backend, precision, str(batch)]
+    args = [str(work / "shards"), str(work / out), str(model), backend, precision, str(batch), json.dumps(settings)]
     process = subprocess.Popen([sys.executable, "-c", END_TO_END, *args], env=env, stdout=subprocess.PIPE, text=True)
     peak_pss = peak_rss = 0.0
     while process.poll() is None:
@@ -147,7 +156,47 @@ def end_to_end(work: Path, model: Path, backend: str, precision: str, batch: int
     figures["images_per_s_after_check"] = figures["images"] / (figures["seconds"] - figures["check_seconds"])
     figures["peak_pss_mib"] = peak_pss  # what the job really holds, job process and decode workers together
     figures["peak_rss_sum_mib"] = peak_rss  # counts pages shared by the forked workers more than once
+    data = [p for p in (work / out).iterdir() if p.is_file() and p.suffix != ".json"]
+    figures["bytes_per_image"] = sum(p.stat().st_size for p in data) / figures["images"]
     return figures
+
+
+LAYOUT_RUNS = [
+    {"layout": "tar", "dtype": "float32"},
+    {"layout": "tar", "dtype": "float16"},
+    {"layout": "tar", "dtype": "int8"},
+    {"layout": "array", "dtype": "float32"},
+    {"layout": "array", "dtype": "float16"},
+    {"layout": "array", "dtype": "int8"},
+    {"layout": "array", "dtype": "float16", "pooled_only": True},
+    {"layout": "array", "dtype": "float16", "pca": 64},
+]
+
+
+def layout_runs(work: Path, model: Path, backend: str, precision: str, batch: int, images: int) -> list[dict]:
+    """End to end per layout and dtype, and the cosine of each stored form to the float32 one."""
+    from serve import open_embeddings
+
+    results, reference = [], None
+    for settings in LAYOUT_RUNS:
+        out = "out-" + "-".join(f"{k}{v}" for k, v in settings.items())
+        figures = end_to_end(work, model, backend, precision, batch, images, out=out, pooled=True, **settings)
+        stored = open_embeddings(work / out)
+        if "pca" in settings:
+            patches = np.concatenate([stored.unproject(b.patches) for b in stored.batches()])
+        elif settings.get("pooled_only"):
+            patches = None
+        else:
+            patches = np.concatenate([b.patches for b in stored.batches()])
+        if reference is None:
+            reference = patches  # the first run is tar float32
+        entry = {**settings, **{k: figures[k] for k in ("images", "images_per_s_after_check", "bytes_per_image")}}
+        if patches is not None:
+            cosine = patch_cosine(patches, reference)
+            entry["patch_cosine_to_float32_min"] = float(cosine.min())
+            entry["patch_cosine_to_float32_mean"] = float(cosine.mean())
+        results.append(entry)
+    return results
 
 
 def main() -> None:
@@ -159,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measurements per path, best kept")
     parser.add_argument("--images", type=int, default=192, help="images in the end-to-end run")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--layouts", action="store_true", help="also run end to end per output layout and dtype")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -241,6 +291,9 @@ def main() -> None:
             "vs_model_only": e2e["images_per_s_after_check"] / best["images_per_s"],
         },
     }
+    if args.layouts:
+        runs = layout_runs(work, best_path, best["backend"], best["precision"], args.batch, args.images)
+        result["layouts"] = [{**r, "vs_model_only": r["images_per_s_after_check"] / best["images_per_s"]} for r in runs]
     print(json.dumps(result, indent=1))
 
 

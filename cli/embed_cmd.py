@@ -43,7 +43,9 @@ def embed(
         ...,
         help="Shards: a brace pattern (data/shard-{000..099}.tar), a file listing shard paths/URLs, or a directory.",
     ),
-    out_dir: Path = typer.Argument(..., help="Where NAME.tar and NAME.json go for each input shard NAME.tar."),
+    out_dir: str = typer.Argument(
+        ..., help="Where each input shard NAME.tar's outputs go: a folder, or an fsspec URL (s3://bucket/out, ...)."
+    ),
     model: Path = typer.Option(
         ..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."
     ),
@@ -60,6 +62,17 @@ def embed(
         None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
     ),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
+    layout: str = typer.Option(
+        "tar", help="tar: a WebDataset tar per shard; array: .npy arrays (memmap-able) and a Parquet table per shard."
+    ),
+    dtype: str = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
+    pooled_only: bool = typer.Option(False, "--pooled-only", help="Write pooled vectors only, no patch grids."),
+    pca: int = typer.Option(
+        None, help="Store vectors projected on this many principal axes, fitted on the job's first images (OUT/pca.npy)."
+    ),
+    max_carried_bytes: int = typer.Option(
+        65536, min=0, help="Copy each non-image input member (cls, json, txt, ...) up to this size; 0: none."
+    ),
     rank: int = typer.Option(None, help="This process's rank (default: RANK or SLURM_PROCID, else 0)."),
     world_size: int = typer.Option(
         None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."
@@ -68,7 +81,12 @@ def embed(
         None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."
     ),
     progress: bool = typer.Option(
-        None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
+        None,
+        "--progress/--no-progress",
+        help="Progress bar (default: a bar when stderr is a terminal, else a plain line every --progress-every s).",
+    ),
+    progress_every: float = typer.Option(
+        30.0, min=0, help="Seconds between plain progress lines when stderr is not a terminal; 0: none."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo shards OUT_DIR holds from other settings (default: refuse such a run)."
@@ -85,22 +103,31 @@ def embed(
     from serve.inputs import InputError
     from serve.job import EmbedOptions, OutputDirError, OutputWriteError, embed_shards
 
-    options = EmbedOptions(
-        backend=backend,
-        precision=precision,
-        size=parse_size(size),
-        resize=resize,
-        batch_size=batch_size,
-        workers=workers,
-        pooled=pooled,
-        rank=rank,
-        world_size=world_size,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        overwrite=overwrite,
-        layers=tuple(chosen) if (chosen := parse_layers(layers)) else None,
-        lease_seconds=lease,
-    )
+    try:
+        options = EmbedOptions(
+            backend=backend,
+            precision=precision,
+            size=parse_size(size),
+            resize=resize,
+            batch_size=batch_size,
+            workers=workers,
+            pooled=pooled,
+            layout=layout,
+            dtype=dtype,
+            pooled_only=pooled_only,
+            max_carried_bytes=max_carried_bytes,
+            pca=pca,
+            rank=rank,
+            world_size=world_size,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            progress=sys.stderr.isatty() if progress is None else progress,
+            progress_every=progress_every if progress is None else 0.0,
+            overwrite=overwrite,
+            layers=tuple(chosen) if (chosen := parse_layers(layers)) else None,
+            lease_seconds=lease,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
     try:
         summary = embed_shards(input, out_dir, model, options)
     except (InputError, BackendError, OutputDirError, EncoderFileError) as err:
@@ -124,6 +151,13 @@ def embed(
         f"{len(summary.cut_shards)} shards cut off; {summary.images_per_second:.1f} images/s on "
         f"{summary.backend} {summary.precision}{check}; outputs in {out_dir}"
     )
+    if summary.job is not None:
+        job = summary.job
+        typer.echo(
+            f"job: all {job['shards']} shards done by {job['workers']} workers: {job['embedded']} images embedded, "
+            f"{job['failed']} failed, {job['images_per_second']:.1f} images/s over {job['wall_seconds']:.0f} s "
+            f"(totals in {out_dir}/_stats/summary.json)"
+        )
     if summary.missing:
         name, reason = next(iter(summary.missing.items()))
         typer.echo(

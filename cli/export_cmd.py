@@ -79,16 +79,54 @@ def export(
 
 
 def info(
-    file: Annotated[Path, typer.Argument(help="Encoder .safetensors, .onnx model, or .engine / its .engine.json.")],
+    file: Annotated[
+        Path, typer.Argument(help="Encoder .safetensors, .onnx model, .engine / its .engine.json, or an embed OUT_DIR.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
 ) -> None:
-    """Print what an encoder file, ONNX model or TensorRT engine says about itself."""
+    """Print what an encoder file, ONNX model or TensorRT engine says about itself, or summarise an embed OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
     from export.errors import ExportError
     from export.info import describe, format_description
+
+    if file.is_dir():
+        from serve.stats import describe_out_dir
+
+        description = describe_out_dir(file)
+        typer.echo(json.dumps(description, indent=2) if as_json else format_out_dir(description))
+        return
 
     try:
         description = describe(file)
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
     typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+
+
+def format_out_dir(d: dict) -> str:
+    """`dmtjepa info OUT_DIR` as text: one fact per line."""
+    job = "" if d["shards_in_job"] is None else f" of {d['shards_in_job']} in the job"
+    lines = [f"{d['out_dir']}: {d['format']}", f"  shards done: {d['shards_done']}{job}"]
+    if d["missing"]:
+        shown = ", ".join(d["missing"][:10]) + (" ..." if len(d["missing"]) > 10 else "")
+        lines.append(f"  not done: {len(d['missing'])} ({shown})")
+    if d["in_progress"]:
+        lines.append(f"  being written now (or left by a killed run): {', '.join(d['in_progress'])}")
+    for model in d["models"]:
+        if model:
+            lines.append(f"  model: {model.get('file')} ({model.get('arch')}, sha256 {str(model.get('sha256'))[:12]})")
+    for setting in d["settings"]:
+        lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in setting.items()) + f", input {d['input_size']}")
+    lines.append(f"  images: {d['embedded']} embedded, {d['failed']} failed, {len(d['cut_shards'])} shards cut off")
+    for kind, count in d["failures_by_kind"].items():
+        lines.append(f"    {count} x {kind}")
+    per_image = "" if d["bytes_per_image"] is None else f" ({d['bytes_per_image']:.0f} bytes per image)"
+    lines.append(f"  data: {d['data_bytes']} bytes{per_image}")
+    job_summary = d["summary"]
+    if job_summary is not None:
+        lines.append(
+            f"  job summary: {job_summary['embedded']} images, {job_summary['failed']} failed, "
+            f"{job_summary['workers']} workers, {job_summary['wall_seconds']:.1f} s wall, "
+            f"{job_summary['images_per_second']:.1f} images/s, dmt-jepa {', '.join(job_summary['versions'])}"
+        )
+    return "\n".join(lines)

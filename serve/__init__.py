@@ -1,8 +1,8 @@
 """Inference backends behind one interface, and the shard -> dense embeddings batch job.
 
 Public API: `embed_shards` (the job behind `dmtjepa embed`), `embed_images` (the same in memory),
-`load_backend`. They are imported on first use so that decode worker processes, which import
-`serve.images`, do not pay for torch.
+`open_embeddings` (an OUT_DIR read back), `load_backend`. They are imported on first use so that
+decode worker processes, which import `serve.images`, do not pay for torch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ _EXPORTS = {
     "OutputDirError": "serve.job",
     "OutputWriteError": "serve.job",
     "embed_images": "serve.api",
+    "open_embeddings": "serve.reader",
+    "Embeddings": "serve.reader",
+    "EmbeddingsError": "serve.reader",
     "load_backend": "serve.backends",
     "Backend": "serve.backends",
     "BackendError": "serve.backends",

@@ -34,6 +34,12 @@ from serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
 from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
+from serve.layouts import LAYOUTS, OutputSpec, open_output
+from serve.pca import PCA_FILE, PcaError, load_or_fit, project
+from serve.progress import Progress
+from serve.remote import RemoteOut, is_url
+from serve.quantize import DTYPES
+from serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 from serve.shards import (
     ShardOutput,
     ShardReader,
@@ -64,10 +70,16 @@ class EmbedOptions:
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: half the CPUs, at least one; 0: in a thread
     pooled: bool = False
+    layout: str = "tar"  # tar: WebDataset samples; array: .npy arrays and a Parquet table per shard
+    dtype: str = "float16"  # float32, float16, or int8 with a float32 scale per vector
+    pooled_only: bool = False  # pooled vectors only, no patch grids
+    max_carried_bytes: int = 64 << 10  # non-image input members up to this size are copied; 0: none
+    pca: int | None = None  # store patch (and pooled) vectors projected on this many principal axes
     rank: int | None = None  # with world_size: a static split; None: from the environment, else shared
     world_size: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = False
+    progress: bool = False  # a bar on stderr (for a terminal)
+    progress_every: float = 0.0  # without the bar: a plain progress line on stderr this often (seconds); 0: none
     overwrite: bool = False  # redo shards that OUT_DIR holds from other settings, instead of refusing
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a claim unchanged this long belongs to a dead process
     max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
@@ -75,6 +87,20 @@ class EmbedOptions:
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if self.pca is not None and self.pca < 1:
+            raise ValueError(f"--pca {self.pca} is not a number of dimensions; give one of at least 1.")
+        if self.layers and self.layout != "tar":
+            raise ValueError("--layers is written in the tar layout only; use --layout tar or leave --layers out.")
+        if self.layers and self.pca is not None:
+            raise ValueError("--layers and --pca cannot be combined: the layers would stay unprojected; choose one.")
+
+    @property
+    def output(self) -> OutputSpec:
+        return OutputSpec(self.layout, self.dtype, self.pooled, self.pooled_only)
 
 
 @dataclass
@@ -94,6 +120,7 @@ class JobSummary:
     backend: str = ""
     precision: str = ""
     notices: list[str] = field(default_factory=list)  # one line each, for the user
+    job: dict | None = None  # the summary over all workers, once this run saw every shard done
     worst_patch_cosine: float | None = None  # first-batch check against fp32, where one ran
     check_seconds: float = 0.0  # part of `seconds` spent on that check (it runs the first batch twice)
 
@@ -107,13 +134,18 @@ class JobSummary:
         return len(self.shards) - len(self.skipped) - len(self.completed) - len(self.missing)
 
 
-def run_identity(runner: Backend, prep: Preprocess, pooled: bool) -> dict:
+def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> dict:
     """What makes a shard's bytes what they are; a shard made otherwise is not this run's to skip."""
     return {
         "model_sha256": runner.model_sha256,
         "input_size": list(prep.size),
         "resize": prep.resize,
-        "pooled": pooled,
+        "pooled": options.pooled,
+        "layout": options.layout,
+        "dtype": options.dtype,
+        "pooled_only": options.pooled_only,
+        "max_carried_bytes": options.max_carried_bytes,
+        "pca": options.pca,
         "precision": runner.precision,
         "backend": runner.name.split("-")[0],
         "version": dmt_jepa.__version__,
@@ -121,10 +153,12 @@ def run_identity(runner: Backend, prep: Preprocess, pooled: bool) -> dict:
     }
 
 
-def check_identity(out_dir: Path, shards: Sequence[ShardSource], identity: dict) -> None:
+def check_identity(
+    out_dir: Path | str, shards: Sequence[ShardSource], identity: dict, read: Callable[[str], dict | None]
+) -> None:
     """Refuse a run whose settings differ from those that made the shards OUT_DIR already holds."""
     for shard in shards:
-        record = read_record(out_dir, shard.name)
+        record = read(shard.name)
         difference = None if record is None else identity_difference(record, identity)
         if difference is not None:
             raise OutputDirError(
@@ -160,6 +194,8 @@ class _Decoding(NamedTuple):
     key: str
     task: Future  # (pixels, record), or raises ImageRejected
     data: bytes  # the encoded image, kept to decode it again if its worker dies
+    carried: dict[str, bytes]  # the sample's non-image members, copied to its output
+    not_carried: list[str]  # extensions of non-image members too large to copy
 
 
 class _ShardEnd(NamedTuple):
@@ -214,6 +250,7 @@ class _ByteBudget:
 
 def _read_shards(
     shards: Iterator[ShardSource],
+    max_carried_bytes: int,
     decoder: Decoder,
     budget: _ByteBudget,
     out: queue.Queue,
@@ -228,17 +265,19 @@ def _read_shards(
             except OSError as err:
                 missing = f"cannot open {source.url} ({err.strerror or err})"
             else:
-                reader = ShardReader(stream, images_only=True)
+                reader = ShardReader(stream, images_only=True, max_carried_bytes=max_carried_bytes)
                 try:
                     with stream:
                         for sample in reader:
+                            carried = sample.carried()
                             try:
                                 data = sample.image()[1]
-                                budget.acquire(len(data), stop)
+                                budget.acquire(len(data) + sum(map(len, carried.values())), stop)
                                 task = decoder.submit(data)
                             except ImageRejected as err:
-                                data, task = b"", finished(error=err)
-                            _put(out, _Decoding(source, sample.key, task, data), stop)
+                                data, task, carried = b"", finished(error=err), {}
+                            item = _Decoding(source, sample.key, task, data, carried, sample.not_carried)
+                            _put(out, item, stop)
                     cut = reader.cut
                 except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
                     cut = f"cannot read the shard ({err}); the samples before the error were kept"
@@ -278,50 +317,6 @@ class _Writer(threading.Thread):
         self.join()
 
 
-class _Progress:
-    """A progress bar on stderr over shards, with images and images/s; does nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("embedding"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("shards  {task.fields[images]} images  {task.fields[rate]:.1f} images/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task("embed", total=total, images=0, rate=0.0)
-        self.bar.start()
-        self.started = time.perf_counter()
-
-    def images(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, images=count, rate=count / max(time.perf_counter() - self.started, 1e-9))
-
-    def shard_done(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def embed_shards(
     inputs: str | Sequence[str],
     out_dir: str | os.PathLike,
@@ -341,38 +336,98 @@ def embed_shards(
     mine = partition(shards, rank, world_size)
     runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
     prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
-    out = Path(out_dir)
-    identity = run_identity(runner, prep, options.pooled)
+    remote = _open_remote(out_dir)
+    try:
+        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _open_remote(out_dir: str | os.PathLike) -> RemoteOut | None:
+    if not is_url(out_dir):
+        return None
+    try:
+        return RemoteOut(str(out_dir))
+    except (OSError, ValueError, ImportError) as err:
+        raise OutputDirError(f"cannot open OUT_DIR {out_dir} ({err}); check the URL and its credentials.") from err
+
+
+def _embed_into(
+    out_dir: str | os.PathLike,
+    remote: RemoteOut | None,
+    shards: list[ShardSource],
+    mine: list[ShardSource],
+    rank: int,
+    world_size: int,
+    runner: Backend,
+    prep: Preprocess,
+    options: EmbedOptions,
+) -> JobSummary:
+    """embed_shards once OUT_DIR is open: local, or a remote one staged in `remote.staging`."""
+    out = Path(out_dir) if remote is None else remote.staging
+    read = partial(read_record, out) if remote is None else remote.read_record
+    identity = run_identity(runner, prep, options)
     if not options.overwrite:
-        check_identity(out, shards, identity)
+        check_identity(out_dir, shards, identity, read)
     prepare_out_dir(out, shards)
+    projection = None
+    if options.pca is not None:
+        if remote is not None:
+            remote.pull(PCA_FILE)
+        try:
+            projection, identity["pca_sha256"] = load_or_fit(out, runner, prep, shards, options.pca, options.overwrite)
+        except PcaError as err:
+            raise OutputDirError(str(err)) from err
+        if remote is not None:
+            remote.push(PCA_FILE)
+
+    def done(name: str) -> bool:
+        record = read(name)
+        return record is not None and identity_difference(record, identity) is None
+
     summary = JobSummary(rank, world_size, [s.name for s in mine], backend=runner.name, precision=runner.precision)
     summary.notices += runner.notices
-    summary.skipped = [s.name for s in mine if is_done(out, s.name, identity)]
+    summary.skipped = [s.name for s in mine if done(s.name)]
     pending = [s for s in mine if s.name not in set(summary.skipped)]
     start = time.perf_counter()
     if pending:
         workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
-            _run(pending, out, runner, prep, identity, workers, options, summary)
+            publish = None if remote is None else remote.publish
+            names = [s.name for s in shards]
+            _run(pending, names, out, runner, prep, identity, projection, workers, options, summary, publish)
         except OSError as err:
             raise OutputWriteError(
-                f"writing into OUT_DIR {out} failed ({err.strerror or err}); the shards finished before are kept "
+                f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); the shards finished before are kept "
                 "and nothing half-written is left: fix the cause (free space?) and rerun the same command."
             ) from err
     summary.seconds = time.perf_counter() - start
+    names = [s.name for s in shards]
+    if (summary.completed or read_summary(out) is None) and all(done(n) for n in names):
+        try:
+            if remote is not None:
+                remote.pull_stats()  # the other workers' records, for totals over all of them
+            summary.job = write_summary(out, names)
+            if remote is not None:
+                remote.push(f"{STATS_DIR}/{SUMMARY}")
+        except OSError as err:
+            summary.notices.append(f"the job summary could not be written to {out_dir} ({err.strerror or err})")
     return summary
 
 
 def _run(
     pending: list[ShardSource],
+    job: list[str],
     out_dir: Path,
     runner: Backend,
     prep: Preprocess,
     identity: dict,
+    projection: np.ndarray | None,
     workers: int,
     options: EmbedOptions,
     summary: JobSummary,
+    publish: Callable[[str], None] | None = None,
 ) -> None:
     """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
     decoder = Decoder(workers, prep)  # forks its workers first: no other thread of ours may run yet
@@ -389,7 +444,10 @@ def _run(
             yield source
 
     reader = threading.Thread(
-        target=_read_shards, args=(claimed(), decoder, budget, samples, stop), name="embed-reader", daemon=True
+        target=_read_shards,
+        args=(claimed(), options.max_carried_bytes, decoder, budget, samples, stop),
+        name="embed-reader",
+        daemon=True,
     )
     writer = _Writer(depth=4)
     outputs: dict[str, ShardOutput] = {}  # shards not yet committed; what is left here at the end is removed
@@ -397,25 +455,33 @@ def _run(
         "input_size": list(prep.size),
         "resize": prep.resize,
         "pooled": options.pooled,
+        "layout": options.layout,
+        "dtype": options.dtype,
         "identity": identity,
         **runner.describe(),
     }
     if runner.layers:
         shard_info["layers"] = list(runner.layers)
-    bar = _Progress(options.progress, len(pending))
-    batch: list[tuple[str, np.ndarray, dict]] = []
+    bar = Progress(options.progress, options.progress_every, len(pending))
+    started: dict[str, float] = {}
+    run_info = {"rank": summary.rank, "world_size": summary.world_size, "backend": runner.name, "precision": runner.precision}
+    batch: list[tuple[str, np.ndarray, dict, dict]] = []
+    spec = options.output
 
-    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], grid, pooled, maps: dict) -> None:
+    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], carried: list[dict], grid, pooled, maps: dict) -> None:
+        if projection is not None:
+            grid, pooled = project(projection, grid), None if pooled is None else project(projection, pooled)
         for i, key in enumerate(keys):
             if records[i] is None:
                 out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
             else:
-                out.add(key, grid[i], records[i], None if pooled is None else pooled[i], {k: v[i] for k, v in maps.items()})
+                layers = {"layers": {k: v[i] for k, v in maps.items()}} if maps else {}
+                out.add(key, grid[i], records[i], None if pooled is None else pooled[i], carried[i], **layers)
 
     def flush(out: ShardOutput) -> None:
         if not batch:
             return
-        keys, arrays, records = (list(column) for column in zip(*batch, strict=True))
+        keys, arrays, records, carried = (list(column) for column in zip(*batch, strict=True))
         pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
         first = summary.embedded == 0 and summary.worst_patch_cosine is None
         if first:
@@ -434,17 +500,25 @@ def _run(
         for i in np.flatnonzero(~finite):
             records[i] = None
         layer_maps = dict(zip(runner.layers, maps, strict=True))
-        writer.submit(partial(write_batch, out, keys, records, grid, pool_vec if options.pooled else None, layer_maps))
+        writer.submit(partial(write_batch, out, keys, records, carried, grid, pool_vec if spec.writes_pooled else None, layer_maps))
         summary.embedded += int(finite.sum())
         summary.failed += int((~finite).sum())
         batch.clear()
-        bar.images(summary.embedded)
+        bar.update(summary.embedded, summary.failed)
 
     def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
         """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
         if missing is None and claims.owns(source.name):
             out.commit(record)
             summary.completed.append(source.name)
+            try:
+                if len(summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was
+                    record_job(out_dir, job)
+                record_shard(out_dir, source.name, started[source.name], out.embedded, out.failures, run_info)
+            except OSError as err:  # the shard is done; only its figures are lost
+                summary.notices.append(f"no stats record for {source.name} ({err.strerror or err})")
+            if publish is not None:
+                publish(source.name)
         else:  # unreadable, or taken over by another process after a pause longer than the lease
             out.abort()
             if missing is not None:
@@ -460,7 +534,9 @@ def _run(
                 raise item.error
             source = item.shard
             if source.name not in outputs:
-                outputs[source.name] = ShardOutput(out_dir, source.name, owner)
+                dim = runner.info.embed_dim if projection is None else options.pca
+                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, dim)
+                started[source.name] = time.time()
             out = outputs[source.name]
             if isinstance(item, _Decoding):
                 try:
@@ -470,8 +546,10 @@ def _run(
                     summary.failed += 1
                     continue
                 finally:
-                    budget.release(len(item.data))
-                batch.append((item.key, array, record))
+                    budget.release(len(item.data) + sum(map(len, item.carried.values())))
+                if item.not_carried:
+                    record = {**record, "not_carried": item.not_carried}
+                batch.append((item.key, array, record, item.carried))
                 if len(batch) == options.batch_size:
                     flush(out)
             else:
@@ -484,6 +562,7 @@ def _run(
         writer.close()
         if writer.error is not None:
             raise writer.error
+        bar.finish()
     finally:
         stop.set()
         reader.join(timeout=10)

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from serve.images import ImageRejected
+from serve.quantize import encode
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
@@ -31,6 +32,8 @@ MAX_EXTENSION_HEADER_BYTES = 1 << 20
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
+# Every file a shard may have in OUT_DIR besides NAME.json, as NAME.SUFFIX (tar and array layouts).
+DATA_SUFFIXES = ("tar", "json", "patches.npy", "patches_scale.npy", "pooled.npy", "pooled_scale.npy", "parquet")
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest is the extension.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -43,6 +46,7 @@ class Sample:
     members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
     names: list[str] = field(default_factory=list)  # extensions of every member, kept or not
+    not_carried: list[str] = field(default_factory=list)  # non-image members over the carried size bound
 
     def image(self) -> tuple[str, bytes]:
         """The member holding the image: the first extension in IMAGE_EXTENSIONS order."""
@@ -54,6 +58,10 @@ class Sample:
                 return by_lower[ext], self.members[by_lower[ext]]
         found = ", ".join(sorted(self.names)) or "nothing"
         raise ImageRejected(f"the sample has no image member (found: {found})")
+
+    def carried(self) -> dict[str, bytes]:
+        """The non-image members kept, by extension, in archive order."""
+        return {ext: data for ext, data in self.members.items() if ext.lower() not in IMAGE_EXTENSIONS}
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -108,11 +116,16 @@ class ShardReader:
     """Iterate the samples of one tar stream; after iteration `cut` says how the stream was damaged."""
 
     def __init__(
-        self, stream: BinaryIO, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, images_only: bool = False
+        self,
+        stream: BinaryIO,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        images_only: bool = False,
+        max_carried_bytes: int = 0,
     ):
         self.stream = stream
         self.max_member_bytes = max_member_bytes
         self.images_only = images_only
+        self.max_carried_bytes = max_carried_bytes  # with images_only: non-image members up to this size are kept
         self.cut: str | None = None
         self.offset = 0
         self._read_error = ""  # why the stream stopped early, when it raised rather than ended
@@ -230,7 +243,8 @@ class ShardReader:
         A sample with a member that cannot be used (a link, an oversized or repeated member) is
         refused whole, with the reason: which of two `KEY.jpg` members was meant is unknowable.
         With `images_only`, only the highest-ranked image member's bytes are kept, so that a sample
-        of many large members costs the memory of one.
+        of many large members costs the memory of one, and beside it the non-image members of at
+        most `max_carried_bytes` each; larger ones are named in `Sample.not_carried`.
         """
         seen: set[str] = set()
         current: Sample | None = None
@@ -249,19 +263,25 @@ class ShardReader:
             current.names.append(ext)
             if problem is not None:
                 current.error = current.error or problem
-            elif current.error is None and self._keeps(ext, current):
-                if self.images_only:
-                    current.members.clear()
+            elif current.error is None and self._keeps(ext, current, len(data)):
+                if self.images_only and ext.lower() in IMAGE_EXTENSIONS:
+                    for held in [e for e in current.members if e.lower() in IMAGE_EXTENSIONS]:
+                        del current.members[held]
                 current.members[ext] = data
         if current is not None:
             yield current
 
-    def _keeps(self, ext: str, sample: Sample) -> bool:
+    def _keeps(self, ext: str, sample: Sample, size: int) -> bool:
         if not self.images_only:
             return True
         if ext.lower() not in IMAGE_EXTENSIONS:
-            return False
-        held = [IMAGE_EXTENSIONS.index(e.lower()) for e in sample.members]
+            if not self.max_carried_bytes or not ext:
+                return False
+            if size > self.max_carried_bytes:
+                sample.not_carried.append(ext)
+                return False
+            return True
+        held = [IMAGE_EXTENSIONS.index(e.lower()) for e in sample.members if e.lower() in IMAGE_EXTENSIONS]
         return not held or IMAGE_EXTENSIONS.index(ext.lower()) < min(held)
 
 
@@ -312,7 +332,8 @@ class ShardOutput:
     the same file even when one takes over a shard another was still writing.
     """
 
-    def __init__(self, out_dir: Path, name: str, owner: str = ""):
+    def __init__(self, out_dir: Path, name: str, owner: str = "", dtype: str = "float16", patches: bool = True):
+        self.dtype, self.patches = dtype, patches
         self.tar_path = out_dir / f"{name}.tar"
         self.json_path = out_dir / f"{name}.json"
         suffix = f".{owner}.partial" if owner else ".partial"
@@ -333,22 +354,30 @@ class ShardOutput:
         embedding: np.ndarray,
         record: dict,
         pooled: np.ndarray | None = None,
+        carried: dict[str, bytes] | None = None,
         layers: dict[int, np.ndarray] | None = None,
     ) -> None:
-        """One embedded sample: emb.npy float16 [h, w, D], json, pooled.npy float16 [D] and
-        layer_<i>.npy float16 [h, w, D] if asked.
+        """One embedded sample: emb.npy [h, w, D] (unless patches are off), pooled.npy [D] if given,
+        layer_<i>.npy [h, w, D] per asked layer, in the output dtype (int8 with a STEM_scale.npy
+        beside), json, then the input's own non-image members as `in.EXT`, a prefix that keeps them
+        apart from ours.
 
         Member names use `safe_key(key)`; where that differs from the key, the json keeps the key.
         """
         name = safe_key(key)
         if name != key:
             record = {**record, "key": key}
-        self._member(f"{name}.emb.npy", npy_bytes(embedding.astype(np.float16)))
-        if pooled is not None:
-            self._member(f"{name}.pooled.npy", npy_bytes(pooled.astype(np.float16)))
-        for index, grid in (layers or {}).items():
-            self._member(f"{name}.layer_{index}.npy", npy_bytes(grid.astype(np.float16)))
+        stems = [("emb", embedding if self.patches else None), ("pooled", pooled)]
+        stems += [(f"layer_{index}", grid) for index, grid in (layers or {}).items()]
+        for stem, vectors in stems:
+            if vectors is not None:
+                values, scale = encode(vectors, self.dtype)
+                self._member(f"{name}.{stem}.npy", npy_bytes(values))
+                if scale is not None:
+                    self._member(f"{name}.{stem}_scale.npy", npy_bytes(scale))
         self._member(f"{name}.json", json.dumps(record, sort_keys=True).encode())
+        for ext, data in (carried or {}).items():
+            self._member(f"{name}.in.{ext}", data)
         self.embedded += 1
 
     def fail(self, key: str, reason: str) -> None:
@@ -365,17 +394,7 @@ class ShardOutput:
             self._tar.close()
             _fsync(self.partial)
             os.replace(self.partial, self.tar_path)
-            summary = {
-                "format": OUTPUT_FORMAT,
-                "format_version": OUTPUT_FORMAT_VERSION,
-                **record,
-                "embedded": self.embedded,
-                "failed": len(self.failures),
-                "failures": self.failures,
-            }
-            self.json_partial.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            _fsync(self.json_partial)
-            os.replace(self.json_partial, self.json_path)
+            write_done_record(self.json_partial, self.json_path, record, self.embedded, self.failures)
         except BaseException:
             self.abort()
             raise
@@ -391,6 +410,21 @@ class ShardOutput:
         self.json_partial.unlink(missing_ok=True)
 
 
+def write_done_record(partial: Path, path: Path, record: dict, embedded: int, failures: list[dict]) -> None:
+    """Write NAME.json aside, then rename it into place: the step that marks a shard done."""
+    summary = {
+        "format": OUTPUT_FORMAT,
+        "format_version": OUTPUT_FORMAT_VERSION,
+        **record,
+        "embedded": embedded,
+        "failed": len(failures),
+        "failures": failures,
+    }
+    partial.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    _fsync(partial)
+    os.replace(partial, path)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -398,7 +432,7 @@ def _fsync(path: Path) -> None:
 
 def remove_leftovers(out_dir: Path, name: str, owner: str) -> None:
     """Delete the files aside that earlier owners of shard NAME left (killed mid-shard); keep `owner`'s."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:tar|json)(?:\.([^./]+))?\.partial")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:{'|'.join(map(re.escape, DATA_SUFFIXES))})(?:\.([^./]+))?\.partial")
     with os.scandir(out_dir) as entries:
         for entry in entries:
             match = pattern.fullmatch(entry.name)
@@ -407,15 +441,22 @@ def remove_leftovers(out_dir: Path, name: str, owner: str) -> None:
 
 
 def read_record(out_dir: Path, name: str) -> dict | None:
-    """The NAME.json of a shard that has both of its files, or None (not done, or unreadable)."""
-    json_path, tar_path = out_dir / f"{name}.json", out_dir / f"{name}.tar"
+    """The NAME.json of a shard whose data files all exist, or None (not done, or unreadable)."""
     try:
-        record = json.loads(json_path.read_text())
+        record = json.loads((out_dir / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT or not tar_path.is_file():
+    if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT:
+        return None
+    if not all((out_dir / file).is_file() for file in data_files(record, name)):
         return None
     return record
+
+
+def data_files(record: dict, name: str) -> list[str]:
+    """The data files a shard's NAME.json vouches for: its `files`, else (the tar layout) NAME.tar."""
+    files = record.get("files")
+    return [str(f) for f in files] if isinstance(files, list) else [f"{name}.tar"]
 
 
 def identity_difference(record: dict, identity: dict) -> str | None:

@@ -34,6 +34,7 @@ from cli.main import app
 from dmt_jepa.encoder_file import file_sha256
 from serve import embed_shards
 from serve.images import prepare
+from serve.stats import STATS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -59,7 +60,8 @@ def reference_embedding(data: bytes) -> tuple[np.ndarray, list[int]]:
 
 
 def snapshot(out_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+    """The byte-reproducible files: everything but the stats directory (timings, hosts)."""
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir()) if p.name != STATS_DIR}
 
 
 def test_outputs_equal_pytorch_with_documented_shapes(tmp_path, encoder_file):
@@ -301,6 +303,8 @@ def test_rerun_with_other_settings_refuses_naming_the_difference(tmp_path, encod
         (["--model", str(encoder_file), "--size", "128"], "input_size"),
         (["--model", str(encoder_file), "--resize", "pad"], "resize"),
         (["--model", str(encoder_file), "--pooled"], "pooled"),
+        (["--model", str(encoder_file), "--layout", "array"], "layout"),
+        (["--model", str(encoder_file), "--dtype", "int8"], "dtype"),
     ]:
         result = CliRunner().invoke(app, ["embed", str(tmp_path / "in" / "s{0..3}.tar"), str(tmp_path / "out"), *extra])
         assert result.exit_code == 2, result.output
@@ -324,6 +328,11 @@ def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_fil
         "input_size": [64, 64],
         "resize": "crop",
         "pooled": False,
+        "layout": "tar",
+        "dtype": "float16",
+        "pooled_only": False,
+        "max_carried_bytes": 65536,
+        "pca": None,
         "precision": "fp32",
         "backend": "torch",
         "version": dmt_jepa.__version__,
@@ -339,7 +348,8 @@ def test_a_missing_shard_is_reported_and_done_once_it_appears(tmp_path, encoder_
     args = ["embed", str(tmp_path / "list.txt"), str(tmp_path / "out"), "--model", str(encoder_file), "--workers", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3 and "late" in result.stderr and "not done" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.json", "s0.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_stats", "s0.json", "s0.tar"]
+    assert not (tmp_path / "out" / STATS_DIR / "summary.json").exists()  # the job is not complete
     write_shard(tmp_path / "in" / "late.tar", photo_samples("l", 2, seed=5))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "1 shards embedded, 1 already done" in result.output

@@ -1,0 +1,103 @@
+"""`--pca DIM`: patch vectors projected on the principal axes of the job's own patches.
+
+The projection is fitted once, on the patches of the first images of the input (in input order,
+so every worker that fits it fits the same one), and stored as OUT/pca.npy, float32 [DIM + 1, D]:
+row 0 the mean, rows 1.. the axes by decreasing variance. Every shard is projected with that file;
+its sha256 is part of the run identity, so a shard made with another projection is never mixed
+in, and a rerun asking another DIM is refused.
+    stored = (x - mean) @ axes.T          x ~= mean + stored @ axes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from serve.backends import Backend
+from serve.images import ImageRejected, Preprocess, prepare
+from serve.inputs import ShardSource
+from serve.shards import ShardReader, open_source
+
+PCA_FILE = "pca.npy"
+FIT_IMAGES = 256  # x (h * w) patches: 50 000 at 224 px and patch 16, ample for the axes of D <= 1280
+
+
+class PcaError(ValueError):
+    """The projection cannot be fitted or does not match OUT_DIR's; one sentence for the user."""
+
+
+def _sample_pixels(shards: Sequence[ShardSource], prep: Preprocess, count: int) -> list[np.ndarray]:
+    pixels: list[np.ndarray] = []
+    for source in shards:
+        try:
+            with open_source(source.url) as stream:
+                for sample in ShardReader(stream, images_only=True):
+                    try:
+                        pixels.append(prepare(sample.image()[1], prep)[0])
+                    except ImageRejected:
+                        continue
+                    if len(pixels) == count:
+                        return pixels
+        except OSError:
+            continue  # an unreadable shard is the job's to report
+    return pixels
+
+
+def fit(runner: Backend, prep: Preprocess, shards: Sequence[ShardSource], dim: int, images: int = FIT_IMAGES) -> np.ndarray:
+    """float32 [dim + 1, D]: the mean patch vector, then the top `dim` principal axes."""
+    pixels = _sample_pixels(shards, prep, images)
+    vectors = []
+    for start in range(0, len(pixels), 32):
+        grid = runner.run_pixels(np.stack(pixels[start : start + 32]))[0]  # [B, h, w, D]
+        vectors.append(grid.reshape(-1, grid.shape[-1]).astype(np.float64))
+    if not vectors or sum(map(len, vectors)) <= dim:
+        raise PcaError(f"--pca {dim} needs more than {dim} patch vectors to fit on, and the input's images give fewer.")
+    patches = np.concatenate(vectors)  # [N, D]
+    if dim > patches.shape[1]:
+        raise PcaError(f"--pca {dim} is more than the model's {patches.shape[1]} dimensions; choose at most that.")
+    mean = patches.mean(axis=0)
+    _, _, axes = np.linalg.svd(patches - mean, full_matrices=False)
+    axes = axes[:dim]
+    axes *= np.where(axes[np.arange(dim), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]  # a fixed sign per axis
+    return np.concatenate([mean[None], axes]).astype(np.float32)
+
+
+def load_or_fit(
+    out_dir: Path, runner: Backend, prep: Preprocess, shards: Sequence[ShardSource], dim: int, refit: bool
+) -> tuple[np.ndarray, str]:
+    """OUT/pca.npy as (matrix, sha256): the one there (refused if of another DIM), else fitted and stored."""
+    path = out_dir / PCA_FILE
+    if path.exists() and not refit:
+        matrix = np.load(path)
+        if matrix.shape[0] - 1 != dim:
+            raise PcaError(
+                f"OUT_DIR {out_dir} was projected with --pca {matrix.shape[0] - 1}, this run asks --pca {dim}; rerun "
+                "with the same DIM, choose another OUT_DIR, or pass --overwrite to refit and redo every shard."
+            )
+        return matrix, _sha256(path)
+    matrix = fit(runner, prep, shards, dim)
+    partial = out_dir / f".{PCA_FILE}.{os.getpid()}.partial"
+    with open(partial, "wb") as f:  # a file object: np.save would add .npy to a name
+        np.save(f, matrix, allow_pickle=False)
+    if refit:
+        os.replace(partial, path)
+    else:
+        try:  # a worker that fitted at the same moment may have stored one already: use that one
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        partial.unlink()
+    return np.load(path), _sha256(path)
+
+
+def project(matrix: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """float [..., D] -> float32 [..., DIM]."""
+    return ((np.asarray(vectors, np.float32) - matrix[0]) @ matrix[1:].T).astype(np.float32)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
