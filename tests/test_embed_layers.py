@@ -60,7 +60,7 @@ def test_job_writes_one_array_per_layer(tmp_path, models):
     written = read_output(tmp_path / "out" / "part.tar")
     backend = load_backend(models["encoder"], layers=[0])
     for key, members in samples:
-        assert sorted(written[key]) == ["emb.npy", "json", "layer_0.npy", "layer_1.npy"]
+        assert sorted(written[key]) == ["emb.npy", "in.cls", "json", "layer_0.npy", "layer_1.npy"]
         first = np.load(io.BytesIO(written[key]["layer_0.npy"]))
         last = np.load(io.BytesIO(written[key]["layer_1.npy"]))
         emb = np.load(io.BytesIO(written[key]["emb.npy"]))
@@ -70,3 +70,12 @@ def test_job_writes_one_array_per_layer(tmp_path, models):
         _, _, want = backend.run_pixels(np.array(pixels[None]))
         np.testing.assert_allclose(first.astype(np.float32), want[0], atol=2e-2, rtol=1e-2)
     assert json.loads((tmp_path / "out" / "part.json").read_text())["layers"] == [0, 1]
+
+
+def test_layers_are_refused_where_they_cannot_be_written(tmp_path, models):
+    write_shard(tmp_path / "in" / "part.tar", photo_samples("s", 1))
+    args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(models["encoder"]), "--layers", "0"]
+    for extra, message in ((["--layout", "array"], "tar layout only"), (["--pca", "4"], "cannot be combined")):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.json"))
