@@ -80,7 +80,7 @@ class DMTJEPA(nn.Module):
         return target_locality(self.patch_targets(images))
 
     def context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
-        """Context tokens [B, Nc, D], with the online head's global aggregation added."""
+        """Context tokens [B, Nc, D], through the online head (its context path) where there is one."""
         z = self.context_encoder(images, keep=context_idx)
         if self.online_head is not None:
             z = self.online_head.forward_global(z)
