@@ -1,16 +1,14 @@
 """Local aggregation head against a naive per-patch implementation, and how local its targets are."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.target_locality import scenes
 from dmt_jepa.config import MaskConfig, MethodConfig, ModelConfig, TargetConfig
-from dmt_jepa.encoder_file import IMAGENET_MEAN, IMAGENET_STD
 from dmt_jepa.heads import QUERIES, LocalAggregationHead, pool_neighbours, target_locality
 from dmt_jepa.neighbours import semantic_neighbours
 from dmt_jepa.objective import DMTJEPA
-from dmt_jepa.scenes import make_scene
 
 
 def naive_attention(block, x, tokens):
@@ -192,9 +190,7 @@ def test_target_locality_by_hand():
 
 
 def scene_batch(count=8, size=96):
-    images = np.stack([make_scene("train", i, seed=3, image_size=size).image for i in range(count)])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return scenes(count, size, seed=3)
 
 
 def locality_at_init(query=None, aggregation="cross_attention"):
