@@ -14,7 +14,7 @@ AGGREGATIONS = ("cross_attention", "self_attention", "mean", "max", "none")
 BORDERS = ("clip", "wrap")
 LOSSES = ("smooth_l1", "l2")
 QUERIES = ("self", "learned", "mean")  # what starts a target's residual stream in the head (dmt_jepa.heads)
-CONTEXT_PATHS = ("tokens", "added")
+CONTEXT_PATHS = ("tokens", "added", "none")  # none: the head makes targets only; the context skips it
 
 
 @dataclass
@@ -52,7 +52,9 @@ class TargetConfig:
     border: str = "clip"
     head_depth: int = 2
     query: str = "self"  # what starts each target's residual stream in the head: self | learned | mean
-    context: str = "tokens"  # the online head on the context side: tokens (per-token stream) | added
+    context: str = "tokens"  # the online head on the context side: tokens (per-token stream) | added | none
+    include_self: bool = False  # the patch itself is a candidate of its own window (then always its top-1)
+    plain_weight: float = 0.0  # loss = (1 - w) * loss(aggregated targets) + w * loss(the patches' own features)
     loss: str = "smooth_l1"
 
     def __post_init__(self) -> None:
@@ -68,8 +70,11 @@ class TargetConfig:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.k_size < 3 or self.k_size % 2 == 0:
             raise ValueError(f"k_size must be an odd number >= 3, got {self.k_size}")
-        if not 1 <= self.k <= self.k_size**2 - 1:
-            raise ValueError(f"k must be between 1 and k_size^2 - 1 = {self.k_size**2 - 1}, got {self.k}")
+        candidates = self.k_size**2 - (0 if self.include_self else 1)
+        if not 1 <= self.k <= candidates:
+            raise ValueError(f"k must be between 1 and the window's {candidates} candidates, got {self.k}")
+        if not 0.0 <= self.plain_weight <= 1.0:
+            raise ValueError(f"target.plain_weight must be between 0 and 1, got {self.plain_weight}")
 
 
 @dataclass

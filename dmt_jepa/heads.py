@@ -166,6 +166,7 @@ class LocalAggregationHead(nn.Module):
     def forward_global(self, tokens: torch.Tensor) -> torch.Tensor:
         """Context side: every context token [B, Nc, D] through the head -> [B, Nc, D].
 
+        (`none` context: the model does not call this; its head is never trained.)
         `tokens` context: the tokens are the residual stream; per block the query (each token for
         `self`, the learned token, or the mean of the block's input tokens) attends to all tokens,
         the MLP runs per token, and the head's final LayerNorm ends it. `added` context: the query's

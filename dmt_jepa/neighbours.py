@@ -9,16 +9,20 @@ import torch.nn.functional as F
 
 
 @lru_cache(maxsize=64)
-def window_candidates(h: int, w: int, k_size: int, border: str) -> tuple[torch.Tensor, torch.Tensor]:
+def window_candidates(
+    h: int, w: int, k_size: int, border: str, include_self: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate neighbours of every patch: indices [N, W] and validity [N, W], W = k_size^2 - 1.
 
     `clip` keeps only in-image window slots (slots outside the image are invalid and hold the
     patch's own index as a harmless placeholder); `wrap` wraps rows and columns around (a torus).
     A slot that lands on the patch itself (possible under `wrap` on grids smaller than the
-    window) is invalid too, so a patch is never its own neighbour.
+    window) is invalid too, so a patch is never its own neighbour; with `include_self` the
+    patch's own slot (offset 0, 0) comes first instead, W = k_size^2, and it is always valid.
     """
     r = k_size // 2
-    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    offsets = [(0, 0)] if include_self else []
+    offsets += [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
     dy = torch.tensor([o[0] for o in offsets])  # [W]
     dx = torch.tensor([o[1] for o in offsets])
     rows = torch.arange(h).repeat_interleave(w)[:, None]  # [N, 1]
@@ -34,22 +38,31 @@ def window_candidates(h: int, w: int, k_size: int, border: str) -> tuple[torch.T
     self_idx = rows * w + cols  # [N, 1]
     idx = torch.where(valid, ny * w + nx, self_idx)
     valid &= idx != self_idx
+    if include_self:
+        valid[:, 0] = True  # the patch's own slot; wrapped copies of it stay invalid
     return idx, valid
 
 
 def semantic_neighbours(
-    features: torch.Tensor, grid: tuple[int, int], *, k: int = 4, k_size: int = 3, border: str = "clip"
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    k: int = 4,
+    k_size: int = 3,
+    border: str = "clip",
+    include_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbours by cosine similarity inside each patch's k_size x k_size window.
 
     features [B, N, D] -> (indices [B, N, k] long, valid [B, N, k] bool), most similar first.
     Where a window has fewer than k valid candidates (borders under `clip`), the remaining slots
-    are invalid; their index is the patch itself and must be masked by the consumer.
+    are invalid; their index is the patch itself and must be masked by the consumer. With
+    `include_self` the patch is a candidate too (cosine 1, so it is always the first neighbour).
     """
     h, w = grid
     batch, n, dim = features.shape
     assert n == h * w, f"{n} tokens do not form a {h}x{w} grid"
-    cand, cand_valid = window_candidates(h, w, k_size, border)
+    cand, cand_valid = window_candidates(h, w, k_size, border, include_self)
     cand, cand_valid = cand.to(features.device), cand_valid.to(features.device)
     unit = F.normalize(features.float(), dim=-1)  # [B, N, D]
     neigh = unit[:, cand.flatten()].reshape(batch, n, -1, dim)  # [B, N, W, D]

@@ -50,39 +50,54 @@ class DMTJEPA(nn.Module):
                 dim, heads, depth=t.head_depth, mode=t.aggregation, query=t.query, context=t.context
             )
             self.target_head = _frozen_copy(self.online_head)
+            if t.context == "none":  # targets only: the head is never trained and stays at its init
+                self.online_head.requires_grad_(False)
         else:
             self.online_head = None
             self.target_head = None
 
     @torch.no_grad()
-    def patch_targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Targets of the patches at positions [B, P] (default: every patch) -> [B, P or N, D]."""
+    def target_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The target encoder's patch features, layer-normalised without affine (I-JEPA): [B, N, D]."""
+        h = self.target_encoder(images)
+        return F.layer_norm(h, (h.shape[-1],))
+
+    @torch.no_grad()
+    def targets_from(self, h: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised target features h [B, N, D] -> the targets of the patches at positions [B, P] (default all)."""
         t = self.cfg.target
-        h = self.target_encoder(images)  # [B, N, D]
-        h = F.layer_norm(h, (h.shape[-1],))
         if t.aggregation == "none":
             return h if positions is None else gather_rows(h, positions)
-        idx, valid = semantic_neighbours(h, self.grid(images), k=t.k, k_size=t.k_size, border=t.border)
+        idx, valid = semantic_neighbours(h, grid, k=t.k, k_size=t.k_size, border=t.border, include_self=t.include_self)
         if self.target_head is not None:
             return self.target_head.forward_local(h, idx, valid, positions)
         return pool_neighbours(h, idx, valid, t.aggregation, positions)
+
+    def patch_targets(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Targets of the patches at positions [B, P] (default: every patch) -> [B, P or N, D]."""
+        return self.targets_from(self.target_features(images), self.grid(images), positions)
 
     def targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         """Discriminative targets at the target blocks: [B, M, T] -> [M*B, T, D] (block-major)."""
         batch, n_blocks, n_tgt = target_idx.shape
         out = self.patch_targets(images, target_idx.reshape(batch, n_blocks * n_tgt))  # [B, M*T, D]
-        out = out.reshape(batch, n_blocks, n_tgt, -1).transpose(0, 1)  # [M, B, T, D]
-        return out.reshape(n_blocks * batch, n_tgt, -1)
+        return block_major(out, target_idx.shape)
 
     @torch.no_grad()
     def locality(self, images: torch.Tensor) -> dict[str, float]:
-        """`target_locality` of every patch's target in this batch of images [B, 3, H, W]."""
-        return target_locality(self.patch_targets(images))
+        """`target_locality` of every patch's target in images [B, 3, H, W], and each target's cosine to its own patch.
+
+        cos_to_own_patch: mean cosine between a patch's target and its own normalised feature (1 for I-JEPA).
+        """
+        h = self.target_features(images)
+        targets = self.targets_from(h, self.grid(images))
+        own = F.cosine_similarity(targets.float(), h.float(), dim=-1).mean()
+        return target_locality(targets) | {"cos_to_own_patch": float(own)}
 
     def context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
         """Context tokens [B, Nc, D], through the online head (its context path) where there is one."""
         z = self.context_encoder(images, keep=context_idx)
-        if self.online_head is not None:
+        if self.online_head is not None and self.cfg.target.context != "none":
             z = self.online_head.forward_global(z)
         return z
 
@@ -97,11 +112,21 @@ class DMTJEPA(nn.Module):
         return images.shape[-2] // p, images.shape[-1] // p
 
     def forward(self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
-        """One batch: targets (no grad) -> context -> predictor -> loss."""
-        targets = self.targets(images, target_idx)
+        """One batch: targets (no grad) -> context -> predictor -> loss.
+
+        With target.plain_weight w > 0 the prediction also answers the patches' own features
+        (I-JEPA's targets): loss = (1 - w) * loss(aggregated) + w * loss(own).
+        """
+        positions = target_idx.flatten(1)  # [B, M*T]
+        h = self.target_features(images)
+        targets = block_major(self.targets_from(h, self.grid(images), positions), target_idx.shape)
         context = self.context(images, context_idx)
         prediction = self.predictor(context, context_idx, target_idx, self.grid(images))
-        return self.loss(prediction, targets)
+        weight = self.cfg.target.plain_weight
+        if weight == 0.0 or self.cfg.target.aggregation == "none":
+            return self.loss(prediction, targets)
+        own = block_major(gather_rows(h, positions), target_idx.shape)
+        return (1.0 - weight) * self.loss(prediction, targets) + weight * self.loss(prediction, own)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) module pairs that the EMA ties together."""
@@ -120,6 +145,13 @@ class DMTJEPA(nn.Module):
         # Two separately rounded products, then their sum: exactly the formula, no fused multiply-add.
         torch._foreach_mul_(targets, momentum)
         torch._foreach_add_(targets, torch._foreach_mul(onlines, 1.0 - momentum))
+
+
+def block_major(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[B, M*T, D] in the order of target_idx [B, M, T] -> [M*B, T, D], the predictor's order."""
+    batch, n_blocks, n_tgt = shape
+    out = out.reshape(batch, n_blocks, n_tgt, -1).transpose(0, 1)  # [M, B, T, D]
+    return out.reshape(n_blocks * batch, n_tgt, -1)
 
 
 def autocast_dtype_for(device: torch.device | str, precision: str, has_bf16: bool | None = None) -> torch.dtype | None:

@@ -114,6 +114,10 @@ def test_evaluate_encoder_with_constant_features_gives_chance(shards, tmp_path) 
     truth = np.stack(test.segs)
     expected = 100.0 * np.mean(truth == 0) / len(np.unique(truth))
     assert result["dense"]["miou"] == pytest.approx(expected)
+    # The balanced probe gives every class the same weight: constant features score one class's IoU
+    # (the one every pixel is assigned to) over the classes, whichever that is.
+    balanced = result["dense_balanced"]
+    assert sorted(v for v in balanced["iou_per_class"] if v)[:-1] == [] and balanced["miou"] <= expected + 1e-9
     assert result["train"] == 40 and result["test"] == 20
 
 
@@ -129,7 +133,8 @@ def test_cli_eval_prints_json_line_and_table(shards, tmp_path) -> None:
     line = next(l for l in result.output.splitlines() if l.startswith("{"))
     record = json.loads(line)
     assert 0.0 <= record["dense"]["miou"] <= 100.0 and "knn" not in record
-    assert "dense mIoU" in result.output
+    assert "dense mIoU" in result.output and "class-balanced probe" in result.output
+    assert 0.0 <= record["dense_balanced"]["miou"] <= 100.0 and record["dense_balanced"]["bootstrap_se"] >= 0.0
     bad = runner.invoke(app, ["eval", "knn", str(tmp_path / "missing.safetensors"), str(shards)])
     assert bad.exit_code != 0 and "does not exist" in bad.output
 

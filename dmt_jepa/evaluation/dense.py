@@ -88,6 +88,11 @@ def dense_miou(
             truth = np.stack([test_segs[i] for i in batch])
             predicted = _pixel_logits(probe, x, truth.shape[-2:]).argmax(1).cpu().numpy()
             confusion += confusion_matrix(predicted, truth, num_classes)
+    return scores(confusion)
+
+
+def scores(confusion: np.ndarray) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (%) of one summed confusion matrix [C, C]."""
     iou = iou_per_class(confusion)
     return {
         "miou": 100.0 * float(np.nanmean(iou)),

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from dmt_jepa.evaluation.balanced import balanced_miou
 from dmt_jepa.evaluation.data import IGNORE_INDEX, EvalDataError, LabelledSet, read_labelled_shards
 from dmt_jepa.evaluation.dense import dense_miou
 from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_box_ap, predict, train_detector
@@ -75,6 +76,10 @@ def evaluate_features(
             epochs=options.dense_epochs,
             lr=options.dense_lr,
             seed=options.seed,
+        )
+        # The class-balanced closed-form probe: deterministic, and a constant predictor cannot move it.
+        results["dense_balanced"] = balanced_miou(
+            train_features.patches, train.segs, test_features.patches, test.segs, num_classes=_seg_classes(train, test)
         )
     return results
 
@@ -168,6 +173,9 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("linear probe top-1", f"{result['linear']['top1']:.2f} %"))
     if "dense" in result:
         rows.append(("dense mIoU", f"{result['dense']['miou']:.2f} %"))
+        if "dense_balanced" in result:
+            balanced = result["dense_balanced"]
+            rows.append(("dense mIoU, class-balanced probe", f"{balanced['miou']:.2f} % (test-set s.e. {balanced['bootstrap_se']:.2f})"))
         rows.append(("dense pixel accuracy", f"{result['dense']['pixel_accuracy']:.2f} %"))
     if "detect" in result:
         rows.append(("detection box AP", f"{result['detect']['ap']:.2f}"))
