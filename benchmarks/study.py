@@ -466,11 +466,12 @@ def bootstrap_paired_se(out: Path, arm: str, seeds: list[int], key: str = "targe
     base_conf = load(baseline) if baseline else None
     rng = np.random.default_rng(0)
     values = []
+    n = arm_conf.shape[1]
     for _ in range(samples):
-        pick = rng.integers(0, arm_conf.shape[1], size=arm_conf.shape[1])
-        value = _miou_of(arm_conf[:, pick].sum(1))
+        times = np.bincount(rng.integers(0, n, size=n), minlength=n)  # how often each scene is drawn
+        value = _miou_of(np.einsum("n,sncd->scd", times, arm_conf))
         if base_conf is not None:
-            value = value - _miou_of(base_conf[:, pick].sum(1))
+            value = value - _miou_of(np.einsum("n,sncd->scd", times, base_conf))
         values.append(value.mean())
     return float(np.std(values, ddof=1))
 

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.study import DEFAULT_ARM, StudyConfig, _miou_of, paired_differences, run_study, select_default
+from benchmarks.study import (
+    DEFAULT_ARM,
+    StudyConfig,
+    _miou_of,
+    bootstrap_paired_se,
+    paired_differences,
+    run_study,
+    select_default,
+)
 from dmt_jepa.evaluation.dense import iou_per_class
 
 
@@ -42,6 +50,19 @@ def test_miou_of_summed_confusions_matches_iou_per_class() -> None:
     confusion = np.random.default_rng(0).integers(0, 50, size=(3, 4, 4))
     expected = [100 * np.nanmean(iou_per_class(c)) for c in confusion]
     assert np.allclose(_miou_of(confusion), expected)
+
+
+def test_paired_bootstrap_cancels_what_both_arms_share(tmp_path) -> None:
+    """Resampling the same scenes for both arms: identical arms differ by exactly 0 in every resample."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "jobs").mkdir()
+    shared = rng.integers(0, 100, size=(2, 300, 2, 2))
+    for arm, conf in (("a", shared), ("b", shared), ("c", rng.integers(0, 100, size=(2, 300, 2, 2)))):
+        for seed in (0, 1):
+            np.savez(tmp_path / "jobs" / f"{arm}-seed{seed}-confusions.npz", target_fg=conf[seed])
+    assert bootstrap_paired_se(tmp_path, "a", [0, 1], baseline="b", samples=50) == 0.0
+    alone = bootstrap_paired_se(tmp_path, "c", [0, 1], baseline=None, samples=200)
+    assert 0.0 < alone < bootstrap_paired_se(tmp_path, "c", [0, 1], baseline="b", samples=200) * 2
 
 
 @pytest.mark.slow
