@@ -80,15 +80,22 @@ def export(
 
 def info(
     file: Annotated[
-        Path, typer.Argument(help="Encoder .safetensors, .onnx model, .engine / its .engine.json, or an embed OUT_DIR.")
+        Path, typer.Argument(help="Encoder .safetensors, .onnx model, .engine / its .engine.json, an hf/timm model directory, or an embed OUT_DIR.")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
 ) -> None:
-    """Print what an encoder file, ONNX model or TensorRT engine says about itself, or summarise an embed OUT_DIR."""
+    """Print what an encoder file, ONNX model, TensorRT engine or model directory says about itself, or summarise an embed OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
     from export.errors import ExportError
-    from export.info import describe, format_description
+    from export.info import describe, describe_model_directory, format_description, is_model_directory
 
+    if is_model_directory(file):
+        try:
+            description = describe_model_directory(file)
+        except EncoderFileError as err:
+            raise _fail(err) from err
+        typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+        return
     if file.is_dir():
         from serve.stats import describe_out_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -52,9 +53,12 @@ def pretrain(
         _fail(err, code=1)
     if not result.is_main:
         return
+    if result.already_complete:
+        typer.echo(f"the run in {result.run_dir} is already complete ({result.steps} steps); nothing was changed.")
     typer.echo(f"run directory: {result.run_dir}")
     typer.echo(f"checkpoint:    {result.checkpoint}")
-    typer.echo(f"encoder file:  {result.encoder}  (the target encoder after {result.steps} steps, loss {result.loss:.4f})")
+    loss = f", loss {result.loss:.4f}" if math.isfinite(result.loss) else ""
+    typer.echo(f"encoder file:  {result.encoder}  (the target encoder after {result.steps} steps{loss})")
 
 
 def pack(

@@ -67,13 +67,17 @@ def save_checkpoint(
     for stale in root.glob(".*.partial") if root.is_dir() else []:  # left by a run killed while saving
         shutil.rmtree(stale)
     tmp.mkdir(parents=True)
-    for name in MODULES:
-        module = getattr(model, name, None)
-        if module is not None:
-            weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-            save_file(weights, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    save_config(cfg, tmp / "config.yaml")
+    try:
+        for name in MODULES:
+            module = getattr(model, name, None)
+            if module is not None:
+                weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+                save_file(weights, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        save_config(cfg, tmp / "config.yaml")
+    except BaseException:  # a full disk, or a kill: the partial save goes, the checkpoints before it stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a second save at the same step replaces the first only once it is complete
         old = root / f".{final.name}.old"
         os.replace(final, old)

@@ -10,6 +10,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dmt_jepa.limits import MAX_BATCH_SIZE, MAX_DEPTH, MAX_EMBED_DIM, MAX_HEADS, MAX_IMG_SIZE, MAX_PATCH_SIZE, MAX_WORKERS
+
 AGGREGATIONS = ("cross_attention", "self_attention", "mean", "max", "none")
 BORDERS = ("clip", "wrap")
 LOSSES = ("smooth_l1", "l2")
@@ -211,7 +213,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (int, float):
         try:
             number = hint(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             number = None
         if number is None or (hint is int and isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{key} needs {'an integer' if hint is int else 'a number'}, got {value!r}.")
@@ -259,17 +261,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config path {path} is a directory; pass a YAML file to --config.")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            tree = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from err
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"config file {path} must map sections to settings at its top level (model:, data:, optimization:, ...), "
+                f"not hold a {type(tree).__name__}; see configs/demo.yaml."
+            )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optimization.lr=5e-4.")
         dotted, raw = item.split("=", 1)
-        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"the value of override {dotted.strip()!r} is not valid YAML ({reason}); quote text that holds "
+                f"YAML characters, e.g. {dotted.strip()}='\"...\"'."
+            ) from err
+        _set_dotted(tree, dotted.strip(), value)
     return validate_config(_build(TrainConfig, tree, ""))
 
 
@@ -318,6 +337,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     checks = [
         (m.arch in VARIANTS, f"model.arch must be one of {', '.join(VARIANTS)}, got {m.arch!r}"),
         (m.patch_size >= 1, f"model.patch_size must be positive, got {m.patch_size}"),
+        (m.patch_size <= MAX_PATCH_SIZE, f"model.patch_size must be at most {MAX_PATCH_SIZE}, got {m.patch_size}"),
+        (m.img_size <= MAX_IMG_SIZE, f"model.img_size must be at most {MAX_IMG_SIZE} pixels, got {m.img_size}"),
         (
             m.patch_size >= 1 and m.img_size >= m.patch_size and m.img_size % m.patch_size == 0,
             f"model.img_size {m.img_size} must be a positive multiple of model.patch_size {m.patch_size}",
@@ -325,13 +346,18 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         (0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}"),
         (m.pred_width >= 1 and m.pred_depth >= 1, "model.pred_width and model.pred_depth must be positive"),
         (m.pred_heads is None or m.pred_heads >= 1, f"model.pred_heads must be positive, got {m.pred_heads}"),
+        (m.pred_width <= MAX_EMBED_DIM, f"model.pred_width must be at most {MAX_EMBED_DIM}, got {m.pred_width}"),
+        (m.pred_depth <= MAX_DEPTH, f"model.pred_depth must be at most {MAX_DEPTH}, got {m.pred_depth}"),
+        (m.pred_heads is None or m.pred_heads <= MAX_HEADS, f"model.pred_heads must be at most {MAX_HEADS}, got {m.pred_heads}"),
         (k.num_targets >= 1, f"mask.num_targets must be at least 1, got {k.num_targets}"),
         (k.min_keep >= 1, f"mask.min_keep must be at least 1, got {k.min_keep}"),
         (_ordered_range(k.target_scale, 1e-9, 1), f"mask.target_scale must satisfy 0 < low <= high <= 1, got {list(k.target_scale)}"),
         (_ordered_range(k.context_scale, 1e-9, 1), f"mask.context_scale must satisfy 0 < low <= high <= 1, got {list(k.context_scale)}"),
         (_ordered_range(k.target_aspect, 1e-9, None), f"mask.target_aspect must satisfy 0 < low <= high, got {list(k.target_aspect)}"),
         (_ordered_range(k.context_aspect, 1e-9, None), f"mask.context_aspect must satisfy 0 < low <= high, got {list(k.context_aspect)}"),
-        (cfg.target.head_depth >= 0, f"target.head_depth must be >= 0, got {cfg.target.head_depth}"),
+        (0 <= cfg.target.head_depth <= MAX_DEPTH, f"target.head_depth must be within [0, {MAX_DEPTH}], got {cfg.target.head_depth}"),
+        (o.batch_size <= MAX_BATCH_SIZE, f"optimization.batch_size must be at most {MAX_BATCH_SIZE}, got {o.batch_size}"),
+        (d.num_workers <= MAX_WORKERS, f"data.num_workers must be at most {MAX_WORKERS}, got {d.num_workers}"),
         (o.lr > 0, f"optimization.lr must be positive, got {o.lr}"),
         (o.start_lr >= 0 and o.final_lr >= 0, "optimization.start_lr and final_lr must be >= 0"),
         (o.weight_decay >= 0 and o.final_weight_decay >= 0, "optimization.weight_decay and final_weight_decay must be >= 0"),

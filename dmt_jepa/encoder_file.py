@@ -1,4 +1,11 @@
-"""The encoder file: one safetensors file with the target encoder and what is needed to use it."""
+"""The encoder file: one safetensors file with the target encoder and what is needed to use it.
+
+A file is trusted only as far as it is checked: its header (read and bounded without touching a
+tensor) must describe exactly the tensors of the encoder its metadata claims, within the bounds of
+`dmt_jepa.limits`, before any module is built; so a small file that lies about its size costs
+nothing. `model_identity` names a model by its tensors and the metadata that changes its outputs,
+not by the file's bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,12 +21,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dmt_jepa.limits import MAX_DEPTH, MAX_EMBED_DIM, MAX_HEADS, MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.vision_transformer import VisionTransformer
 
 FORMAT_NAME = "dmt-jepa-encoder"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bytes per element of each safetensors dtype; the floating ones are those weights may have.
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+MAX_HEADER_BYTES = 16 << 20  # a ViT-22B header is under 1 MB
+MAX_JSON_BYTES = 16 << 20  # a model directory's config.json
+OUTPUT_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size", "pixel_mean", "pixel_std")
+JSON_FIELDS = OUTPUT_FIELDS[1:] + ("provenance", "format_version")  # metadata values stored as JSON text
+SIZE_LIMITS = {"patch_size": MAX_PATCH_SIZE, "embed_dim": MAX_EMBED_DIM, "depth": MAX_DEPTH, "num_heads": MAX_HEADS}
 
 
 class EncoderFileError(ValueError):
@@ -54,26 +74,38 @@ class EncoderInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "file") -> "EncoderInfo":
+        """The description in safetensors / ONNX metadata (str -> str, values JSON but `arch`)."""
         if meta.get("format") != FORMAT_NAME:
             raise EncoderFileError(f"{source} is not a dmt-jepa encoder file (no '{FORMAT_NAME}' metadata).")
-        version = int(json.loads(meta.get("format_version", "0")))
-        if version > FORMAT_VERSION:
+        try:
+            values = {k: meta[k] if k == "arch" else json.loads(meta[k]) for k in JSON_FIELDS + ("arch",) if k in meta}
+        except (TypeError, ValueError, RecursionError) as err:  # RecursionError: JSON nested past Python's stack
+            raise EncoderFileError(f"{source} has incomplete encoder metadata ({err}).") from err
+        return cls.from_values(values, source)
+
+    @classmethod
+    def from_values(cls, values: dict, source: str = "file") -> "EncoderInfo":
+        """The description from decoded values (a model directory's config.json), each checked for type and bounds."""
+        version = values.get("format_version", 0)
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise EncoderFileError(
                 f"{source} has encoder format version {version}, newer than this dmt-jepa reads "
                 f"({FORMAT_VERSION}); upgrade dmt-jepa."
             )
         try:
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise ValueError(f"format_version must be an integer, got {version!r}")
             info = cls(
-                arch=meta["arch"],
-                patch_size=_integer(meta, "patch_size"),
-                embed_dim=_integer(meta, "embed_dim"),
-                depth=_integer(meta, "depth"),
-                num_heads=_integer(meta, "num_heads"),
-                mlp_ratio=_number(json.loads(meta["mlp_ratio"]), "mlp_ratio"),
-                img_size=tuple(_integer(meta, "img_size", i) for i in range(2)),
-                pixel_mean=tuple(_number(v, "pixel_mean") for v in _triple(meta, "pixel_mean")),
-                pixel_std=tuple(_number(v, "pixel_std") for v in _triple(meta, "pixel_std")),
-                provenance=json.loads(meta.get("provenance", "{}")),
+                arch=values["arch"],
+                patch_size=_integer(values, "patch_size"),
+                embed_dim=_integer(values, "embed_dim"),
+                depth=_integer(values, "depth"),
+                num_heads=_integer(values, "num_heads"),
+                mlp_ratio=_number(values["mlp_ratio"], "mlp_ratio"),
+                img_size=tuple(_integer(values, "img_size", i) for i in range(2)),
+                pixel_mean=tuple(_number(v, "pixel_mean") for v in _triple(values, "pixel_mean")),
+                pixel_std=tuple(_number(v, "pixel_std") for v in _triple(values, "pixel_std")),
+                provenance=values.get("provenance", {}),
                 format_version=version,
             )
         except (KeyError, ValueError, TypeError) as err:
@@ -87,31 +119,28 @@ class EncoderInfo:
         """What makes this description impossible to build, in words; None if it can be built."""
         if not isinstance(self.arch, str) or not self.arch:
             return "arch must be a name"
-        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        for name, limit in SIZE_LIMITS.items():
             if getattr(self, name) < 1:
                 return f"{name} must be positive, not {getattr(self, name)}"
+            if getattr(self, name) > limit:
+                return f"{name} must be at most {limit}, not {getattr(self, name)}"
         if self.embed_dim % self.num_heads:
             return f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
         if not 0 < self.mlp_ratio <= 64 or int(self.embed_dim * self.mlp_ratio) < 1:
             return f"mlp_ratio must be in (0, 64], not {self.mlp_ratio}"
         if any(s < self.patch_size or s % self.patch_size for s in self.img_size):
             return f"img_size {list(self.img_size)} must be positive multiples of patch_size {self.patch_size}"
+        if any(s > MAX_IMG_SIZE for s in self.img_size):
+            return f"img_size {list(self.img_size)} must be at most {MAX_IMG_SIZE} pixels a side"
         if any(s <= 0 for s in self.pixel_std):
             return f"pixel_std must be positive, not {list(self.pixel_std)}"
         if not isinstance(self.provenance, dict):
             return "provenance must be a mapping"
         return None
 
-    def parameter_count(self) -> int:
-        """How many numbers the encoder this describes holds: what building it allocates."""
-        dim, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
-        patch = dim * 3 * self.patch_size**2 + dim
-        block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (2 * dim * hidden + hidden + dim)
-        return patch + self.depth * block + 2 * dim
 
-
-def _integer(meta: dict[str, str], key: str, index: int | None = None) -> int:
-    value = json.loads(meta[key])
+def _integer(values: dict, key: str, index: int | None = None) -> int:
+    value = values[key]
     if index is not None:
         if not isinstance(value, list) or len(value) != 2:
             raise ValueError(f"{key} must be [height, width], got {value!r}")
@@ -121,8 +150,8 @@ def _integer(meta: dict[str, str], key: str, index: int | None = None) -> int:
     return value
 
 
-def _triple(meta: dict[str, str], key: str) -> list:
-    value = json.loads(meta[key])
+def _triple(values: dict, key: str) -> list:
+    value = values[key]
     if not isinstance(value, list) or len(value) != 3:
         raise ValueError(f"{key} must be 3 numbers, got {value!r}")
     return value
@@ -166,62 +195,223 @@ def save_encoder(path: str | os.PathLike, encoder: VisionTransformer, info: Enco
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(tmp), metadata=info.to_metadata())
+    try:
+        save_file(state, str(tmp), metadata=info.to_metadata())
+    except BaseException:  # a full disk: the half-written file goes, an older file at `path` stays
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header describes it; offsets are absolute in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a safetensors file says before its tensors: free-form metadata and the tensors' entries."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """The header of a safetensors file, checked, without reading a tensor.
+
+    The layout: an 8-byte little-endian length N, N bytes of JSON ({name: {dtype, shape,
+    data_offsets}, "__metadata__": {str: str}}), then the tensors' bytes. N is bounded before it is
+    read, and every entry must fit the file with as many bytes as its dtype and shape need.
+    """
+    path = Path(path)
+
+    def damaged(problem: str) -> EncoderFileError:
+        return EncoderFileError(f"{path} is not a safetensors encoder file ({problem}); it is damaged or not a model file.")
+
+    try:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise damaged("it is not a regular file")
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or length > min(MAX_HEADER_BYTES, status.st_size - 8):
+                raise damaged(f"its header length does not fit the file or exceeds {MAX_HEADER_BYTES} bytes")
+            raw = f.read(length)
+    except OSError as err:
+        raise EncoderFileError(f"cannot read {path} ({err.strerror or err}); check the path and its permissions.") from err
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past Python's stack
+        raise damaged("its header is not JSON") from err
+    if not isinstance(header, dict):
+        raise damaged("its header is not a mapping")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise damaged("its metadata is not a mapping of strings")
+    data_start, data_size = 8 + length, status.st_size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                dtype in SAFETENSORS_DTYPES
+                and isinstance(shape, list)
+                and all(map(_count, shape))
+                and _count(begin)
+                and _count(end)
+                and begin <= end <= data_size
+                and end - begin == math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise damaged(f"the entry of tensor {name!r} has no valid dtype, shape and offsets inside the file")
+        tensors[name] = TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
+    return SafetensorsHeader(metadata, tensors)
+
+
+def read_json_file(path: str | os.PathLike) -> object:
+    """A JSON file of at most MAX_JSON_BYTES; only a regular file is opened (a FIFO or a device would never end)."""
+    path = Path(path)
+    try:
+        status = path.stat()
+        regular = stat.S_ISREG(status.st_mode) and status.st_size <= MAX_JSON_BYTES
+        if regular:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as err:
+        raise EncoderFileError(f"cannot read {path} ({err.strerror or err}); check the path and its permissions.") from err
+    if not regular:
+        raise EncoderFileError(f"{path} is not a regular file of at most {MAX_JSON_BYTES} bytes; it is damaged or not a model's config.")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past Python's stack
+        raise EncoderFileError(f"{path} is not JSON ({err}); it is damaged or not a model's config.") from err
+
+
+def read_encoder_header(path: str | os.PathLike) -> tuple[EncoderInfo, SafetensorsHeader]:
+    """An encoder file's description (checked for type and bounds) and its header; no tensor is read."""
+    path = Path(path)
+    if not path.exists():
+        raise EncoderFileError(f"encoder file {path} does not exist.")
+    header = read_safetensors_header(path)
+    return EncoderInfo.from_metadata(header.metadata, source=str(path)), header
+
+
 def read_encoder_info(path: str | os.PathLike) -> EncoderInfo:
     """Read only the metadata of an encoder file."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderFileError(f"encoder file {path} does not exist.")
+    return read_encoder_header(path)[0]
+
+
+def encoder_shapes(info: EncoderInfo) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the encoder `info` describes; built on the meta device, nothing allocated."""
+    with torch.device("meta"):
+        encoder = build_encoder(info)
+    return {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
+
+
+def check_weights(
+    info: EncoderInfo, tensors: dict[str, TensorEntry], source: str, described_by: str = "its metadata"
+) -> None:
+    """EncoderFileError unless `tensors` are exactly the encoder's that `info` describes, each floating point."""
+    expected = encoder_shapes(info)
+    held = {name: entry.shape for name, entry in tensors.items()}
+    if held != expected:
+        wrong = [name for name in expected if name in held and held[name] != expected[name]]
+        missing = [name for name in expected if name not in held]
+        if wrong:
+            first = f"{wrong[0]} is {list(held[wrong[0]])}, not {list(expected[wrong[0]])}"
+        elif missing:
+            first = f"{missing[0]} is missing"
+        else:
+            first = f"{next(name for name in held if name not in expected)} is not part of it"
+        raise EncoderFileError(
+            f"{source} does not hold the weights {described_by} describes ({info.arch}, {info.embed_dim} wide, "
+            f"{info.depth} blocks, patch {info.patch_size}: {sum(map(math.prod, expected.values()))} numbers; "
+            f"the file has {sum(map(math.prod, held.values()))}, and {first}); it is damaged or not an encoder file."
+        )
+    not_float = next((name for name, entry in tensors.items() if entry.dtype not in FLOAT_DTYPES), None)
+    if not_float is not None:
+        raise _not_finite(source, not_float)
+
+
+def _not_finite(source: str | os.PathLike, name: str) -> EncoderFileError:
+    return EncoderFileError(
+        f"{source} holds weights that are not finite numbers (NaN, inf or not floats) in {name}; "
+        "it is damaged: export the encoder again from a good checkpoint."
+    )
+
+
+def read_weights(path: str | os.PathLike, names) -> dict[str, torch.Tensor]:
+    """The tensors `names` of a safetensors file whose header was checked, each refused unless finite."""
+    state = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise EncoderFileError(f"{path} is not a safetensors encoder file ({err}).") from err
-    return EncoderInfo.from_metadata(meta, source=str(path))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in names:
+                tensor = f.get_tensor(key)
+                if not torch.isfinite(tensor).all():
+                    raise _not_finite(path, key)
+                state[key] = tensor
+    except (SafetensorError, OSError) as err:
+        raise EncoderFileError(f"{path} is not a safetensors encoder file that can be read ({err}); it is damaged or not a model file.") from err
+    return state
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VisionTransformer, EncoderInfo]:
     """Rebuild the encoder from its file alone, in eval mode.
 
-    Nothing is built before the metadata is found possible and the file is found to hold at least
-    as many numbers as the encoder it describes, so that a small file that lies about its size
-    cannot make us allocate a huge model; weights that are not finite are refused.
+    Nothing is built before the metadata is found possible and within bounds and the header is
+    found to describe exactly the tensors of the encoder the metadata claims, so that a small file
+    that lies about its size cannot make us allocate a huge model; weights that are not finite are
+    refused.
     """
-    info = read_encoder_info(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
-        held = sum(math.prod(shape) for shape in shapes.values())
-        patch = shapes.get("patch_embed.proj.weight")
-        if held < info.parameter_count() or patch != [info.embed_dim, 3, info.patch_size, info.patch_size]:
-            raise EncoderFileError(
-                f"{path} does not hold the weights its metadata describes ({info.arch}, {info.embed_dim} wide, "
-                f"{info.depth} blocks, patch {info.patch_size}: {info.parameter_count()} numbers; the file has "
-                f"{held}, patch embedding {patch}); it is damaged or not an encoder file."
-            )
-        state = {}
-        for key in shapes:
-            tensor = f.get_tensor(key)
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise EncoderFileError(
-                    f"{path} holds weights that are not finite numbers (NaN, inf or not floats) in {key}; "
-                    "it is damaged: export the encoder again from a good checkpoint."
-                )
-            state[key] = tensor
+    info, header = read_encoder_header(path)
+    check_weights(info, header.tensors, str(path))
+    state = read_weights(path, header.tensors)
     encoder = build_encoder(info)
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise EncoderFileError(f"{path} does not match its declared architecture {info.arch} ({err}).") from err
-    if missing or unexpected:
-        raise EncoderFileError(
-            f"{path} does not match its declared architecture {info.arch} "
-            f"({len(missing)} missing and {len(unexpected)} unexpected tensors)."
-        )
+    encoder.load_state_dict(state)  # strict: every name and shape was checked against the header
     return encoder.to(device).eval(), info
+
+
+def model_identity(path: str | os.PathLike) -> str:
+    """Hex SHA-256 naming the model a file holds: equal for files whose outputs are equal by construction.
+
+    Encoder files (.safetensors): the tensors' names, dtypes, shapes and bytes in name order, plus
+    the metadata that changes outputs (OUTPUT_FIELDS: architecture, sizes, pixel mean/std);
+    provenance, format version and the order in which safetensors wrote things are left out, so the
+    same encoder written again (a resumed run with nothing left to do, an added licence) keeps its
+    identity. ONNX models and TensorRT engines: the file's SHA-256, since their bytes are the
+    compiled model (an engine differs per GPU and TensorRT version, an ONNX graph per exporter).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return file_sha256(path)
+    info, header = read_encoder_header(path)
+    described = asdict(info)
+    digest = hashlib.sha256(json.dumps({k: described[k] for k in OUTPUT_FIELDS}, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        for name in sorted(header.tensors):
+            entry = header.tensors[name]
+            digest.update(json.dumps([name, entry.dtype, list(entry.shape)]).encode())
+            f.seek(entry.start)
+            left = entry.end - entry.start
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                assert chunk, f"{path} shrank while it was read"
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -3,7 +3,9 @@
 `PretrainedEncoder` is the encoder with huggingface_hub's `PyTorchModelHubMixin`: its config is
 the encoder file's metadata (`EncoderInfo`, field for field) and its weights have the encoder
 file's tensor names, so a directory and an encoder file hold the same thing in two layouts.
-`from_pretrained` reads either (or a Hub repo id) and returns the encoder in eval mode;
+`from_pretrained` reads either (or a Hub repo id) and returns the encoder in eval mode; a
+directory's config.json is checked for types and bounds and against its weights file's header
+before anything is built, as an encoder file's metadata is;
 `save_pretrained` and `push_to_hub` come from the mixin and write the model card built here, so
 the licence recorded in the encoder's provenance follows the weights to the Hub.
 """
@@ -14,13 +16,28 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from dmt_jepa.encoder_file import FORMAT_VERSION, IMAGENET_MEAN, IMAGENET_STD, EncoderInfo, load_encoder
+from dmt_jepa.encoder_file import (
+    FORMAT_VERSION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderFileError,
+    EncoderInfo,
+    SafetensorsHeader,
+    check_weights,
+    load_encoder,
+    read_json_file,
+    read_safetensors_header,
+    read_weights,
+)
 from dmt_jepa.models.vision_transformer import VisionTransformer
 
-from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 PAPER = "https://arxiv.org/abs/2405.17995"
 WEIGHTS_FILENAME = "model.safetensors"  # the name huggingface_hub's mixin writes and reads
+CONFIG_FILENAME = "config.json"
 UNSPECIFIED_LICENSE = "unspecified"
 
 
@@ -77,32 +94,107 @@ class PretrainedEncoder(
         return cls(**asdict(info))
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
-        """The mixin's loader, strict by default; a local directory is read without the mixin's console print."""
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **config,
+    ):
+        """The mixin's loader: the config and the weights' header are checked before the model is built."""
         if os.path.isdir(model_id):
-            hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
-            model = cls(**{k: v for k, v in kwargs.items() if k not in hub_args})
-            return cls._load_as_safetensor(model, os.path.join(model_id, WEIGHTS_FILENAME), map_location, strict)
-        return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+            weights = Path(model_id) / WEIGHTS_FILENAME
+        else:
+            weights = Path(hf_hub_download(
+                repo_id=model_id, filename=WEIGHTS_FILENAME, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            ))
+        info, header = checked_config(config, weights, f"the config of {model_id}")
+        return cls.built(info, weights, header).to(map_location)
+
+    @classmethod
+    def built(cls, info: EncoderInfo, weights: Path, header: SafetensorsHeader) -> PretrainedEncoder:
+        """The encoder `info` describes with the weights of a file whose header `check_weights` accepted."""
+        model = cls.from_info(info)
+        model.load_state_dict(read_weights(weights, header.tensors))  # strict: names and shapes were checked
+        return model.eval()
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The card save_pretrained and push_to_hub write: architecture, training, licence, figures."""
         return model_card(self.info)
 
 
+def checked_config(values: object, weights: Path, source: str) -> tuple[EncoderInfo, SafetensorsHeader]:
+    """A model directory's config (types, bounds) checked against its weights file's header; nothing built."""
+    if not isinstance(values, dict):
+        raise EncoderFileError(f"{source} is not a mapping of settings; it is damaged or not a dmt-jepa config.")
+    info = EncoderInfo.from_values(values, source)
+    if not weights.is_file():
+        raise EncoderFileError(f"{weights} does not exist; a model directory holds {CONFIG_FILENAME} and {WEIGHTS_FILENAME}.")
+    header = read_safetensors_header(weights)
+    check_weights(info, header.tensors, str(weights), described_by=f"its {CONFIG_FILENAME}")
+    return info, header
+
+
+def read_model_directory(directory: str | os.PathLike) -> tuple[EncoderInfo, Path, SafetensorsHeader]:
+    """A Hugging Face model directory's description, weights file and header, checked; nothing built."""
+    directory = Path(directory)
+    config, weights = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
+    if not config.exists() or not weights.exists():
+        raise EncoderFileError(
+            f"{directory} is a directory but not a model directory (it needs {CONFIG_FILENAME} and {WEIGHTS_FILENAME}, "
+            "as `dmtjepa export --format hf` writes them); give an encoder file, a model directory or a Hub repo id."
+        )
+    values = read_json_file(config)
+    if isinstance(values, dict) and "model_args" in values and "architecture" in values:
+        raise EncoderFileError(
+            f"{directory} is a timm model directory; load it with timm.create_model('local-dir:{directory}', "
+            "pretrained=True), or give dmt_jepa the encoder file it was exported from."
+        )
+    info, header = checked_config(values, weights, str(config))
+    return info, weights, header
+
+
+def looks_like_path(text: str) -> bool:
+    """True for a string that cannot be a Hub repo id (owner/name), or that reads as a path."""
+    if text.startswith((".", "~", os.sep)) or (os.altsep and os.altsep in text) or Path(text).suffix in (".safetensors", ".json"):
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
+
+
 def from_pretrained(path_or_repo_id: str | os.PathLike, *, device: str = "cpu", **hub_kwargs) -> PretrainedEncoder:
     """The encoder from an encoder file, a model directory, or a Hugging Face Hub repo id, in eval mode.
 
-    Weights load strictly: a directory whose tensors do not match its config is an error.
-    `hub_kwargs` go to huggingface_hub (revision, cache_dir, token, local_files_only, ...).
+    Weights load strictly: a directory whose tensors do not match its config is an error, found
+    from the weights' header before anything is built. A string that reads as a path is never
+    sent to the Hub. `hub_kwargs` go to huggingface_hub (revision, cache_dir, token, local_files_only, ...).
     """
-    path = Path(path_or_repo_id)
+    text = os.fspath(path_or_repo_id)
+    path = Path(text).expanduser()
     if path.is_file():
         encoder, info = load_encoder(path)
         model = PretrainedEncoder.from_info(info)
         model.load_state_dict(encoder.state_dict())
+    elif path.is_dir():
+        model = PretrainedEncoder.built(*read_model_directory(path))
+    elif path.exists():
+        raise EncoderFileError(f"{path} is neither a file nor a directory; give an encoder file or a model directory.")
+    elif isinstance(path_or_repo_id, os.PathLike) or looks_like_path(text):
+        raise EncoderFileError(
+            f"{text} does not exist; give an encoder file (.safetensors), a model directory or a Hub repo id (owner/name)."
+        )
     else:
-        model = PretrainedEncoder.from_pretrained(str(path_or_repo_id), **hub_kwargs)
+        model = PretrainedEncoder.from_pretrained(text, **hub_kwargs)
     return model.to(device).eval()
 
 

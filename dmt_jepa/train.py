@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
@@ -40,6 +41,7 @@ class PretrainResult:
     steps: int
     loss: float
     is_main: bool = True  # rank 0, the process that wrote the outputs
+    already_complete: bool = False  # resumed after its last step: nothing was trained and nothing written
 
 
 @dataclass
@@ -306,16 +308,19 @@ class Trainer:
         self.position = DataPosition(emitted=[0] * streams, skipped=[0] * streams)
         self.step = 0
         self.checkpoint, self.saved_step = checkpoint, -1
+        self.encoder_path = self.run_dir / "encoder.safetensors"
         if checkpoint is not None:
             self._restore(checkpoint)
-            if world.is_main:  # overrides given on resume (e.g. more epochs) are part of the run from now on
-                save_config(cfg, self.run_dir / "config.yaml")
+        # A finished run resumed as it is: nothing to train, so nothing on disk may change.
+        self.already_complete = checkpoint is not None and self.step >= self.total_steps and self.encoder_path.is_file()
+        if checkpoint is not None and world.is_main and not self.already_complete:
+            save_config(cfg, self.run_dir / "config.yaml")  # overrides given on resume (e.g. more epochs) are part of the run now
         self.ddp: nn.Module = self.model
         if world.size > 1:
             device_ids = [world.device] if world.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.log_path = self.run_dir / "log.jsonl"
-        if world.is_main:
+        if world.is_main and not self.already_complete:
             _trim_log(self.log_path, self.step)
 
     def _restore(self, checkpoint: Path) -> None:
@@ -415,22 +420,41 @@ class Trainer:
             "weights_sha256": [s["digest"] for s in shared],
         }
 
+    def _write_failed(self, what: str, err: BaseException) -> TrainingError:
+        """A write that failed (a full disk, most often), as one sentence that says what is kept."""
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        kept = f"the checkpoint {self.checkpoint} is intact" if self.checkpoint else "no checkpoint was written yet"
+        return TrainingError(
+            f"cannot write {what} ({reason}); {kept}; free space, then run again with --resume {self.run_dir}."
+        )
+
     def save(self) -> None:
         state = self.state()
+        failure = None
         if self.world.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg, keep=self.cfg.run.keep_checkpoints)
-        _barrier(self.world)
+            try:
+                save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg, keep=self.cfg.run.keep_checkpoints)
+            except (OSError, SafetensorError) as err:
+                failure = str(self._write_failed(f"checkpoint step {self.step} in {self.run_dir / 'checkpoints'}", err))
+        failures = _gather(self.world, failure)  # a barrier too: every rank learns whether rank 0 saved
+        if failures[0] is not None:
+            raise TrainingError(failures[0])
         self.checkpoint = self.run_dir / "checkpoints" / f"step-{self.step:09d}"
         self.saved_step = self.step
 
     def _log(self, record: dict) -> None:
         if self.world.is_main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise self._write_failed(f"the log {self.log_path}", err) from err
 
     def run(self) -> PretrainResult:
         cfg = self.cfg
         loss = float("nan")
+        if self.already_complete:
+            return PretrainResult(self.run_dir, self.encoder_path, self.checkpoint, self.step, loss, self.world.is_main, True)
         progress, task = _progress(cfg.run.progress and self.world.is_main, self.total_steps, self.step)
         start_time, start_step = time.perf_counter(), self.step
         with progress:
@@ -462,17 +486,22 @@ class Trainer:
                 del batches  # stops this epoch's workers
         if self.saved_step != self.step:
             self.save()
-        encoder_path = self.run_dir / "encoder.safetensors"
+        failure = None
         if self.world.is_main:
             target = self.model.target_encoder
             provenance = {"source": "dmtjepa pretrain", "steps": self.step, "config": config_to_dict(cfg)}
             info = info_from_encoder(target, cfg.model.arch, provenance=provenance)
             info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
-            save_encoder(encoder_path, target, info)
-        _barrier(self.world)
+            try:
+                save_encoder(self.encoder_path, target, info)
+            except (OSError, SafetensorError) as err:
+                failure = str(self._write_failed(f"the encoder file {self.encoder_path}", err))
+        failures = _gather(self.world, failure)
+        if failures[0] is not None:
+            raise TrainingError(failures[0])
         return PretrainResult(
             run_dir=self.run_dir,
-            encoder=encoder_path,
+            encoder=self.encoder_path,
             checkpoint=self.checkpoint,
             steps=self.step,
             loss=loss,

@@ -1,13 +1,15 @@
-"""What an encoder file, an ONNX model or a TensorRT engine says about itself."""
+"""What an encoder file, an ONNX model, a TensorRT engine or a model directory (hf, timm) says about itself."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from dmt_jepa.encoder_file import file_sha256, read_encoder_info
+from dmt_jepa.encoder_file import file_sha256, read_encoder_info, read_json_file, read_safetensors_header
+from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, read_model_directory
 from export.errors import ExportError
 
 
@@ -35,6 +37,53 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         f"cannot tell what {path.name} is; give an encoder .safetensors, an .onnx model or an .engine "
         "(with its .engine.json sidecar)."
     )
+
+
+def is_model_directory(path: str | os.PathLike) -> bool:
+    """A folder holding config.json and model.safetensors: what `dmtjepa export --format hf` or `timm` writes."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILENAME).exists() and (path / WEIGHTS_FILENAME).exists()
+
+
+def describe_model_directory(path: str | os.PathLike) -> dict[str, Any]:
+    """What a Hugging Face or timm model directory holds, its config checked against its weights' header."""
+    path = Path(path)
+    config = read_json_file(path / CONFIG_FILENAME)
+    if isinstance(config, dict) and isinstance(config.get("model_args"), dict):
+        return _describe_timm_directory(path, config)
+    info, weights, header = read_model_directory(path)
+    return {
+        "kind": "Hugging Face model directory (dmt-jepa encoder)",
+        "directory": str(path),
+        "architecture": f"{info.arch}, patch {info.patch_size}, width {info.embed_dim}, {info.depth} blocks, "
+        f"{info.num_heads} heads",
+        "trained at": f"{info.img_size[0]}x{info.img_size[1]}",
+        "weights": _weights_line(weights, header),
+        "license": info.provenance.get("license", "unspecified"),
+        "load with": f"dmt_jepa.from_pretrained({str(path)!r})",
+        "metadata": info.to_metadata(),
+    }
+
+
+def _describe_timm_directory(path: Path, config: dict) -> dict[str, Any]:
+    args = config["model_args"]
+    pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    weights = path / WEIGHTS_FILENAME
+    return {
+        "kind": "timm model directory",
+        "directory": str(path),
+        "architecture": f"{config.get('architecture')}, patch {args.get('patch_size')}, width {args.get('embed_dim')}, "
+        f"{args.get('depth')} blocks, {args.get('num_heads')} heads",
+        "trained at": "x".join(map(str, args.get("img_size") or [])) or "unknown",
+        "weights": _weights_line(weights, read_safetensors_header(weights)),
+        "license": pretrained.get("license", "unspecified"),
+        "load with": f"timm.create_model('local-dir:{path}', pretrained=True)",
+    }
+
+
+def _weights_line(weights: Path, header) -> str:
+    numbers = sum(math.prod(entry.shape) for entry in header.tensors.values())
+    return f"{weights.name}: {len(header.tensors)} tensors, {numbers} numbers, {weights.stat().st_size} bytes"
 
 
 def _describe_encoder(path: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 import dmt_jepa
 from cli.main import app
-from dmt_jepa.encoder_file import file_sha256
+from dmt_jepa.encoder_file import file_sha256, model_identity
 from serve import embed_shards
 from serve.images import prepare
 from serve.stats import STATS_DIR
@@ -86,7 +86,7 @@ def test_outputs_equal_pytorch_with_documented_shapes(tmp_path, encoder_file):
             assert record == {"original_size": original, "input_size": [64, 64], "grid": [4, 4], "resize": "crop"}
         done = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         assert done["embedded"] == 5 and done["failures"] == [] and done["cut"] is None
-        assert done["model"]["sha256"] == file_sha256(encoder_file) and done["precision"] == "fp32"
+        assert done["model"]["sha256"] == model_identity(encoder_file) and done["precision"] == "fp32"
 
 
 def bad_samples() -> list[tuple[str, dict[str, bytes]]]:
@@ -324,7 +324,7 @@ def test_identity_is_recorded_and_a_shard_needs_both_files(tmp_path, encoder_fil
     clean = snapshot(tmp_path / "out")
     record = json.loads(clean["s0.json"])
     assert record["identity"] == {
-        "model_sha256": file_sha256(encoder_file),
+        "model_sha256": model_identity(encoder_file),
         "input_size": [64, 64],
         "resize": "crop",
         "pooled": False,

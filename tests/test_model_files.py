@@ -37,7 +37,8 @@ def rewrite(source, target, metadata=None, tensors=None):
         ({"depth": 2.5}, "depth must be an integer"),
         ({"pixel_std": [0.2, 0.0, 0.2]}, "pixel_std must be positive"),
         ({"mlp_ratio": float("nan")}, "mlp_ratio must be finite"),
-        ({"embed_dim": 65536, "depth": 64, "num_heads": 64}, "does not hold the weights its metadata describes"),
+        ({"embed_dim": 4096, "depth": 64, "num_heads": 64}, "does not hold the weights its metadata describes"),
+        ({"embed_dim": 65536, "depth": 64, "num_heads": 64}, "embed_dim must be at most 8192"),
         ({"patch_size": 32}, "does not hold the weights its metadata describes"),
     ],
 )

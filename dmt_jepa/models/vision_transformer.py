@@ -14,6 +14,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from dmt_jepa.limits import MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.pos_embed import sincos_2d
 
 
@@ -120,7 +121,7 @@ class VisionTransformer(nn.Module):
             output_fmt="NHWC",
             strict_img_size=False,
         )
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # plain numbers, also when built on "meta"
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim,
@@ -225,14 +226,25 @@ class VisionTransformer(nn.Module):
         return F.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def create_encoder(
     arch: str, *, patch_size: int = 16, img_size: int | tuple[int, int] = 224, drop_path_rate: float = 0.0
 ) -> VisionTransformer:
     """Build an encoder by name: vit_nano, vit_tiny, vit_small, vit_base, vit_large or vit_huge."""
-    if arch not in VARIANTS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VARIANTS)}")
-    if not 2 <= patch_size <= 64:
-        raise ValueError(f"patch size must be between 2 and 64 pixels (8, 14 and 16 are usual), got {patch_size}")
+    if not isinstance(arch, str) or arch not in VARIANTS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(VARIANTS)}.")
+    if not _whole(patch_size) or not 2 <= patch_size <= MAX_PATCH_SIZE:
+        raise ValueError(
+            f"patch size must be a whole number from 2 to {MAX_PATCH_SIZE} pixels (8, 14 and 16 are usual), got {patch_size!r}."
+        )
+    sides = (img_size, img_size) if _whole(img_size) else tuple(img_size) if isinstance(img_size, (tuple, list)) else ()
+    if len(sides) != 2 or not all(_whole(s) and patch_size <= s <= MAX_IMG_SIZE for s in sides):
+        raise ValueError(
+            f"image size must be one or two whole numbers of pixels from the patch size to {MAX_IMG_SIZE}, got {img_size!r}."
+        )
     v = VARIANTS[arch]
     return VisionTransformer(
         img_size=img_size,

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dmt_jepa.encoder_file import EncoderFileError, file_sha256
+from dmt_jepa.encoder_file import EncoderFileError, model_identity
 from serve.backends.base import PRECISIONS, Backend, BackendError, checked_run, patch_cosine
 
 BACKENDS = ("auto", "torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
@@ -32,6 +32,11 @@ __all__ = [
 
 def model_kind(path: Path) -> str:
     """encoder, onnx or engine, from the file's suffix; BackendError for anything else."""
+    if path.is_dir():
+        raise BackendError(
+            f"{path} is a directory; --model takes a model file: an encoder file (.safetensors), an ONNX model (.onnx) "
+            "or a TensorRT engine (.engine)."
+        )
     if not path.is_file():
         raise BackendError(f"the model file {path} does not exist.")
     kind = MODEL_KINDS.get(path.suffix.lower())
@@ -121,5 +126,5 @@ def load_backend(
             built = TensorRTBackend(path, precision=precision)
     except EncoderFileError as err:
         raise BackendError(str(err)) from err
-    built.model_sha256 = file_sha256(path)
+    built.model_sha256 = model_identity(path)
     return built

@@ -27,7 +27,7 @@ class Backend(ABC):
     precision: str
     info: EncoderInfo
     model_path: Path
-    model_sha256: str = ""
+    model_sha256: str = ""  # dmt_jepa.encoder_file.model_identity of the model file: its tensors, not its bytes
     notices: tuple[str, ...] = ()  # one line each for the user (a precision that was changed, and why)
     layers: tuple[int, ...] = ()  # blocks output besides the grid, absolute indices
 
