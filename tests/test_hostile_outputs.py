@@ -1,0 +1,94 @@
+"""The job's writing side under hostile use: OUT_DIR over the inputs, mixed settings, many carried
+members, member extensions that are paths or control characters, a worker paused past its lease."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
+from test_embed_job import snapshot, wait_for
+from typer.testing import CliRunner
+
+from cli.main import app
+from serve import embed_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    return write_encoder_file(tmp_path_factory.mktemp("model") / "enc.safetensors")
+
+
+@pytest.fixture(scope="module")
+def other_encoder_file(tmp_path_factory):
+    return write_encoder_file(tmp_path_factory.mktemp("other") / "other.safetensors", seed=1)
+
+
+def embed(*args: str):
+    return CliRunner().invoke(app, ["embed", *map(str, args), "--workers", "0"])
+
+
+def one_sentence_refusal(result, words: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Carried member extensions
+
+
+def test_carried_extensions_are_made_safe_and_every_dropped_member_is_listed(tmp_path, encoder_file):
+    members = {
+        "png": image_bytes(40, 40),
+        "jpg": image_bytes(50, 50, "JPEG"),  # ranks above png: the png is neither embedded nor carried
+        "a\nb": b"newline",
+        "x\\y": b"backslash",
+        "a..b": b"dots",
+        "..": b"only dots",
+        "%41": b"percent",
+        "seg.png": b"a mask",
+        "big": b"z" * 200,
+        "": b"empty extension",  # the member `k.`
+        "cls": b"7",
+    }
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "s.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"k.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected = {"a%0Ab": b"newline", "x%5Cy": b"backslash", "a.%2Eb": b"dots", "%2E%2E": b"only dots"}
+    expected |= {"%2541": b"percent", "seg.png": b"a mask", "cls": b"7"}
+    assert all(unquote(safe) in members for safe in expected)  # the rule is reversible
+    dropped = ["png", "big", ""]
+    for layout in ("tar", "array"):
+        out = tmp_path / layout
+        embed_shards(str(tmp_path / "in"), out, encoder_file, workers=0, layout=layout, max_carried_bytes=100)
+        if layout == "tar":
+            with tarfile.open(out / "s.tar") as tar:
+                names = tar.getnames()
+            assert all("\n" not in n and "\\" not in n and ".." not in n for n in names), names
+            sample = read_output(out / "s.tar")["k"]
+            carried = {ext[3:]: data for ext, data in sample.items() if ext.startswith("in.")}
+            not_carried = json.loads(sample["json"])["not_carried"]
+        else:
+            table = pq.read_table(out / "s.parquet")
+            carried = dict(table.column("members").to_pylist()[0])
+            not_carried = table.column("not_carried").to_pylist()[0]
+        assert carried == expected
+        assert sorted(not_carried) == sorted(dropped)
+        assert json.loads((out / "s.json").read_text())["embedded"] == 1
