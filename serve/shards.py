@@ -429,13 +429,18 @@ class ShardOutput:
 
     def abort(self) -> None:
         """Drop the unfinished files; nothing visible was written."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except OSError:  # the disk that failed the write fails the flush too; the file goes anyway
-                pass
+        close_quietly(self._tar)
         self.partial.unlink(missing_ok=True)
         self.json_partial.unlink(missing_ok=True)
+
+
+def close_quietly(file) -> None:
+    """Close a writer whose file is about to be removed: the disk that failed a write fails the flush too."""
+    if file is not None:
+        try:
+            file.close()
+        except OSError:
+            pass
 
 
 def write_done_record(partial: Path, path: Path, record: dict, embedded: int, failures: list[dict]) -> None:

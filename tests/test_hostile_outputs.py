@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from serve import embed_shards
+from serve.layouts import TABLE_GROUP_BYTES, ArrayShardOutput, OutputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,36 @@ def one_sentence_refusal(result, words: str) -> None:
 
 def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Bounded memory in the array layout
+
+
+def test_carried_members_are_spilled_to_the_file_aside_as_they_arrive(tmp_path):
+    spec = OutputSpec(layout="array", dtype="float32")
+    out = ArrayShardOutput(tmp_path, "s", "me", spec, grid=(2, 2), dim=3)
+    rng = np.random.default_rng(0)
+    member = 50_000
+    count = 8 * TABLE_GROUP_BYTES // member  # eight row groups' worth of carried bytes
+    record = {"original_size": [8, 8], "input_size": [8, 8], "grid": [2, 2], "resize": "crop"}
+    tracemalloc.start()
+    try:
+        for i in range(count):
+            out.add(f"k{i}", np.full((2, 2, 3), i, np.float32), record, carried={"bin": rng.bytes(member)})
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    total = count * member
+    assert peak < total / 4, (peak, total)  # what the python side held never came near the members' total
+    assert out.table_partial.stat().st_size > total / 2  # already in the file aside, before the commit
+    out.commit({"shard": "s.tar"})
+    table = pq.read_table(tmp_path / "s.parquet")
+    rng = np.random.default_rng(0)
+    assert table.column("key").to_pylist() == [f"k{i}" for i in range(count)]
+    assert table.column("row").to_pylist() == list(range(count))
+    assert [dict(m)["bin"] for m in table.column("members").to_pylist()] == [rng.bytes(member) for _ in range(count)]
+    assert (np.load(tmp_path / "s.patches.npy")[:, 0, 0, 0] == np.arange(count)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.parquet", "s.patches.npy"]
 
 
 # Carried member extensions
