@@ -506,10 +506,19 @@ def _run(
         batch.clear()
         bar.update(summary.embedded, summary.failed)
 
+    def committed(out: ShardOutput, name: str, record: dict) -> bool:
+        """Commit; False where another process took the shard over meanwhile (it removed the files aside)."""
+        try:
+            out.commit(record)
+        except OSError:
+            if claims.owns(name):
+                raise
+            return False
+        return True
+
     def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
         """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
-        if missing is None and claims.owns(source.name):
-            out.commit(record)
+        if missing is None and claims.owns(source.name) and committed(out, source.name, record):
             summary.completed.append(source.name)
             try:
                 if len(summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was

@@ -123,3 +123,85 @@ def test_carried_extensions_are_made_safe_and_every_dropped_member_is_listed(tmp
         assert carried == expected
         assert sorted(not_carried) == sorted(dropped)
         assert json.loads((out / "s.json").read_text())["embedded"] == 1
+
+
+# Workers paused past their lease
+
+
+# The real CLI in a real process; the first process to commit stops itself right there (past the
+# ownership check, before the renames), as a worker paused by the OS at the worst moment would.
+STOP_IN_COMMIT = """
+import os, signal, sys
+from serve.shards import ShardOutput
+commit = ShardOutput.commit
+def stopping_commit(self, record):
+    try:
+        os.close(os.open(os.environ["STOP_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        pass
+    else:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    commit(self, record)
+ShardOutput.commit = stopping_commit
+from cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def stopped(process: subprocess.Popen) -> bool:
+    try:
+        return Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def pause_one_worker_past_the_lease(tmp_path: Path, encoder_file: Path, clean: dict, rep: int) -> None:
+    """Two workers on one OUT_DIR; the one paused in its commit finds the shard taken over, drops it, exits 0."""
+    out, mark, lease = tmp_path / f"out{rep}", tmp_path / f"stopped{rep}", 1.0
+    args = [str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0", "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STOP_MARK": str(mark)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", STOP_IN_COMMIT, "embed", *args, "--lease", str(lease)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        wait_for(lambda: any(stopped(w) for w in workers), timeout=120)
+        paused = next(w for w in workers if stopped(w))
+        other = next(w for w in workers if w is not paused)
+        _, stderr = other.communicate(timeout=180)  # takes the shard over after the lease and commits it
+        assert other.returncode == 0, stderr
+        paused.send_signal(signal.SIGCONT)
+        _, stderr = paused.communicate(timeout=120)
+        assert paused.returncode == 0, stderr
+        assert "error" not in stderr, stderr
+        assert snapshot(out) == clean
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGCONT)
+                worker.kill()
+                worker.communicate()
+
+
+def workers_setup(tmp_path: Path, encoder_file: Path) -> dict:
+    for s in range(2):
+        write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 3, seed=s))
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", encoder_file, workers=0, batch_size=4)
+    return snapshot(tmp_path / "clean")
+
+
+def test_a_worker_paused_past_its_lease_in_its_commit_drops_the_shard_and_exits_0(tmp_path, encoder_file):
+    pause_one_worker_past_the_lease(tmp_path, encoder_file, workers_setup(tmp_path, encoder_file), rep=0)
+
+
+@pytest.mark.slow
+def test_a_worker_paused_past_its_lease_ten_times_in_a_row(tmp_path, encoder_file):
+    clean = workers_setup(tmp_path, encoder_file)
+    for rep in range(10):
+        pause_one_worker_past_the_lease(tmp_path, encoder_file, clean, rep)
