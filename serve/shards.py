@@ -486,19 +486,49 @@ def read_record(out_dir: Path, name: str) -> dict | None:
     return record
 
 
+def done_records(out_dir: Path) -> dict[str, dict]:
+    """NAME -> NAME.json of every done shard in OUT_DIR, whichever run made it (regular files only)."""
+    records: dict[str, dict] = {}
+    if not out_dir.is_dir():
+        return records
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file():
+                record = read_record(out_dir, entry.name[: -len(".json")])
+                if record is not None:
+                    records[entry.name[: -len(".json")]] = record
+    return records
+
+
+def shard_files(name: str) -> list[str]:
+    """Every file shard NAME may have in OUT_DIR, in any layout; NAME.json first, the order to remove them in."""
+    return [f"{name}.json", *(f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix != "json")]
+
+
+def remove_shard_files(out_dir: Path, name: str) -> None:
+    """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile."""
+    for file in shard_files(name):
+        (out_dir / file).unlink(missing_ok=True)
+
+
 def data_files(record: dict, name: str) -> list[str]:
     """The data files a shard's NAME.json vouches for: its `files`, else (the tar layout) NAME.tar."""
     files = record.get("files")
     return [str(f) for f in files] if isinstance(files, list) else [f"{name}.tar"]
 
 
-def identity_difference(record: dict, identity: dict) -> str | None:
-    """How a shard's recorded identity differs from this run's, in words; None where they agree."""
+def identity_difference(record: dict, identity: dict, unknown: tuple[str, ...] = ()) -> str | None:
+    """How a shard's recorded identity differs from this run's, in words; None where they agree.
+
+    A key either side lacks counts as None (a shard made with --layers is not one made without);
+    keys in `unknown`, which this run does not know yet, are not compared.
+    """
     recorded = record.get("identity")
     if not isinstance(recorded, dict):
         return "was written by an older dmt-jepa that did not record its settings"
-    for key, wanted in identity.items():
-        if recorded.get(key) != wanted:
+    for key in [*identity, *(k for k in recorded if k not in identity)]:
+        wanted = identity.get(key)
+        if key not in unknown and recorded.get(key) != wanted:
             had, want = recorded.get(key), wanted
             if key == "model_sha256":
                 had, want = str(had)[:12], str(want)[:12]

@@ -49,6 +49,133 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# Outputs never touch inputs
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["file-url", "file-url-slash", "local-url", "link-above-input", "parent-path", "parent-file-url", "chained-url"],
+)
+def test_an_out_dir_at_or_above_the_input_folder_is_refused_in_any_form(tmp_path, encoder_file, form):
+    write_shard(tmp_path / "data" / "in" / "s.tar", photo_samples("k", 2))
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    out = {
+        "file-url": f"file://{tmp_path}/data/in",
+        "file-url-slash": f"file://{tmp_path}/data/in/",
+        "local-url": f"local://{tmp_path}/data/in",
+        "link-above-input": str(tmp_path / "link"),
+        "parent-path": str(tmp_path / "data"),
+        "parent-file-url": f"file://{tmp_path}/data/in/../",
+        "chained-url": f"simplecache::file://{tmp_path}/data/in",
+    }[form]
+    before = files_under(tmp_path)
+    one_sentence_refusal(embed(tmp_path / "data" / "in", out, "--model", encoder_file), "would overwrite")
+    assert files_under(tmp_path) == before  # the input shard untouched, nothing created
+    with pytest.raises(ValueError, match="would overwrite"):  # the same refusal from Python
+        embed_shards(str(tmp_path / "data" / "in"), out, encoder_file, workers=0)
+    assert files_under(tmp_path) == before
+
+
+def test_an_out_dir_beside_or_inside_the_input_folder_is_accepted(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 2))
+    embed_shards(str(tmp_path / "in"), tmp_path / "beside", encoder_file, workers=0)
+    embed_shards(str(tmp_path / "in"), f"file://{tmp_path}/in/sub", encoder_file, workers=0)
+    assert snapshot(tmp_path / "in" / "sub") == snapshot(tmp_path / "beside")
+
+
+def test_a_memory_out_dir_is_refused_from_the_cli_and_works_from_python(tmp_path, encoder_file):
+    import fsspec
+
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 3))
+    url = "memory://hostile-outputs/out"
+    one_sentence_refusal(embed(tmp_path / "in", url, "--model", encoder_file), "vanish")
+    fs = fsspec.filesystem("memory")
+    assert not fs.exists("/hostile-outputs/out")
+    embed_shards(str(tmp_path / "in"), url, encoder_file, workers=0)
+    embed_shards(str(tmp_path / "in"), tmp_path / "local", encoder_file, workers=0)
+    try:
+        assert fs.cat_file("/hostile-outputs/out/s.tar") == (tmp_path / "local" / "s.tar").read_bytes()
+        assert json.loads(fs.cat_file("/hostile-outputs/out/s.json"))["embedded"] == 3
+    finally:
+        fs.rm("/hostile-outputs", recursive=True)
+
+
+# One set of settings per OUT_DIR
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--model", "OTHER"], "model_sha256"),
+        (["--layout", "array"], "layout"),
+        (["--dtype", "int8"], "dtype"),
+        (["--size", "128"], "input_size"),
+        (["--pca", "4"], "pca"),
+        (["--layers", "0"], "layers"),
+    ],
+)
+def test_other_settings_with_other_shard_names_are_refused(tmp_path, encoder_file, other_encoder_file, extra, words):
+    write_shard(tmp_path / "first" / "s0.tar", photo_samples("a", 2))
+    write_shard(tmp_path / "second" / "t0.tar", photo_samples("b", 2, seed=1))
+    embed_shards(str(tmp_path / "first"), tmp_path / "out", encoder_file, workers=0)
+    kept = snapshot(tmp_path / "out")
+    extra = [str(other_encoder_file) if e == "OTHER" else e for e in extra]
+    model = [] if "--model" in extra else ["--model", encoder_file]
+    one_sentence_refusal(embed(tmp_path / "second", tmp_path / "out", *model, *extra), words)
+    assert snapshot(tmp_path / "out") == kept  # nothing written, nothing mixed in
+
+
+def test_layers_and_no_layers_are_other_settings_both_ways(tmp_path, encoder_file):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    without = embed(tmp_path / "in", tmp_path / "plain", "--model", encoder_file)
+    assert without.exit_code == 0, without.output
+    with_layers = embed(tmp_path / "in", tmp_path / "layers", "--model", encoder_file, "--layers", "0")
+    assert with_layers.exit_code == 0, with_layers.output
+    for out, extra in [(tmp_path / "layers", []), (tmp_path / "plain", ["--layers", "0"])]:
+        kept = snapshot(out)
+        one_sentence_refusal(embed(tmp_path / "in", out, "--model", encoder_file, *extra), "layers")
+        assert snapshot(out) == kept
+    redo = embed(tmp_path / "in", tmp_path / "layers", "--model", encoder_file, "--overwrite")
+    assert redo.exit_code == 0 and "1 shards embedded" in redo.output, redo.output
+    assert snapshot(tmp_path / "layers") == snapshot(tmp_path / "plain")  # the layers are gone: a plain run's bytes
+
+
+def test_overwrite_leaves_exactly_the_files_of_a_clean_run_in_the_new_settings(
+    tmp_path, encoder_file, other_encoder_file
+):
+    write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
+    write_shard(tmp_path / "old" / "t0.tar", photo_samples("o", 2, seed=3))
+    embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0, pca=4)
+    embed_shards(str(tmp_path / "old"), tmp_path / "out", encoder_file, workers=0, pca=4)
+    result = embed(tmp_path / "in", tmp_path / "out", "--model", other_encoder_file, "--layout", "array", "--overwrite")
+    assert result.exit_code == 0, result.output
+    embed_shards(str(tmp_path / "in"), tmp_path / "clean", other_encoder_file, workers=0, layout="array")
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "clean")  # no s0.tar, no t0.*, no pca.npy
+    assert sorted(p.name for p in (tmp_path / "out" / "_stats").iterdir()) == sorted(
+        p.name for p in (tmp_path / "clean" / "_stats").iterdir()
+    )
+
+
+def test_a_remote_out_dir_holds_one_set_of_settings_too(tmp_path, encoder_file, other_encoder_file):
+    import fsspec
+
+    write_shard(tmp_path / "first" / "s0.tar", photo_samples("a", 2))
+    write_shard(tmp_path / "second" / "t0.tar", photo_samples("b", 2, seed=1))
+    url, fs = "memory://hostile-settings/out", fsspec.filesystem("memory")
+    try:
+        embed_shards(str(tmp_path / "first"), url, encoder_file, workers=0)
+        with pytest.raises(ValueError, match="model_sha256"):
+            embed_shards(str(tmp_path / "second"), url, other_encoder_file, workers=0)
+        embed_shards(str(tmp_path / "second"), url, other_encoder_file, workers=0, layout="array", overwrite=True)
+        embed_shards(str(tmp_path / "second"), tmp_path / "clean", other_encoder_file, workers=0, layout="array")
+        remote = {p.rsplit("/", 1)[-1] for p in fs.ls("/hostile-settings/out", detail=False)} - {"_stats"}
+        assert remote == set(snapshot(tmp_path / "clean"))
+        for name in remote:
+            assert fs.cat_file(f"/hostile-settings/out/{name}") == (tmp_path / "clean" / name).read_bytes()
+    finally:
+        fs.rm("/hostile-settings", recursive=True)
+
+
 # Bounded memory in the array layout
 
 
@@ -63,7 +190,7 @@ def test_carried_members_are_spilled_to_the_file_aside_as_they_arrive(tmp_path):
     try:
         for i in range(count):
             out.add(f"k{i}", np.full((2, 2, 3), i, np.float32), record, carried={"bin": rng.bytes(member)})
-        held, peak = tracemalloc.get_traced_memory()
+        _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     total = count * member
