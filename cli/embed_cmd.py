@@ -102,6 +102,7 @@ def embed(
     from serve.images import DEFAULT_MAX_PIXELS
     from serve.inputs import InputError
     from serve.job import EmbedOptions, OutputDirError, OutputWriteError, embed_shards
+    from serve.remote import location
 
     try:
         options = EmbedOptions(
@@ -128,6 +129,13 @@ def embed(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+    if location(out_dir)[0] == "memory":
+        typer.echo(
+            f"error: OUT_DIR {out_dir} lives in this process's memory, so the outputs would vanish when the command "
+            "ends; choose a folder or a persistent store (file://, s3://, ...).",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         summary = embed_shards(input, out_dir, model, options)
     except (InputError, BackendError, OutputDirError, EncoderFileError) as err:

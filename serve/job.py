@@ -13,6 +13,7 @@ A shard is done when NAME.tar and NAME.json exist and NAME.json records this run
 from __future__ import annotations
 
 import os
+import posixpath
 import queue
 import tempfile
 import threading
@@ -37,17 +38,19 @@ from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from serve.layouts import LAYOUTS, OutputSpec, open_output
 from serve.pca import PCA_FILE, PcaError, load_or_fit, project
 from serve.progress import Progress
-from serve.remote import RemoteOut, is_url
+from serve.remote import RemoteOut, is_url, location
 from serve.quantize import DTYPES
 from serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 from serve.shards import (
     ShardOutput,
     ShardReader,
+    done_records,
     identity_difference,
     is_done,
     open_source,
     read_record,
     remove_leftovers,
+    remove_shard_files,
 )
 
 
@@ -153,29 +156,39 @@ def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> di
     }
 
 
-def check_identity(
-    out_dir: Path | str, shards: Sequence[ShardSource], identity: dict, read: Callable[[str], dict | None]
-) -> None:
-    """Refuse a run whose settings differ from those that made the shards OUT_DIR already holds."""
-    for shard in shards:
-        record = read(shard.name)
-        difference = None if record is None else identity_difference(record, identity)
+def check_identity(out_dir: Path | str, identity: dict, records: dict[str, dict]) -> None:
+    """Refuse a run whose settings differ from those of any shard OUT_DIR holds: one set of settings per OUT_DIR.
+
+    Runs before the PCA is fitted, so the projection's hash is not compared here (a changed pca.npy
+    only makes its shards not done).
+    """
+    for name, record in sorted(records.items()):
+        difference = identity_difference(record, identity, unknown=("pca_sha256",))
         if difference is not None:
             raise OutputDirError(
-                f"OUT_DIR {out_dir} already holds {shard.name}, which {difference}; rerun with the same settings, "
-                "choose another OUT_DIR, or pass --overwrite to redo such shards."
+                f"OUT_DIR {out_dir} already holds {name}, which {difference}; rerun with the same settings, "
+                "choose another OUT_DIR, or pass --overwrite to replace every shard made otherwise."
             )
 
 
-def prepare_out_dir(out_dir: Path, shards: Sequence[ShardSource]) -> Path:
-    """Create OUT_DIR, prove it writable, and refuse one where outputs would overwrite inputs."""
+def refuse_out_over_inputs(out_dir: str | os.PathLike, shards: Sequence[ShardSource]) -> None:
+    """Refuse an OUT_DIR (path or URL) that is an input shard's folder or one above it."""
+    store, root = location(os.fspath(out_dir))
+    above = root.rstrip("/") + "/"
     for shard in shards:
-        target = out_dir / f"{shard.name}.tar"
-        if "://" not in shard.url and target.exists() and target.resolve() == Path(shard.url).resolve():
+        if shard.url.startswith("pipe:"):
+            continue
+        shard_store, path = location(shard.url)
+        folder = posixpath.dirname(path)
+        if shard_store == store and (folder == root or folder.startswith(above)):
             raise OutputDirError(
-                f"OUT_DIR {out_dir} holds the input shard {shard.url}, which the output would overwrite; "
-                "choose another OUT_DIR."
+                f"OUT_DIR {out_dir} is the folder of the input shard {shard.url} or one above it, so outputs would "
+                "overwrite inputs; choose an OUT_DIR outside the input folders."
             )
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create OUT_DIR and prove it writable."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
@@ -336,6 +349,7 @@ def embed_shards(
     mine = partition(shards, rank, world_size)
     runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
     prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
+    refuse_out_over_inputs(out_dir, shards)
     remote = _open_remote(out_dir)
     try:
         return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options)
@@ -368,9 +382,10 @@ def _embed_into(
     out = Path(out_dir) if remote is None else remote.staging
     read = partial(read_record, out) if remote is None else remote.read_record
     identity = run_identity(runner, prep, options)
+    records = done_records(out) if remote is None else remote.done_records()
     if not options.overwrite:
-        check_identity(out_dir, shards, identity, read)
-    prepare_out_dir(out, shards)
+        check_identity(out_dir, identity, records)
+    prepare_out_dir(out)
     projection = None
     if options.pca is not None:
         if remote is not None:
@@ -381,6 +396,8 @@ def _embed_into(
             raise OutputDirError(str(err)) from err
         if remote is not None:
             remote.push(PCA_FILE)
+    if options.overwrite:
+        _clear_other_settings(out, remote, identity, records, keep_pca=options.pca is not None)
 
     def done(name: str) -> bool:
         record = read(name)
@@ -416,6 +433,27 @@ def _embed_into(
     return summary
 
 
+def _clear_other_settings(
+    out: Path, remote: RemoteOut | None, identity: dict, records: dict[str, dict], keep_pca: bool
+) -> None:
+    """--overwrite: remove every shard made with other settings (all layouts, with its stats), and a
+    pca.npy this run does not use, so that OUT_DIR holds one set of settings again."""
+    cleared = [name for name, record in records.items() if identity_difference(record, identity) is not None]
+    relatives = [f"{STATS_DIR}/{name}.json" for name in cleared]
+    if cleared:
+        relatives.append(f"{STATS_DIR}/{SUMMARY}")
+    if not keep_pca:
+        relatives.append(PCA_FILE)
+    for name in cleared:
+        remove_shard_files(out, name)
+        if remote is not None:
+            remote.remove_shard(name)
+    for relative in relatives:
+        (out / relative).unlink(missing_ok=True)
+        if remote is not None:
+            remote.remove(relative)
+
+
 def _run(
     pending: list[ShardSource],
     job: list[str],
@@ -440,7 +478,7 @@ def _run(
     def claimed() -> Iterator[ShardSource]:
         for source in claims.each(pending, lambda s: s.name, lambda s: is_done(out_dir, s.name, identity), stop):
             remove_leftovers(out_dir, source.name, owner)
-            (out_dir / f"{source.name}.json").unlink(missing_ok=True)  # another run's: it is redone now
+            remove_shard_files(out_dir, source.name)  # not done with this identity: its files in any layout go
             yield source
 
     reader = threading.Thread(
@@ -506,10 +544,19 @@ def _run(
         batch.clear()
         bar.update(summary.embedded, summary.failed)
 
+    def committed(out: ShardOutput, name: str, record: dict) -> bool:
+        """Commit; False where another process took the shard over meanwhile (it removed the files aside)."""
+        try:
+            out.commit(record)
+        except OSError:
+            if claims.owns(name):
+                raise
+            return False
+        return True
+
     def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
         """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
-        if missing is None and claims.owns(source.name):
-            out.commit(record)
+        if missing is None and claims.owns(source.name) and committed(out, source.name, record):
             summary.completed.append(source.name)
             try:
                 if len(summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was

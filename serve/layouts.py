@@ -6,7 +6,8 @@
     OUT/NAME.parquet            one row per embedded sample: key, row, geometry, carried members
     OUT/NAME.json               written last: the done marker, as in the tar layout
 
-Rows are streamed to files aside as batches arrive, so memory does not grow with the shard; the
+Rows are streamed to files aside as batches arrive, so memory does not grow with the shard: array
+rows at once, table rows (with the carried members) as Parquet row groups of bounded size. The
 .npy header, whose shape needs the final count, is written into a fixed reserved block at commit.
 Every file is renamed into place before NAME.json, so a shard is never seen done half-written.
 """
@@ -20,10 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from serve.quantize import encode
-from serve.shards import ShardOutput, _fsync, write_done_record
+from serve.shards import ShardOutput, _fsync, close_quietly, write_done_record
 
 LAYOUTS = ("tar", "array")
 _HEADER_BYTES = 128  # magic + length + dict padded: fits any shape of four dimensions up to 10^18 rows
+# Table rows held before they go to the file aside as one Parquet row group: whichever bound comes first.
+TABLE_GROUP_ROWS = 1024
+TABLE_GROUP_BYTES = 4 << 20  # carried member bytes
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class ArrayShardOutput(ShardOutput):
                 self.arrays[part] = _RowFile(out_dir / f".{name}.{part}.npy{suffix}", out_dir / f"{name}.{part}.npy")
         self.table_partial = out_dir / f".{name}.parquet{suffix}"
         self.table_path = out_dir / f"{name}.parquet"
-        self.rows: list[dict] = []
+        self.table = _TableFile(self.table_partial)
 
     def add(self, key, embedding, record, pooled=None, carried=None) -> None:
         for stem, vectors in (("patches", embedding), ("pooled", pooled)):
@@ -109,7 +113,7 @@ class ArrayShardOutput(ShardOutput):
                 self.arrays[stem].append(values)
                 if scale is not None:
                     self.arrays[f"{stem}_scale"].append(scale)
-        self.rows.append({"key": key, "row": self.embedded, "record": record, "members": carried or {}})
+        self.table.append({"key": key, "row": self.embedded, "record": record, "members": carried or {}})
         self.embedded += 1
 
     def _row_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -126,7 +130,7 @@ class ArrayShardOutput(ShardOutput):
             shapes = self._row_shapes()
             for part, rows in self.arrays.items():
                 rows.finish(*shapes[part])
-            write_table(self.rows, self.table_partial)
+            self.table.finish()
             for rows in self.arrays.values():
                 os.replace(rows.partial, rows.final)
             os.replace(self.table_partial, self.table_path)
@@ -140,16 +144,44 @@ class ArrayShardOutput(ShardOutput):
         for rows in self.arrays.values():
             rows.close()
             rows.partial.unlink(missing_ok=True)
+        self.table.close()
         self.table_partial.unlink(missing_ok=True)
         self.json_partial.unlink(missing_ok=True)
 
 
-def write_table(rows: list[dict], path: Path) -> None:
-    """NAME.parquet: the metadata table of one shard."""
-    import pyarrow.parquet as pq
+class _TableFile:
+    """NAME.parquet aside: table rows held until a row group's worth, then appended to the file."""
 
-    pq.write_table(metadata_table(rows), path, compression="zstd")
-    _fsync(path)
+    def __init__(self, partial: Path):
+        self.partial = partial
+        self.held: list[dict] = []
+        self.held_bytes = 0
+        self.writer = None
+
+    def append(self, row: dict) -> None:
+        self.held.append(row)
+        self.held_bytes += sum(map(len, row["members"].values()))
+        if len(self.held) >= TABLE_GROUP_ROWS or self.held_bytes >= TABLE_GROUP_BYTES:
+            self._write()
+
+    def _write(self) -> None:
+        import pyarrow.parquet as pq
+
+        table = metadata_table(self.held)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd")
+        self.writer.write_table(table)
+        self.held, self.held_bytes = [], 0
+
+    def finish(self) -> None:
+        """Write what is held (an empty table where no row came) and flush; not yet renamed."""
+        if self.held or self.writer is None:
+            self._write()
+        self.writer.close()
+        _fsync(self.partial)
+
+    def close(self) -> None:
+        close_quietly(self.writer)
 
 
 def metadata_table(rows: list[dict]):

@@ -14,16 +14,32 @@ files without NAME.json: not done, redone and overwritten by the next run.
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import tempfile
 from pathlib import Path
 
-from serve.shards import OUTPUT_FORMAT, data_files
+from serve.shards import OUTPUT_FORMAT, data_files, shard_files
 from serve.stats import STATS_DIR
 
 
 def is_url(out_dir: object) -> bool:
     return isinstance(out_dir, str) and "://" in out_dir
+
+
+def location(target: str) -> tuple[str, str]:
+    """(store, absolute path) of a local path or URL: two names with the same pair are one place.
+
+    A local path and a file:// or local:// URL are the same store, compared after resolving links;
+    a chained URL (simplecache::s3://...) stores in its last part.
+    """
+    target = target.split("::")[-1]
+    if "://" not in target:
+        return "file", str(Path(target).resolve())
+    protocol, _, path = target.partition("://")
+    if protocol in ("file", "local"):
+        return "file", str(Path(path or "/").resolve())
+    return protocol, posixpath.normpath("/" + path.split("?", 1)[0])
 
 
 class RemoteOut:
@@ -51,6 +67,22 @@ class RemoteOut:
         if not all(self.fs.exists(self._path(f)) for f in data_files(record, name)):
             return None
         return record
+
+    def done_records(self) -> dict[str, dict]:
+        """NAME -> NAME.json of every done shard the remote OUT_DIR holds, whichever run made it."""
+        files = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        names = [f[: -len(".json")] for f in files if f.endswith(".json") and not f.startswith(".")]
+        records = {name: self.read_record(name) for name in names}
+        return {name: record for name, record in records.items() if record is not None}
+
+    def remove_shard(self, name: str) -> None:
+        """Delete shard NAME's remote files in every layout, NAME.json first."""
+        for file in shard_files(name):
+            self.remove(file)
+
+    def remove(self, relative: str) -> None:
+        if self.fs.exists(self._path(relative)):
+            self.fs.rm(self._path(relative))
 
     def pull(self, relative: str) -> bool:
         """Copy one remote file into staging, if it exists."""

@@ -46,7 +46,7 @@ class Sample:
     members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
     names: list[str] = field(default_factory=list)  # extensions of every member, kept or not
-    not_carried: list[str] = field(default_factory=list)  # non-image members over the carried size bound
+    not_carried: list[str] = field(default_factory=list)  # safe extensions of members neither embedded nor carried
 
     def image(self) -> tuple[str, bytes]:
         """The member holding the image: the first extension in IMAGE_EXTENSIONS order."""
@@ -60,8 +60,8 @@ class Sample:
         raise ImageRejected(f"the sample has no image member (found: {found})")
 
     def carried(self) -> dict[str, bytes]:
-        """The non-image members kept, by extension, in archive order."""
-        return {ext: data for ext, data in self.members.items() if ext.lower() not in IMAGE_EXTENSIONS}
+        """The non-image members kept, by safe extension (`safe_extension`), in archive order."""
+        return {safe_extension(ext): data for ext, data in self.members.items() if ext.lower() not in IMAGE_EXTENSIONS}
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -94,6 +94,24 @@ def safe_key(key: str) -> str:
             out += "%2F" if parts[i - 1] == "" else "/"
         out += "%2E" * len(part) if part in (".", "..") else part
     return out
+
+
+def safe_extension(ext: str) -> str:
+    """The output form of a carried member's extension: one name part, never a path or a control character.
+
+    ASCII letters, digits, `_` and `-` stay, as does a `.` between two non-empty parts (`seg.png`);
+    every other character (a `.` that begins or ends the extension or follows another, `/`, `\\`,
+    `%`, newline, space, non-ASCII) becomes `%XX` per UTF-8 byte, so that `urllib.parse.unquote`
+    gives the extension back and distinct extensions stay distinct.
+    """
+    out = []
+    for i, char in enumerate(ext):
+        inner_dot = char == "." and 0 < i < len(ext) - 1 and ext[i - 1] != "."
+        if char.isascii() and (char.isalnum() or char in "_-") or inner_dot:
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogateescape"))
+    return "".join(out)
 
 
 def _pax_fields(data: bytes) -> dict[str, str]:
@@ -244,45 +262,55 @@ class ShardReader:
         refused whole, with the reason: which of two `KEY.jpg` members was meant is unknowable.
         With `images_only`, only the highest-ranked image member's bytes are kept, so that a sample
         of many large members costs the memory of one, and beside it the non-image members of at
-        most `max_carried_bytes` each; larger ones are named in `Sample.not_carried`.
+        most `max_carried_bytes` each. Where carrying is on, every member neither embedded nor carried
+        (too large, an empty extension, an image member beside a higher-ranked one) is named, by its
+        safe extension, in `Sample.not_carried`.
         """
         seen: set[str] = set()
         current: Sample | None = None
+        exts: set[str] = set()  # the current sample's extensions, for the repeated-member check
         for name, data, problem in self._members():
             key, ext = split_key(name)
             if current is not None and key != current.key:
                 yield current
                 current = None
             if current is None:
-                current = Sample(key)
+                current, exts = Sample(key), set()
                 if key in seen:
                     current.error = "the key appears again later in the shard; only its first sample is embedded"
                 seen.add(key)
-            if ext in current.names:
+            if ext in exts:
                 problem = problem or f"member {name} appears twice in the sample"
             current.names.append(ext)
+            exts.add(ext)
             if problem is not None:
                 current.error = current.error or problem
             elif current.error is None and self._keeps(ext, current, len(data)):
                 if self.images_only and ext.lower() in IMAGE_EXTENSIONS:
                     for held in [e for e in current.members if e.lower() in IMAGE_EXTENSIONS]:
                         del current.members[held]
+                        self._not_carried(current, held)
                 current.members[ext] = data
         if current is not None:
             yield current
+
+    def _not_carried(self, sample: Sample, ext: str) -> None:
+        if self.max_carried_bytes:
+            sample.not_carried.append(safe_extension(ext))
 
     def _keeps(self, ext: str, sample: Sample, size: int) -> bool:
         if not self.images_only:
             return True
         if ext.lower() not in IMAGE_EXTENSIONS:
-            if not self.max_carried_bytes or not ext:
-                return False
-            if size > self.max_carried_bytes:
-                sample.not_carried.append(ext)
-                return False
-            return True
+            if self.max_carried_bytes and ext and size <= self.max_carried_bytes:
+                return True
+            self._not_carried(sample, ext)
+            return False
         held = [IMAGE_EXTENSIONS.index(e.lower()) for e in sample.members if e.lower() in IMAGE_EXTENSIONS]
-        return not held or IMAGE_EXTENSIONS.index(ext.lower()) < min(held)
+        if not held or IMAGE_EXTENSIONS.index(ext.lower()) < min(held):
+            return True
+        self._not_carried(sample, ext)
+        return False
 
 
 def _not_a_file(name: str, info: tarfile.TarInfo) -> str:
@@ -401,13 +429,18 @@ class ShardOutput:
 
     def abort(self) -> None:
         """Drop the unfinished files; nothing visible was written."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except OSError:  # the disk that failed the write fails the flush too; the file goes anyway
-                pass
+        close_quietly(self._tar)
         self.partial.unlink(missing_ok=True)
         self.json_partial.unlink(missing_ok=True)
+
+
+def close_quietly(file) -> None:
+    """Close a writer whose file is about to be removed: the disk that failed a write fails the flush too."""
+    if file is not None:
+        try:
+            file.close()
+        except OSError:
+            pass
 
 
 def write_done_record(partial: Path, path: Path, record: dict, embedded: int, failures: list[dict]) -> None:
@@ -453,19 +486,49 @@ def read_record(out_dir: Path, name: str) -> dict | None:
     return record
 
 
+def done_records(out_dir: Path) -> dict[str, dict]:
+    """NAME -> NAME.json of every done shard in OUT_DIR, whichever run made it (regular files only)."""
+    records: dict[str, dict] = {}
+    if not out_dir.is_dir():
+        return records
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file():
+                record = read_record(out_dir, entry.name[: -len(".json")])
+                if record is not None:
+                    records[entry.name[: -len(".json")]] = record
+    return records
+
+
+def shard_files(name: str) -> list[str]:
+    """Every file shard NAME may have in OUT_DIR, in any layout; NAME.json first, the order to remove them in."""
+    return [f"{name}.json", *(f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix != "json")]
+
+
+def remove_shard_files(out_dir: Path, name: str) -> None:
+    """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile."""
+    for file in shard_files(name):
+        (out_dir / file).unlink(missing_ok=True)
+
+
 def data_files(record: dict, name: str) -> list[str]:
     """The data files a shard's NAME.json vouches for: its `files`, else (the tar layout) NAME.tar."""
     files = record.get("files")
     return [str(f) for f in files] if isinstance(files, list) else [f"{name}.tar"]
 
 
-def identity_difference(record: dict, identity: dict) -> str | None:
-    """How a shard's recorded identity differs from this run's, in words; None where they agree."""
+def identity_difference(record: dict, identity: dict, unknown: tuple[str, ...] = ()) -> str | None:
+    """How a shard's recorded identity differs from this run's, in words; None where they agree.
+
+    A key either side lacks counts as None (a shard made with --layers is not one made without);
+    keys in `unknown`, which this run does not know yet, are not compared.
+    """
     recorded = record.get("identity")
     if not isinstance(recorded, dict):
         return "was written by an older dmt-jepa that did not record its settings"
-    for key, wanted in identity.items():
-        if recorded.get(key) != wanted:
+    for key in [*identity, *(k for k in recorded if k not in identity)]:
+        wanted = identity.get(key)
+        if key not in unknown and recorded.get(key) != wanted:
             had, want = recorded.get(key), wanted
             if key == "model_sha256":
                 had, want = str(had)[:12], str(want)[:12]
