@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tarfile
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -154,6 +155,17 @@ def test_a_fifo_in_place_of_a_data_file_is_refused_without_blocking(made, tmp_pa
     os.mkfifo(out / "part-0.pooled.npy")
     err = within(10, lambda: open_embeddings(out), out / "part-0.pooled.npy")
     assert isinstance(err, EmbeddingsError) and "part-0.pooled.npy is a FIFO" in str(err)
+
+
+@pytest.mark.parametrize("name, redone", [("part-0.json", True), ("_stats/summary.json", False)])
+def test_the_job_reads_its_records_by_the_same_rules_and_never_blocks(made, tmp_path, name, redone):
+    out = damaged_copy(made / "array", tmp_path)
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    run = partial(embed_shards, str(made / "in" / "part-0.tar"), out, made / "a.safetensors", layout="array", **SETTINGS)
+    summary = within(60, run, out / name)
+    assert summary.completed == (["part-0"] if redone else []) and summary.job["embedded"] == 4
+    assert (out / name).is_file() and len(open_embeddings(out)) == 4  # a FIFO in place of a record marks nothing done
 
 
 def test_a_done_record_linked_to_dev_zero_is_refused(made, tmp_path):
