@@ -326,9 +326,13 @@ class Embeddings:
             return None
         remedy = "restore the pca.npy these shards were projected with, or redo them with `dmtjepa embed --overwrite`"
         try:
-            matrix, sha256 = read_projection(self.out_dir, dim, None, remedy)
+            matrix, sha256 = read_projection(self.out_dir, None, None, remedy)
         except PcaError as err:
             raise EmbeddingsError(str(err)) from err
+        if dim is not None and matrix.shape[0] != dim + 1:
+            raise EmbeddingsError(
+                f"{self.out_dir / PCA_FILE} holds {matrix.shape[0] - 1} axes, the shards were projected on {dim}; {remedy}."
+            )
         if identity.get("pca_sha256") not in (None, sha256):
             raise EmbeddingsError(f"{self.out_dir / PCA_FILE} is not the projection the shards were made with; {remedy}.")
         return matrix

@@ -210,6 +210,8 @@ def test_a_pca_file_that_is_not_the_projection_is_refused_by_the_reader(made, tm
     assert open_embeddings(out).pca.shape == (5, 32)
     np.save(out / "pca.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     refused(out, "pca.npy", "Python objects")
+    np.save(out / "pca.npy", np.ones((9, 32), np.float32))
+    refused(out, "pca.npy holds 8 axes, the shards were projected on 4")
     np.save(out / "pca.npy", np.ones((5, 32), np.float32))  # the right shape, another projection
     refused(out, "pca.npy is not the projection")
 
