@@ -72,7 +72,7 @@ def _as_embeddings_error() -> Iterator[None]:
         raise EmbeddingsError(str(err)) from err
 
 
-# The array layout's arrays: rank, and the dtypes they may hold.
+# The array layout's arrays: their rank, and their shape as docs/embed.md writes it.
 _ARRAY_PARTS = {
     "patches": (4, "[N, h, w, D]"),
     "patches_scale": (3, "[N, h, w]"),
@@ -131,7 +131,8 @@ def _in_row_order(table, path: Path, remedy: str):
     if missing:
         raise EmbeddingsError(f"{path} lacks the column {missing[0]} of the array layout's table; {remedy}.")
     key, row = table.column("key"), table.column("row")
-    if not pa.types.is_string(key.type) or not pa.types.is_integer(row.type) or key.null_count or row.null_count:
+    text = pa.types.is_string(key.type) or pa.types.is_large_string(key.type)
+    if not text or not pa.types.is_integer(row.type) or key.null_count or row.null_count:
         raise EmbeddingsError(f"{path}'s key and row columns are not text and whole numbers throughout; {remedy}.")
     rows = row.to_numpy()
     if not np.array_equal(np.sort(rows), np.arange(len(rows))):
