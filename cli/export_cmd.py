@@ -80,7 +80,11 @@ def export(
 
 def info(
     file: Annotated[
-        Path, typer.Argument(help="Encoder .safetensors, .onnx model, .engine / its .engine.json, an hf/timm model directory, or an embed OUT_DIR.")
+        str,
+        typer.Argument(
+            help="Encoder .safetensors, .onnx model, .engine / its .engine.json, an hf/timm model directory, "
+            "or an embed OUT_DIR (path or file:// URL)."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
 ) -> None:
@@ -89,6 +93,7 @@ def info(
     from export.errors import ExportError
     from export.info import describe, describe_model_directory, format_description, is_model_directory
 
+    file = _local(file)
     if is_model_directory(file):
         try:
             description = describe_model_directory(file)
@@ -99,7 +104,10 @@ def info(
     if file.is_dir():
         from serve.stats import describe_out_dir
 
-        description = describe_out_dir(file)
+        try:
+            description = describe_out_dir(file)
+        except OSError as err:
+            raise _fail(ExportError(f"cannot read OUT_DIR {file} ({err.strerror or err}); check its permissions.")) from err
         typer.echo(json.dumps(description, indent=2) if as_json else format_out_dir(description))
         return
 
@@ -110,20 +118,48 @@ def info(
     typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
 
 
+def _local(location: str) -> Path:
+    """The path of a local file or folder, also when given as a file:// URL."""
+    from export.errors import ExportError
+    from serve.safe_read import local_folder
+
+    path = local_folder(location)
+    if path is None:
+        raise _fail(ExportError(f"info reads local files only, not {location}; copy it down (or mount it) first."))
+    return path
+
+
 def format_out_dir(d: dict) -> str:
     """`dmtjepa info OUT_DIR` as text: one fact per line."""
     job = "" if d["shards_in_job"] is None else f" of {d['shards_in_job']} in the job"
+    others = d["not_in_job"]
+    if others:
+        shown = ", ".join(others[:10]) + (" ..." if len(others) > 10 else "")
+        job += f", and {len(others)} more that the last job did not list ({shown})"
     lines = [f"{d['out_dir']}: {d['format']}", f"  shards done: {d['shards_done']}{job}"]
+    for problem in d["damaged"].values():
+        lines.append(f"  damaged, left out: {problem}")
     if d["missing"]:
         shown = ", ".join(d["missing"][:10]) + (" ..." if len(d["missing"]) > 10 else "")
         lines.append(f"  not done: {len(d['missing'])} ({shown})")
     if d["in_progress"]:
         lines.append(f"  being written now (or left by a killed run): {', '.join(d['in_progress'])}")
-    for model in d["models"]:
+    if len(d["groups"]) > 1:
+        lines.append(
+            f"  mixed: {len(d['groups'])} different models or settings, whose vectors do not compare "
+            "(open_embeddings refuses such a folder); move each set of shards to a folder of its own:"
+        )
+    for group in d["groups"]:
+        model, indent = group["model"], "  " if len(d["groups"]) == 1 else "    "
+        if len(d["groups"]) > 1:
+            shown = ", ".join(group["shards"][:10]) + (" ..." if len(group["shards"]) > 10 else "")
+            lines.append(f"  shards {shown} ({len(group['shards'])}):")
         if model:
-            lines.append(f"  model: {model.get('file')} ({model.get('arch')}, sha256 {str(model.get('sha256'))[:12]})")
-    for setting in d["settings"]:
-        lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in setting.items()) + f", input {d['input_size']}")
+            lines.append(
+                f"{indent}model: {model.get('file')} ({model.get('arch')}, sha256 {str(model.get('sha256'))[:12]})"
+            )
+        settings = ", ".join(f"{k} {v}" for k, v in group["settings"].items())
+        lines.append(f"{indent}settings: {settings}, input {group['input_size']}")
     lines.append(f"  images: {d['embedded']} embedded, {d['failed']} failed, {len(d['cut_shards'])} shards cut off")
     for kind, count in d["failures_by_kind"].items():
         lines.append(f"    {count} x {kind}")

@@ -20,9 +20,13 @@ import numpy as np
 from serve.backends import Backend
 from serve.images import ImageRejected, Preprocess, prepare
 from serve.inputs import ShardSource
+from serve.safe_read import FileRefused, load_npy_bytes, read_bytes
 from serve.shards import ShardReader, open_source
 
 PCA_FILE = "pca.npy"
+# [DIM + 1, D] float32 is 6.6 MB at D = 1280; a larger file is not a projection this job wrote.
+MAX_PCA_BYTES = 64 << 20
+_REFIT = "pass --overwrite to refit it and redo every shard, or choose another OUT_DIR"
 FIT_IMAGES = 256  # x (h * w) patches: 50 000 at 224 px and patch 16, ample for the axes of D <= 1280
 
 
@@ -59,8 +63,16 @@ def fit(runner: Backend, prep: Preprocess, shards: Sequence[ShardSource], dim: i
     patches = np.concatenate(vectors)  # [N, D]
     if dim > patches.shape[1]:
         raise PcaError(f"--pca {dim} is more than the model's {patches.shape[1]} dimensions; choose at most that.")
+    if not np.isfinite(patches).all():
+        raise PcaError(
+            "the model gives non-finite embeddings (NaN or inf) on the images --pca is fitted on; its weights are "
+            "damaged or overflow: check the model file, or try --precision fp32."
+        )
     mean = patches.mean(axis=0)
-    _, _, axes = np.linalg.svd(patches - mean, full_matrices=False)
+    try:
+        _, _, axes = np.linalg.svd(patches - mean, full_matrices=False)
+    except np.linalg.LinAlgError as err:
+        raise PcaError(f"fitting --pca {dim} failed ({err}); check the model file, or run without --pca.") from err
     axes = axes[:dim]
     axes *= np.where(axes[np.arange(dim), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]  # a fixed sign per axis
     return np.concatenate([mean[None], axes]).astype(np.float32)
@@ -71,14 +83,8 @@ def load_or_fit(
 ) -> tuple[np.ndarray, str]:
     """OUT/pca.npy as (matrix, sha256): the one there (refused if of another DIM), else fitted and stored."""
     path = out_dir / PCA_FILE
-    if path.exists() and not refit:
-        matrix = np.load(path)
-        if matrix.shape[0] - 1 != dim:
-            raise PcaError(
-                f"OUT_DIR {out_dir} was projected with --pca {matrix.shape[0] - 1}, this run asks --pca {dim}; rerun "
-                "with the same DIM, choose another OUT_DIR, or pass --overwrite to refit and redo every shard."
-            )
-        return matrix, _sha256(path)
+    if os.path.lexists(path) and not refit:
+        return read_projection(out_dir, dim, runner.info.embed_dim, _REFIT)
     matrix = fit(runner, prep, shards, dim)
     partial = out_dir / f".{PCA_FILE}.{os.getpid()}.partial"
     with open(partial, "wb") as f:  # a file object: np.save would add .npy to a name
@@ -91,13 +97,34 @@ def load_or_fit(
         except FileExistsError:
             pass
         partial.unlink()
-    return np.load(path), _sha256(path)
+    return read_projection(out_dir, dim, runner.info.embed_dim, _REFIT)
+
+
+def read_projection(out_dir: Path, dim: int | None, width: int | None, remedy: str) -> tuple[np.ndarray, str]:
+    """OUT/pca.npy as (float32 [dim + 1, width], sha256 of the file), checked; PcaError in one sentence.
+
+    `dim` and `width` are what the caller expects (None: any); `remedy` ends the sentence.
+    """
+    path = out_dir / PCA_FILE
+    try:
+        data = read_bytes(out_dir, PCA_FILE, MAX_PCA_BYTES, remedy)
+        matrix = load_npy_bytes(data, str(path), remedy)
+    except FileRefused as err:
+        raise PcaError(str(err)) from err
+    if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.dtype != np.float32:
+        raise PcaError(f"{path} holds {matrix.dtype} {list(matrix.shape)}, not float32 [DIM + 1, D]; {remedy}.")
+    if dim is not None and matrix.shape[0] - 1 != dim:
+        raise PcaError(
+            f"OUT_DIR {out_dir} was projected with --pca {matrix.shape[0] - 1}, this run asks --pca {dim}; rerun "
+            "with the same DIM, choose another OUT_DIR, or pass --overwrite to refit and redo every shard."
+        )
+    if width is not None and matrix.shape[1] != width:
+        raise PcaError(f"{path} projects {matrix.shape[1]}-dimensional vectors, the model gives {width}; {remedy}.")
+    if not np.isfinite(matrix).all():
+        raise PcaError(f"{path} holds non-finite values (NaN or inf); {remedy}.")
+    return matrix, hashlib.sha256(data).hexdigest()
 
 
 def project(matrix: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """float [..., D] -> float32 [..., DIM]."""
     return ((np.asarray(vectors, np.float32) - matrix[0]) @ matrix[1:].T).astype(np.float32)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -4,16 +4,22 @@ Only shards whose NAME.json marks them done are read; the rows of all shards are
 shard-name order, then in each shard's own order. The array layout is read through memmaps, so
 opening costs a header read per file whatever the size; the tar layout is indexed once (member
 offsets from the tar headers) and each sample is read at its offset on access.
+
+Nothing read is trusted: files are opened through serve.safe_read (regular files inside OUT_DIR,
+bounded reads); an array shard's keys are paired with vectors by its table's `row` column, and
+every array's row count, rank and dtype are checked against the table and NAME.json at open; an
+OUT_DIR whose shards come from different models or settings is refused. Each refusal is one
+EmbeddingsError sentence naming the file.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -21,9 +27,10 @@ from urllib.parse import unquote
 import numpy as np
 
 from serve.layouts import metadata_table
-from serve.pca import PCA_FILE
+from serve.pca import PCA_FILE, PcaError, read_projection
 from serve.quantize import decode
-from serve.shards import OUTPUT_FORMAT, read_record
+from serve.safe_read import MAX_JSON_BYTES, FileRefused, load_npy, load_npy_bytes, local_folder, open_regular, read_parquet
+from serve.shards import OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
 # Columns of `Embeddings.metadata()`, in order; the array layout's Parquet table plus `shard`.
 METADATA_COLUMNS = (
@@ -52,21 +59,51 @@ class Batch:
     pooled: np.ndarray  # [B, D]
 
 
+def _remedy(name: str) -> str:
+    return f"delete {name}.json and rerun `dmtjepa embed` to redo shard {name}"
+
+
+@contextmanager
+def _as_embeddings_error() -> Iterator[None]:
+    """A file refused by serve.safe_read reaches the user as the reader's own error."""
+    try:
+        yield
+    except FileRefused as err:
+        raise EmbeddingsError(str(err)) from err
+
+
+# The array layout's arrays: their rank, and their shape as docs/embed.md writes it.
+_ARRAY_PARTS = {
+    "patches": (4, "[N, h, w, D]"),
+    "patches_scale": (3, "[N, h, w]"),
+    "pooled": (2, "[N, D]"),
+    "pooled_scale": (1, "[N]"),
+}
+_VALUE_DTYPES = (np.dtype("float32"), np.dtype("float16"), np.dtype("int8"))
+
+
 class _ArrayShard:
+    """One array layout shard: memmaps in row order, every count and shape checked at open."""
+
     def __init__(self, out_dir: Path, name: str, record: dict):
-        import pyarrow.parquet as pq
-
         self.name, self.record = name, record
-        files = set(record["files"])
-
-        def load(part: str) -> np.ndarray | None:
-            file = f"{name}.{part}.npy"
-            return np.load(out_dir / file, mmap_mode="r") if file in files else None
-
-        self.patch_values, self.patch_scale = load("patches"), load("patches_scale")
-        self.pooled_values, self.pooled_scale = load("pooled"), load("pooled_scale")
-        self.table = pq.read_table(out_dir / f"{name}.parquet")
+        remedy = _remedy(name)
+        files = set(data_files(record, name))
+        if f"{name}.parquet" not in files:
+            raise EmbeddingsError(f"{out_dir / name}.json lists no {name}.parquet; {remedy}.")
+        self.table = _in_row_order(read_parquet(out_dir, f"{name}.parquet", remedy), out_dir / f"{name}.parquet", remedy)
         self.keys = self.table.column("key").to_pylist()
+        arrays = {
+            part: load_npy(out_dir, f"{name}.{part}.npy", remedy) for part in _ARRAY_PARTS if f"{name}.{part}.npy" in files
+        }
+        _check_arrays(arrays, len(self.keys), out_dir, name, remedy)
+        if record["embedded"] != len(self.keys):
+            raise EmbeddingsError(
+                f"{out_dir / name}.json counts {record['embedded']} embedded samples, {name}.parquet holds "
+                f"{len(self.keys)} rows; {remedy}."
+            )
+        self.patch_values, self.patch_scale = arrays.get("patches"), arrays.get("patches_scale")
+        self.pooled_values, self.pooled_scale = arrays.get("pooled"), arrays.get("pooled_scale")
 
     def patches(self, rows: slice) -> np.ndarray | None:
         if self.patch_values is None:
@@ -82,37 +119,146 @@ class _ArrayShard:
         return self.table
 
 
+def _in_row_order(table, path: Path, remedy: str):
+    """The Parquet table sorted by its `row` column, which must number the arrays' rows 0..N-1 once each.
+
+    A table in another order (rewritten by some tool) still pairs every key with its own vectors;
+    a row missing or repeated cannot be paired at all, and is refused.
+    """
+    import pyarrow as pa
+
+    missing = [column for column in METADATA_COLUMNS[1:] if column not in table.column_names]
+    if missing:
+        raise EmbeddingsError(f"{path} lacks the column {missing[0]} of the array layout's table; {remedy}.")
+    key, row = table.column("key"), table.column("row")
+    text = pa.types.is_string(key.type) or pa.types.is_large_string(key.type)
+    if not text or not pa.types.is_integer(row.type) or key.null_count or row.null_count:
+        raise EmbeddingsError(f"{path}'s key and row columns are not text and whole numbers throughout; {remedy}.")
+    rows = row.to_numpy()
+    if not np.array_equal(np.sort(rows), np.arange(len(rows))):
+        raise EmbeddingsError(
+            f"{path}'s row column does not number its {len(rows)} rows 0 to {len(rows) - 1} once each (a row is "
+            f"missing, repeated or out of range), so keys cannot be paired with vectors; {remedy}."
+        )
+    table = table.select(list(METADATA_COLUMNS[1:]))
+    return table if (rows == np.arange(len(rows))).all() else table.take(np.argsort(rows))
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], count: int, out_dir: Path, name: str, remedy: str) -> None:
+    """Ranks, dtypes and row counts of one shard's arrays against each other and its table's `count` rows."""
+    if "patches" not in arrays and "pooled" not in arrays:
+        raise EmbeddingsError(f"{out_dir / name}.json lists neither {name}.patches.npy nor {name}.pooled.npy; {remedy}.")
+    for part, array in arrays.items():
+        file = out_dir / f"{name}.{part}.npy"
+        rank, shape = _ARRAY_PARTS[part]
+        scale = part.endswith("_scale")
+        if array.ndim != rank or array.dtype not in ((np.dtype("float32"),) if scale else _VALUE_DTYPES):
+            raise EmbeddingsError(f"{file} holds {array.dtype} {list(array.shape)}, not {shape} vectors; {remedy}.")
+        if array.shape[0] != count:
+            raise EmbeddingsError(f"{file} holds {array.shape[0]} rows, {name}.parquet {count}; {remedy}.")
+    for stem in ("patches", "pooled"):
+        values, scale = arrays.get(stem), arrays.get(f"{stem}_scale")
+        if values is None:
+            if scale is not None:
+                raise EmbeddingsError(f"{out_dir / name}.json lists {name}.{stem}_scale.npy without its values; {remedy}.")
+            continue
+        if (values.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != values.shape[:-1]):
+            raise EmbeddingsError(
+                f"{out_dir / name}.{stem}.npy and its scales do not match (int8 values need one float32 scale per "
+                f"vector, other dtypes none); {remedy}."
+            )
+    if "patches" in arrays and "pooled" in arrays and arrays["patches"].shape[-1] != arrays["pooled"].shape[-1]:
+        raise EmbeddingsError(f"{out_dir / name}.patches.npy and {name}.pooled.npy differ in width; {remedy}.")
+
+
 class _TarShard:
+    """One tar layout shard: indexed once from the tar headers, each sample read at its offset."""
+
     def __init__(self, out_dir: Path, name: str, record: dict):
-        self.name, self.record, self.path = name, record, out_dir / f"{name}.tar"
+        self.name, self.record, self.out_dir, self.path = name, record, out_dir, out_dir / f"{name}.tar"
+        self.remedy = _remedy(name)
         self.members: list[dict[str, tuple[int, int]]] = []  # per row: extension -> (offset, size)
         names: list[str] = []
-        with tarfile.open(self.path) as tar:
-            for member in tar:
-                stem, _, ext = member.name.partition(".")
-                if not names or names[-1] != stem:
-                    names.append(stem)
-                    self.members.append({})
-                self.members[-1][ext] = (member.offset_data, member.size)
+        with self._open() as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for member in tar:
+                        if not member.isreg() or member.offset_data + member.size > size:
+                            why = "is cut off inside" if member.isreg() else "holds a link or special file as"
+                            raise EmbeddingsError(f"{self.path} {why} member {member.name}; {self.remedy}.")
+                        stem, _, ext = member.name.partition(".")
+                        if not names or names[-1] != stem:
+                            names.append(stem)
+                            self.members.append({})
+                        self.members[-1][ext] = (member.offset_data, member.size)
+            except (tarfile.TarError, OSError, ValueError) as err:
+                if isinstance(err, EmbeddingsError):
+                    raise
+                raise EmbeddingsError(f"{self.path} is not a readable tar ({err}); {self.remedy}.") from err
         self.keys = [unquote(stem, errors="surrogateescape") for stem in names]
         self.table = None
+        self._check(record)
+
+    def _check(self, record: dict) -> None:
+        if record["embedded"] != len(self.keys):
+            raise EmbeddingsError(
+                f"{self.path} holds {len(self.keys)} samples, {self.name}.json counts {record['embedded']} embedded "
+                f"(the tar is cut off or was replaced); {self.remedy}."
+            )
+        for stem in ("emb.npy", "pooled.npy"):
+            if len({stem in members for members in self.members}) > 1:
+                raise EmbeddingsError(f"{self.path} has {stem} members for some samples only; {self.remedy}.")
+        for key, members in zip(self.keys, self.members):
+            if "json" not in members or not ("emb.npy" in members or "pooled.npy" in members):
+                raise EmbeddingsError(f"{self.path} sample {key} lacks its json or vector member; {self.remedy}.")
+            if members["json"][1] > MAX_JSON_BYTES:
+                raise EmbeddingsError(f"{self.path} sample {key} has a json member over {MAX_JSON_BYTES} bytes; {self.remedy}.")
+
+    def _open(self):
+        with _as_embeddings_error():
+            return open_regular(self.out_dir, f"{self.name}.tar", self.remedy)
 
     def _read(self, file, row: int, ext: str) -> bytes | None:
         where = self.members[row].get(ext)
         if where is None:
             return None
         file.seek(where[0])
-        return file.read(where[1])
+        data = file.read(where[1])
+        if len(data) != where[1]:
+            raise EmbeddingsError(f"{self.path} is cut off inside sample {self.keys[row]}; {self.remedy}.")
+        return data
+
+    def _array(self, file, row: int, ext: str, rank: int, dtypes) -> np.ndarray | None:
+        data = self._read(file, row, ext)
+        if data is None:
+            return None
+        where = f"{self.path} member {self.keys[row]}.{ext}"
+        with _as_embeddings_error():
+            array = load_npy_bytes(data, where, self.remedy)
+        if array.ndim != rank or array.dtype not in dtypes:
+            raise EmbeddingsError(f"{where} holds {array.dtype} {list(array.shape)}, not a vector array; {self.remedy}.")
+        return array
 
     def _vectors(self, rows: slice, stem: str) -> np.ndarray | None:
+        rank = 3 if stem == "emb" else 1  # [h, w, D] or [D]
         out = []
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             for row in range(*rows.indices(len(self.keys))):
-                values = self._read(f, row, f"{stem}.npy")
+                values = self._array(f, row, f"{stem}.npy", rank, _VALUE_DTYPES)
                 if values is None:
                     return None
-                scale = self._read(f, row, f"{stem}_scale.npy")
-                out.append(decode(np.load(io.BytesIO(values)), None if scale is None else np.load(io.BytesIO(scale))))
+                scale = self._array(f, row, f"{stem}_scale.npy", rank - 1, (np.dtype("float32"),))
+                if (values.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != values.shape[:-1]):
+                    raise EmbeddingsError(
+                        f"{self.path} sample {self.keys[row]}'s {stem}.npy and its scale do not match; {self.remedy}."
+                    )
+                out.append(decode(values, scale))
+                if out[-1].shape != out[0].shape:
+                    raise EmbeddingsError(
+                        f"{self.path} sample {self.keys[row]}'s {stem}.npy is {list(out[-1].shape)}, an earlier one "
+                        f"{list(out[0].shape)}; {self.remedy}."
+                    )
         return np.stack(out) if out else None
 
     def patches(self, rows: slice) -> np.ndarray | None:
@@ -124,14 +270,24 @@ class _TarShard:
 
     def metadata(self):
         """The same table as the array layout's NAME.parquet, built from the json and in.* members."""
+        import pyarrow as pa
+
         if self.table is None:
             rows = []
-            with open(self.path, "rb") as f:
+            with self._open() as f:
                 for row, key in enumerate(self.keys):
-                    record = json.loads(self._read(f, row, "json"))
+                    try:
+                        record = json.loads(self._read(f, row, "json"))
+                    except (ValueError, RecursionError) as err:
+                        raise EmbeddingsError(f"{self.path} member {key}.json is not valid JSON ({err}); {self.remedy}.")
+                    if not isinstance(record, dict):
+                        raise EmbeddingsError(f"{self.path} member {key}.json is not a JSON object; {self.remedy}.")
                     carried = {ext[3:]: self._read(f, row, ext) for ext in self.members[row] if ext.startswith("in.")}
                     rows.append({"key": key, "row": row, "record": record, "members": carried})
-            self.table = metadata_table(rows)
+            try:
+                self.table = metadata_table(rows)
+            except (pa.ArrowException, TypeError, ValueError) as err:
+                raise EmbeddingsError(f"{self.path} holds json members of the wrong shape ({err}); {self.remedy}.") from err
         return self.table
 
 
@@ -139,24 +295,48 @@ class Embeddings:
     """The done shards of one OUT_DIR as one sequence of rows; see the module docstring."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.out_dir = Path(out_dir)
+        folder = local_folder(out_dir)
+        if folder is None:
+            raise EmbeddingsError(f"{out_dir} is not a local folder; copy it down (or mount it) and open that.")
+        self.out_dir = folder
         if not self.out_dir.is_dir():
             raise EmbeddingsError(f"{self.out_dir} is not a directory; pass the OUT_DIR that `dmtjepa embed` wrote.")
-        self.shards: list[_ArrayShard | _TarShard] = []
-        for path in sorted(self.out_dir.glob("*.json")):
-            record = read_record(self.out_dir, path.stem)
-            if record is None:
-                continue
-            kind = _ArrayShard if "files" in record else _TarShard
-            self.shards.append(kind(self.out_dir, path.stem, record))
-        if not self.shards:
-            raise EmbeddingsError(f"{self.out_dir} holds no finished shard (no NAME.json of format {OUTPUT_FORMAT}).")
+        with _as_embeddings_error():
+            records = {}
+            for path in sorted(self.out_dir.glob("*.json")):
+                record = load_record(self.out_dir, path.stem)
+                if record is not None:
+                    records[path.stem] = record
+            if not records:
+                raise EmbeddingsError(f"{self.out_dir} holds no finished shard (no NAME.json of format {OUTPUT_FORMAT}).")
+            _check_one_identity(self.out_dir, records)
+            self.shards: list[_ArrayShard | _TarShard] = [
+                (_ArrayShard if "files" in record else _TarShard)(self.out_dir, name, record) for name, record in records.items()
+            ]
         self.starts = [0]
         for shard in self.shards:
             self.starts.append(self.starts[-1] + len(shard.keys))
         self._index: dict[str, int] | None = None
         # With --pca the stored vectors are coordinates on these axes: float32 [DIM + 1, D], row 0 the mean.
-        self.pca = np.load(self.out_dir / PCA_FILE) if (self.out_dir / PCA_FILE).exists() else None
+        self.pca = self._projection(next(iter(records.values())).get("identity", {}))
+
+    def _projection(self, identity: dict) -> np.ndarray | None:
+        """OUT/pca.npy where the shards were projected (by their identity, or for older ones, its presence)."""
+        dim = identity.get("pca")
+        if dim is None and ("pca" in identity or not (self.out_dir / PCA_FILE).exists()):
+            return None
+        remedy = "restore the pca.npy these shards were projected with, or redo them with `dmtjepa embed --overwrite`"
+        try:
+            matrix, sha256 = read_projection(self.out_dir, None, None, remedy)
+        except PcaError as err:
+            raise EmbeddingsError(str(err)) from err
+        if dim is not None and matrix.shape[0] != dim + 1:
+            raise EmbeddingsError(
+                f"{self.out_dir / PCA_FILE} holds {matrix.shape[0] - 1} axes, the shards were projected on {dim}; {remedy}."
+            )
+        if identity.get("pca_sha256") not in (None, sha256):
+            raise EmbeddingsError(f"{self.out_dir / PCA_FILE} is not the projection the shards were made with; {remedy}.")
+        return matrix
 
     def unproject(self, vectors: np.ndarray) -> np.ndarray:
         """PCA coordinates [..., DIM] -> the model's space [..., D] (what the dropped axes held is lost)."""
@@ -219,11 +399,32 @@ class Embeddings:
         for shard in self.shards:
             table = shard.metadata()
             tables.append(table.add_column(0, "shard", pa.array([shard.name] * len(table), pa.string())))
-        return pa.concat_tables(tables)
+        try:
+            return pa.concat_tables(tables)
+        except pa.ArrowException as err:
+            raise EmbeddingsError(
+                f"the metadata tables of {self.out_dir}'s shards have different column types ({err}); redo the odd "
+                "shards with `dmtjepa embed --overwrite`."
+            ) from err
 
     def dataset(self):
         """A torch Dataset of (patch grid float32 [h, w, D], metadata dict), for heads on frozen features."""
         return EmbeddingDataset(self)
+
+
+def _check_one_identity(out_dir: Path, records: dict[str, dict]) -> None:
+    """Refuse an OUT_DIR whose shards were made by different models or settings."""
+    (first, record), *others = records.items()
+    for name, other in others:
+        for field in VECTOR_IDENTITY:
+            had, has = record.get("identity", {}).get(field), other.get("identity", {}).get(field)
+            if had != has:
+                if field.endswith("sha256"):
+                    had, has = str(had)[:12], str(has)[:12]
+                raise EmbeddingsError(
+                    f"{out_dir} mixes shards made with other models or settings ({first} has {field} {had!r}, {name} "
+                    f"{has!r}), whose vectors do not compare; move each set of shards to a folder of its own and open that."
+                )
 
 
 def _pooled_or_mean(shard, rows: slice, grid: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 from serve.images import ImageRejected
 from serve.quantize import encode
+from serve.safe_read import FileRefused, exists_regular, read_json
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
@@ -34,6 +35,8 @@ OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
 # Every file a shard may have in OUT_DIR besides NAME.json, as NAME.SUFFIX (tar and array layouts).
 DATA_SUFFIXES = ("tar", "json", "patches.npy", "patches_scale.npy", "pooled.npy", "pooled_scale.npy", "parquet")
+# The identity fields the stored values depend on: shards that differ in one cannot be read as one set.
+VECTOR_IDENTITY = ("model_sha256", "input_size", "resize", "pca", "pca_sha256", "layers", "pooled_only")
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest is the extension.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -474,14 +477,29 @@ def remove_leftovers(out_dir: Path, name: str, owner: str) -> None:
 
 
 def read_record(out_dir: Path, name: str) -> dict | None:
-    """The NAME.json of a shard whose data files all exist, or None (not done, or unreadable)."""
+    """The NAME.json of a shard whose data files all exist, or None (not done, unreadable or damaged)."""
     try:
-        record = json.loads((out_dir / f"{name}.json").read_text())
-    except (OSError, ValueError):
+        return load_record(out_dir, name)
+    except FileRefused:
         return None
+
+
+def load_record(out_dir: Path, name: str) -> dict | None:
+    """NAME.json as `read_record`, but FileRefused, in one sentence, where it or a data file it lists
+    exists and cannot be trusted.
+
+    None where it is not a done record (another program's JSON) or a data file it lists is missing.
+    """
+    remedy = f"delete it and rerun `dmtjepa embed` to redo shard {name}"
+    record = read_json(out_dir, f"{name}.json", remedy)
     if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT:
         return None
-    if not all((out_dir / file).is_file() for file in data_files(record, name)):
+    problem = _record_problem(record, name)
+    if problem is not None:
+        raise FileRefused(
+            f"{out_dir / name}.json is not a done record as `dmtjepa embed` writes it ({problem}); {remedy}."
+        )
+    if not all(exists_regular(out_dir, file, remedy) for file in data_files(record, name)):
         return None
     return record
 
@@ -509,6 +527,40 @@ def remove_shard_files(out_dir: Path, name: str) -> None:
     """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile."""
     for file in shard_files(name):
         (out_dir / file).unlink(missing_ok=True)
+
+
+def _record_problem(record: dict, name: str) -> str | None:
+    """What makes a parsed NAME.json unusable by the readers of OUT_DIR, in words; None if nothing."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    failures = record.get("failures", [])
+    files = record.get("files")
+    size = record.get("input_size")
+    allowed = {f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix not in ("tar", "json")}
+    checks = [
+        (count(record.get("embedded")), "embedded is not a count"),
+        (count(record.get("failed", 0)), "failed is not a count"),
+        (
+            isinstance(failures, list)
+            and all(isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("reason"), str)
+                    for f in failures),
+            "failures is not a list of {key, reason}",
+        ),
+        (
+            files is None or (isinstance(files, list) and all(isinstance(f, str) and f in allowed for f in files)),
+            f"files names others than {name}'s",
+        ),
+        (isinstance(record.get("identity", {}), dict), "identity is not an object"),
+        (isinstance(record.get("model") or {}, dict), "model is not an object"),
+        (isinstance(record.get("cut") or "", str), "cut is not text"),
+        (
+            size is None or (isinstance(size, list) and len(size) == 2 and all(map(count, size))),
+            "input_size is not [h, w]",
+        ),
+    ]
+    return next((problem for ok, problem in checks if not ok), None)
 
 
 def data_files(record: dict, name: str) -> list[str]:

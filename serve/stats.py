@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import dmt_jepa
+from serve.safe_read import FileRefused, read_json
 
 STATS_DIR = "_stats"
 SUMMARY = "summary.json"
@@ -62,16 +63,57 @@ def record_shard(out_dir: Path, name: str, started: float, embedded: int, failur
     return record
 
 
-def read_stats(out_dir: Path) -> dict[str, dict]:
-    """The per-shard stats records OUT_DIR holds, by shard name."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The fields of a stats record that summaries add up, and what each must be.
+_SHARD_FIELDS = {
+    "embedded": _is_count, "failed": _is_count, "started": _is_number, "finished": _is_number,
+    "seconds": _is_number, "host": lambda v: isinstance(v, str), "version": lambda v: isinstance(v, str),
+    "pid": _is_count, "rank": lambda v: v is None or _is_count(v),
+    "failures_by_kind": lambda v: isinstance(v, dict) and all(map(_is_count, v.values())),
+}  # fmt: skip
+_SUMMARY_FIELDS = {
+    "embedded": _is_count, "failed": _is_count, "workers": _is_count, "wall_seconds": _is_number,
+    "images_per_second": _is_number, "versions": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}  # fmt: skip
+
+
+def _read_checked(out_dir: Path, relative: str, fields: dict, damaged: dict[str, str] | None) -> dict | None:
+    """A stats file as a dict whose `fields` hold what they must, or None (noted in `damaged`) where it does not."""
+    remedy = "delete it: it holds figures only, and the next run that finishes a shard rewrites them"
+    try:
+        value = read_json(out_dir, relative, remedy)
+    except FileRefused as err:
+        problem = str(err)
+    else:
+        bad = [] if isinstance(value, dict) else ["the whole"]
+        bad = bad or [field for field, valid in fields.items() if not valid(value.get(field))]
+        if not bad:
+            return value
+        problem = (
+            f"{out_dir / relative} is not a stats record as `dmtjepa embed` writes it ({bad[0]} field missing or "
+            f"of the wrong type); {remedy}."
+        )
+    if damaged is not None:
+        damaged[relative] = problem
+    return None
+
+
+def read_stats(out_dir: Path, damaged: dict[str, str] | None = None) -> dict[str, dict]:
+    """The per-shard stats records OUT_DIR holds, by shard name; unreadable ones are left out (and noted)."""
     stats = {}
     for path in sorted((out_dir / STATS_DIR).glob("*.json")):
         if path.name in (SUMMARY, JOB):
             continue
-        try:
-            stats[path.stem] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+        record = _read_checked(out_dir, f"{STATS_DIR}/{path.name}", _SHARD_FIELDS, damaged)
+        if record is not None:
+            stats[path.stem] = record
     return stats
 
 
@@ -105,53 +147,78 @@ def write_summary(out_dir: Path, names: list[str]) -> dict:
     return summary
 
 
-def read_summary(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / STATS_DIR / SUMMARY).read_text())
-    except (OSError, ValueError):
+def read_summary(out_dir: Path, damaged: dict[str, str] | None = None) -> dict | None:
+    if not os.path.lexists(out_dir / STATS_DIR / SUMMARY):
         return None
+    return _read_checked(out_dir, f"{STATS_DIR}/{SUMMARY}", _SUMMARY_FIELDS, damaged)
+
+
+def _read_job(out_dir: Path, damaged: dict[str, str] | None = None) -> list[str] | None:
+    """The input shard names in _stats/job.json, or None where there is none or it is unreadable (noted)."""
+    if not os.path.lexists(out_dir / STATS_DIR / JOB):
+        return None
+    job = _read_checked(out_dir, f"{STATS_DIR}/{JOB}", {"shards": lambda v: isinstance(v, list)}, damaged)
+    if job is not None and not all(isinstance(name, str) for name in job["shards"]):
+        if damaged is not None:
+            damaged[f"{STATS_DIR}/{JOB}"] = f"{out_dir / STATS_DIR / JOB} lists shard names that are not text; delete it."
+        return None
+    return None if job is None else job["shards"]
 
 
 def record_job(out_dir: Path, names: list[str]) -> None:
     """OUT/_stats/job.json: the input shard names; rewritten only when they change."""
-    path = out_dir / STATS_DIR / JOB
-    value = {"shards": names}
-    try:
-        if json.loads(path.read_text()) == value:
-            return
-    except (OSError, ValueError):
-        pass
-    _write_json(path, value)
+    if _read_job(out_dir) == names:
+        return
+    _write_json(out_dir / STATS_DIR / JOB, {"shards": names})
 
 
 def describe_out_dir(out_dir: Path) -> dict:
-    """What an OUT_DIR holds: model and settings, counts, failures by kind, bytes, missing shards."""
-    from serve.shards import DATA_SUFFIXES, OUTPUT_FORMAT, data_files, read_record
+    """What an OUT_DIR holds: model and settings, counts, failures by kind, bytes, missing shards.
+
+    Files that cannot be trusted or read are listed under `damaged`, each with its sentence, and
+    left out of every count; shards of different models or settings are listed by `groups`.
+    """
+    from serve.shards import DATA_SUFFIXES, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
     suffixes = "|".join(map(re.escape, DATA_SUFFIXES))
     partial_name = re.compile(rf"\.(.+)\.(?:{suffixes})(?:\.[^./]+)?\.partial")
 
+    damaged: dict[str, str] = {}
     records = {}
     for path in sorted(out_dir.glob("*.json")):
-        record = read_record(out_dir, path.stem)
+        try:
+            record = load_record(out_dir, path.stem)
+        except FileRefused as err:
+            damaged[path.name] = str(err)
+            continue
         if record is not None:
             records[path.stem] = record
-    try:
-        job = json.loads((out_dir / STATS_DIR / JOB).read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError):
-        job = None
+    job = _read_job(out_dir, damaged)
     kinds: Counter = Counter(failure_kind(f["reason"]) for r in records.values() for f in r.get("failures", []))
     data_bytes = sum((out_dir / f).stat().st_size for n, r in records.items() for f in data_files(r, n))
-    embedded = sum(r.get("embedded", 0) for r in records.values())
+    embedded = sum(r["embedded"] for r in records.values())
     shown = ("layout", "dtype", "pooled", "pooled_only")
-    settings = sorted({json.dumps({k: r.get("identity", {}).get(k) for k in shown}) for r in records.values()})
-    models = sorted({json.dumps(r.get("model"), sort_keys=True) for r in records.values()})
+    groups: dict[str, dict] = {}
+    for name, r in records.items():
+        identity = r.get("identity", {})
+        group = {
+            "model": r.get("model"),
+            "settings": {k: identity.get(k) for k in shown},
+            "input_size": r.get("input_size"),
+            "identity": {k: identity.get(k) for k in VECTOR_IDENTITY},
+        }
+        groups.setdefault(json.dumps(group, sort_keys=True), {**group, "shards": []})["shards"].append(name)
+    settings = sorted({json.dumps(g["settings"]) for g in groups.values()})
+    models = sorted({json.dumps(g["model"], sort_keys=True) for g in groups.values()})
+    summary = read_summary(out_dir, damaged)
+    read_stats(out_dir, damaged)  # only to list damaged stats records
     return {
         "out_dir": str(out_dir),
         "format": OUTPUT_FORMAT,
-        "shards_done": len(records),
+        "shards_done": len(records) if job is None else sum(n in records for n in job),
         "shards_in_job": None if job is None else len(job),
         "missing": None if job is None else [n for n in job if n not in records],
+        "not_in_job": [] if job is None else [n for n in records if n not in set(job)],
         "in_progress": sorted({m.group(1) for p in out_dir.glob(".*.partial") if (m := partial_name.fullmatch(p.name))}),
         "embedded": embedded,
         "failed": sum(r.get("failed", 0) for r in records.values()),
@@ -160,7 +227,9 @@ def describe_out_dir(out_dir: Path) -> dict:
         "models": [json.loads(m) for m in models],
         "settings": [json.loads(x) for x in settings],
         "input_size": next((r.get("input_size") for r in records.values()), None),
+        "groups": list(groups.values()),
         "data_bytes": data_bytes,
         "bytes_per_image": data_bytes / embedded if embedded else None,
-        "summary": read_summary(out_dir),
+        "damaged": damaged,
+        "summary": summary,
     }
