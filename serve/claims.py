@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from serve.safe_read import FileRefused, read_json
+
 DEFAULT_LEASE_SECONDS = 60.0
 T = TypeVar("T")
 
@@ -63,9 +65,9 @@ class Claims:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}).encode()
 
     def _holder(self, name: str) -> dict:
-        try:
-            holder = json.loads(self._path(name).read_bytes())
-        except (OSError, ValueError):
+        try:  # a claim file is small; anything else (a FIFO, a link out, a huge file) holds nothing usable
+            holder = read_json(self.out_dir, f".{name}.claim", max_bytes=4096)
+        except (OSError, FileRefused):
             return {}
         return holder if isinstance(holder, dict) else {}
 

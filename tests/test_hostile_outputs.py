@@ -332,3 +332,21 @@ def test_a_worker_paused_past_its_lease_ten_times_in_a_row(tmp_path, encoder_fil
     clean = workers_setup(tmp_path, encoder_file)
     for rep in range(10):
         pause_one_worker_past_the_lease(tmp_path, encoder_file, clean, rep)
+
+
+def test_a_fifo_in_place_of_a_claim_file_is_not_read(tmp_path) -> None:
+    """A claim file that is a FIFO would block a plain read for ever; the holder is then unknown, not waited on."""
+    import os
+    import threading
+
+    from serve.claims import Claims
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / ".shard-0.claim")
+    claims = Claims(out, "me", lease=1.0)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(claims._holder("shard-0")), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and found == [{}]
