@@ -19,7 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serve.shards import OUTPUT_FORMAT, data_files, shard_files
+from serve.safe_read import MAX_JSON_BYTES
+from serve.shards import OUTPUT_FORMAT, data_files, record_problem, shard_files
 from serve.stats import STATS_DIR
 
 
@@ -57,12 +58,17 @@ class RemoteOut:
         return f"{self.root}/{relative}"
 
     def read_record(self, name: str) -> dict | None:
-        """The remote NAME.json of a shard whose data files all exist, or None."""
+        """The remote NAME.json of a shard whose data files all exist, or None.
+
+        Read by the local rules: at most MAX_JSON_BYTES, and a record that is not as `dmtjepa embed`
+        writes it (hand-edited, too large, not JSON) is not done, so the shard is redone.
+        """
         try:
-            record = json.loads(self.fs.cat_file(self._path(f"{name}.json")))
-        except (OSError, ValueError):
+            data = self.fs.cat_file(self._path(f"{name}.json"), start=0, end=MAX_JSON_BYTES + 1)
+            record = json.loads(data) if len(data) <= MAX_JSON_BYTES else None
+        except (OSError, ValueError, RecursionError):
             return None
-        if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT:
+        if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT or record_problem(record, name):
             return None
         if not all(self.fs.exists(self._path(f)) for f in data_files(record, name)):
             return None

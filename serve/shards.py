@@ -494,7 +494,7 @@ def load_record(out_dir: Path, name: str) -> dict | None:
     record = read_json(out_dir, f"{name}.json", remedy)
     if not isinstance(record, dict) or record.get("format") != OUTPUT_FORMAT:
         return None
-    problem = _record_problem(record, name)
+    problem = record_problem(record, name)
     if problem is not None:
         raise FileRefused(
             f"{out_dir / name}.json is not a done record as `dmtjepa embed` writes it ({problem}); {remedy}."
@@ -529,7 +529,7 @@ def remove_shard_files(out_dir: Path, name: str) -> None:
         (out_dir / file).unlink(missing_ok=True)
 
 
-def _record_problem(record: dict, name: str) -> str | None:
+def record_problem(record: dict, name: str) -> str | None:
     """What makes a parsed NAME.json unusable by the readers of OUT_DIR, in words; None if nothing."""
 
     def count(value) -> bool:

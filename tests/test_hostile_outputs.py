@@ -350,3 +350,26 @@ def test_a_fifo_in_place_of_a_claim_file_is_not_read(tmp_path) -> None:
     reader.start()
     reader.join(timeout=10)
     assert not reader.is_alive() and found == [{}]
+
+
+def test_a_remote_done_record_that_is_hand_edited_or_too_large_is_not_done(tmp_path, encoder_file, monkeypatch):
+    """A remote NAME.json is read by the local rules: bounded, and a record not as embed writes it is redone."""
+    import fsspec
+
+    import serve.remote
+    from serve.remote import RemoteOut
+
+    write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 3))
+    url, fs = "memory://hostile-remote-record/out", fsspec.filesystem("memory")
+    try:
+        embed_shards(str(tmp_path / "in"), url, encoder_file, workers=0)
+        remote = RemoteOut(url)
+        good = json.loads(fs.cat_file("/hostile-remote-record/out/s.json"))
+        assert remote.read_record("s") == good
+        fs.pipe_file("/hostile-remote-record/out/s.json", json.dumps(good | {"embedded": "three"}).encode())
+        assert remote.read_record("s") is None
+        fs.pipe_file("/hostile-remote-record/out/s.json", json.dumps(good).encode())
+        monkeypatch.setattr(serve.remote, "MAX_JSON_BYTES", 64)  # far below the record's size
+        assert remote.read_record("s") is None
+    finally:
+        fs.rm("/hostile-remote-record", recursive=True)
