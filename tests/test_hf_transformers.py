@@ -77,6 +77,7 @@ def _card(directory: Path) -> tuple[dict, str]:
     return yaml.safe_load(header), body
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers and its image pipeline: ~30 s on 2 busy cores
 def test_transformers_alone_loads_the_directory_and_every_tensor(converted, hf_dir, tmp_path):
     encoder, info = load_encoder(converted)
     images = torch.randn(2, 3, 64, 64)
@@ -100,6 +101,10 @@ def test_transformers_alone_loads_the_directory_and_every_tensor(converted, hf_d
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(state[name], tensor), name
     torch.testing.assert_close(table[0], sincos_2d(4, 4, 192), rtol=0, atol=0)
+    # ... and a folder transformers saved again is still one dmt-jepa reads exactly.
+    again = dmt_jepa.from_pretrained(tmp_path / "resaved")
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
 
 
 def test_dmt_jepa_reads_the_directory_back_exactly(converted, hf_dir):
@@ -185,6 +190,31 @@ def test_previous_directory_layout_still_loads_exactly(converted, tmp_path):
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert loaded.info == info
+
+
+def test_a_hub_repo_id_is_read_as_its_downloaded_folder(converted, hf_dir, tmp_path, monkeypatch):
+    """No network here: a stand-in for hf_hub_download serves the exported folder's files into a snapshot folder."""
+    import shutil
+
+    import dmt_jepa.hub as hub
+
+    fetched = []
+
+    def download(repo_id, filename, **kwargs):
+        fetched.append((repo_id, filename, kwargs.get("revision")))
+        target = tmp_path / "cache" / repo_id.replace("/", "--") / "snapshots" / "abc" / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(hf_dir / filename, target))
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr("huggingface_hub.hub_mixin.hf_hub_download", download)  # the mixin fetches config.json first
+    encoder, _ = load_encoder(converted)
+    for loaded in (dmt_jepa.from_pretrained("someone/dmt-jepa-test", revision="v1"),
+                   hub.PretrainedEncoder.from_pretrained("someone/dmt-jepa-test", revision="v1")):
+        for name, tensor in encoder.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        assert len(loaded.parity) == 3  # the card's rows came along
+    assert ("someone/dmt-jepa-test", "model.safetensors", "v1") in fetched
 
 
 def _copy(hf_dir: Path, target: Path) -> Path:
