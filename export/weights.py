@@ -30,14 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
-from dmt_jepa.hub import (
-    CONFIG_FILENAME,
-    WEIGHTS_FILENAME,
-    PretrainedEncoder,
-    from_pretrained,
-    model_card,
-    write_model_directory,
-)
+from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, PretrainedEncoder, from_pretrained, write_model_directory
+from dmt_jepa.model_card import model_card
 from dmt_jepa.models import VisionTransformer, sincos_2d
 from export.errors import ExportError, ParityError
 from export.onnx_export import fresh_scratch
