@@ -128,7 +128,10 @@ def export_weights(
 def parity_sizes(info: EncoderInfo) -> list[tuple[int, int]]:
     """The training size, then two others where loaders differ: 1.5 times it, and a wider one (patch multiples)."""
     height, width, p = *info.img_size, info.patch_size
-    scaled = lambda side, factor: max(p, round(side * factor / p) * p)  # noqa: E731
+
+    def scaled(side: int, factor: float) -> int:
+        return max(p, round(side * factor / p) * p)
+
     return [(height, width), (scaled(height, 1.5), scaled(width, 1.5)), (height, scaled(width, 5 / 3))]
 
 
