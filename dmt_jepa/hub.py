@@ -1,22 +1,31 @@
-"""Hugging Face style model directories: `config.json` + `model.safetensors` + a model card `README.md`.
+"""Hugging Face model directories that transformers loads natively, and that dmt_jepa reads back exactly.
 
-`PretrainedEncoder` is the encoder with huggingface_hub's `PyTorchModelHubMixin`: its config is
-the encoder file's metadata (`EncoderInfo`, field for field) and its weights have the encoder
-file's tensor names, so a directory and an encoder file hold the same thing in two layouts.
-`from_pretrained` reads either (or a Hub repo id) and returns the encoder in eval mode; a
-directory's config.json is checked for types and bounds and against its weights file's header
-before anything is built, as an encoder file's metadata is;
-`save_pretrained` and `push_to_hub` come from the mixin and write the model card built here, so
-the licence recorded in the encoder's provenance follows the weights to the Hub.
+A directory `save_pretrained` writes (and `push_to_hub` uploads) is transformers' I-JEPA layout:
+`config.json` with `model_type: ijepa` (so `AutoModel.from_pretrained(dir)` builds `IJepaModel`
+with no remote code) plus a `dmt_jepa` block holding the encoder file's metadata (`EncoderInfo`,
+field for field); `model.safetensors` under IJepaModel's names with the sin-cos table stored at
+the training grid (dmt_jepa/models/transformers_layout.py); `preprocessor_config.json` (a
+`ViTImageProcessor`: bicubic resize to the training size, the encoder's mean / std); and the
+model card `README.md` (dmt_jepa/model_card.py). The previous layout (config.json = the metadata alone, our tensor names)
+is still read. `from_pretrained` reads an encoder file, either directory layout or a Hub repo id;
+a directory's config is checked for types and bounds and against its weights file's header
+before anything is built, and a stored position table must be the sin-cos table the encoder
+computes, since dmt_jepa computes it again for every grid rather than reading it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from dmt_jepa.encoder_file import (
+    FLOAT_DTYPES,
     FORMAT_VERSION,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,32 +33,42 @@ from dmt_jepa.encoder_file import (
     EncoderInfo,
     SafetensorsHeader,
     check_weights,
+    encoder_shapes,
     load_encoder,
     read_json_file,
     read_safetensors_header,
     read_weights,
 )
-from dmt_jepa.models.vision_transformer import VisionTransformer
+from dmt_jepa.model_card import PAPER, TAGS, model_card
+from dmt_jepa.models.pos_embed import sincos_2d
+from dmt_jepa.models.transformers_layout import from_transformers, to_transformers, transformers_shapes
+from dmt_jepa.models.vision_transformer import LayerNorm, VisionTransformer
 
-from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-PAPER = "https://arxiv.org/abs/2405.17995"
 WEIGHTS_FILENAME = "model.safetensors"  # the name huggingface_hub's mixin writes and reads
 CONFIG_FILENAME = "config.json"
-UNSPECIFIED_LICENSE = "unspecified"
+PREPROCESSOR_FILENAME = "preprocessor_config.json"
+MODEL_TYPE = "ijepa"  # transformers' I-JEPA model, the same network as ours
+INFO_KEY = "dmt_jepa"  # config.json's block with the encoder file's metadata
+PARITY_KEY = "dmt_jepa_parity"  # config.json's measured loader differences, for the model card
+TABLE_TOLERANCE = 1e-6  # a stored position table further than this from our sin-cos one is not ours
 
 
 class PretrainedEncoder(
     VisionTransformer,
     PyTorchModelHubMixin,
-    library_name="dmt-jepa",
+    library_name="transformers",
     paper_url=PAPER,
     pipeline_tag="image-feature-extraction",
-    tags=["dmt-jepa", "i-jepa", "self-supervised", "vision-transformer"],
+    tags=list(TAGS),  # a copy: the mixin adds its own tags to the list it is given
 ):
-    """The target encoder with `from_pretrained` / `save_pretrained` / `push_to_hub`; `.info` is its EncoderInfo."""
+    """The target encoder with `from_pretrained` / `save_pretrained` / `push_to_hub`; `.info` is its EncoderInfo.
+
+    `.parity` holds the loader differences an export measured (rows of the model card), [] if none.
+    """
 
     def __init__(
         self,
@@ -87,6 +106,7 @@ class PretrainedEncoder(
             provenance=dict(provenance or {}),
             format_version=format_version,
         )
+        self.parity: list[dict] = []
 
     @classmethod
     def from_info(cls, info: EncoderInfo) -> PretrainedEncoder:
@@ -107,44 +127,152 @@ class PretrainedEncoder(
         strict: bool = True,
         **config,
     ):
-        """The mixin's loader: the config and the weights' header are checked before the model is built."""
-        if os.path.isdir(model_id):
-            weights = Path(model_id) / WEIGHTS_FILENAME
-        else:
-            weights = Path(hf_hub_download(
-                repo_id=model_id, filename=WEIGHTS_FILENAME, revision=revision, cache_dir=cache_dir,
-                force_download=force_download, token=token, local_files_only=local_files_only,
-            ))
-        info, header = checked_config(config, weights, f"the config of {model_id}")
-        return cls.built(info, weights, header).to(map_location)
+        """The mixin's loader: the repo's config and weights are fetched and read as a local directory is."""
+        directory = Path(model_id) if os.path.isdir(model_id) else download_directory(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+            local_files_only=local_files_only,
+        )
+        return load_model_directory(directory).to(map_location)
 
     @classmethod
     def built(cls, info: EncoderInfo, weights: Path, header: SafetensorsHeader) -> PretrainedEncoder:
-        """The encoder `info` describes with the weights of a file whose header `check_weights` accepted."""
+        """The encoder `info` describes with the weights of a file whose header was checked against it (either layout)."""
+        state = read_weights(weights, header.tensors)
+        if TRANSFORMERS_MARK in state:
+            state, table = from_transformers(state, info.depth)
+            expected = sincos_2d(*info.grid_size, info.embed_dim)[None]
+            if not float((table.float() - expected).abs().max()) <= TABLE_TOLERANCE:
+                raise EncoderFileError(
+                    f"{weights} holds a position table that is not the sin-cos table this encoder computes (changed after "
+                    "export, e.g. fine-tuned with transformers); load it with transformers.AutoModel instead."
+                )
         model = cls.from_info(info)
-        model.load_state_dict(read_weights(weights, header.tensors))  # strict: names and shapes were checked
+        model.load_state_dict(state)  # strict: names and shapes were checked
         return model.eval()
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """What save_pretrained and push_to_hub write: the transformers layout (the mixin adds README.md)."""
+        write_model_directory(self, Path(save_directory))
+
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """The card save_pretrained and push_to_hub write: architecture, training, licence, figures."""
-        return model_card(self.info)
+        """The card save_pretrained and push_to_hub write: architecture, training, licence, figures, loaders."""
+        return model_card(self.info, parity=self.parity)
+
+
+TRANSFORMERS_MARK = "layernorm.weight"  # a tensor name only the transformers layout has
+
+
+def transformers_config(info: EncoderInfo, parity: list[dict] = ()) -> dict:
+    """config.json: IJepaConfig's fields for this encoder, plus our metadata and the measured parity."""
+    assert LayerNorm.keywords["eps"] == 1e-6  # the eps written below; a change must change both
+    return {
+        "architectures": ["IJepaModel"],
+        "model_type": MODEL_TYPE,
+        "hidden_size": info.embed_dim,
+        "num_hidden_layers": info.depth,
+        "num_attention_heads": info.num_heads,
+        "intermediate_size": int(info.embed_dim * info.mlp_ratio),  # timm's Mlp width
+        "hidden_act": "gelu",  # exact (erf) GELU, as timm's Mlp
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "image_size": list(info.img_size),
+        "patch_size": info.patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "dtype": "float32",
+        INFO_KEY: json.loads(json.dumps(asdict(info))),
+        PARITY_KEY: list(parity),
+    }
+
+
+def image_processor_config(info: EncoderInfo) -> dict:
+    """preprocessor_config.json: resize (bicubic, as the embedding job) to the training size, scale, normalise."""
+    height, width = info.img_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": height, "width": width},
+        "resample": 3,  # PIL's BICUBIC
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(info.pixel_mean),
+        "image_std": list(info.pixel_std),
+    }
+
+
+def write_model_directory(model: PretrainedEncoder, directory: Path) -> None:
+    """config.json, model.safetensors (IJepaModel's names) and preprocessor_config.json into `directory`."""
+    info = model.info
+    (directory / CONFIG_FILENAME).write_text(json.dumps(transformers_config(info, model.parity), indent=2) + "\n")
+    (directory / PREPROCESSOR_FILENAME).write_text(json.dumps(image_processor_config(info), indent=2) + "\n")
+    tensors = to_transformers(model.state_dict(), info.depth, info.grid_size)
+    save_file(tensors, str(directory / WEIGHTS_FILENAME), metadata={"format": "pt"})  # what transformers expects
 
 
 def checked_config(values: object, weights: Path, source: str) -> tuple[EncoderInfo, SafetensorsHeader]:
-    """A model directory's config (types, bounds) checked against its weights file's header; nothing built."""
+    """A model directory's config (types, bounds) checked against its weights file's header; nothing built.
+
+    Either layout: transformers' (`model_type: ijepa`, our metadata in its `dmt_jepa` block, whose
+    architecture the transformers fields must repeat) or the previous one (the metadata alone).
+    """
     if not isinstance(values, dict):
         raise EncoderFileError(f"{source} is not a mapping of settings; it is damaged or not a dmt-jepa config.")
-    info = EncoderInfo.from_values(values, source)
+    native = values.get("model_type") == MODEL_TYPE
+    if native and not isinstance(values.get(INFO_KEY), dict):
+        raise EncoderFileError(
+            f"{source} describes a transformers I-JEPA model that dmt-jepa did not write (no '{INFO_KEY}' block); "
+            "load it with transformers.AutoModel.from_pretrained."
+        )
+    info = EncoderInfo.from_values(values[INFO_KEY] if native else values, source)
+    if native:
+        _check_transformers_fields(values, info, source)
     if not weights.is_file():
         raise EncoderFileError(f"{weights} does not exist; a model directory holds {CONFIG_FILENAME} and {WEIGHTS_FILENAME}.")
     header = read_safetensors_header(weights)
-    check_weights(info, header.tensors, str(weights), described_by=f"its {CONFIG_FILENAME}")
+    if native:
+        _check_transformers_weights(info, header, str(weights))
+    else:
+        check_weights(info, header.tensors, str(weights), described_by=f"its {CONFIG_FILENAME}")
     return info, header
+
+
+def _check_transformers_fields(values: dict, info: EncoderInfo, source: str) -> None:
+    """The IJepaConfig fields transformers builds from must describe the encoder the dmt_jepa block describes."""
+    expected = {key: value for key, value in transformers_config(info).items() if key not in (INFO_KEY, PARITY_KEY, "dtype")}
+    for key, value in expected.items():
+        if values.get(key) != value and not (key == "image_size" and values.get(key) == value[0] == value[1]):
+            raise EncoderFileError(
+                f"{source} says {key} {values.get(key)!r} where its '{INFO_KEY}' block means {value!r}; "
+                "it is damaged: export the encoder again."
+            )
+
+
+def _check_transformers_weights(info: EncoderInfo, header: SafetensorsHeader, source: str) -> None:
+    """EncoderFileError unless the header holds exactly IJepaModel's tensors for `info`, each floating point."""
+    expected = transformers_shapes(encoder_shapes(info), info.depth, info.grid_size)
+    held = {name: entry.shape for name, entry in header.tensors.items()}
+    if held != expected:
+        odd = next(name for name in sorted(expected.keys() | held.keys()) if held.get(name) != expected.get(name))
+        raise EncoderFileError(
+            f"{source} does not hold the weights its {CONFIG_FILENAME} describes ({info.arch}, {info.embed_dim} wide, "
+            f"{info.depth} blocks: {sum(map(math.prod, expected.values()))} numbers; the file has "
+            f"{sum(map(math.prod, held.values()))}, and {odd} is {held.get(odd, 'missing')}, not {expected.get(odd, 'expected')}); "
+            "it is damaged or not an encoder's."
+        )
+    if any(entry.dtype not in FLOAT_DTYPES for entry in header.tensors.values()):
+        raise EncoderFileError(f"{source} holds weights that are not floating point; it is damaged: export the encoder again.")
 
 
 def read_model_directory(directory: str | os.PathLike) -> tuple[EncoderInfo, Path, SafetensorsHeader]:
     """A Hugging Face model directory's description, weights file and header, checked; nothing built."""
-    directory = Path(directory)
+    info, weights, header, _ = _read_model_directory(Path(directory))
+    return info, weights, header
+
+
+def _read_model_directory(directory: Path) -> tuple[EncoderInfo, Path, SafetensorsHeader, list[dict]]:
     config, weights = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
     if not config.exists() or not weights.exists():
         raise EncoderFileError(
@@ -158,7 +286,36 @@ def read_model_directory(directory: str | os.PathLike) -> tuple[EncoderInfo, Pat
             "pretrained=True), or give dmt_jepa the encoder file it was exported from."
         )
     info, header = checked_config(values, weights, str(config))
-    return info, weights, header
+    return info, weights, header, _parity_rows(values.get(PARITY_KEY))
+
+
+def _parity_rows(rows: object) -> list[dict]:
+    """The measured rows a config carries, kept only where each is what an export writes (else none: they only feed the card)."""
+    fields = {"loader": str, "size": str, "max_abs": float, "cosine_min": float}
+    if not isinstance(rows, list) or len(rows) > 16:
+        return []
+    good = all(
+        isinstance(row, dict) and row.keys() == fields.keys()
+        and all(isinstance(row[key], kind) and (kind is str and len(row[key]) < 80 or kind is float and math.isfinite(row[key]))
+                for key, kind in fields.items())
+        for row in rows
+    )
+    return [dict(row) for row in rows] if good else []
+
+
+def load_model_directory(directory: Path) -> PretrainedEncoder:
+    """The encoder a checked model directory holds, with the parity rows its config carries."""
+    info, weights, header, parity = _read_model_directory(directory)
+    model = PretrainedEncoder.built(info, weights, header)
+    model.parity = parity
+    return model
+
+
+def download_directory(repo_id: str, **hub_kwargs) -> Path:
+    """The folder holding a Hub repo's config.json and model.safetensors, fetched (or found in the cache)."""
+    paths = [Path(hf_hub_download(repo_id=repo_id, filename=name, **hub_kwargs)) for name in (CONFIG_FILENAME, WEIGHTS_FILENAME)]
+    assert paths[0].parent == paths[1].parent  # one snapshot folder per revision
+    return paths[0].parent
 
 
 def looks_like_path(text: str) -> bool:
@@ -186,7 +343,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, device: str = "cpu", 
         model = PretrainedEncoder.from_info(info)
         model.load_state_dict(encoder.state_dict())
     elif path.is_dir():
-        model = PretrainedEncoder.built(*read_model_directory(path))
+        model = load_model_directory(path)
     elif path.exists():
         raise EncoderFileError(f"{path} is neither a file nor a directory; give an encoder file or a model directory.")
     elif isinstance(path_or_repo_id, os.PathLike) or looks_like_path(text):
@@ -194,107 +351,5 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, device: str = "cpu", 
             f"{text} does not exist; give an encoder file (.safetensors), a model directory or a Hub repo id (owner/name)."
         )
     else:
-        model = PretrainedEncoder.from_pretrained(text, **hub_kwargs)
+        model = load_model_directory(download_directory(text, **hub_kwargs))
     return model.to(device).eval()
-
-
-def _license(info: EncoderInfo) -> str:
-    return str(info.provenance.get("license") or UNSPECIFIED_LICENSE)
-
-
-def model_card(info: EncoderInfo) -> ModelCard:
-    """A model card from what the encoder's metadata records; nothing it does not record is claimed."""
-    provenance = info.provenance
-    license_id = _license(info)
-    known_license = license_id != UNSPECIFIED_LICENSE
-    data = ModelCardData(
-        library_name="dmt-jepa",
-        pipeline_tag="image-feature-extraction",
-        tags=["dmt-jepa", "i-jepa", "self-supervised", "vision-transformer"],
-        license=license_id if known_license else "other",
-        license_name=None if known_license else UNSPECIFIED_LICENSE,
-    )
-    height, width = info.img_size
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# dmt-jepa {info.arch}/{info.patch_size}",
-        "",
-        "The target encoder of a Vision Transformer trained with DMT-JEPA (Mo & Yun, "
-        f"[arXiv 2405.17995]({PAPER})) or I-JEPA: dense patch features for segmentation and detection.",
-        "",
-        "## Architecture",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| architecture | {info.arch}, no class token, fixed 2-D sin-cos position embedding computed for any grid |",
-        f"| patch size | {info.patch_size} |",
-        f"| width / depth / heads | {info.embed_dim} / {info.depth} / {info.num_heads} (MLP ratio {info.mlp_ratio:g}) |",
-        f"| trained at | {height} x {width} px ({height // info.patch_size} x {width // info.patch_size} patches) |",
-        f"| pixel mean / std | {list(info.pixel_mean)} / {list(info.pixel_std)} |",
-        "| outputs | patch tokens after the final LayerNorm, [B, h, w, D]; pooled = their mean |",
-        "",
-        "## Training",
-        "",
-        *_training_lines(provenance),
-        "",
-        "## Licence",
-        "",
-        (
-            f"`{license_id}`" + (f": {provenance['license_note']}" if provenance.get("license_note") else ".")
-            if known_license
-            else "Not recorded: these weights carry the terms of the data and weights they were trained from; "
-            "set one with `dmtjepa export --format hf --license ID` when you know it."
-        ),
-        "",
-        "## Evaluation",
-        "",
-        *_evaluation_lines(provenance.get("evaluation")),
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import dmt_jepa",
-        "encoder = dmt_jepa.from_pretrained(PATH_OR_REPO_ID)   # eval mode; encoder.info holds this card's facts",
-        "grid, pooled = encoder.dense(images)                  # images normalised with the mean / std above",
-        "layers = encoder.intermediate_layers(images, [2, 5, 8, 11], output_fmt='NCHW').maps",
-        "```",
-        "",
-    ]
-    return ModelCard("\n".join(lines))
-
-
-def _training_lines(provenance: dict) -> list[str]:
-    source = provenance.get("source", "unknown")
-    lines = [f"- made by: `{source}`"]
-    if "steps" in provenance:
-        lines.append(f"- optimisation steps: {provenance['steps']}")
-    config = provenance.get("config") or {}
-    data = config.get("data") or {}
-    if data:
-        train = data.get("train") or f"the built-in scenes benchmark ({data.get('scenes_train', '?')} scenes)"
-        lines.append(f"- training data: {train}")
-    target = config.get("target") or {}
-    if target.get("aggregation"):
-        method = "I-JEPA (no aggregation)" if target["aggregation"] == "none" else f"DMT-JEPA, {target['aggregation']} aggregation"
-        lines.append(f"- objective: {method}")
-    optimization = config.get("optimization") or {}
-    if optimization:
-        lines.append(
-            f"- optimisation: {optimization.get('epochs', '?')} epochs, batch {optimization.get('batch_size', '?')}, "
-            f"lr {optimization.get('lr', '?')}"
-        )
-    if "checkpoint" in provenance:
-        lines.append(f"- converted from: `{provenance['checkpoint']}` ({provenance.get('state_dict', 'state dict')})")
-    return lines
-
-
-def _evaluation_lines(evaluation: list[dict] | None) -> list[str]:
-    if not evaluation:
-        return ["No evaluation recorded with these weights."]
-    lines = ["| protocol | metric | value | data |", "| --- | --- | --- | --- |"]
-    for record in evaluation:
-        lines.append(f"| {record['task']} | {record['metric']} | {record['value']:.2f} | {record.get('data', '')} |")
-    return lines

@@ -2,12 +2,17 @@
 
 Both are written into a scratch folder, loaded back the way a user would load them and compared
 with the encoder file, and only then moved into place (as the ONNX export does):
-  hf    config.json (the encoder metadata) + model.safetensors + README.md model card;
-        loaded back with `dmt_jepa.from_pretrained`, which must give the same tensors.
+  hf    transformers' I-JEPA layout (dmt_jepa/hub.py): config.json, model.safetensors,
+        preprocessor_config.json, README.md; loaded back with plain
+        `transformers.AutoModel.from_pretrained` (no remote code: every tensor found, none left
+        over, the patch tokens equal to ours within 1e-5 at the training size, measured at two other
+        sizes) and with `dmt_jepa.from_pretrained`, which must give the same tensors and config.
   timm  config.json (timm's: architecture, model_args, pretrained_cfg) + model.safetensors with the
         position table stored at the training size + README.md; loaded back with plain
         `timm.create_model("local-dir:OUT", pretrained=True)`, whose patch tokens must equal ours
-        at the training size within 1e-5.
+        at the training size within 1e-5 (and are measured at two other sizes).
+Away from the training size both libraries resize the stored table where dmt-jepa computes sin-cos
+again: the measured differences go into the model card (and, for hf, config.json).
 The licence in the encoder's provenance goes into both configs and the card; an export cannot
 change a licence the file already records.
 """
@@ -25,13 +30,15 @@ import torch
 from safetensors.torch import save_file
 
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
-from dmt_jepa.hub import WEIGHTS_FILENAME, PretrainedEncoder, from_pretrained, model_card
+from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, PretrainedEncoder, from_pretrained, write_model_directory
+from dmt_jepa.model_card import model_card
 from dmt_jepa.models import VisionTransformer, sincos_2d
 from export.errors import ExportError, ParityError
 from export.onnx_export import fresh_scratch
 
 WEIGHT_FORMATS = ("hf", "timm")
 TIMM_TOLERANCE = 1e-5  # max abs difference of the patch tokens at the training size
+TRANSFORMERS_TOLERANCE = 1e-5  # the same bound for transformers' IJepaModel
 TIMM_FALLBACK_ARCHITECTURE = "vit_base_patch16_224"  # model_args carry the real shape whatever the name
 
 
@@ -105,23 +112,103 @@ def export_weights(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out.") from err
-    write, check = (_write_hf, _check_hf) if format == "hf" else (_write_timm, _check_timm)
+    write = _write_hf if format == "hf" else _write_timm
     scratch = fresh_scratch(out_dir, f"{format}-weights")
     try:
-        write(scratch, encoder, info)
-        check(scratch, encoder, info, log)
+        write(scratch, encoder, info, log)
+        names = sorted(item.name for item in scratch.iterdir())
         for item in scratch.iterdir():
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    log(f"wrote {out_dir} (config.json, {WEIGHTS_FILENAME}, README.md; licence {info.provenance.get('license', 'unspecified')})")
+    log(f"wrote {out_dir} ({', '.join(names)}; licence {info.provenance.get('license', 'unspecified')})")
     return out_dir
 
 
-def _write_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo) -> None:
+def parity_sizes(info: EncoderInfo) -> list[tuple[int, int]]:
+    """The training size, then two others where loaders differ: 1.5 times it, and a wider one (patch multiples)."""
+    height, width, p = *info.img_size, info.patch_size
+
+    def scaled(side: int, factor: float) -> int:
+        return max(p, round(side * factor / p) * p)
+
+    return [(height, width), (scaled(height, 1.5), scaled(width, 1.5)), (height, scaled(width, 5 / 3))]
+
+
+def parity_row(loader: str, theirs: torch.Tensor, ours: torch.Tensor, size: tuple[int, int]) -> dict:
+    """One model-card row: max abs difference and the lowest per-patch cosine of two [B, N, D] token sets."""
+    cosine = torch.nn.functional.cosine_similarity(theirs.double(), ours.double(), dim=-1)
+    return {
+        "loader": loader,
+        "size": f"{size[0]} x {size[1]}",
+        "max_abs": float((theirs - ours).abs().max()),
+        "cosine_min": float(cosine.min()),
+    }
+
+
+def measure_loader(
+    loader: str, run: Callable[[torch.Tensor, bool], torch.Tensor], encoder: VisionTransformer, info: EncoderInfo
+) -> list[dict]:
+    """Rows for `run(images, at_training_size)` -> [B, N, D] against our encoder at `parity_sizes`, on seeded random images.
+
+    A size the loader cannot run (transformers resizes only a square table) gets no row.
+    """
+    rows = []
+    for size in parity_sizes(info):
+        images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            try:
+                theirs = run(images, size == tuple(info.img_size))
+            except RuntimeError:
+                continue
+            rows.append(parity_row(loader, theirs, encoder(images), size))
+    return rows
+
+
+def _require_exact(rows: list[dict], tolerance: float, library: str, log: Callable[[str], None]) -> None:
+    """Log every row; ParityError unless the first (the training size) is within `tolerance`."""
+    lines = [f"{r['loader']} vs dmt-jepa at {r['size']}: max|diff| patch tokens {r['max_abs']:.2e}, "
+             f"cosine per patch min {r['cosine_min']:.6f}" for r in rows]
+    lines[0] += "  ok" if rows[0]["max_abs"] <= tolerance else f"  FAIL: > {tolerance:.0e}"
+    for line in lines:
+        log(line)
+    if not rows[0]["max_abs"] <= tolerance:
+        raise ParityError(f"{library} does not reproduce the encoder at its training size; the directory was not kept.", lines)
+
+
+def _write_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:
+    """transformers' layout, measured with transformers, then config.json and the card carry the figures."""
     model = PretrainedEncoder.from_info(info)
     model.load_state_dict(encoder.state_dict())
-    model.save_pretrained(directory)
+    write_model_directory(model, directory)
+    model.parity = _check_transformers(directory, encoder, info, log)
+    write_model_directory(model, directory)  # again, now with the measured rows in config.json
+    (directory / "README.md").write_text(model.generate_model_card().content)
+    _check_hf(directory, encoder, info, log)
+
+
+def _check_transformers(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> list[dict]:
+    """Plain transformers (AutoModel, no remote code) must find every tensor and give our tokens at the training size."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ExportError(
+            "--format hf checks the directory with transformers, which is not installed; pip install 'dmt-jepa[hf]'."
+        ) from err
+    transformers.utils.logging.disable_progress_bar()  # one bar per load would break the export's plain log
+    model, loading = transformers.AutoModel.from_pretrained(directory, output_loading_info=True)
+    model = model.float().eval()
+    left = {key: value for key, value in loading.items() if value}
+    if type(model).__name__ != "IJepaModel" or left:
+        raise ParityError(f"transformers does not load the directory as IJepaModel with every tensor ({left}); not kept.", [])
+    log(f"loaded with transformers {transformers.__version__} as IJepaModel: every tensor found, none left over")
+
+    def run(images: torch.Tensor, at_training_size: bool) -> torch.Tensor:
+        return model(pixel_values=images, interpolate_pos_encoding=not at_training_size).last_hidden_state
+
+    rows = measure_loader(f"transformers {transformers.__version__}", run, encoder, info)
+    _require_exact(rows, TRANSFORMERS_TOLERANCE, "transformers", log)
+    return rows
 
 
 def _check_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:
@@ -182,35 +269,18 @@ def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_timm(directory: Path, encoder: VisionTransformer, info: EncoderInfo) -> None:
-    (directory / "config.json").write_text(json.dumps(timm_config(info), indent=2) + "\n")
+def _write_timm(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:
+    (directory / CONFIG_FILENAME).write_text(json.dumps(timm_config(info), indent=2) + "\n")
     save_file(timm_state_dict(encoder), str(directory / WEIGHTS_FILENAME), metadata={"format": "pt"})
-    (directory / "README.md").write_text(model_card(info).content + TIMM_USAGE.format(size=info.img_size[0]))
+    parity = _check_timm(directory, encoder, info, log)
+    (directory / "README.md").write_text(model_card(info, parity=parity, library="timm").content)
 
 
-def _check_timm(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:
-    """Plain timm, loading the folder its own way, must give our patch tokens at the training size."""
+def _check_timm(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> list[dict]:
+    """Plain timm, loading the folder its own way, must give our patch tokens at the training size; other sizes measured."""
     import timm
 
     model = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
-    images = torch.randn(2, 3, *info.img_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        error = float((model.forward_features(images) - encoder(images)).abs().max())  # [B, N, D] after the norm
-    line = f"timm vs dmt-jepa at {info.img_size[0]}x{info.img_size[1]}: max|diff| patch tokens {error:.2e}"
-    log(line + ("  ok" if error <= TIMM_TOLERANCE else f"  FAIL: > {TIMM_TOLERANCE:.0e}"))
-    if not error <= TIMM_TOLERANCE:
-        raise ParityError("timm does not reproduce the encoder at its training size; the checkpoint was not kept.", [line])
-
-
-TIMM_USAGE = """
-## With timm alone
-
-```python
-import timm
-model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)   # or "hf-hub:USER/REPO"
-tokens = model.forward_features(images)   # [B, N, D] patch tokens after the final norm
-```
-At {size} px (the training size) this equals the dmt-jepa encoder within 1e-5. At other sizes timm
-interpolates the stored position table (bicubic), while dmt-jepa computes the sin-cos table
-exactly for every grid: the two then differ slightly; use dmt-jepa for sizes other than {size}.
-"""
+    rows = measure_loader(f"timm {timm.__version__}", lambda images, _: model.forward_features(images), encoder, info)
+    _require_exact(rows, TIMM_TOLERANCE, "timm", log)
+    return rows

@@ -38,7 +38,7 @@ def test_backends_return_the_chosen_blocks(models, kind):
     assert backend.layers == (0,)
     grid, pooled, first = backend.run(images)
     with torch.no_grad():
-        features = tiny_encoder().intermediate_layers(torch.from_numpy(images), [0, 1])
+        features = tiny_encoder().intermediate_layers(torch.from_numpy(images), [0, 1], output_fmt="NHWC")
     np.testing.assert_allclose(first, features.maps[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(grid, features.maps[1].numpy(), atol=1e-4)
     np.testing.assert_allclose(pooled, features.pooled.numpy(), atol=1e-4)

@@ -251,7 +251,7 @@ def test_layers_are_extra_outputs_each_checked(tmp_path):
     outputs = session.run(names, {"images": images.numpy()})
     with torch.no_grad():
         grid, pooled = encoder.dense(images)
-        layers = encoder.intermediate_layers(images, [0, 1]).maps
+        layers = encoder.intermediate_layers(images, [0, 1], output_fmt="NHWC").maps
     for got, expected in zip(outputs, [grid, pooled, *layers]):
         assert got.shape == tuple(expected.shape)
         assert np.abs(got - expected.numpy()).max() <= 1e-4

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import dmt_jepa
 from cli.main import app
-from dmt_jepa.encoder_file import EncoderFileError, file_sha256, load_encoder, model_identity
-from dmt_jepa.hub import PretrainedEncoder
+from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo, file_sha256, load_encoder, model_identity
+from dmt_jepa.hub import PretrainedEncoder, transformers_config
 from dmt_jepa.models import VisionTransformer
 from serve import embed_shards
 
@@ -49,8 +49,18 @@ def hf_dir(tmp_path) -> Path:
 
 
 def edit_config(directory: Path, **changes) -> None:
+    """Change the encoder's description; in the transformers layout its block, with IJepaConfig's fields made to agree."""
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    if "dmt_jepa" not in config:
+        config.update(changes)
+    else:
+        config["dmt_jepa"].update(changes)
+        try:
+            agreeing = transformers_config(EncoderInfo.from_values(config["dmt_jepa"]))
+        except EncoderFileError:
+            agreeing = {}  # an impossible description: refused before the fields are read
+        config.update({k: v for k, v in agreeing.items() if k not in ("dmt_jepa", "dmt_jepa_parity")})
+    (directory / "config.json").write_text(json.dumps(config))
 
 
 def rewrite(source: Path, target: Path, metadata: dict | None = None, tensors: dict | None = None) -> Path:

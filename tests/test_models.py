@@ -104,8 +104,8 @@ def test_intermediate_layers_equal_a_hand_run_of_the_blocks():
     x = torch.randn(2, 3, 48, 80)  # non-square, not the training size
     with torch.no_grad():
         outputs, h, w = _hand_run(enc, x)
-        raw = enc.intermediate_layers(x, [0, 2, -1], norm=False)
-        normed = enc.intermediate_layers(x, [0, 2, -1])
+        raw = enc.intermediate_layers(x, [0, 2, -1], norm=False, output_fmt="NHWC")
+        normed = enc.intermediate_layers(x, [0, 2, -1], output_fmt="NHWC")
         grid, pooled = enc.dense(x)
     for got_raw, got_normed, index in zip(raw.maps, normed.maps, [0, 2, 3]):
         expected = outputs[index].reshape(2, h, w, 32)
@@ -122,11 +122,11 @@ def test_intermediate_layers_last_n_and_layouts_agree():
     enc = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        last_two = enc.intermediate_layers(x, 2)
-        explicit = enc.intermediate_layers(x, [2, 3])
-        nchw = enc.intermediate_layers(x, [2, 3], output_fmt="NCHW")
-    for a, b, c in zip(last_two.maps, explicit.maps, nchw.maps):
-        assert a.shape == (1, 4, 6, 32) and c.shape == (1, 32, 4, 6)
+        last_two = enc.intermediate_layers(x, 2, output_fmt="NHWC")
+        explicit = enc.intermediate_layers(x, [2, 3], output_fmt="NHWC")
+        default = enc.intermediate_layers(x, [2, 3])
+    for a, b, c in zip(last_two.maps, explicit.maps, default.maps):
+        assert a.shape == (1, 4, 6, 32) and c.shape == (1, 32, 4, 6)  # NCHW unless NHWC is asked for
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(c, a.permute(0, 3, 1, 2))
 
@@ -139,3 +139,77 @@ def test_intermediate_layers_reject_bad_choices():
             enc.intermediate_layers(x, layers)
     with pytest.raises(ValueError, match="format"):
         enc.intermediate_layers(x, 1, output_fmt="NWHC")
+
+
+def test_forward_intermediates_follow_timm_on_a_hand_run():
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        outputs, h, w = _hand_run(enc, x)
+        final, maps = enc.forward_intermediates(x)  # timm defaults: every block, no norm, NCHW
+        only = enc.forward_intermediates(x, [1, -1], norm=True, output_fmt="NLC", intermediates_only=True)
+        early = enc.forward_intermediates(x, 2, intermediates_only=True, stop_early=True)
+        features = enc.forward_features(x)
+    assert len(maps) == 4
+    for got, tokens in zip(maps, outputs):
+        torch.testing.assert_close(got, tokens.reshape(2, h, w, 32).permute(0, 3, 1, 2))
+    torch.testing.assert_close(final, enc.norm(outputs[-1]))
+    torch.testing.assert_close(features, enc.norm(outputs[-1]))
+    torch.testing.assert_close(only[0], enc.norm(outputs[1]))
+    torch.testing.assert_close(only[1], enc.norm(outputs[3]))
+    torch.testing.assert_close(early[0], maps[2])
+    torch.testing.assert_close(early[1], maps[3])
+
+
+def test_forward_intermediates_take_the_indices_timm_takes():
+    from timm.models._features import feature_take_indices
+
+    enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        every = enc.forward_intermediates(x, intermediates_only=True)
+        for indices in (None, 1, 3, 4, [0], [-1], [2, 0], [-4, -2, 3]):
+            taken, _ = feature_take_indices(4, indices)
+            got = enc.forward_intermediates(x, indices, intermediates_only=True)
+            assert len(got) == len(taken)
+            for tensor, index in zip(got, taken):
+                torch.testing.assert_close(tensor, every[index])
+    for indices in (0, 5, [4], [-5], []):
+        with pytest.raises(ValueError, match="layer"):
+            enc.forward_intermediates(x, indices)
+    with pytest.raises(ValueError, match="format"):
+        enc.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises(ValueError, match="intermediates_only"):
+        enc.forward_intermediates(x, 1, stop_early=True)
+
+
+def test_timm_surface_describes_the_encoder():
+    enc = create_encoder("vit_nano", patch_size=8, img_size=32)
+    assert enc.num_features == 64
+    assert enc.feature_info == [{"module": f"blocks.{i}", "num_chs": 64, "reduction": 8} for i in range(4)]
+    for entry in enc.feature_info:  # each names a real module of that width
+        assert enc.get_submodule(entry["module"]).mlp.fc2.out_features == entry["num_chs"]
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2)
+    x = torch.randn(2, 3, 32, 48)
+
+    def run():
+        enc.zero_grad()
+        out = enc(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in enc.parameters()]
+
+    plain_out, plain_grads = run()
+    enc.set_grad_checkpointing()
+    calls, attention = [], enc.blocks[0].attn.forward
+    enc.blocks[0].attn.forward = lambda *args, **kwargs: calls.append(1) or attention(*args, **kwargs)
+    ckpt_out, ckpt_grads = run()
+    del enc.blocks[0].attn.forward
+    assert enc.grad_checkpointing and len(calls) == 2  # block 0 ran again in the backward pass
+    torch.testing.assert_close(ckpt_out, plain_out)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b)

@@ -39,7 +39,9 @@ def _export(encoder_file: Path, out: Path, *extra: str) -> None:
 
 def test_hf_directory_round_trip_equals_the_encoder_file(converted, tmp_path):
     _export(converted, tmp_path / "hf", "--format", "hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+    ]
     encoder, info = load_encoder(converted)
     loaded = dmt_jepa.from_pretrained(tmp_path / "hf")
     assert not loaded.training
@@ -66,7 +68,7 @@ def test_licence_follows_convert_into_every_export(converted, tmp_path):
     _export(converted, tmp_path / "hf", "--format", "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "license: cc-by-nc-4.0" in card and "non-commercial use only" in card
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["provenance"]["license"] == "cc-by-nc-4.0"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dmt_jepa"]["provenance"]["license"] == "cc-by-nc-4.0"
     _export(converted, tmp_path / "timm", "--format", "timm")
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
     assert "license: cc-by-nc-4.0" in (tmp_path / "timm" / "README.md").read_text()

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -62,13 +63,14 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
         block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
 
 
-OUTPUT_FORMATS = ("NHWC", "NCHW")
+OUTPUT_FORMATS = ("NCHW", "NHWC")  # intermediate_layers' map layouts, the default first
+TIMM_OUTPUT_FORMATS = ("NCHW", "NLC")  # forward_intermediates', as timm's
 
 
 class LayerFeatures(NamedTuple):
     """Chosen layers as maps and the deployed pooled vector (mean of the last layer's normed tokens)."""
 
-    maps: list[torch.Tensor]  # one per chosen layer, [B, h, w, D] (NHWC) or [B, D, h, w] (NCHW)
+    maps: list[torch.Tensor]  # one per chosen layer, [B, D, h, w] (NCHW) or [B, h, w, D] (NHWC)
     pooled: torch.Tensor  # [B, D]
 
 
@@ -90,7 +92,12 @@ def resolve_layers(depth: int, layers: int | Sequence[int]) -> list[int]:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder over patch tokens only; `keep` selects the context patches after embedding."""
+    """ViT encoder over patch tokens only; `keep` selects the context patches after embedding.
+
+    Besides its own API (`dense`, `intermediate_layers`) it has timm's model surface, so code
+    written for timm backbones takes it: `forward_features`, `forward_intermediates`,
+    `num_features`, `feature_info`, `set_grad_checkpointing`.
+    """
 
     def __init__(
         self,
@@ -136,6 +143,18 @@ class VisionTransformer(nn.Module):
         self.norm = LayerNorm(embed_dim)
         self.apply(init_vit_weights)
         rescale_blocks(self.blocks)
+        self.num_features = embed_dim
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's switch)."""
+        self.grad_checkpointing = enable
+
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -158,8 +177,48 @@ class VisionTransformer(nn.Module):
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
         for block in self.blocks:
-            x = block(x)
+            x = self._block(block, x)
         return self.norm(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's name for the tokens after the final norm: [B, 3, H, W] -> [B, h*w, D] (no prefix tokens)."""
+        return self.forward(images)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's `forward_intermediates`: outputs of chosen blocks, and the final normed tokens.
+
+        `indices`: None takes every block, an int n the last n, a sequence those indices (negative
+        from the end). `norm` applies the final LayerNorm to each (timm's default: not). Maps are
+        [B, D, h, w] ("NCHW") or [B, h*w, D] ("NLC"). Returns the list alone with
+        `intermediates_only`, else (tokens [B, h*w, D] after the final norm, list); `stop_early`
+        skips the blocks after the last chosen one (then only with `intermediates_only`).
+        """
+        if output_fmt not in TIMM_OUTPUT_FORMATS:
+            raise ValueError(f"output format must be one of {', '.join(TIMM_OUTPUT_FORMATS)}, got {output_fmt!r}")
+        if stop_early and not intermediates_only:
+            raise ValueError("stop_early skips the last blocks, so it needs intermediates_only=True.")
+        chosen = resolve_layers(len(self.blocks), len(self.blocks) if indices is None else indices)
+        tokens, h, w = self.embed(x)  # [B, N, D]
+        last = max(chosen) if stop_early else len(self.blocks) - 1
+        taken: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks[: last + 1]):
+            tokens = self._block(block, tokens)
+            if index in chosen:
+                taken[index] = self.norm(tokens) if norm else tokens
+        intermediates = [taken[index] for index in chosen]
+        if output_fmt == "NCHW":  # [B, N, D] -> [B, D, h, w]
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(tokens), intermediates
 
     def dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Deployment view: patch embeddings [B, h, w, D] and their mean, pooled [B, D]."""
@@ -173,30 +232,23 @@ class VisionTransformer(nn.Module):
         layers: int | Sequence[int] = 1,
         *,
         norm: bool = True,
-        output_fmt: str = "NHWC",
+        output_fmt: str = "NCHW",
     ) -> LayerFeatures:
         """Outputs of chosen blocks as maps, for dense heads (UperNet, ViTDet, DPT); and the pooled vector.
 
         `layers`: an int n takes the last n blocks, a sequence takes those block indices (0-based,
         negative from the end), in the order given. `norm` applies the final LayerNorm to each
-        (DINOv2 and timm do the same by default); the last block with `norm` is `dense`'s grid.
+        (DINOv2 does the same by default); the last block with `norm` is `dense`'s grid.
+        Maps are [B, D, h, w] ("NCHW", what convolutional heads take) or [B, h, w, D] ("NHWC").
         Separate from `forward` so that training pays for none of this.
         """
         if output_fmt not in OUTPUT_FORMATS:
             raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_fmt!r}")
-        chosen = resolve_layers(len(self.blocks), layers)
-        x, h, w = self.embed(images)  # [B, N, D]
-        taken: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index in chosen:
-                taken[index] = x
-        last = self.norm(x)
-        maps = []
-        for index in chosen:
-            tokens = self.norm(taken[index]) if norm else taken[index]
-            grid = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])  # [B, h, w, D]
-            maps.append(grid.permute(0, 3, 1, 2) if output_fmt == "NCHW" else grid)
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        last, taken = self.forward_intermediates(images, resolve_layers(len(self.blocks), layers), norm=norm, output_fmt="NLC")
+        maps = [tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]) for tokens in taken]  # [B, h, w, D]
+        if output_fmt == "NCHW":
+            maps = [grid.permute(0, 3, 1, 2) for grid in maps]
         return LayerFeatures(maps, last.mean(dim=1))
 
     def dense_with_layers(
@@ -209,7 +261,7 @@ class VisionTransformer(nn.Module):
         if not layers:
             grid, pooled = self.dense(images)
             return grid, pooled, []
-        features = self.intermediate_layers(images, [*layers, -1])
+        features = self.intermediate_layers(images, [*layers, -1], output_fmt="NHWC")
         return features.maps[-1], features.pooled, features.maps[:-1]
 
     def last_layer_attention(self, images: torch.Tensor) -> torch.Tensor:
