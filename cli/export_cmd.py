@@ -112,7 +112,7 @@ def info(
         str,
         typer.Argument(
             help="Encoder .safetensors, .onnx model, .engine / its .engine.json, an hf/timm model directory, "
-            "or an embed OUT_DIR (path or file:// URL)."
+            "a Triton model folder, or an embed OUT_DIR (path or file:// URL)."
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
@@ -123,6 +123,15 @@ def info(
     from export.info import describe, describe_model_directory, format_description, is_model_directory
 
     file = _local(file)
+    from export.triton import describe_triton_model, is_triton_model
+
+    if is_triton_model(file):
+        try:
+            description = describe_triton_model(file)
+        except ExportError as err:
+            raise _fail(err) from err
+        typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+        return
     if is_model_directory(file):
         try:
             description = describe_model_directory(file)

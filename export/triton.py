@@ -132,10 +132,32 @@ def parse_config(text: str):
         raise ExportError(f"the Triton config does not parse as a ModelConfig ({err}); please report this.") from err
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config of a few inputs and outputs is a few hundred bytes
+
+
+def is_triton_model(path: str | os.PathLike) -> bool:
+    """A folder holding config.pbtxt: a Triton model, as `--format triton` writes OUT/NAME."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILENAME).exists()
+
+
+def _read_config(model_dir: Path) -> str:
+    """config.pbtxt's text: a regular file (not a link or FIFO) of bounded size."""
+    path = model_dir / CONFIG_FILENAME
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ExportError(f"{path} is not a regular config file under {MAX_CONFIG_BYTES} bytes; export the model again.")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExportError(f"cannot read {path} ({err}); export the model again.") from err
+
+
 def check_repository(model_dir: Path) -> None:
     """Parse NAME/config.pbtxt and compare it with NAME/1/model.onnx; ExportError on any mismatch."""
-    config = parse_config((model_dir / CONFIG_FILENAME).read_text())
-    model = onnx.load(str(model_dir / "1" / TRITON_MODEL_FILENAME), load_external_data=False)
+    config = parse_config(_read_config(model_dir))
+    onnx_path = model_dir / "1" / TRITON_MODEL_FILENAME
+    if onnx_path.is_symlink() or not onnx_path.is_file():
+        raise ExportError(f"{onnx_path} is missing or not a regular file; export the model again.")
+    model = onnx.load(str(onnx_path), load_external_data=False)
     inputs, outputs = graph_specs(model)
     data_type_name = config.DESCRIPTOR.file.enum_types_by_name["DataType"].values_by_number
     declared = {
@@ -154,6 +176,29 @@ def check_repository(model_dir: Path) -> None:
             problems.append(f"{kind}s {declared[kind]} differ from the graph's {graph}")
     if problems:
         raise ExportError(f"the Triton config disagrees with the model ({'; '.join(problems)}); please report this.")
+
+
+def describe_triton_model(model_dir: str | os.PathLike) -> dict:
+    """What `dmtjepa info` prints for a Triton model folder: its config, checked against its ONNX model."""
+    model_dir = Path(model_dir)
+    check_repository(model_dir)
+    config = parse_config(_read_config(model_dir))
+    names = config.DESCRIPTOR.file.enum_types_by_name["DataType"].values_by_number
+
+    def tensors(kind: str) -> dict[str, str]:
+        return {t.name: f"{names[t.data_type].name} {list(t.dims)}" for t in getattr(config, kind)}
+
+    model = onnx.load(str(model_dir / "1" / TRITON_MODEL_FILENAME), load_external_data=False)
+    return {
+        "kind": "Triton model (config checked against its ONNX model)",
+        "directory": str(model_dir),
+        "name": config.name,
+        "platform": config.platform,
+        "max_batch_size": config.max_batch_size,
+        "inputs": tensors("input"),
+        "outputs": tensors("output"),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
 
 
 def export_triton(

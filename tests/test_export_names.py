@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -20,7 +21,7 @@ from export.errors import ExportError
 from export.io_names import LEGACY, OPTIMUM
 from export.triton import CONFIG_FILENAME, check_repository, parse_config
 from serve.api import embed_images
-from serve.backends import load_backend
+from serve.backends import BackendError, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,40 @@ def test_legacy_names_keep_the_old_contract(exports):
     assert len(dims) == 4 and dims[3] == 32
 
 
+def _without_io_names_prop(src: Path, dst: Path) -> Path:
+    """The file as versions before the io_names metadata prop wrote it."""
+    model = onnx.load(str(src))
+    kept = [p for p in model.metadata_props if p.key != "io_names"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _renamed(src: Path, dst: Path, old: str, new: str) -> Path:
+    """The model with one graph output renamed (and the node that makes it)."""
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+    for value in model.graph.output:
+        value.name = new if value.name == old else value.name
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_older_legacy_files_keep_working_and_mixed_names_are_refused(exports, tmp_path):
+    older = _without_io_names_prop(exports["legacy"], tmp_path / "older.onnx")
+    assert "io_names" not in {p.key for p in onnx.load(str(older)).metadata_props}
+    images = np.random.default_rng(3).standard_normal((1, 3, 32, 48), dtype=np.float32)
+    for got, want in zip(load_backend(older, layers=[0]).run(images), load_backend(exports["default"], layers=[0]).run(images)):
+        np.testing.assert_array_equal(got, want)
+    mixed = _renamed(exports["default"], tmp_path / "mixed.onnx", "last_hidden_state", "patch_embeddings")
+    with pytest.raises(BackendError, match="not a dmt-jepa ONNX model"):
+        load_backend(mixed)
+    described = CliRunner().invoke(app, ["info", str(mixed), "--json"])
+    assert json.loads(described.output)["io_names"] == "neither dmt-jepa name set"
+
+
 def test_both_name_sets_serve_identical_embeddings(exports):
     images = np.random.default_rng(1).standard_normal((3, 3, 48, 80), dtype=np.float32)
     default = load_backend(exports["default"], layers=[0])
@@ -88,8 +123,6 @@ def test_both_name_sets_serve_identical_embeddings(exports):
 
 
 def test_info_names_the_io_set(exports):
-    import json
-
     for kind, names in (("default", OPTIMUM), ("legacy", LEGACY)):
         result = CliRunner().invoke(app, ["info", str(exports[kind]), "--json"])
         described = json.loads(result.output)
@@ -119,6 +152,8 @@ def test_triton_repository_parses_and_matches_the_graph(encoder_file, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "repo" / "enc" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == [t.name for t in config.output]
     check_repository(tmp_path / "repo" / "enc")
+    described = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "repo" / "enc"), "--json"]).output)
+    assert described["outputs"]["pooler_output"] == "TYPE_FP32 [32]" and described["metadata"]["io_names"] == "optimum"
     # A config that lies about the graph, or holds a field Triton does not know, is caught.
     for bad, message in (
         (text.replace("dims: [ 32 ]", "dims: [ 64 ]"), "differ from the graph"),
@@ -130,6 +165,12 @@ def test_triton_repository_parses_and_matches_the_graph(encoder_file, tmp_path):
         (tmp_path / "repo" / "enc" / CONFIG_FILENAME).write_text(bad)
         with pytest.raises(ExportError, match=message):
             check_repository(tmp_path / "repo" / "enc")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "repo" / "enc")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    (tmp_path / "repo" / "enc" / CONFIG_FILENAME).unlink()
+    os.mkfifo(tmp_path / "repo" / "enc" / CONFIG_FILENAME)  # never opened, so never blocks
+    with pytest.raises(ExportError, match="not a regular config file"):
+        check_repository(tmp_path / "repo" / "enc")
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".", ""])
