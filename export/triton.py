@@ -239,5 +239,6 @@ def export_triton(
             os.replace(model_dir, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    log(f"wrote the Triton model repository {out_dir} ({model_name}/{CONFIG_FILENAME}, {model_name}/1/{TRITON_MODEL_FILENAME})")
+    written = f"{model_name}/{CONFIG_FILENAME}, {model_name}/1/{TRITON_MODEL_FILENAME}"
+    log(f"wrote the Triton model repository {out_dir} ({written})")
     return final

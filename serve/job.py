@@ -87,7 +87,8 @@ class EmbedOptions:
     overwrite: bool = False  # redo shards that OUT_DIR holds from other settings, instead of refusing
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a claim unchanged this long belongs to a dead process
     max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
-    layers: tuple[int, ...] | None = None  # blocks also written per sample (KEY.layer_<i>.npy); a Backend given has its own
+    # blocks also written (tar: KEY.layer_<i>.npy, array: NAME.layer_<i>.npy); a Backend given has its own
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0

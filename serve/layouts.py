@@ -102,16 +102,12 @@ def table_metadata(spec: OutputSpec, name: str, grid: tuple[int, int], dim: int,
     `about`: the job's description of the run (model, backend, precision, input size, resize,
     identity, pca where vectors are projected).
     """
-    scales = {part for part in spec.array_files(name) if part.endswith("_scale")}
-    arrays = {
-        part: {
-            "file": file,
-            "dtype": "float32" if part in scales else spec.dtype,
-            "shape": ["N"] + (list(grid) if part != "pooled" and part != "pooled_scale" else [])
-            + ([] if part in scales else [dim]),
-        }
-        for part, file in spec.array_files(name).items()
-    }
+    arrays = {}
+    for part, file in spec.array_files(name).items():
+        scale = part.endswith("_scale")
+        cells = [] if part.startswith("pooled") else list(grid)  # pooled: one vector per row, else one per grid cell
+        shape = ["N", *cells, *([] if scale else [dim])]
+        arrays[part] = {"file": file, "dtype": "float32" if scale else spec.dtype, "shape": shape}
     meta = {
         "format": OUTPUT_FORMAT,
         "format_version": OUTPUT_FORMAT_VERSION,
