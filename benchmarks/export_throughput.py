@@ -26,6 +26,7 @@ import torch
 
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.models import create_encoder
+from export.io_names import OPTIMUM
 from export.onnx_export import onnx_runner
 from export.pipeline import export_encoder
 
@@ -82,7 +83,7 @@ def _onnx_backends(out_dir: Path, images: np.ndarray) -> dict[str, Callable[[], 
 def _tensorrt_backend(engine: Path, images: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
     from export.tensorrt_build import TensorRTRunner, require_tensorrt
 
-    runner = TensorRTRunner(require_tensorrt(), engine.read_bytes())
+    runner = TensorRTRunner(require_tensorrt(), engine.read_bytes(), OPTIMUM)  # export_encoder writes the default names
     return {"tensorrt fp16": lambda: runner(images)[0]}
 
 

@@ -63,7 +63,9 @@ def embed(
     ),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
     layout: str = typer.Option(
-        "tar", help="tar: a WebDataset tar per shard; array: .npy arrays (memmap-able) and a Parquet table per shard."
+        "tar",
+        help="tar: a WebDataset tar per shard; array: .npy arrays (memmap-able) and a Parquet table per shard; "
+        "embedding-reader: pooled vectors in img_emb/ and tables in metadata/ (clip-retrieval's folders).",
     ),
     dtype: str = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
     pooled_only: bool = typer.Option(False, "--pooled-only", help="Write pooled vectors only, no patch grids."),
@@ -94,7 +96,7 @@ def embed(
     lease: float = typer.Option(
         60.0, min=0.1, help="Seconds after which a shard claimed by a process that stopped is taken over."
     ),
-    layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy."),
+    layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy (tar) or NAME.layer_<i>.npy (array)."),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError

@@ -25,7 +25,9 @@ def export(
     format: Annotated[
         str,
         typer.Option(
-            "--format", help="onnx (and TensorRT), hf (Hugging Face model directory) or timm (timm checkpoint directory)."
+            "--format",
+            help="onnx (and TensorRT), triton (Triton model repository), hf (Hugging Face model directory) "
+            "or timm (timm checkpoint directory).",
         ),
     ] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write encoder_fp16.onnx; LayerNorm stays fp32.")] = False,
@@ -40,7 +42,22 @@ def export(
         str | None, typer.Option(help="Largest engine input Bx3xHxW [32 at twice the training size].")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 to 20.")] = 18,
-    layers: Annotated[str | None, typer.Option(help=LAYERS_HELP + " Adds outputs layer_<i>.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help=LAYERS_HELP + " Adds outputs hidden_states_<i> (legacy: layer_<i>).")
+    ] = None,
+    io_names: Annotated[
+        str,
+        typer.Option(
+            "--io-names",
+            help="optimum: pixel_values -> last_hidden_state [B, N, D], pooler_output; "
+            "legacy: images -> patch_embeddings [B, h, w, D], pooled.",
+        ),
+    ] = "optimum",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Export into a folder that holds files; what is not rewritten is removed.")
+    ] = False,
+    model_name: Annotated[str, typer.Option("--model-name", help="triton: the model's folder and name.")] = "dmt_jepa",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="triton: max_batch_size of the config.")] = 32,
     license: Annotated[
         str | None, typer.Option("--license", help="hf/timm: licence id to record where the encoder file records none.")
     ] = None,
@@ -48,31 +65,43 @@ def export(
         list[Path] | None, typer.Option("--eval-results", help="hf/timm: JSON printed by `dmtjepa eval`, for the model card.")
     ] = None,
 ) -> None:
-    """Export the target encoder to ONNX (and TensorRT), a Hugging Face directory or a timm checkpoint; each is
-    checked against the encoder before it is kept."""
+    """Export the target encoder to ONNX (and TensorRT), a Triton model repository, a Hugging Face directory or a
+    timm checkpoint; each is checked against the encoder before it is kept."""
     from dmt_jepa.encoder_file import EncoderFileError
     from export.errors import ExportError
     from export.pipeline import export_encoder
 
-    if format not in ("onnx", "hf", "timm"):
-        raise _fail(ExportError(f"unknown --format {format!r}; choose onnx, hf or timm."))
-    if format != "onnx":
-        onnx_only = [flag for flag, used in [("--fp16", fp16), ("--trt", trt), ("--layers", layers)] if used]
-        if onnx_only or min_shape or opt_shape or max_shape:
-            raise _fail(ExportError(f"{', '.join(onnx_only) or 'engine shapes'} only apply to --format onnx; drop them."))
+    if format not in ("onnx", "triton", "hf", "timm"):
+        raise _fail(ExportError(f"unknown --format {format!r}; choose onnx, triton, hf or timm."))
+    engine = [flag for flag, used in [("--fp16", fp16), ("--trt", trt)] if used]
+    if format != "onnx" and (engine or min_shape or opt_shape or max_shape):
+        raise _fail(ExportError(f"{', '.join(engine) or 'engine shapes'} only apply to --format onnx; drop them."))
+    if format in ("hf", "timm"):
+        if layers or io_names != "optimum":
+            raise _fail(ExportError("--layers and --io-names apply to --format onnx and triton; drop them."))
+        from export.out_dir import replacing
         from export.weights import export_weights
 
         try:
-            export_weights(encoder, out, format, license=license, evaluation=eval_results or (), log=typer.echo)
+            with replacing(out, overwrite=overwrite, sources=(encoder,)):
+                export_weights(encoder, out, format, license=license, evaluation=eval_results or (), log=typer.echo)
         except (EncoderFileError, ExportError) as err:
             raise _fail(err) from err
         return
     if license or eval_results:
-        raise _fail(ExportError("--license and --eval-results apply to --format hf and timm; drop them for onnx."))
+        raise _fail(ExportError(f"--license and --eval-results apply to --format hf and timm; drop them for {format}."))
     try:
+        if format == "triton":
+            from export.triton import export_triton
+
+            export_triton(
+                encoder, out, model_name=model_name, max_batch_size=max_batch_size, opset=opset,
+                layers=parse_layers(layers), io_style=io_names, overwrite=overwrite, log=typer.echo,
+            )  # fmt: skip
+            return
         export_encoder(
             encoder, out, fp16=fp16, trt=trt, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-            opset=opset, layers=parse_layers(layers), log=typer.echo,
+            opset=opset, layers=parse_layers(layers), io_style=io_names, overwrite=overwrite, log=typer.echo,
         )
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
@@ -83,7 +112,7 @@ def info(
         str,
         typer.Argument(
             help="Encoder .safetensors, .onnx model, .engine / its .engine.json, an hf/timm model directory, "
-            "or an embed OUT_DIR (path or file:// URL)."
+            "a Triton model folder, or an embed OUT_DIR (path or file:// URL)."
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
@@ -94,6 +123,15 @@ def info(
     from export.info import describe, describe_model_directory, format_description, is_model_directory
 
     file = _local(file)
+    from export.triton import describe_triton_model, is_triton_model
+
+    if is_triton_model(file):
+        try:
+            description = describe_triton_model(file)
+        except ExportError as err:
+            raise _fail(err) from err
+        typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+        return
     if is_model_directory(file):
         try:
             description = describe_model_directory(file)

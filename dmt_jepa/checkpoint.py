@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dmt_jepa.config import TrainConfig, save_config
+from dmt_jepa.file_modes import as_umask_allows
 
 MODULES = ("context_encoder", "target_encoder", "predictor", "online_head", "target_head")
 PREFIX = "step-"
@@ -73,6 +74,7 @@ def save_checkpoint(
             if module is not None:
                 weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
                 save_file(weights, str(tmp / f"{name}.safetensors"))
+                as_umask_allows(tmp / f"{name}.safetensors")
         torch.save(state, tmp / "state.pt")
         save_config(cfg, tmp / "config.yaml")
     except BaseException:  # a full disk, or a kill: the partial save goes, the checkpoints before it stay

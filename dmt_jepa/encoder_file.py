@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dmt_jepa.file_modes import as_umask_allows
 from dmt_jepa.limits import MAX_DEPTH, MAX_EMBED_DIM, MAX_HEADS, MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.vision_transformer import VisionTransformer
 
@@ -197,6 +198,7 @@ def save_encoder(path: str | os.PathLike, encoder: VisionTransformer, info: Enco
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
     try:
         save_file(state, str(tmp), metadata=info.to_metadata())
+        as_umask_allows(tmp)
     except BaseException:  # a full disk: the half-written file goes, an older file at `path` stays
         tmp.unlink(missing_ok=True)
         raise

@@ -109,7 +109,10 @@ def _describe_onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as err:
         raise ExportError(f"{path} is not a readable ONNX model ({err}).") from err
+    from export.io_names import detect
+
     elem = onnx.helper.tensor_dtype_to_np_dtype
+    names = detect([i.name for i in model.graph.input], [o.name for o in model.graph.output])
     return {
         "kind": "ONNX model",
         "file": str(path),
@@ -119,6 +122,7 @@ def _describe_onnx(path: Path) -> dict[str, Any]:
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "inputs": {i.name: f"{elem(i.type.tensor_type.elem_type)} {_dims(i)}" for i in model.graph.input},
         "outputs": {o.name: f"{elem(o.type.tensor_type.elem_type)} {_dims(o)}" for o in model.graph.output},
+        "io_names": names.style if names is not None else "neither dmt-jepa name set",
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
 

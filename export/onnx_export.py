@@ -19,6 +19,7 @@ from torch import nn
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
 from dmt_jepa.models import VisionTransformer, resolve_layers
 from export.errors import ExportError, ParityError
+from export.io_names import DEFAULT_STYLE, IO_NAMES_METADATA, OPTIMUM, IoNames, io_names
 from export.verify import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
@@ -36,41 +37,41 @@ from export.verify import (
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (18, 19, 20)
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("patch_embeddings", "pooled")
 LAYERS_METADATA = "layers"  # metadata prop: JSON list of the block indices exported as extra outputs
 FP32_FILENAME = "encoder.onnx"
 FP16_FILENAME = "encoder_fp16.onnx"
 TRACE_BATCH = 2  # batch 1 would let the tracer specialise the batch dimension to a constant
 
 
-def layer_output_name(index: int) -> str:
-    """The ONNX output holding block `index` (0-based) after the final norm, [B, h, w, D]."""
-    return f"layer_{index}"
-
-
-def output_names(layers: Sequence[int] = ()) -> list[str]:
-    """The contract's two outputs, then one per chosen layer in the order given."""
-    return [*OUTPUT_NAMES, *(layer_output_name(i) for i in layers)]
-
-
-def dense_outputs(encoder: VisionTransformer, images: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
-    """The graph's outputs in `output_names(layers)` order; without layers exactly `encoder.dense`."""
+def dense_outputs(
+    encoder: VisionTransformer, images: torch.Tensor, layers: Sequence[int] = (), names: IoNames = OPTIMUM
+) -> tuple[torch.Tensor, ...]:
+    """The graph's outputs in `names.outputs(layers)` order and layout; legacy without layers is `encoder.dense`."""
     grid, pooled, maps = encoder.dense_with_layers(images, layers)
+    if names.tokens:  # [B, h, w, D] -> [B, h*w, D], the grid read row by row
+        grid, maps = grid.flatten(1, 2), [m.flatten(1, 2) for m in maps]
     return (grid, pooled, *maps)
 
 
 class DenseEncoder(nn.Module):
-    """The deployed graph: float32 images [B, 3, H, W] -> float32 (patches [B, h, w, D], pooled [B, D], layers...)."""
+    """The deployed graph: float32 images [B, 3, H, W] -> float32 (tokens or grid, pooled [B, D], layers...)."""
 
-    def __init__(self, encoder: nn.Module, compute_dtype: torch.dtype = torch.float32, layers: Sequence[int] = ()):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        compute_dtype: torch.dtype = torch.float32,
+        layers: Sequence[int] = (),
+        names: IoNames = OPTIMUM,
+    ):
         super().__init__()
         self.encoder = encoder
         self.compute_dtype = compute_dtype
         self.layers = tuple(layers)
+        self.names = names
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(out.float() for out in dense_outputs(self.encoder, images.to(self.compute_dtype), self.layers))
+        outputs = dense_outputs(self.encoder, images.to(self.compute_dtype), self.layers, self.names)
+        return tuple(out.float() for out in outputs)
 
 
 class Float32LayerNorm(nn.Module):
@@ -104,12 +105,14 @@ class OnnxExport:
     report: ParityReport
 
 
-def torch_runner(encoder: VisionTransformer, layers: Sequence[int] = ()) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
-    """The fp32 PyTorch reference as a numpy function, with the outputs `output_names(layers)` names."""
+def torch_runner(
+    encoder: VisionTransformer, layers: Sequence[int] = (), names: IoNames = OPTIMUM
+) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """The fp32 PyTorch reference as a numpy function, with the outputs `names.outputs(layers)` names."""
 
     def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            outputs = dense_outputs(encoder, torch.from_numpy(images), layers)
+            outputs = dense_outputs(encoder, torch.from_numpy(images), layers, names)
         return tuple(out.numpy() for out in outputs)
 
     return run
@@ -119,18 +122,19 @@ def onnx_runner(
     path: str | os.PathLike,
     providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
     layers: Sequence[int] = (),
+    names: IoNames = OPTIMUM,
 ):
-    """An ONNX Runtime session on `path` as a numpy function, returning `output_names(layers)`."""
+    """An ONNX Runtime session on `path` as a numpy function, returning `names.outputs(layers)`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns about every fp16 node it runs through fp32 casts on CPU
     session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
-    names = output_names(layers)
+    outputs = names.outputs(layers)
 
     def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(session.run(names, {INPUT_NAME: images}))
+        return tuple(session.run(outputs, {names.input: images}))
 
     return run
 
@@ -144,9 +148,10 @@ def export_graph(
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     layers: Sequence[int] = (),
+    names: IoNames = OPTIMUM,
 ) -> None:
     """Trace the dense view of `encoder` with dynamic batch, height and width and save it to `path`."""
-    model = DenseEncoder(half_encoder(encoder) if fp16 else encoder, torch.float16 if fp16 else torch.float32, layers)
+    model = DenseEncoder(half_encoder(encoder) if fp16 else encoder, torch.float16 if fp16 else torch.float32, layers, names)
     example = torch.randn(TRACE_BATCH, 3, *info.img_size)
     with warnings.catch_warnings():
         # The exporter warns about internals (deprecated decompositions, fake-tensor notes) that
@@ -155,14 +160,14 @@ def export_graph(
         program = torch.onnx.export(
             model.eval(),
             (example,),
-            input_names=[INPUT_NAME],
-            output_names=output_names(layers),
-            dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            input_names=[names.input],
+            output_names=names.outputs(layers),
+            dynamic_shapes={"images": {0: "batch", 2: "height", 3: "width"}},  # keyed by forward()'s argument
             opset_version=opset,
             dynamo=True,
             verbose=False,
         )
-    program.model.metadata_props.update(metadata)
+    program.model.metadata_props.update({**metadata, IO_NAMES_METADATA: names.style})
     program.model.doc_string = f"dmt-jepa {info.arch}/{info.patch_size} target encoder, {'fp16' if fp16 else 'fp32'}"
     program.save(str(path))
 
@@ -183,11 +188,12 @@ def verify_onnx(
     *,
     name: str = "ONNX Runtime",
     layers: Sequence[int] = (),
+    names: IoNames = OPTIMUM,
 ) -> ParityReport:
     """ONNX Runtime on `path` against the fp32 PyTorch encoder at every shape, on every output."""
     return check_parity(
-        onnx_runner(path, layers=layers),
-        torch_runner(encoder, layers),
+        onnx_runner(path, layers=layers, names=names),
+        torch_runner(encoder, layers, names),
         shapes,
         tolerance,
         candidate_name=name,
@@ -243,13 +249,19 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     shapes: Sequence[Shape] | None = None,
     layers: int | Sequence[int] | None = None,
+    io_style: str = DEFAULT_STYLE,
     log: Callable[[str], None] = print,
 ) -> list[OnnxExport]:
     """Export the encoder file to `out_dir/encoder.onnx` (and `encoder_fp16.onnx`), each verified first.
 
-    `layers` (an int: the last n blocks; or block indices) adds one output `layer_<i>` per block,
-    [B, h, w, D] after the final norm, beside the two outputs of the contract.
+    `layers` (an int: the last n blocks; or block indices) adds one output per block after the
+    final norm (`hidden_states_<i>`, or `layer_<i>` with `io_style="legacy"`: export/io_names.py)
+    beside the two outputs of the contract.
     """
+    try:
+        names = io_names(io_style)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}.")
     encoder, info = load_encoder(encoder_path)
@@ -281,10 +293,11 @@ def export_onnx(
 
         def write(path: Path, precision: str = precision) -> None:
             meta = {**metadata, "precision": precision}
-            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset, layers=layers)
+            export_graph(encoder, info, path, meta, fp16=precision == "fp16", opset=opset, layers=layers, names=names)
 
         def verify(path: Path, precision: str = precision, tolerance: Tolerance = tolerance) -> ParityReport:
-            return verify_onnx(path, encoder, shapes, tolerance, name=f"ONNX Runtime {precision}", layers=layers)
+            name = f"ONNX Runtime {precision}"
+            return verify_onnx(path, encoder, shapes, tolerance, name=name, layers=layers, names=names)
 
         report = _write_verified(out_dir, filename, write, verify, log)
         results.append(OnnxExport(out_dir / filename, precision, report))

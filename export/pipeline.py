@@ -9,7 +9,9 @@ from pathlib import Path
 
 from dmt_jepa.encoder_file import read_encoder_info
 from export.errors import ExportError
+from export.io_names import DEFAULT_STYLE, io_names
 from export.onnx_export import DEFAULT_OPSET, OnnxExport, export_onnx
+from export.out_dir import replacing
 from export.profile import resolve_profile
 
 
@@ -33,13 +35,21 @@ def export_encoder(
     max_shape: str | None = None,
     opset: int = DEFAULT_OPSET,
     layers: Sequence[int] | None = None,
+    io_style: str = DEFAULT_STYLE,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Export an encoder file to `out_dir`: encoder.onnx, with fp16 encoder_fp16.onnx, with trt encoder.engine.
 
-    `layers` adds the outputs `layer_<i>` to the ONNX models (docs/export.md).
+    `layers` adds one output per block to the ONNX models; `io_style` names the inputs and outputs
+    ("optimum" or "legacy", export/io_names.py; docs/export.md). A non-empty `out_dir` is refused
+    unless `overwrite`, which removes what this export does not rewrite (export/out_dir.py).
     """
     info = read_encoder_info(encoder_path)  # a wrong file fails here, before minutes of work
+    try:
+        io_names(io_style)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
     if trt and layers:
         # The engine, its sidecar and the TensorRT backend bind exactly the contract's two outputs.
         raise ExportError("--layers applies to the ONNX models only; export the engine without --layers.")
@@ -48,7 +58,9 @@ def export_encoder(
             "--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them."
         )
     if not trt:
-        return ExportResult(export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, layers=layers, log=log))
+        with replacing(out_dir, overwrite=overwrite, sources=(encoder_path,)):
+            exports = export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, layers=layers, io_style=io_style, log=log)
+        return ExportResult(exports)
 
     from export.tensorrt_build import build_engine, precision_plan, require_gpu, require_tensorrt
 
@@ -56,9 +68,11 @@ def export_encoder(
     tensorrt = require_tensorrt()
     gpu_name = require_gpu()
     plan = precision_plan(tensorrt.__version__)
-    exports = export_onnx(encoder_path, out_dir, fp16=fp16 or plan.onnx_precision == "fp16", opset=opset, log=log)
-    paths = {e.precision: e.path for e in exports}
-    engine, sidecar = build_engine(
-        paths[plan.onnx_precision], paths["fp32"], out_dir, profile, plan, trt=tensorrt, gpu_name=gpu_name, log=log
-    )
+    fp16 = fp16 or plan.onnx_precision == "fp16"
+    with replacing(out_dir, overwrite=overwrite, sources=(encoder_path,)):
+        exports = export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, io_style=io_style, log=log)
+        paths = {e.precision: e.path for e in exports}
+        engine, sidecar = build_engine(
+            paths[plan.onnx_precision], paths["fp32"], out_dir, profile, plan, trt=tensorrt, gpu_name=gpu_name, log=log
+        )
     return ExportResult(exports, engine, sidecar)

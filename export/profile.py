@@ -14,7 +14,7 @@ InputShape = tuple[int, int, int, int]  # (batch, 3, height, width)
 DEFAULT_OPT_BATCH = 32
 DEFAULT_MAX_BATCH = 32
 
-_SHAPE = re.compile(r"^(?:images:)?(\d+)x(\d+)x(\d+)x(\d+)$")
+_SHAPE = re.compile(r"^(?:images:|pixel_values:)?(\d+)x(\d+)x(\d+)x(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ShapeProfile:
 
 
 def parse_shape(text: str, flag: str) -> InputShape:
-    """'BxCxHxW' (trtexec's form, optionally prefixed 'images:') -> (B, C, H, W)."""
+    """'BxCxHxW' (trtexec's form, optionally prefixed with the input name) -> (B, C, H, W)."""
     match = _SHAPE.match(text.strip())
     if not match:
         raise ExportError(f"{flag} {text!r} is not a shape; write it as BATCHx3xHEIGHTxWIDTH, e.g. 8x3x224x224.")

@@ -16,7 +16,8 @@ import onnx
 
 from dmt_jepa.encoder_file import file_sha256
 from export.errors import ExportError, ParityError
-from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_runner
+from export.io_names import IO_NAMES_METADATA, IoNames, detect
+from export.onnx_export import onnx_runner
 from export.profile import ShapeProfile
 from export.verify import FP16_TOLERANCE, ParityReport, check_parity
 
@@ -117,9 +118,10 @@ def engine_sidecar(
     tensorrt_version: str,
     gpu_name: str,
     report: ParityReport,
+    names: IoNames,
 ) -> dict:
     """What an engine says about itself: profile, precision, TensorRT, GPU, sources, parity, encoder."""
-    encoder = {k: v for k, v in onnx_metadata.items() if k not in ("precision", "opset", "source_sha256")}
+    encoder = {k: v for k, v in onnx_metadata.items() if k not in ("precision", "opset", "source_sha256", IO_NAMES_METADATA)}
     return {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
@@ -129,8 +131,9 @@ def engine_sidecar(
         "tensorrt_version": tensorrt_version,
         "tensorrt_api": plan.api,
         "gpu": gpu_name,
-        "input": INPUT_NAME,
-        "outputs": list(OUTPUT_NAMES),
+        "input": names.input,
+        "outputs": names.outputs(),
+        "io_names": names.style,
         "profile": profile.to_json(),
         "source_sha256": onnx_metadata.get("source_sha256", ""),
         "onnx": onnx_name,
@@ -159,10 +162,10 @@ def read_sidecar(path: str | os.PathLike) -> dict:
 class TensorRTRunner:
     """A deserialised engine as a numpy function on the current CUDA device."""
 
-    def __init__(self, trt: Any, engine_bytes: bytes):
+    def __init__(self, trt: Any, engine_bytes: bytes, names: IoNames):
         import torch
 
-        self._torch = torch
+        self._torch, self._names = torch, names
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
@@ -175,10 +178,10 @@ class TensorRTRunner:
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         x = torch.from_numpy(np.ascontiguousarray(images)).cuda()
-        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+        self.context.set_input_shape(self._names.input, tuple(x.shape))
+        self.context.set_tensor_address(self._names.input, x.data_ptr())
         outputs = {}
-        for name in OUTPUT_NAMES:
+        for name in self._names.outputs():
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=self._dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
@@ -186,7 +189,7 @@ class TensorRTRunner:
         if not self.context.execute_async_v3(self._stream.cuda_stream):
             raise ExportError("TensorRT failed to run the engine; check the TensorRT log above.")
         self._stream.synchronize()
-        return tuple(outputs[name].float().cpu().numpy() for name in OUTPUT_NAMES)  # type: ignore[return-value]
+        return tuple(outputs[name].float().cpu().numpy() for name in self._names.outputs())  # type: ignore[return-value]
 
 
 def _reference_providers() -> list:
@@ -212,6 +215,10 @@ def build_engine(
     """Build `out_dir/encoder.engine` from `onnx_path`; keep it only if it matches ONNX Runtime on the fp32 model."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     engine_path = out_dir / ENGINE_FILENAME
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = detect([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    if names is None:
+        raise ExportError(f"{onnx_path.name} has neither the default nor the legacy input/output names; export it again.")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt, plan))
@@ -223,7 +230,7 @@ def build_engine(
     config = builder.create_builder_config()
     apply_precision(trt, network, config, plan)
     trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(INPUT_NAME, profile.min, profile.opt, profile.max)
+    trt_profile.set_shape(names.input, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
 
     cache_path = timing_cache_path(engine_path)
@@ -240,8 +247,8 @@ def build_engine(
     _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
 
     report = check_parity(
-        TensorRTRunner(trt, engine_bytes),
-        onnx_runner(reference_onnx_path, providers=_reference_providers()),
+        TensorRTRunner(trt, engine_bytes, names),
+        onnx_runner(reference_onnx_path, providers=_reference_providers(), names=names),
         profile.shapes(),
         FP16_TOLERANCE,
         candidate_name=f"TensorRT {trt.__version__} fp16",
@@ -256,7 +263,7 @@ def build_engine(
             report.lines(),
         )
 
-    metadata = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    metadata = {p.key: p.value for p in model.metadata_props}
     sidecar = engine_sidecar(
         engine_name=engine_path.name,
         engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
@@ -268,6 +275,7 @@ def build_engine(
         tensorrt_version=trt.__version__,
         gpu_name=gpu_name,
         report=report,
+        names=names,
     )
     _atomic_write(engine_path, engine_bytes)
     _atomic_write(sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode())

@@ -10,7 +10,7 @@ import numpy as np
 from dmt_jepa.encoder_file import EncoderInfo
 from export.errors import ExportError
 
-# images [B, 3, H, W] float32 -> (patch_embeddings [B, h, w, D], pooled [B, D], extra layers [B, h, w, D]...)
+# images [B, 3, H, W] float32 -> (grid or tokens, pooled [B, D], extra layers...) in the order of export/io_names.py
 Runner = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 Shape = tuple[int, int, int]  # (batch, height, width)
 

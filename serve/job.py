@@ -35,7 +35,7 @@ from serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
 from serve.decode import Decoder, finished
 from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
 from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
-from serve.layouts import LAYOUTS, OutputSpec, open_output
+from serve.layouts import EMBEDDING_READER_DIRS, LAYOUTS, OutputSpec, open_output
 from serve.pca import PCA_FILE, PcaError, load_or_fit, project
 from serve.progress import Progress
 from serve.remote import RemoteOut, is_url, location
@@ -73,7 +73,8 @@ class EmbedOptions:
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: half the CPUs, at least one; 0: in a thread
     pooled: bool = False
-    layout: str = "tar"  # tar: WebDataset samples; array: .npy arrays and a Parquet table per shard
+    layout: str = "tar"  # tar: WebDataset samples; array: .npy arrays and a Parquet table per shard;
+    # embedding-reader: pooled vectors and tables in img_emb/ and metadata/ (serve/layouts.py)
     dtype: str = "float16"  # float32, float16, or int8 with a float32 scale per vector
     pooled_only: bool = False  # pooled vectors only, no patch grids
     max_carried_bytes: int = 64 << 10  # non-image input members up to this size are copied; 0: none
@@ -86,7 +87,8 @@ class EmbedOptions:
     overwrite: bool = False  # redo shards that OUT_DIR holds from other settings, instead of refusing
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a claim unchanged this long belongs to a dead process
     max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
-    layers: tuple[int, ...] | None = None  # blocks also written per sample (KEY.layer_<i>.npy); a Backend given has its own
+    # blocks also written (tar: KEY.layer_<i>.npy, array: NAME.layer_<i>.npy); a Backend given has its own
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
@@ -96,14 +98,16 @@ class EmbedOptions:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
         if self.pca is not None and self.pca < 1:
             raise ValueError(f"--pca {self.pca} is not a number of dimensions; give one of at least 1.")
-        if self.layers and self.layout != "tar":
-            raise ValueError("--layers is written in the tar layout only; use --layout tar or leave --layers out.")
+        if self.layout == "embedding-reader" and self.layers:
+            raise ValueError("--layout embedding-reader holds pooled vectors only; use --layout array for --layers.")
+        if self.layout == "embedding-reader" and self.dtype == "int8":
+            raise ValueError("embedding-reader reads float16 or float32 vectors only; use --dtype float16 or float32.")
         if self.layers and self.pca is not None:
             raise ValueError("--layers and --pca cannot be combined: the layers would stay unprojected; choose one.")
 
     @property
     def output(self) -> OutputSpec:
-        return OutputSpec(self.layout, self.dtype, self.pooled, self.pooled_only)
+        return OutputSpec(self.layout, self.dtype, self.pooled, self.pooled_only)  # layers: the runner's, absolute
 
 
 @dataclass
@@ -187,8 +191,15 @@ def refuse_out_over_inputs(out_dir: str | os.PathLike, shards: Sequence[ShardSou
             )
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
-    """Create OUT_DIR and prove it writable."""
+def prepare_out_dir(out_dir: Path, layout: str = "tar") -> Path:
+    """Create OUT_DIR and prove it writable; the embedding-reader folders in it must be real folders."""
+    if layout == "embedding-reader":
+        for folder in (out_dir / name for name in EMBEDDING_READER_DIRS):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise OutputDirError(
+                    f"{folder} is a link or a file, where the embedding-reader layout writes a folder of its own; "
+                    "move it away or choose another OUT_DIR."
+                )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
@@ -385,7 +396,7 @@ def _embed_into(
     records = done_records(out) if remote is None else remote.done_records()
     if not options.overwrite:
         check_identity(out_dir, identity, records)
-    prepare_out_dir(out)
+    prepare_out_dir(out, options.layout)
     projection = None
     if options.pca is not None:
         if remote is not None:
@@ -504,7 +515,7 @@ def _run(
     started: dict[str, float] = {}
     run_info = {"rank": summary.rank, "world_size": summary.world_size, "backend": runner.name, "precision": runner.precision}
     batch: list[tuple[str, np.ndarray, dict, dict]] = []
-    spec = options.output
+    spec = replace(options.output, layers=tuple(runner.layers))
 
     def write_batch(out: ShardOutput, keys: list[str], records: list[dict], carried: list[dict], grid, pooled, maps: dict) -> None:
         if projection is not None:
@@ -582,7 +593,7 @@ def _run(
             source = item.shard
             if source.name not in outputs:
                 dim = runner.info.embed_dim if projection is None else options.pca
-                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, dim)
+                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, dim, shard_info)
                 started[source.name] = time.time()
             out = outputs[source.name]
             if isinstance(item, _Decoding):

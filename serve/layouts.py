@@ -1,10 +1,23 @@
-"""The array layout: per input shard, arrays that load as one memmap and a Parquet table.
+"""The array layouts: per input shard, arrays that load as one memmap and a Parquet table.
 
     OUT/NAME.patches.npy        [N, h, w, D] in the output dtype (absent with pooled-only)
     OUT/NAME.patches_scale.npy  [N, h, w] float32, int8 only: the scale of each patch vector
     OUT/NAME.pooled.npy         [N, D] (with --pooled or --pooled-only), NAME.pooled_scale.npy [N] for int8
+    OUT/NAME.layer_<i>.npy      [N, h, w, D] per --layers block (NAME.layer_<i>_scale.npy [N, h, w] for int8)
     OUT/NAME.parquet            one row per embedded sample: key, row, geometry, carried members
     OUT/NAME.json               written last: the done marker, as in the tar layout
+
+The embedding-reader layout is the same writer with clip-retrieval's folder convention, pooled
+vectors only, in float16 or float32 (what embedding-reader reads):
+
+    OUT/img_emb/img_emb_NAME.npy       [N, D]
+    OUT/metadata/metadata_NAME.parquet the table above, row i describing vector i
+    OUT/NAME.json                      the done marker
+
+embedding-reader pairs the two folders' files by sorted name, and skips an empty .npy: a shard
+with no embedded sample therefore writes neither file. Every table carries, in its Parquet schema
+metadata under the key `dmt_jepa`, what its arrays are (`table_metadata`): a reader needs no
+other file to know the dtype, width, grid, model and how to get float32 back.
 
 Rows are streamed to files aside as batches arrive, so memory does not grow with the shard: array
 rows at once, table rows (with the carried members) as Parquet row groups of bounded size. The
@@ -14,6 +27,7 @@ Every file is renamed into place before NAME.json, so a shard is never seen done
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +35,19 @@ from pathlib import Path
 import numpy as np
 
 from serve.quantize import encode
-from serve.shards import ShardOutput, _fsync, close_quietly, write_done_record
+from serve.shards import (
+    OUTPUT_FORMAT,
+    OUTPUT_FORMAT_VERSION,
+    ShardOutput,
+    _fsync,
+    close_quietly,
+    embedding_reader_files,
+    write_done_record,
+)
 
-LAYOUTS = ("tar", "array")
+LAYOUTS = ("tar", "array", "embedding-reader")
+EMBEDDING_READER_DIRS = ("img_emb", "metadata")
+SCHEMA_METADATA_KEY = b"dmt_jepa"  # the Parquet schema metadata entry that describes the arrays (JSON)
 _HEADER_BYTES = 128  # magic + length + dict padded: fits any shape of four dimensions up to 10^18 rows
 # Table rows held before they go to the file aside as one Parquet row group: whichever bound comes first.
 TABLE_GROUP_ROWS = 1024
@@ -38,14 +62,74 @@ class OutputSpec:
     dtype: str = "float16"
     pooled: bool = False  # pooled vectors beside the patch grids
     pooled_only: bool = False  # pooled vectors and no patch grids
+    layers: tuple[int, ...] = ()  # blocks written beside the final grid
 
     @property
     def patches(self) -> bool:
-        return not self.pooled_only
+        return not self.pooled_only and self.layout != "embedding-reader"
 
     @property
     def writes_pooled(self) -> bool:
-        return self.pooled or self.pooled_only
+        return self.pooled or self.pooled_only or self.layout == "embedding-reader"
+
+    def array_files(self, name: str) -> dict[str, str]:
+        """Each array's file, relative to OUT_DIR, by part (`patches`, `pooled_scale`, `layer_3`, ...)."""
+        if self.layout == "embedding-reader":
+            return {"pooled": embedding_reader_files(name)[0]}
+        stems = (["patches"] if self.patches else []) + (["pooled"] if self.writes_pooled else [])
+        stems += [f"layer_{i}" for i in self.layers]
+        parts = [p for stem in stems for p in ((stem, f"{stem}_scale") if self.dtype == "int8" else (stem,))]
+        return {part: f"{name}.{part}.npy" for part in parts}
+
+    def table_file(self, name: str) -> str:
+        return embedding_reader_files(name)[1] if self.layout == "embedding-reader" else f"{name}.parquet"
+
+
+def dequantisation_rule(dtype: str) -> str:
+    """How float32 vectors come back from stored values, in words (serve/quantize.py)."""
+    if dtype == "int8":
+        return (
+            "float32 = int8 value * scale, the scale read from the array named PART_scale at the same row "
+            "(and grid cell): one float32 per vector, max |v| / 127"
+        )
+    return f"float32 = the stored {dtype} values"
+
+
+def table_metadata(spec: OutputSpec, name: str, grid: tuple[int, int], dim: int, about: dict) -> dict:
+    """What a shard's arrays are, for its table's schema metadata: format, files, dtype, width, grid,
+    layers, model identity and the rule that turns stored values into float32.
+
+    `about`: the job's description of the run (model, backend, precision, input size, resize,
+    identity, pca where vectors are projected).
+    """
+    arrays = {}
+    for part, file in spec.array_files(name).items():
+        scale = part.endswith("_scale")
+        cells = [] if part.startswith("pooled") else list(grid)  # pooled: one vector per row, else one per grid cell
+        shape = ["N", *cells, *([] if scale else [dim])]
+        arrays[part] = {"file": file, "dtype": "float32" if scale else spec.dtype, "shape": shape}
+    meta = {
+        "format": OUTPUT_FORMAT,
+        "format_version": OUTPUT_FORMAT_VERSION,
+        "shard": name,
+        "layout": spec.layout,
+        "dtype": spec.dtype,
+        "dim": dim,
+        "grid": list(grid),
+        "layers": list(spec.layers),
+        "arrays": arrays,
+        "rows": "row i of every array is the table row whose `row` column is i",
+        "dequantize": dequantisation_rule(spec.dtype),
+        **{k: about[k] for k in ("model", "backend", "precision", "input_size", "resize", "identity") if k in about},
+    }
+    if about.get("identity", {}).get("pca") is not None:
+        meta["pca"] = {
+            "file": "pca.npy",
+            "dim": about["identity"]["pca"],
+            "sha256": about["identity"].get("pca_sha256"),
+            "rule": "vectors are coordinates on pca.npy's axes: model-space = pca[0] + vector @ pca[1:]",
+        }
+    return meta
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -91,23 +175,35 @@ class _RowFile:
 
 
 class ArrayShardOutput(ShardOutput):
-    """The array layout's files for one input shard; same interface and guarantees as ShardOutput."""
+    """The array layouts' files for one input shard; same interface and guarantees as ShardOutput.
 
-    def __init__(self, out_dir: Path, name: str, owner: str, spec: OutputSpec, grid: tuple[int, int], dim: int):
+    Files aside are written in OUT_DIR itself (`.NAME.PART.npy.OWNER.partial`) and renamed into
+    their folder at commit, so leftovers of a killed run are found as in the other layouts.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        name: str,
+        owner: str,
+        spec: OutputSpec,
+        grid: tuple[int, int],
+        dim: int,
+        about: dict | None = None,
+    ):
         super().__init__(out_dir, name, owner)
-        self.name, self.spec, self.grid, self.dim = name, spec, tuple(grid), dim
+        self.out_dir, self.name, self.spec, self.grid, self.dim = out_dir, name, spec, tuple(grid), dim
         suffix = f".{owner}.partial" if owner else ".partial"
-        self.arrays: dict[str, _RowFile] = {}
-        stems = (["patches"] if spec.patches else []) + (["pooled"] if spec.writes_pooled else [])
-        for stem in stems:
-            for part in (stem, f"{stem}_scale") if spec.dtype == "int8" else (stem,):
-                self.arrays[part] = _RowFile(out_dir / f".{name}.{part}.npy{suffix}", out_dir / f"{name}.{part}.npy")
+        self.files = spec.array_files(name)
+        self.arrays = {part: _RowFile(out_dir / f".{name}.{part}.npy{suffix}", out_dir / f) for part, f in self.files.items()}
         self.table_partial = out_dir / f".{name}.parquet{suffix}"
-        self.table_path = out_dir / f"{name}.parquet"
-        self.table = _TableFile(self.table_partial)
+        self.table_path = out_dir / spec.table_file(name)
+        self.table = _TableFile(self.table_partial, table_metadata(spec, name, self.grid, dim, about or {}))
 
-    def add(self, key, embedding, record, pooled=None, carried=None) -> None:
-        for stem, vectors in (("patches", embedding), ("pooled", pooled)):
+    def add(self, key, embedding, record, pooled=None, carried=None, layers=None) -> None:
+        stems = [("patches", embedding), ("pooled", pooled)]
+        stems += [(f"layer_{index}", grid) for index, grid in (layers or {}).items()]
+        for stem, vectors in stems:
             if stem in self.arrays:
                 values, scale = encode(vectors, self.spec.dtype)
                 self.arrays[stem].append(values)
@@ -118,12 +214,10 @@ class ArrayShardOutput(ShardOutput):
 
     def _row_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         value = "int8" if self.spec.dtype == "int8" else self.spec.dtype
-        return {
-            "patches": ((*self.grid, self.dim), value),
-            "patches_scale": (self.grid, "float32"),
-            "pooled": ((self.dim,), value),
-            "pooled_scale": ((), "float32"),
-        }
+        shapes = {"pooled": ((self.dim,), value), "pooled_scale": ((), "float32")}
+        for stem in ["patches", *(f"layer_{i}" for i in self.spec.layers)]:
+            shapes[stem], shapes[f"{stem}_scale"] = ((*self.grid, self.dim), value), (self.grid, "float32")
+        return shapes
 
     def commit(self, record: dict) -> None:
         try:
@@ -131,29 +225,39 @@ class ArrayShardOutput(ShardOutput):
             for part, rows in self.arrays.items():
                 rows.finish(*shapes[part])
             self.table.finish()
-            for rows in self.arrays.values():
-                os.replace(rows.partial, rows.final)
-            os.replace(self.table_partial, self.table_path)
-            files = [rows.final.name for rows in self.arrays.values()] + [self.table_path.name]
+            # embedding-reader skips an empty .npy but not its table, so the folders would pair wrongly: none is kept.
+            keep = self.spec.layout != "embedding-reader" or self.embedded > 0
+            files = [*self.files.values(), self.spec.table_file(self.name)] if keep else []
+            if keep:
+                for folder in {(self.out_dir / file).parent for file in files}:
+                    folder.mkdir(exist_ok=True)
+                for rows in self.arrays.values():
+                    os.replace(rows.partial, rows.final)
+                os.replace(self.table_partial, self.table_path)
+            self._discard_partials()
             write_done_record(self.json_partial, self.json_path, {**record, "files": files}, self.embedded, self.failures)
         except BaseException:
             self.abort()
             raise
 
-    def abort(self) -> None:
+    def _discard_partials(self) -> None:
         for rows in self.arrays.values():
             rows.close()
             rows.partial.unlink(missing_ok=True)
         self.table.close()
         self.table_partial.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._discard_partials()
         self.json_partial.unlink(missing_ok=True)
 
 
 class _TableFile:
     """NAME.parquet aside: table rows held until a row group's worth, then appended to the file."""
 
-    def __init__(self, partial: Path):
+    def __init__(self, partial: Path, metadata: dict):
         self.partial = partial
+        self.metadata = {SCHEMA_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
         self.held: list[dict] = []
         self.held_bytes = 0
         self.writer = None
@@ -168,6 +272,7 @@ class _TableFile:
         import pyarrow.parquet as pq
 
         table = metadata_table(self.held)
+        table = table.replace_schema_metadata(self.metadata)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd")
         self.writer.write_table(table)
@@ -208,9 +313,11 @@ def metadata_table(rows: list[dict]):
     )
 
 
-def open_output(out_dir: Path, name: str, owner: str, spec: OutputSpec, grid: tuple[int, int], dim: int) -> ShardOutput:
-    """The writer of one shard's output in the spec's layout."""
-    if spec.layout == "array":
-        return ArrayShardOutput(out_dir, name, owner, spec, grid, dim)
+def open_output(
+    out_dir: Path, name: str, owner: str, spec: OutputSpec, grid: tuple[int, int], dim: int, about: dict | None = None
+) -> ShardOutput:
+    """The writer of one shard's output in the spec's layout; `about` describes the run (`table_metadata`)."""
+    if spec.layout != "tar":
+        return ArrayShardOutput(out_dir, name, owner, spec, grid, dim, about)
     return ShardOutput(out_dir, name, owner, dtype=spec.dtype, patches=spec.patches)
 

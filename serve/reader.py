@@ -17,20 +17,21 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 
-from serve.layouts import metadata_table
+from serve.layouts import OutputSpec, metadata_table
 from serve.pca import PCA_FILE, PcaError, read_projection
 from serve.quantize import decode
 from serve.safe_read import MAX_JSON_BYTES, FileRefused, load_npy, load_npy_bytes, local_folder, open_regular, read_parquet
-from serve.shards import OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
+from serve.shards import LAYER_SUFFIX, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
 # Columns of `Embeddings.metadata()`, in order; the array layout's Parquet table plus `shard`.
 METADATA_COLUMNS = (
@@ -50,6 +51,7 @@ class Embedding:
     patches: np.ndarray | None  # [h, w, D]; None where only pooled vectors were written
     pooled: np.ndarray  # [D]: as stored, or the mean of the patch grid where pooled vectors were not written
     metadata: dict  # the METADATA_COLUMNS of its row
+    layers: dict[int, np.ndarray] = field(default_factory=dict)  # block index -> [h, w, D], with --layers
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Batch:
     keys: list[str]
     patches: np.ndarray | None  # [B, h, w, D]
     pooled: np.ndarray  # [B, D]
+    layers: dict[int, np.ndarray] = field(default_factory=dict)  # block index -> [B, h, w, D], with --layers
 
 
 def _remedy(name: str) -> str:
@@ -82,21 +85,48 @@ _ARRAY_PARTS = {
 _VALUE_DTYPES = (np.dtype("float32"), np.dtype("float16"), np.dtype("int8"))
 
 
+def _part_shape(part: str) -> tuple[int, str]:
+    """Rank and documented shape of an array part; a --layers part is shaped as the patches."""
+    if part in _ARRAY_PARTS:
+        return _ARRAY_PARTS[part]
+    return _ARRAY_PARTS["patches_scale" if part.endswith("_scale") else "patches"]
+
+
+def _shard_files(name: str, record: dict, files: set[str]) -> tuple[str | None, dict[str, str]]:
+    """The table and the array parts (part -> file) that NAME.json lists, in the shard's layout."""
+    if record.get("layout") == "embedding-reader":
+        spec = OutputSpec("embedding-reader")
+        table, parts = spec.table_file(name), spec.array_files(name)
+    else:
+        table = f"{name}.parquet"
+        parts = {f"{name}.{p}.npy": p for p in _ARRAY_PARTS}
+        layer_files = [f for f in files if f.startswith(f"{name}.") and re.fullmatch(LAYER_SUFFIX, f[len(name) + 1 :])]
+        parts.update({f: f[len(name) + 1 : -len(".npy")] for f in layer_files})
+        parts = {p: f for f, p in parts.items()}
+    return (table if table in files else None), {p: f for p, f in parts.items() if f in files}
+
+
 class _ArrayShard:
-    """One array layout shard: memmaps in row order, every count and shape checked at open."""
+    """One shard of an array layout: memmaps in row order, every count and shape checked at open."""
 
     def __init__(self, out_dir: Path, name: str, record: dict):
         self.name, self.record = name, record
         remedy = _remedy(name)
         files = set(data_files(record, name))
-        if f"{name}.parquet" not in files:
-            raise EmbeddingsError(f"{out_dir / name}.json lists no {name}.parquet; {remedy}.")
-        self.table = _in_row_order(read_parquet(out_dir, f"{name}.parquet", remedy), out_dir / f"{name}.parquet", remedy)
-        self.keys = self.table.column("key").to_pylist()
-        arrays = {
-            part: load_npy(out_dir, f"{name}.{part}.npy", remedy) for part in _ARRAY_PARTS if f"{name}.{part}.npy" in files
-        }
-        _check_arrays(arrays, len(self.keys), out_dir, name, remedy)
+        table, parts = _shard_files(name, record, files)
+        arrays: dict[str, np.ndarray] = {"pooled": np.empty((0, 0), np.float32)}
+        self.table, self.keys = metadata_table([]), []
+        if table is not None:
+            self.table = _in_row_order(read_parquet(out_dir, table, remedy), out_dir / table, remedy)
+            self.keys = self.table.column("key").to_pylist()
+            arrays = {part: load_npy(out_dir, file, remedy) for part, file in parts.items()}
+            _check_arrays(arrays, len(self.keys), out_dir, name, remedy, parts)
+        elif not (record.get("layout") == "embedding-reader" and record["embedded"] == 0 and not files):
+            # (an embedding-reader shard with no sample is the one that writes no file: serve/layouts.py)
+            raise EmbeddingsError(f"{out_dir / name}.json lists no table ({name}.parquet or its metadata file); {remedy}.")
+        layer_parts = [p for p in arrays if p.startswith("layer_") and not p.endswith("_scale")]
+        self.layers = {int(p.removeprefix("layer_")): (arrays[p], arrays.get(f"{p}_scale")) for p in layer_parts}
+        _check_layers(record, sorted(self.layers), out_dir / f"{name}.json", remedy)
         if record["embedded"] != len(self.keys):
             raise EmbeddingsError(
                 f"{out_dir / name}.json counts {record['embedded']} embedded samples, {name}.parquet holds "
@@ -114,6 +144,9 @@ class _ArrayShard:
         if self.pooled_values is None:
             return self.patches(rows).mean(axis=(1, 2))
         return decode(self.pooled_values[rows], None if self.pooled_scale is None else self.pooled_scale[rows])
+
+    def layer_maps(self, rows: slice) -> dict[int, np.ndarray]:
+        return {i: decode(values[rows], None if scale is None else scale[rows]) for i, (values, scale) in self.layers.items()}
 
     def metadata(self):
         return self.table
@@ -144,31 +177,42 @@ def _in_row_order(table, path: Path, remedy: str):
     return table if (rows == np.arange(len(rows))).all() else table.take(np.argsort(rows))
 
 
-def _check_arrays(arrays: dict[str, np.ndarray], count: int, out_dir: Path, name: str, remedy: str) -> None:
+def _check_arrays(
+    arrays: dict[str, np.ndarray], count: int, out_dir: Path, name: str, remedy: str, files: dict[str, str]
+) -> None:
     """Ranks, dtypes and row counts of one shard's arrays against each other and its table's `count` rows."""
     if "patches" not in arrays and "pooled" not in arrays:
         raise EmbeddingsError(f"{out_dir / name}.json lists neither {name}.patches.npy nor {name}.pooled.npy; {remedy}.")
     for part, array in arrays.items():
-        file = out_dir / f"{name}.{part}.npy"
-        rank, shape = _ARRAY_PARTS[part]
+        file = out_dir / files[part]
+        rank, shape = _part_shape(part)
         scale = part.endswith("_scale")
         if array.ndim != rank or array.dtype not in ((np.dtype("float32"),) if scale else _VALUE_DTYPES):
             raise EmbeddingsError(f"{file} holds {array.dtype} {list(array.shape)}, not {shape} vectors; {remedy}.")
         if array.shape[0] != count:
             raise EmbeddingsError(f"{file} holds {array.shape[0]} rows, {name}.parquet {count}; {remedy}.")
-    for stem in ("patches", "pooled"):
+    stems = {part.removesuffix("_scale") for part in arrays}
+    for stem in sorted(stems):
         values, scale = arrays.get(stem), arrays.get(f"{stem}_scale")
         if values is None:
-            if scale is not None:
-                raise EmbeddingsError(f"{out_dir / name}.json lists {name}.{stem}_scale.npy without its values; {remedy}.")
-            continue
+            raise EmbeddingsError(f"{out_dir / name}.json lists {name}.{stem}_scale.npy without its values; {remedy}.")
         if (values.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != values.shape[:-1]):
             raise EmbeddingsError(
-                f"{out_dir / name}.{stem}.npy and its scales do not match (int8 values need one float32 scale per "
+                f"{out_dir / files[stem]} and its scales do not match (int8 values need one float32 scale per "
                 f"vector, other dtypes none); {remedy}."
             )
-    if "patches" in arrays and "pooled" in arrays and arrays["patches"].shape[-1] != arrays["pooled"].shape[-1]:
-        raise EmbeddingsError(f"{out_dir / name}.patches.npy and {name}.pooled.npy differ in width; {remedy}.")
+    widths = {stem: arrays[stem].shape[-1] for stem in stems}
+    grids = {arrays[stem].shape[1:3] for stem in stems if stem != "pooled"}
+    if len(set(widths.values())) > 1 or len(grids) > 1:
+        raise EmbeddingsError(f"the arrays of shard {name} ({', '.join(sorted(stems))}) differ in width or grid; {remedy}.")
+
+
+def _check_layers(record: dict, found: list[int], json_path: Path, remedy: str) -> None:
+    """The blocks a shard holds must be the ones its NAME.json records (`layers`), no more and no fewer."""
+    recorded = record.get("layers") or []
+    valid = isinstance(recorded, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in recorded)
+    if not valid or sorted(recorded) != found:
+        raise EmbeddingsError(f"{json_path} records layers {recorded!r}, its data holds {found}; {remedy}.")
 
 
 class _TarShard:
@@ -209,9 +253,18 @@ class _TarShard:
         for stem in ("emb.npy", "pooled.npy"):
             if len({stem in members for members in self.members}) > 1:
                 raise EmbeddingsError(f"{self.path} has {stem} members for some samples only; {self.remedy}.")
+        layer_member = re.compile(r"layer_(0|[1-9][0-9]{0,2})\.npy")
+        found = {int(m.group(1)) for members in self.members for ext in members if (m := layer_member.fullmatch(ext))}
+        recorded = record.get("layers")
+        if not self.members and isinstance(recorded, list):  # a tar with no sample shows no layer of its own
+            found = set(recorded)
+        self.layers = sorted(found)
+        _check_layers(record, self.layers, self.out_dir / f"{self.name}.json", self.remedy)
         for key, members in zip(self.keys, self.members):
             if "json" not in members or not ("emb.npy" in members or "pooled.npy" in members):
                 raise EmbeddingsError(f"{self.path} sample {key} lacks its json or vector member; {self.remedy}.")
+            if any(f"layer_{i}.npy" not in members for i in self.layers):
+                raise EmbeddingsError(f"{self.path} sample {key} lacks one of the layers {self.layers}; {self.remedy}.")
             if members["json"][1] > MAX_JSON_BYTES:
                 raise EmbeddingsError(f"{self.path} sample {key} has a json member over {MAX_JSON_BYTES} bytes; {self.remedy}.")
 
@@ -241,7 +294,7 @@ class _TarShard:
         return array
 
     def _vectors(self, rows: slice, stem: str) -> np.ndarray | None:
-        rank = 3 if stem == "emb" else 1  # [h, w, D] or [D]
+        rank = 1 if stem == "pooled" else 3  # [D] or [h, w, D]
         out = []
         with self._open() as f:
             for row in range(*rows.indices(len(self.keys))):
@@ -267,6 +320,9 @@ class _TarShard:
     def pooled(self, rows: slice) -> np.ndarray:
         pooled = self._vectors(rows, "pooled")
         return self.patches(rows).mean(axis=(1, 2)) if pooled is None else pooled
+
+    def layer_maps(self, rows: slice) -> dict[int, np.ndarray]:
+        return {i: self._vectors(rows, f"layer_{i}") for i in self.layers}
 
     def metadata(self):
         """The same table as the array layout's NAME.parquet, built from the json and in.* members."""
@@ -371,7 +427,8 @@ class Embeddings:
         rows = slice(row, row + 1)
         patches = shard.patches(rows)
         metadata = {"shard": shard.name, **shard.metadata().slice(row, 1).to_pylist()[0]}
-        return Embedding(shard.keys[row], None if patches is None else patches[0], shard.pooled(rows)[0], metadata)
+        layers = {i: grids[0] for i, grids in shard.layer_maps(rows).items()}
+        return Embedding(shard.keys[row], None if patches is None else patches[0], shard.pooled(rows)[0], metadata, layers)
 
     def batches(self, batch_size: int = 256, patches: bool = True) -> Iterator[Batch]:
         """Rows in order, `batch_size` at a time (a batch never spans two shards); float32."""
@@ -380,7 +437,7 @@ class Embeddings:
                 rows = slice(start, start + batch_size)
                 grid = shard.patches(rows) if patches else None
                 pooled = shard.pooled(rows) if grid is None else _pooled_or_mean(shard, rows, grid)
-                yield Batch(shard.keys[rows], grid, pooled)
+                yield Batch(shard.keys[rows], grid, pooled, shard.layer_maps(rows) if patches else {})
 
     def pooled(self) -> np.ndarray:
         """The pooled vectors of every row, float32 [N, D]: a read-only memmap where one float32

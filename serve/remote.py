@@ -83,7 +83,7 @@ class RemoteOut:
 
     def remove_shard(self, name: str) -> None:
         """Delete shard NAME's remote files in every layout, NAME.json first."""
-        for file in shard_files(name):
+        for file in shard_files(name, self.read_record(name)):
             self.remove(file)
 
     def remove(self, relative: str) -> None:

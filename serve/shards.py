@@ -35,6 +35,10 @@ OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
 # Every file a shard may have in OUT_DIR besides NAME.json, as NAME.SUFFIX (tar and array layouts).
 DATA_SUFFIXES = ("tar", "json", "patches.npy", "patches_scale.npy", "pooled.npy", "pooled_scale.npy", "parquet")
+# The array layout's --layers arrays, NAME.layer_<i>.npy (NAME.layer_<i>_scale.npy for int8): i a block index.
+LAYER_SUFFIX = r"layer_(?:0|[1-9][0-9]{0,2})(?:_scale)?\.npy"
+# Any data suffix, as a regular expression (files aside are named after these too).
+DATA_SUFFIX_PATTERN = "(?:" + "|".join(map(re.escape, DATA_SUFFIXES)) + "|" + LAYER_SUFFIX + ")"
 # The identity fields the stored values depend on: shards that differ in one cannot be read as one set.
 VECTOR_IDENTITY = ("model_sha256", "input_size", "resize", "pca", "pca_sha256", "layers", "pooled_only")
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest is the extension.
@@ -468,7 +472,7 @@ def _fsync(path: Path) -> None:
 
 def remove_leftovers(out_dir: Path, name: str, owner: str) -> None:
     """Delete the files aside that earlier owners of shard NAME left (killed mid-shard); keep `owner`'s."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:{'|'.join(map(re.escape, DATA_SUFFIXES))})(?:\.([^./]+))?\.partial")
+    pattern = re.compile(rf"\.{re.escape(name)}\.{DATA_SUFFIX_PATTERN}(?:\.([^./]+))?\.partial")
     with os.scandir(out_dir) as entries:
         for entry in entries:
             match = pattern.fullmatch(entry.name)
@@ -518,14 +522,35 @@ def done_records(out_dir: Path) -> dict[str, dict]:
     return records
 
 
-def shard_files(name: str) -> list[str]:
-    """Every file shard NAME may have in OUT_DIR, in any layout; NAME.json first, the order to remove them in."""
-    return [f"{name}.json", *(f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix != "json")]
+def embedding_reader_files(name: str) -> tuple[str, str]:
+    """Shard NAME's files in the embedding-reader layout: its pooled vectors and its table, in their folders."""
+    return f"img_emb/img_emb_{name}.npy", f"metadata/metadata_{name}.parquet"
+
+
+def is_data_file(name: str, file: str) -> bool:
+    """Whether `file` (relative to OUT_DIR) is one a NAME.json of shard NAME may list under `files`."""
+    if file in embedding_reader_files(name):
+        return True
+    suffix = file[len(name) + 1 :] if file.startswith(f"{name}.") else ""
+    return (suffix in DATA_SUFFIXES and suffix not in ("tar", "json")) or bool(re.fullmatch(LAYER_SUFFIX, suffix))
+
+
+def shard_files(name: str, record: object = None) -> list[str]:
+    """Every file shard NAME may have in OUT_DIR, in any layout (those of its --layers: as `record` lists
+    them); NAME.json first, the order to remove them in."""
+    listed = record.get("files") if isinstance(record, dict) else None
+    extra = [f for f in listed if isinstance(f, str) and is_data_file(name, f)] if isinstance(listed, list) else []
+    fixed = [f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix != "json"] + list(embedding_reader_files(name))
+    return [f"{name}.json", *fixed, *(f for f in extra if f not in fixed)]
 
 
 def remove_shard_files(out_dir: Path, name: str) -> None:
     """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile."""
-    for file in shard_files(name):
+    try:
+        record = read_json(out_dir, f"{name}.json")
+    except FileRefused:
+        record = None
+    for file in shard_files(name, record):
         (out_dir / file).unlink(missing_ok=True)
 
 
@@ -538,7 +563,6 @@ def record_problem(record: dict, name: str) -> str | None:
     failures = record.get("failures", [])
     files = record.get("files")
     size = record.get("input_size")
-    allowed = {f"{name}.{suffix}" for suffix in DATA_SUFFIXES if suffix not in ("tar", "json")}
     checks = [
         (count(record.get("embedded")), "embedded is not a count"),
         (count(record.get("failed", 0)), "failed is not a count"),
@@ -549,7 +573,7 @@ def record_problem(record: dict, name: str) -> str | None:
             "failures is not a list of {key, reason}",
         ),
         (
-            files is None or (isinstance(files, list) and all(isinstance(f, str) and f in allowed for f in files)),
+            files is None or (isinstance(files, list) and all(isinstance(f, str) and is_data_file(name, f) for f in files)),
             f"files names others than {name}'s",
         ),
         (isinstance(record.get("identity", {}), dict), "identity is not an object"),

@@ -178,10 +178,9 @@ def describe_out_dir(out_dir: Path) -> dict:
     Files that cannot be trusted or read are listed under `damaged`, each with its sentence, and
     left out of every count; shards of different models or settings are listed by `groups`.
     """
-    from serve.shards import DATA_SUFFIXES, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
+    from serve.shards import DATA_SUFFIX_PATTERN, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
-    suffixes = "|".join(map(re.escape, DATA_SUFFIXES))
-    partial_name = re.compile(rf"\.(.+)\.(?:{suffixes})(?:\.[^./]+)?\.partial")
+    partial_name = re.compile(rf"\.(.+)\.{DATA_SUFFIX_PATTERN}(?:\.[^./]+)?\.partial")
 
     damaged: dict[str, str] = {}
     records = {}

@@ -194,7 +194,7 @@ def test_tensorrt_engine_equals_onnx(models, tmp_path):
     assert parser.parse(models["onnx"].read_bytes())
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
-    profile.set_shape("images", (1, 3, 32, 32), (4, 3, 64, 64), (8, 3, 96, 96))
+    profile.set_shape(network.get_input(0).name, (1, 3, 32, 32), (4, 3, 64, 64), (8, 3, 96, 96))
     config.add_optimization_profile(profile)
     engine = tmp_path / "enc.engine"
     engine.write_bytes(bytes(builder.build_serialized_network(network, config)))

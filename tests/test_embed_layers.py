@@ -75,7 +75,8 @@ def test_job_writes_one_array_per_layer(tmp_path, models):
 def test_layers_are_refused_where_they_cannot_be_written(tmp_path, models):
     write_shard(tmp_path / "in" / "part.tar", photo_samples("s", 1))
     args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(models["encoder"]), "--layers", "0"]
-    for extra, message in ((["--layout", "array"], "tar layout only"), (["--pca", "4"], "cannot be combined")):
+    refused = ((["--layout", "embedding-reader"], "pooled vectors only"), (["--pca", "4"], "cannot be combined"))
+    for extra, message in refused:
         result = CliRunner().invoke(app, [*args, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.json"))

@@ -30,9 +30,11 @@ def _encoder_file(directory: Path, encoder: VisionTransformer, arch: str) -> Pat
 
 
 def _ort(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch grid [B, h, w, D] and pooled [B, D] from the default-named model's tokens [B, h*w, D]."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    patches, pooled = session.run(["patch_embeddings", "pooled"], {"images": images.numpy()})
-    return torch.from_numpy(patches), torch.from_numpy(pooled)
+    tokens, pooled = session.run(["last_hidden_state", "pooler_output"], {"pixel_values": images.numpy()})
+    grid = tokens.reshape(images.shape[0], images.shape[2] // 16, images.shape[3] // 16, tokens.shape[-1])
+    return torch.from_numpy(grid), torch.from_numpy(pooled)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +52,13 @@ def tiny(tmp_path_factory):
 def test_onnx_follows_the_contract(tiny):
     model = onnx.load(str(tiny.out / "encoder.onnx"))
     (inp,) = model.graph.input
-    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert inp.name == "pixel_values" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, "height", "width"]
     patches, pooled = model.graph.output
-    assert (patches.name, pooled.name) == ("patch_embeddings", "pooled")
+    assert (patches.name, pooled.name) == ("last_hidden_state", "pooler_output")
     patch_dims = [d.dim_param or d.dim_value for d in patches.type.tensor_type.shape.dim]
-    assert patch_dims[0] == "batch" and patch_dims[3] == 64
-    assert all(isinstance(d, str) and d for d in patch_dims[1:3])  # symbolic grid, not a fixed size
+    assert patch_dims[0] == "batch" and patch_dims[2] == 64
+    assert isinstance(patch_dims[1], str) and patch_dims[1]  # a symbolic token count, not a fixed size
     assert [d.dim_param or d.dim_value for d in pooled.type.tensor_type.shape.dim] == ["batch", 64]
     (opset,) = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     assert 18 <= opset <= 20
@@ -136,7 +138,7 @@ def test_failed_export_keeps_nothing_and_spares_the_old_file(tiny, tmp_path, mon
     out = tmp_path / "out"
     out.mkdir()
     (out / "encoder.onnx").write_bytes(b"previous export")
-    result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(out)])
+    result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(out), "--overwrite"])
     assert result.exit_code == 1
     assert "FAIL" in result.output and "was not kept" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]
@@ -232,7 +234,7 @@ def test_info_reads_encoder_and_onnx(tiny, tmp_path):
     assert described["kind"] == "ONNX model"
     assert described["metadata"]["precision"] == "fp16"
     assert described["metadata"]["source_sha256"] == file_sha256(tiny.path)
-    assert described["inputs"] == {"images": "float32 ['batch', 3, 'height', 'width']"}
+    assert described["inputs"] == {"pixel_values": "float32 ['batch', 3, 'height', 'width']"}
 
 
 def test_layers_are_extra_outputs_each_checked(tmp_path):
@@ -245,14 +247,14 @@ def test_layers_are_extra_outputs_each_checked(tmp_path):
     onnx_path = tmp_path / "out" / "encoder.onnx"
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    assert names == ["patch_embeddings", "pooled", "layer_0", "layer_1"]
+    assert names == ["last_hidden_state", "pooler_output", "hidden_states_0", "hidden_states_1"]
     assert json.loads(session.get_modelmeta().custom_metadata_map["layers"]) == [0, 1]
     images = torch.randn(2, 3, 48, 80)
-    outputs = session.run(names, {"images": images.numpy()})
+    outputs = session.run(names, {"pixel_values": images.numpy()})
     with torch.no_grad():
         grid, pooled = encoder.dense(images)
-        layers = encoder.intermediate_layers(images, [0, 1], output_fmt="NHWC").maps
-    for got, expected in zip(outputs, [grid, pooled, *layers]):
+        layers = [m.flatten(1, 2) for m in encoder.intermediate_layers(images, [0, 1], output_fmt="NHWC").maps]
+    for got, expected in zip(outputs, [grid.flatten(1, 2), pooled, *layers]):
         assert got.shape == tuple(expected.shape)
         assert np.abs(got - expected.numpy()).max() <= 1e-4
     # A candidate wrong on one layer output only fails the check.

@@ -16,6 +16,7 @@ from dmt_jepa.encoder_file import EncoderInfo, file_sha256, info_from_encoder, s
 from dmt_jepa.models import VisionTransformer
 from export.errors import ExportError
 from export.info import describe
+from export.io_names import OPTIMUM
 from export.pipeline import export_encoder
 from export.profile import ShapeProfile, default_profile, parse_shape, resolve_profile
 from export.tensorrt_build import (
@@ -53,6 +54,7 @@ def test_default_profile_is_around_the_training_size():
 def test_shape_flags_parse_and_override_the_defaults():
     assert parse_shape("8x3x224x224", "--opt-shape") == (8, 3, 224, 224)
     assert parse_shape("images:1x3x160x288", "--min-shape") == (1, 3, 160, 288)
+    assert parse_shape("pixel_values:1x3x160x288", "--min-shape") == (1, 3, 160, 288)
     profile = resolve_profile(_info(), opt_shape="16x3x224x224", max_shape="16x3x320x320")
     assert profile == ShapeProfile(min=(1, 3, 112, 112), opt=(16, 3, 224, 224), max=(16, 3, 320, 320))
     assert profile.shapes() == [(1, 112, 112), (16, 224, 224), (16, 320, 320)]
@@ -155,6 +157,7 @@ def _sidecar() -> dict:
         tensorrt_version="11.0.0",
         gpu_name="NVIDIA H100",
         report=ParityReport("TensorRT 11.0.0 fp16", "ONNX Runtime fp32", FP16_TOLERANCE, (check,)),
+        names=OPTIMUM,
     )
 
 
@@ -163,6 +166,9 @@ def test_sidecar_says_what_the_engine_is(tmp_path):
     assert sidecar["profile"] == {"min": [1, 3, 112, 112], "opt": [32, 3, 224, 224], "max": [32, 3, 448, 448]}
     assert (sidecar["precision"], sidecar["tensorrt_version"], sidecar["gpu"]) == ("fp16", "11.0.0", "NVIDIA H100")
     assert sidecar["tensorrt_api"] == "strongly-typed"
+    assert (sidecar["input"], sidecar["outputs"], sidecar["io_names"]) == (
+        "pixel_values", ["last_hidden_state", "pooler_output"], "optimum"
+    )
     assert sidecar["source_sha256"] == "s" * 64 and sidecar["onnx_sha256"] == "o" * 64
     assert sidecar["encoder"] == _info().to_metadata()  # the encoder file's own metadata, nothing else
     assert EncoderInfo.from_metadata(sidecar["encoder"]) == _info()

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
+from export.io_names import IO_STYLES, IoNames, detect
 from serve.backends.base import Backend, BackendError, backend_layers
 
-INPUT = "images"
-OUTPUTS = ["patch_embeddings", "pooled"]
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -65,7 +64,8 @@ def _quantized(path: Path) -> bytes:
 
 
 class OnnxRuntimeBackend(Backend):
-    """An ONNX model in the project's contract: input `images`, outputs `patch_embeddings` and `pooled`."""
+    """An ONNX model in the project's contract, under either name set (export/io_names.py): token
+    outputs [B, N, D] are reshaped to the [B, h, w, D] grid of the batch's own size, so both give the same arrays."""
 
     def __init__(self, path: Path, *, device: str, precision: str | None, layers: Sequence[int] | None = None):
         self.name, self.device, self.model_path = f"onnxruntime-{device}", device, path
@@ -78,15 +78,15 @@ class OnnxRuntimeBackend(Backend):
                     "--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu."
                 )
         self.session = _session(path, device)
-        self.info = self._read_contract(self.session, path)
+        self.info, self.names = self._read_contract(self.session, path)
         self.layers = backend_layers(self.info, layers)
         exported = {o.name for o in self.session.get_outputs()}
-        missing = [i for i in self.layers if f"layer_{i}" not in exported]
+        missing = [i for i in self.layers if self.names.layer(i) not in exported]
         if missing:
             raise BackendError(
                 f"{path} has no output for layers {missing}; export it with `dmtjepa export --layers` naming them."
             )
-        self._outputs = OUTPUTS + [f"layer_{i}" for i in self.layers]
+        self._outputs = self.names.outputs(self.layers)
         stored = _stored_precision(path, self.session.get_modelmeta().custom_metadata_map)
         allowed = {stored} | ({"int8"} if device == "cpu" and stored == "fp32" else set())
         precision = precision or stored
@@ -102,22 +102,26 @@ class OnnxRuntimeBackend(Backend):
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     @staticmethod
-    def _read_contract(session, path: Path) -> EncoderInfo:
+    def _read_contract(session, path: Path) -> tuple[EncoderInfo, IoNames]:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != [INPUT] or not set(OUTPUTS) <= set(outputs):
+        names = detect(inputs, outputs)
+        if names is None:
+            expected = "; or ".join(f"input {n.input!r} and outputs {n.outputs()}" for n in IO_STYLES.values())
             raise BackendError(
-                f"{path} is not a dmt-jepa ONNX model (inputs {inputs}, outputs {outputs}; expected input "
-                f"{INPUT!r} and outputs {OUTPUTS}); export one with `dmtjepa export`."
+                f"{path} is not a dmt-jepa ONNX model (inputs {inputs}, outputs {outputs}; expected {expected}); "
+                "export one with `dmtjepa export`."
             )
         try:
-            return EncoderInfo.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
+            return EncoderInfo.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path)), names
         except EncoderFileError as err:
             raise BackendError(f"{err} Export the ONNX model with `dmtjepa export`.") from err
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        outputs = self.session.run(self._outputs, {INPUT: images.astype(self._input_dtype, copy=False)})
-        return tuple(out.astype(np.float32, copy=False) for out in outputs)
+        outputs = self.session.run(self._outputs, {self.names.input: images.astype(self._input_dtype, copy=False)})
+        grid = (images.shape[2] // self.info.patch_size, images.shape[3] // self.info.patch_size)
+        maps = [self.names.to_grid(out, grid) for i, out in enumerate(outputs) if i != 1]
+        return tuple(out.astype(np.float32, copy=False) for out in (maps[0], outputs[1], *maps[1:]))
 
     def reference(self) -> Backend | None:
         if self.precision == self._stored:

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
+from export.io_names import IO_STYLES, IoNames
 from serve.backends.base import Backend, BackendError
-
-INPUT = "images"
-OUTPUTS = ("patch_embeddings", "pooled")
 
 
 def read_sidecar(engine: Path) -> dict:
@@ -34,7 +32,8 @@ def read_sidecar(engine: Path) -> dict:
 
 
 class TensorRTBackend(Backend):
-    """A deserialised engine; inputs and outputs are bound by tensor name (the TensorRT >= 10 API)."""
+    """A deserialised engine; inputs and outputs are bound by tensor name (the TensorRT >= 10 API), under
+    either name set (export/io_names.py); token outputs [B, N, D] are reshaped to the [B, h, w, D] grid."""
 
     def __init__(self, path: Path, *, precision: str | None):
         sidecar = read_sidecar(path)
@@ -63,10 +62,11 @@ class TensorRTBackend(Backend):
                 f"TensorRT cannot deserialise {path} (built by another TensorRT version or GPU?); rebuild it here."
             )
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        if names != {INPUT, *OUTPUTS}:
-            raise BackendError(
-                f"the engine {path} has tensors {sorted(names)}, not the dmt-jepa contract {[INPUT, *OUTPUTS]}."
-            )
+        found = [n for n in IO_STYLES.values() if names == {n.input, *n.outputs()}]
+        if not found:
+            expected = " or ".join(str([n.input, *n.outputs()]) for n in IO_STYLES.values())
+            raise BackendError(f"the engine {path} has tensors {sorted(names)}, not the dmt-jepa contract {expected}.")
+        self.names: IoNames = found[0]
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
 
@@ -95,14 +95,14 @@ class TensorRTBackend(Backend):
 
     def _execute(self, images) -> tuple[np.ndarray, np.ndarray]:
         """float32 CUDA tensor [B, 3, H, W] -> numpy outputs; batches above the profile's maximum are split."""
-        torch = self._torch
+        torch, names = self._torch, self.names
         outputs = []
         for start in range(0, images.shape[0], self.profile["max"][0]):
-            x = images[start : start + self.profile["max"][0]].to(self._torch_dtype(INPUT)).contiguous()  # [b, 3, H, W]
-            self.context.set_input_shape(INPUT, tuple(x.shape))
-            self.context.set_tensor_address(INPUT, x.data_ptr())
+            x = images[start : start + self.profile["max"][0]].to(self._torch_dtype(names.input)).contiguous()  # [b, 3, H, W]
+            self.context.set_input_shape(names.input, tuple(x.shape))
+            self.context.set_tensor_address(names.input, x.data_ptr())
             results = {}
-            for name in OUTPUTS:
+            for name in names.outputs():
                 shape = tuple(self.context.get_tensor_shape(name))
                 results[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
                 self.context.set_tensor_address(name, results[name].data_ptr())
@@ -110,5 +110,6 @@ class TensorRTBackend(Backend):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
             self.stream.synchronize()
-            outputs.append([results[name].float().cpu().numpy() for name in OUTPUTS])
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+            outputs.append([results[name].float().cpu().numpy() for name in names.outputs()])
+        grid = (images.shape[2] // self.info.patch_size, images.shape[3] // self.info.patch_size)
+        return names.to_grid(np.concatenate([o[0] for o in outputs]), grid), np.concatenate([o[1] for o in outputs])
