@@ -210,9 +210,14 @@ def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None, world: 
         )
     _barrier(world)  # every rank checked before rank 0 writes anything
     if world.is_main:  # a run stopped before its first checkpoint left nothing to resume: start it again
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot make the run directory {run_dir} ({err.strerror or err}); set run.out_dir to a folder you can write."
+            ) from err
     return run_dir, None
 
 
