@@ -151,7 +151,8 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available (one GPU per process), else CPU
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # older checkpoint directories are deleted once a newer one is complete
-    progress: bool = True  # live progress bar on rank 0
+    progress: bool = True  # on rank 0: a live bar on a terminal, else plain lines (dmt_jepa.progress)
+    progress_every_s: float = 30.0  # seconds between plain progress lines when stdout is not a terminal; 0: every step
     locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
 
     def __post_init__(self) -> None:
@@ -161,6 +162,8 @@ class RunConfig:
             raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
         if self.locality_every < 0:
             raise ValueError(f"run.locality_every must be >= 0 (0: never), got {self.locality_every}")
+        if not self.progress_every_s >= 0:  # also refuses nan
+            raise ValueError(f"run.progress_every_s must be >= 0 (0: every step), got {self.progress_every_s}")
 
 
 @dataclass
