@@ -7,6 +7,7 @@ parse and validate, then call one function of `dmt_jepa`, `export` or `serve`.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as distribution_version
+
 import typer
 
 from cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd

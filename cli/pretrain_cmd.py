@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
 
 
-def _fail(err: Exception, code: int = 2, *, quiet: bool = False) -> None:
+def _fail(err: Exception, code: int = 2, *, quiet: bool = False) -> NoReturn:
     """One sentence on stderr (none if `quiet`); exit 2 for input the user can fix, 1 for a run that failed."""
     if not quiet:
         typer.echo(f"error: {err}", err=True)

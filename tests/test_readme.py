@@ -76,9 +76,11 @@ def test_every_readme_line_is_a_dmtjepa_command_or_skipped_with_a_reason():
 
 
 def test_every_readme_command_has_help():
-    commands = {tuple(w for w in shlex.split(line)[1:3] if not w.startswith(("-", "'")) and "=" not in w and "/" not in w)
-                for line in bash_lines() if line.startswith("dmtjepa ")}  # fmt: skip
-    commands = {c[:2] if c[0] in ("data", "eval", "viz") else c[:1] for c in commands}
+    commands = set()
+    for line in bash_lines():
+        words = shlex.split(line, comments=True)
+        if words[0] == "dmtjepa":  # a group's command is its second word
+            commands.add(tuple(words[1:3] if words[1] in ("data", "eval", "viz") else words[1:2]))
     assert {("pretrain",), ("export",), ("embed",), ("info",), ("data", "scenes"), ("viz", "pca")} <= commands
     for command in sorted(commands):
         result = CliRunner().invoke(app, [*command, "--help"], prog_name="dmtjepa")
