@@ -58,7 +58,7 @@ class LineProgress:
 
     def __enter__(self) -> "LineProgress":
         self.began = self.clock()
-        self.last_time, self.last_step, self.printed = self.began, self.start, False
+        self.last_time, self.last_step, self.printed, self.gone = self.began, self.start, False, False
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -67,15 +67,18 @@ class LineProgress:
     def update(self, step: int, *, loss: float, lr: float, images_per_s: float) -> None:
         now = self.clock()
         due = not self.printed or now - self.last_time >= self.every_s or step >= self.total
-        if not due or step <= self.last_step:
+        if not due or step <= self.last_step or self.gone:
             return
         rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
         eta = (now - self.began) / (step - self.start) * (self.total - step)
-        self.stream.write(
-            f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} img/s  ETA {format_duration(eta)}\n"
-        )
-        self.stream.flush()
         self.last_time, self.last_step, self.printed = now, step, True
+        try:
+            self.stream.write(
+                f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} img/s  ETA {format_duration(eta)}\n"
+            )
+            self.stream.flush()
+        except (OSError, ValueError):  # the reader went away (`| head`, a closed log): the run goes on unseen
+            self.gone = True
 
 
 class BarProgress:

@@ -54,6 +54,20 @@ def test_every_zero_prints_every_step_and_a_stalled_clock_does_not_divide_by_zer
     assert [int(LINE.match(line)[1]) for line in out.getvalue().splitlines()] == [1, 2, 3]
 
 
+class GoneReader(io.StringIO):
+    def write(self, text: str) -> int:
+        self.writes = getattr(self, "writes", 0) + 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_goes_away_stops_the_lines_not_the_run():
+    clock, out = Clock(), GoneReader()
+    with LineProgress(total=4, start=0, batch_size=4, every_s=0.0, stream=out, clock=clock) as progress:
+        for step in (1, 2, 3, 4):
+            progress.update(step, loss=0.5, lr=1e-4, images_per_s=0.0)  # raises nothing
+    assert out.writes == 1  # tried once, then left alone
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"), (float("nan"), "?"), (float("inf"), "?")])
 def test_durations_read_as_hours_minutes_seconds(seconds, text):
     assert format_duration(seconds) == text
