@@ -6,6 +6,8 @@ parse and validate, then call one function of `dmt_jepa`, `export` or `serve`.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version as distribution_version
+
 import typer
 
 from cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd
@@ -14,22 +16,39 @@ app = typer.Typer(
     name="dmtjepa",
     help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
+def installed_version() -> str:
+    """The version pip installed (the distribution's metadata), else the source tree's own."""
+    try:
+        return distribution_version("dmt-jepa")
+    except PackageNotFoundError:  # run from a source checkout that was never installed
+        from dmt_jepa import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(installed_version())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the installed dmt-jepa version and exit."
+    ),
+) -> None:
     """DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely."""
 
 
 @app.command()
 def version() -> None:
     """Print the installed dmt-jepa version."""
-    from dmt_jepa import __version__
-
-    typer.echo(__version__)
+    typer.echo(installed_version())
 
 
 app.add_typer(eval_cmd.app, name="eval")
@@ -44,7 +63,8 @@ app.add_typer(pretrain_cmd.data_app, name="data")
 
 
 def main() -> None:
-    app()
+    # Named as the console script is, so that `python -m cli.main` completes and reports as `dmtjepa`.
+    app(prog_name="dmtjepa")
 
 
 if __name__ == "__main__":

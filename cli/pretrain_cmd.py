@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
 
 
-def _fail(err: Exception, code: int = 2) -> None:
-    """One sentence on stderr; exit 2 for input the user can fix, 1 for a run that failed."""
-    typer.echo(f"error: {err}", err=True)
+def _fail(err: Exception, code: int = 2, *, quiet: bool = False) -> NoReturn:
+    """One sentence on stderr (none if `quiet`); exit 2 for input the user can fix, 1 for a run that failed."""
+    if not quiet:
+        typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code)
 
 
@@ -30,20 +31,28 @@ def pretrain(
     ),
 ) -> None:
     """Pretrain DMT-JEPA on WebDataset shards; with no arguments, a tiny model on built-in scenes (CPU, minutes)."""
-    from dmt_jepa.checkpoint import CheckpointError, find_checkpoint
     from dmt_jepa.config import ConfigError, builtin_config_path, load_config
-    from dmt_jepa.data import DataError
-    from dmt_jepa.train import TrainingError, pretrain as run_pretrain
 
-    try:
+    is_main = os.environ.get("RANK", "0") == "0"
+    try:  # dmt_jepa.config alone does not import torch: a mistyped override is answered at once
         if config is not None:
             path = builtin_config_path(config) or Path(config)
         elif resume is not None:
+            from dmt_jepa.checkpoint import find_checkpoint
+
             path = find_checkpoint(resume) / "config.yaml"
         else:
             path = builtin_config_path("demo")
         cfg = load_config(path, overrides or [])
-        if os.environ.get("RANK", "0") == "0":
+    except ValueError as err:  # ConfigError, CheckpointError: what the user wrote or pointed at
+        _fail(err, quiet=not is_main)  # under torchrun every rank parses the same command line: one says so
+
+    from dmt_jepa.checkpoint import CheckpointError, find_checkpoint
+    from dmt_jepa.data import DataError
+    from dmt_jepa.train import TrainingError, pretrain as run_pretrain
+
+    try:
+        if is_main:
             where = find_checkpoint(resume).parent.parent if resume is not None else Path(cfg.run.out_dir)
             typer.echo(f"training in {where} (per-step log: {where / 'log.jsonl'})")
         result = run_pretrain(cfg, resume=resume)

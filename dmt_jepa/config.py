@@ -151,7 +151,8 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available (one GPU per process), else CPU
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # older checkpoint directories are deleted once a newer one is complete
-    progress: bool = True  # live progress bar on rank 0
+    progress: bool = True  # on rank 0: a live bar on a terminal, else plain lines (dmt_jepa.progress)
+    progress_every_s: float = 30.0  # seconds between plain progress lines when stdout is not a terminal; 0: every step
     locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
 
     def __post_init__(self) -> None:
@@ -161,6 +162,8 @@ class RunConfig:
             raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
         if self.locality_every < 0:
             raise ValueError(f"run.locality_every must be >= 0 (0: never), got {self.locality_every}")
+        if not self.progress_every_s >= 0:  # also refuses nan
+            raise ValueError(f"run.progress_every_s must be >= 0 (0: every step), got {self.progress_every_s}")
 
 
 @dataclass
@@ -266,9 +269,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
         try:
-            tree = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from err
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ConfigError(f"cannot read config file {path} ({reason}); pass a readable UTF-8 YAML file to --config.") from err
+        try:
+            tree = _read_yaml(text)
+        except ValueError as err:
+            raise ConfigError(f"config file {path} is not valid YAML ({err}).") from err
         if tree is None:
             tree = {}
         if not isinstance(tree, dict):
@@ -277,19 +285,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 f"not hold a {type(tree).__name__}; see configs/demo.yaml."
             )
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optimization.lr=5e-4.")
-        dotted, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(
-                f"the value of override {dotted.strip()!r} is not valid YAML ({reason}); quote text that holds "
-                f"YAML characters, e.g. {dotted.strip()}='\"...\"'."
-            ) from err
-        _set_dotted(tree, dotted.strip(), value)
+        _set_dotted(tree, *parse_override(item))
     return validate_config(_build(TrainConfig, tree, ""))
+
+
+def _read_yaml(text: str) -> Any:
+    """`text` as YAML, or ValueError with the parser's one-line reason."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(getattr(err, "problem", None) or str(err).splitlines()[0]) from err
+    except RecursionError as err:
+        raise ValueError("nested too deeply") from err
+    except (ValueError, TypeError, AttributeError, OverflowError) as err:
+        # PyYAML's constructors raise these for a tagged scalar they cannot build (`!!timestamp 2001`).
+        raise ValueError(f"a tagged value that cannot be built: {' '.join(str(err).split())[:80]}") from err
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value` -> ("section.key", the value read as YAML); ConfigError in one sentence."""
+    dotted, sep, raw = item.partition("=")
+    dotted = dotted.strip()
+    if not sep or not all(part.strip() for part in dotted.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optimization.lr=5e-4.")
+    try:
+        return dotted, _read_yaml(raw) if raw.strip() else ""
+    except ValueError as err:
+        raise ConfigError(
+            f"the value of override {dotted!r} is not valid YAML ({err}); quote text that holds "
+            f"YAML characters, e.g. {dotted}='\"...\"'."
+        ) from err
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -25,6 +25,7 @@ from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
 from dmt_jepa.precision import device_has_bf16, effective_precision
+from dmt_jepa.progress import progress_for
 
 
 class TrainingError(RuntimeError):
@@ -210,25 +211,15 @@ def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None, world: 
         )
     _barrier(world)  # every rank checked before rank 0 writes anything
     if world.is_main:  # a run stopped before its first checkpoint left nothing to resume: start it again
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot make the run directory {run_dir} ({err.strerror or err}); set run.out_dir to a folder you can write."
+            ) from err
     return run_dir, None
-
-
-def _progress(enabled: bool, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s  ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-    task = progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), lr=0.0, ips=0.0)
-    return progress, task
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -455,7 +446,13 @@ class Trainer:
         loss = float("nan")
         if self.already_complete:
             return PretrainResult(self.run_dir, self.encoder_path, self.checkpoint, self.step, loss, self.world.is_main, True)
-        progress, task = _progress(cfg.run.progress and self.world.is_main, self.total_steps, self.step)
+        progress = progress_for(
+            cfg.run.progress and self.world.is_main,
+            total=self.total_steps,
+            start=self.step,
+            batch_size=cfg.optimization.batch_size,
+            every_s=cfg.run.progress_every_s,
+        )
         start_time, start_step = time.perf_counter(), self.step
         with progress:
             while self.step < self.total_steps:
@@ -466,7 +463,7 @@ class Trainer:
                     loss, lr, wd, momentum = self.train_step(batches)
                     elapsed = time.perf_counter() - start_time
                     images_per_s = cfg.optimization.batch_size / max(time.perf_counter() - tic, 1e-9)
-                    progress.update(task, completed=self.step, loss=loss, lr=lr, ips=images_per_s)
+                    progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
                     every = cfg.run.locality_every
                     locality = self.model.locality(self.last_images) if every and self.step % every == 0 and self.world.is_main else {}
                     self._log(locality | {
