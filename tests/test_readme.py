@@ -99,6 +99,7 @@ def make_placeholders(folder: Path) -> None:
     for i, shard in enumerate(sorted((folder / "scratch-shards").glob("*.tar"))):
         (folder / "data" / f"train-{i:04d}.tar").write_bytes(shard.read_bytes())
         (folder / "data" / "shards" / shard.name).write_bytes(shard.read_bytes())
+    (folder / "shards.txt").write_text("data/train-0000.tar\ndata/train-0001.tar\n")
     public_checkpoint(folder / "ijepa.pth.tar")
 
 
@@ -130,10 +131,14 @@ def test_readme_commands_work_in_the_order_written(tmp_path, monkeypatch):
     assert "already complete" in resumed
     assert sorted(p.name for p in (tmp_path / "scenes").glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]
     assert (tmp_path / "shards" / "shard-000000.tar").is_file() and (tmp_path / "encoder.safetensors").is_file()
-    for made in ("deploy/encoder.onnx", "hf/config.json", "pca.png", "att.png", "curves.png"):
+    made_files = ("deploy/encoder.onnx", "deploy-layers/encoder.onnx", "models/dmt_jepa/config.pbtxt", "hf/config.json",
+                  "pca.png", "att.png", "curves.png")
+    for made in made_files:
         assert (tmp_path / made).is_file(), made
     assert any((tmp_path / "timm").iterdir())
     for out, shards in (("out", ["train-0000", "train-0001"]), ("out-int8", ["shard-000000", "shard-000001"])):
         for name in shards:
             done = json.loads((tmp_path / out / f"{name}.json").read_text())
             assert done["embedded"] == 3 and not done["failures"], done
+    assert sorted(p.name for p in (tmp_path / "vectors" / "img_emb").iterdir()) == [
+        "img_emb_train-0000.npy", "img_emb_train-0001.npy"]
