@@ -42,6 +42,7 @@ class MaskConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 10
+    static: bool = True  # fixed context and target sizes per config (compilable); false: sizes vary per batch
 
 
 @dataclass
