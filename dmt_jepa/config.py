@@ -154,12 +154,15 @@ class RunConfig:
     keep_checkpoints: int = 2  # older checkpoint directories are deleted once a newer one is complete
     progress: bool = True  # live progress bar on rank 0
     locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
+    log_every: int = 10  # optimizer steps between loss reads (each waits for the device) and log.jsonl records
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every must be positive, got {self.log_every}")
         if self.locality_every < 0:
             raise ValueError(f"run.locality_every must be >= 0 (0: never), got {self.locality_every}")
 

@@ -57,6 +57,7 @@ def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
         "run.checkpoint_every=2",
         "run.keep_checkpoints=10",
         "run.progress=false",
+        "run.log_every=1",
         f"run.out_dir={out_dir}",
         *extra,
     ]
