@@ -133,6 +133,7 @@ class OptimizationConfig:
     ema: tuple[float, float] = (0.996, 1.0)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the forward and loss (and so their backward); minutes of compilation first
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

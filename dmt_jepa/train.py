@@ -319,7 +319,9 @@ class Trainer:
         if world.size > 1:
             device_ids = [world.device] if world.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.forward: nn.Module = self.ddp
+        # The forward and loss, compiled as one graph (static mask shapes: compiled once); the
+        # optimizer (one fused kernel) and the EMA stay eager.
+        self.forward: nn.Module = torch.compile(self.ddp) if opt.compile else self.ddp
         self.loss = torch.zeros((), device=world.device)
         # Step (1-based) and loss of the first non-finite loss; 0: none so far. Kept on the device.
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=world.device)
