@@ -105,6 +105,7 @@ class DataConfig:
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     shuffle_buffer: int = 1000
     num_workers: int = 8
+    decode: str = "cpu"  # cpu: workers decode; gpu: workers ship JPEG bytes, the GPU decodes (nvJPEG), crops, resizes
     scenes_train: int = 2000  # built-in scenes for training, made when `train` is ""
     scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval`
 
@@ -115,6 +116,8 @@ class DataConfig:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"data.decode must be cpu or gpu, got {self.decode!r}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config
+from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
@@ -300,6 +301,9 @@ class Trainer:
         if notice and world.is_main:
             print(f"note: {notice}", file=sys.stderr)
 
+        if cfg.data.decode == "gpu" and world.device.type != "cuda":
+            raise ConfigError("data.decode=gpu decodes on the GPU but this run has none; set data.decode=cpu.")
+        self.normalise = Normaliser(cfg.data, world.device)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = DMTJEPA(cfg.method).to(world.device)
         # fused: one kernel over all parameters (CPU and CUDA); the per-tensor default is slow on CPU
@@ -381,9 +385,9 @@ class Trainer:
         for micro in range(opt.accumulation):
             batch = next(batches)
             self.position.record(batch)
-            images, context_idx, target_idx = (
-                batch[k].to(device, non_blocking=True) for k in ("images", "context_idx", "target_idx")
-            )
+            # uint8 to the device (decoded there too with data.decode=gpu), normalised there
+            images = self.normalise(decode_on_device(batch, device))
+            context_idx, target_idx = (batch[k].to(device, non_blocking=True) for k in ("context_idx", "target_idx"))
             last = micro == opt.accumulation - 1
             with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
