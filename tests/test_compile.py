@@ -9,11 +9,10 @@ from safetensors.torch import load_file
 
 from dmt_jepa.checkpoint import checkpoint_dirs
 from dmt_jepa.config import MaskConfig, load_config
-from dmt_jepa.data import pack_images
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.objective import DMTJEPA, step_without_sync
 from dmt_jepa.train import pretrain
-from pretrain_fixtures import make_images, tiny_overrides
+from pretrain_fixtures import small_shards, tiny_overrides
 
 
 def _model(aggregation: str = "cross_attention", **mask) -> DMTJEPA:
@@ -67,10 +66,7 @@ def test_masks_that_change_size_recompile():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("compile")
-    make_images(root / "images", 16)
-    pack_images(root / "images", root / "shards", max_shard_count=8)
-    return str(root / "shards" / "shard-{000000..000001}.tar")
+    return small_shards(tmp_path_factory.mktemp("compile"))
 
 
 def _losses(run_dir) -> list[tuple[int, float]]:

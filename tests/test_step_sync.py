@@ -9,21 +9,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dmt_jepa.config import load_config
-from dmt_jepa.data import pack_images
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.objective import train_step
 from dmt_jepa.train import Trainer, TrainingError, _init_world, pretrain
-from pretrain_fixtures import make_images, tiny_overrides
+from pretrain_fixtures import small_shards, tiny_overrides
 
 READS = {"aten::item", "aten::_local_scalar_dense"}
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("sync")
-    make_images(root / "images", 16)
-    pack_images(root / "images", root / "shards", max_shard_count=8)
-    return str(root / "shards" / "shard-{000000..000001}.tar")
+    return small_shards(tmp_path_factory.mktemp("sync"))
 
 
 def _parents(event) -> list[str]:
