@@ -278,3 +278,14 @@ def test_decode_setting_is_checked_before_a_run_starts(shards, tmp_path):
     with pytest.raises(ConfigError, match="data.decode=gpu decodes on the GPU but this run has none"):
         pretrain(load_config(None, tiny_overrides(shards, tmp_path / "b", "data.decode=gpu", "run.device=cpu")))
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_device_decode_trusts_the_bytes_not_the_member_name(tmp_path):
+    """A `.jpg` member that holds a PNG is decoded by the worker; only real JPEGs are left encoded."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    write_shard(tmp_path / "lying.tar", [{"__key__": f"{i:03d}", "jpg": png_bytes(pixels)} for i in range(6)])
+    spec = _spec([str(tmp_path / "lying.tar")], batches_per_epoch=2,
+                 cfg=DataConfig(shuffle_buffer=2, num_workers=0, decode="gpu"))
+    for batch in micro_batches(spec, 0):
+        assert batch["encoded"] == [] and batch["images"].dtype == torch.uint8
+        assert batch["images"].float().std() > 10  # decoded pixels, not the zeros left for the device
