@@ -491,8 +491,9 @@ class Trainer:
                 for _ in range(in_epoch, self.steps_per_epoch):
                     lr, wd, momentum = self.train_step(batches)
                     every = cfg.run.locality_every
-                    locality_due = bool(every) and self.step % every == 0 and self.world.is_main
+                    locality_due = bool(every) and self.step % every == 0
                     save_due = self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps
+                    # the same decision on every rank: a read is a collective under DDP
                     if self.step % cfg.run.log_every == 0 or locality_due or save_due:
                         loss = self.read_loss()  # before any save: a checkpoint never holds a diverged step
                         now = time.perf_counter()
@@ -500,7 +501,7 @@ class Trainer:
                         read_step, read_time = self.step, now
                         elapsed = now - start_time
                         progress.update(task, completed=self.step, loss=loss, lr=lr, ips=images_per_s)
-                        locality = self.model.locality(self.last_images) if locality_due else {}
+                        locality = self.model.locality(self.last_images) if locality_due and self.world.is_main else {}
                         self._log(locality | {
                             "step": self.step,
                             "epoch": epoch,
