@@ -29,6 +29,9 @@ def pretrain(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue a run: its directory (newest checkpoint) or one checkpoint folder."
     ),
+    compile_step: bool = typer.Option(
+        False, "--compile", help="torch.compile the training step's forward and loss (optimization.compile=true)."
+    ),
 ) -> None:
     """Pretrain DMT-JEPA on WebDataset shards; with no arguments, a tiny model on built-in scenes (CPU, minutes)."""
     from dmt_jepa.config import ConfigError, builtin_config_path, load_config
@@ -43,7 +46,7 @@ def pretrain(
             path = find_checkpoint(resume) / "config.yaml"
         else:
             path = builtin_config_path("demo")
-        cfg = load_config(path, overrides or [])
+        cfg = load_config(path, [*(overrides or []), *(["optimization.compile=true"] if compile_step else [])])
     except ValueError as err:  # ConfigError, CheckpointError: what the user wrote or pointed at
         _fail(err, quiet=not is_main)  # under torchrun every rank parses the same command line: one says so
 
@@ -54,7 +57,7 @@ def pretrain(
     try:
         if is_main:
             where = find_checkpoint(resume).parent.parent if resume is not None else Path(cfg.run.out_dir)
-            typer.echo(f"training in {where} (per-step log: {where / 'log.jsonl'})")
+            typer.echo(f"training in {where} (log: {where / 'log.jsonl'})")
         result = run_pretrain(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as err:
         _fail(err)

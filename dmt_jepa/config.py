@@ -42,6 +42,7 @@ class MaskConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 10
+    static: bool = True  # fixed context and target sizes per config (compilable); false: sizes vary per batch
 
 
 @dataclass
@@ -104,6 +105,7 @@ class DataConfig:
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     shuffle_buffer: int = 1000
     num_workers: int = 8
+    decode: str = "cpu"  # cpu: workers decode; gpu: workers ship JPEG bytes, the GPU decodes (nvJPEG), crops, resizes
     scenes_train: int = 2000  # built-in scenes for training, made when `train` is ""
     scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval`
 
@@ -114,6 +116,8 @@ class DataConfig:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"data.decode must be cpu or gpu, got {self.decode!r}")
 
 
 @dataclass
@@ -132,6 +136,7 @@ class OptimizationConfig:
     ema: tuple[float, float] = (0.996, 1.0)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the forward and loss (and so their backward); minutes of compilation first
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -154,12 +159,15 @@ class RunConfig:
     progress: bool = True  # on rank 0: a live bar on a terminal, else plain lines (dmt_jepa.progress)
     progress_every_s: float = 30.0  # seconds between plain progress lines when stdout is not a terminal; 0: every step
     locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
+    log_every: int = 10  # optimizer steps between loss reads (each waits for the device) and log.jsonl records
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("run.checkpoint_every and run.keep_checkpoints must be positive")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every must be positive, got {self.log_every}")
         if self.locality_every < 0:
             raise ValueError(f"run.locality_every must be >= 0 (0: never), got {self.locality_every}")
         if not self.progress_every_s >= 0:  # also refuses nan

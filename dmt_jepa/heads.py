@@ -54,15 +54,18 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
 
-    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, D] -> keys, values [B, N, heads, hd]; once per token, whoever selects it."""
+    def keys_values(self, tokens: torch.Tensor, *, normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, D] -> keys, values [B, N, heads, hd]; once per token, whoever selects it.
+
+        `normed`: the tokens already went through norm1.
+        """
         batch, n, _ = tokens.shape
-        kv = self.kv(self.norm1(tokens)).view(batch, n, 2, self.num_heads, self.head_dim)
+        kv = self.kv(tokens if normed else self.norm1(tokens)).view(batch, n, 2, self.num_heads, self.head_dim)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, Q, D] -> [B, Q, heads, hd]."""
-        return self.q(self.norm1(x)).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+    def queries(self, x: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+        """[B, Q, D] -> [B, Q, heads, hd]; `normed`: x already went through norm1."""
+        return self.q(x if normed else self.norm1(x)).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual attention output (broadcast over x's tokens), then the residual MLP."""
@@ -84,9 +87,12 @@ class CrossAttentionBlock(nn.Module):
 
     def attend_all(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Queries [B, Q, D] attend to all tokens [B, N, D] -> attended [B, Q, H, hd]."""
-        keys, values = self.keys_values(tokens)
+        normed = self.norm1(tokens)
+        # Queries that are the tokens themselves (`self`) share their norm1 with the keys.
+        q = self.queries(normed, normed=True) if queries is tokens else self.queries(queries)
+        keys, values = self.keys_values(normed, normed=True)
         attended = F.scaled_dot_product_attention(
-            self.queries(queries).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         )  # [B, H, Q, hd]
         return attended.transpose(1, 2)
 

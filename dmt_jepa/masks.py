@@ -1,13 +1,26 @@
-"""Multi-block masking (I-JEPA): target blocks, and one context block with the targets removed."""
+"""Multi-block masking (I-JEPA): target blocks, and one context block with the targets removed.
+
+With `mask.static` (the default) every batch has the same shapes: `context_size` context patches
+and `num_targets` x `target_size` target patches per image, both functions of the grid and the
+MaskConfig alone. Blocks are still drawn as the paper draws them; the index lists are then cut to
+the fixed sizes by random subsets. Fixed shapes let `torch.compile` and CUDA graphs reuse one
+compiled step and make every timed step the same workload.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import random
+from dataclasses import astuple, dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 
 from dmt_jepa.config import MaskConfig
+
+CONTEXT_QUANTILE = 0.05  # share of drawn contexts smaller than the fixed context size (those are redrawn)
+_CONTEXT_DRAWS = 4096  # draws behind that quantile, from a fixed seed
 
 
 @dataclass
@@ -17,8 +30,10 @@ class Masks:
     context_idx: torch.Tensor  # [B, Nc] long, sorted
     target_idx: torch.Tensor  # [B, M, T] long, each block sorted
 
-    def to(self, device) -> "Masks":
-        return Masks(self.context_idx.to(device), self.target_idx.to(device))
+    def to(self, device, non_blocking: bool = False) -> "Masks":
+        return Masks(
+            self.context_idx.to(device, non_blocking=non_blocking), self.target_idx.to(device, non_blocking=non_blocking)
+        )
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
@@ -29,14 +44,52 @@ def _randint(high_exclusive: int, generator: torch.Generator) -> int:
     return int(torch.randint(0, high_exclusive, (1,), generator=generator).item())
 
 
+def block_shape(grid: tuple[int, int], scale: float, aspect: float) -> tuple[int, int]:
+    """(rows, cols) of a block covering a `scale` fraction of the grid at aspect rows/cols."""
+    height, width = grid
+    area = height * width * scale
+    rows = int(round(math.sqrt(area * aspect)))
+    cols = int(round(math.sqrt(area / aspect)))
+    return min(max(rows, 1), height), min(max(cols, 1), width)
+
+
+@lru_cache(maxsize=64)
+def _target_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float]) -> int:
+    # The block area is not monotone in the aspect (rounding), so the smallest one is searched on
+    # a fine grid of both ranges; a draw that still falls below is redrawn by the sampler.
+    scales = np.linspace(scale[0], scale[1], 65)
+    aspects = np.linspace(aspect[0], aspect[1], 1025)
+    return min(math.prod(block_shape(grid, float(s), float(a))) for s in scales for a in aspects)
+
+
+@lru_cache(maxsize=64)
+def _context_size(grid: tuple[int, int], cfg_key: tuple) -> int:
+    cfg = MaskConfig(*cfg_key)
+    height, width = grid
+    rng = random.Random(0)  # a fixed seed: the size depends on the grid and the config only
+    kept = []
+    for _ in range(_CONTEXT_DRAWS):
+        tr, tc = block_shape(grid, rng.uniform(*cfg.target_scale), rng.uniform(*cfg.target_aspect))
+        cr, cc = block_shape(grid, rng.uniform(*cfg.context_scale), rng.uniform(*cfg.context_aspect))
+        covered = np.zeros((height, width), dtype=bool)
+        for _ in range(cfg.num_targets):
+            top, left = rng.randrange(height - tr + 1), rng.randrange(width - tc + 1)
+            covered[top : top + tr, left : left + tc] = True
+        top, left = rng.randrange(height - cr + 1), rng.randrange(width - cc + 1)
+        kept.append(int((~covered[top : top + cr, left : left + cc]).sum()))
+    return max(cfg.min_keep, int(np.quantile(kept, CONTEXT_QUANTILE)))
+
+
 class MultiBlockMaskSampler:
     """Samples I-JEPA masks for a batch; seeded through the torch.Generator it is given.
 
-    Block sizes (target and context) are drawn once per batch so that every image has the same
-    number of target patches; positions are drawn per image. A block's top-left corner is drawn
-    from every position where it fits, so blocks reach the last row and column of the grid.
-    Contexts are cut to the smallest context of the batch by a random subset, keeping at least
-    `min_keep` patches; an image whose context would be smaller is redrawn.
+    Block sizes (target and context) are drawn once per batch; positions are drawn per image. A
+    block's top-left corner is drawn from every position where it fits, so blocks reach the last
+    row and column of the grid. Static (default): each target block is cut to `target_size`
+    patches (the smallest block the size rule draws) and each context to `context_size` (the 5th
+    percentile of drawn contexts, at least `min_keep`) by random subsets; an image whose context
+    would be smaller is redrawn. Otherwise contexts are cut to the batch's smallest, keeping at
+    least `min_keep` patches, and blocks keep their drawn size.
     """
 
     max_tries = 100
@@ -47,14 +100,21 @@ class MultiBlockMaskSampler:
         if self.cfg.min_keep > self.height * self.width:
             raise ValueError(f"min_keep={self.cfg.min_keep} exceeds the {self.height}x{self.width} grid")
 
+    @property
+    def target_size(self) -> int:
+        """Patches per target block in every static batch."""
+        return _target_size((self.height, self.width), tuple(self.cfg.target_scale), tuple(self.cfg.target_aspect))
+
+    @property
+    def context_size(self) -> int:
+        """Context patches per image in every static batch."""
+        return _context_size((self.height, self.width), astuple(self.cfg))
+
     def block_size(self, scale: tuple[float, float], aspect: tuple[float, float], generator) -> tuple[int, int]:
-        """(rows, cols) of a block covering a `scale` fraction of the grid at aspect rows/cols."""
+        """(rows, cols) of a block of a scale and an aspect drawn uniformly from their ranges."""
         s = _uniform(*scale, generator)
         ar = _uniform(*aspect, generator)
-        area = self.height * self.width * s
-        rows = int(round(math.sqrt(area * ar)))
-        cols = int(round(math.sqrt(area / ar)))
-        return min(max(rows, 1), self.height), min(max(cols, 1), self.width)
+        return block_shape((self.height, self.width), s, ar)
 
     def place(self, rows: int, cols: int, generator) -> torch.Tensor:
         """A [h, w] bool mask of one block at a uniformly drawn position where it fits."""
@@ -64,9 +124,18 @@ class MultiBlockMaskSampler:
         mask[top : top + rows, left : left + cols] = True
         return mask
 
+    def _target_block_size(self, generator) -> tuple[int, int]:
+        cfg = self.cfg
+        for _ in range(self.max_tries):
+            rows, cols = self.block_size(cfg.target_scale, cfg.target_aspect, generator)
+            if not cfg.static or rows * cols >= self.target_size:
+                return rows, cols
+        raise AssertionError("the fixed target size is the smallest drawable block")
+
     def __call__(self, batch_size: int, generator: torch.Generator) -> Masks:
         cfg = self.cfg
-        tgt_rows, tgt_cols = self.block_size(cfg.target_scale, cfg.target_aspect, generator)
+        min_keep = self.context_size if cfg.static else cfg.min_keep
+        tgt_rows, tgt_cols = self._target_block_size(generator)
         ctx_rows, ctx_cols = self.block_size(cfg.context_scale, cfg.context_aspect, generator)
         contexts, targets = [], []
         for _ in range(batch_size):
@@ -74,17 +143,28 @@ class MultiBlockMaskSampler:
                 blocks = [self.place(tgt_rows, tgt_cols, generator) for _ in range(cfg.num_targets)]
                 covered = torch.stack(blocks).any(dim=0)
                 context = self.place(ctx_rows, ctx_cols, generator) & ~covered
-                if int(context.sum()) >= cfg.min_keep:
+                if int(context.sum()) >= min_keep:
                     break
             else:
                 raise ValueError(
-                    f"could not keep {cfg.min_keep} context patches on a {self.height}x{self.width} grid "
+                    f"could not keep {min_keep} context patches on a {self.height}x{self.width} grid "
                     f"after {self.max_tries} draws; lower mask.min_keep or the target scale"
                 )
             contexts.append(context.flatten().nonzero().squeeze(1))
-            targets.append(torch.stack([b.flatten().nonzero().squeeze(1) for b in blocks]))  # [M, T]
-        keep = min(len(c) for c in contexts)
+            targets.append(torch.stack([b.flatten().nonzero().squeeze(1) for b in blocks]))  # [M, rows*cols]
+        target_idx = torch.stack(targets)  # [B, M, rows*cols]
+        if cfg.static:
+            target_idx = _random_subsets(target_idx, self.target_size, generator)  # [B, M, target_size]
+        keep = min_keep if cfg.static else min(len(c) for c in contexts)
         context_idx = torch.stack(
             [c[torch.randperm(len(c), generator=generator)[:keep]].sort().values for c in contexts]
         )
-        return Masks(context_idx=context_idx, target_idx=torch.stack(targets))
+        return Masks(context_idx=context_idx, target_idx=target_idx)
+
+
+def _random_subsets(idx: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random subset of `size` entries of every row of idx [..., n], each sorted: [..., size]."""
+    if idx.shape[-1] == size:
+        return idx
+    order = torch.rand(idx.shape, generator=generator).argsort(dim=-1)[..., :size]
+    return torch.gather(idx, -1, order).sort(dim=-1).values

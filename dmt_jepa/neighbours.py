@@ -51,6 +51,7 @@ def semantic_neighbours(
     k_size: int = 3,
     border: str = "clip",
     include_self: bool = False,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbours by cosine similarity inside each patch's k_size x k_size window.
 
@@ -58,15 +59,24 @@ def semantic_neighbours(
     Where a window has fewer than k valid candidates (borders under `clip`), the remaining slots
     are invalid; their index is the patch itself and must be masked by the consumer. With
     `include_self` the patch is a candidate too (cosine 1, so it is always the first neighbour).
+    `candidates`: `window_candidates` of this grid already on the features' device (a model keeps
+    them as buffers, so a training step copies nothing from the host).
+
+    Similarities and their ranking are computed in fp32 even under autocast: bf16 cosines tie
+    and reorder close neighbours.
     """
     h, w = grid
     batch, n, dim = features.shape
     assert n == h * w, f"{n} tokens do not form a {h}x{w} grid"
-    cand, cand_valid = window_candidates(h, w, k_size, border, include_self)
-    cand, cand_valid = cand.to(features.device), cand_valid.to(features.device)
-    unit = F.normalize(features.float(), dim=-1)  # [B, N, D]
-    neigh = unit[:, cand.flatten()].reshape(batch, n, -1, dim)  # [B, N, W, D]
-    sim = torch.einsum("bnd,bnwd->bnw", unit, neigh)  # [B, N, W]
+    if candidates is None:
+        cand, cand_valid = window_candidates(h, w, k_size, border, include_self)
+        cand, cand_valid = cand.to(features.device), cand_valid.to(features.device)
+    else:
+        cand, cand_valid = candidates
+    with torch.autocast(features.device.type, enabled=False):
+        unit = F.normalize(features.float(), dim=-1)  # [B, N, D]
+        neigh = unit[:, cand.flatten()].reshape(batch, n, -1, dim)  # [B, N, W, D]
+        sim = torch.einsum("bnd,bnwd->bnw", unit, neigh)  # [B, N, W]
     sim = sim.masked_fill(~cand_valid, float("-inf"))
     top_sim, top_slot = sim.topk(k, dim=-1)  # [B, N, k]
     valid = torch.isfinite(top_sim)

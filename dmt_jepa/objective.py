@@ -13,7 +13,7 @@ from dmt_jepa.config import MethodConfig
 from dmt_jepa.heads import LocalAggregationHead, gather_rows, pool_neighbours, target_locality
 from dmt_jepa.masks import Masks
 from dmt_jepa.models import Predictor, create_encoder
-from dmt_jepa.neighbours import semantic_neighbours
+from dmt_jepa.neighbours import semantic_neighbours, window_candidates
 from dmt_jepa.precision import device_has_bf16, effective_precision
 
 
@@ -55,6 +55,12 @@ class DMTJEPA(nn.Module):
         else:
             self.online_head = None
             self.target_head = None
+        self.train_grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
+        if cfg.target.aggregation != "none":
+            # The training grid's neighbour windows live on the model's device: no host copy per step.
+            idx, valid = window_candidates(*self.train_grid, cfg.target.k_size, cfg.target.border, cfg.target.include_self)
+            self.register_buffer("window_idx", idx.clone(), persistent=False)
+            self.register_buffer("window_valid", valid.clone(), persistent=False)
 
     @torch.no_grad()
     def target_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,7 +74,10 @@ class DMTJEPA(nn.Module):
         t = self.cfg.target
         if t.aggregation == "none":
             return h if positions is None else gather_rows(h, positions)
-        idx, valid = semantic_neighbours(h, grid, k=t.k, k_size=t.k_size, border=t.border, include_self=t.include_self)
+        windows = (self.window_idx, self.window_valid) if tuple(grid) == self.train_grid else None
+        idx, valid = semantic_neighbours(
+            h, grid, k=t.k, k_size=t.k_size, border=t.border, include_self=t.include_self, candidates=windows
+        )
         if self.target_head is not None:
             return self.target_head.forward_local(h, idx, valid, positions)
         return pool_neighbours(h, idx, valid, t.aggregation, positions)
@@ -166,6 +175,23 @@ def autocast_dtype_for(device: torch.device | str, precision: str, has_bf16: boo
     return torch.bfloat16 if effective_precision(precision, device.type, has_bf16)[0] == "bf16" else None
 
 
+def _forward(model, images, masks, autocast_dtype) -> torch.Tensor:
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return model(images, masks.context_idx, masks.target_idx)
+
+
+def _update(model: nn.Module, loss: torch.Tensor, optimizer, momentum: float, grad_clip: float | None) -> None:
+    """backward -> (clip) -> optimizer -> EMA of the target encoder and target head."""
+    core = model.module if hasattr(model, "module") else model
+    core = getattr(core, "_orig_mod", core)  # under torch.compile
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    core.update_target(momentum)
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -176,20 +202,24 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
 ) -> float:
-    """One optimisation step of DMT-JEPA; returns the loss.
+    """One optimisation step of DMT-JEPA; returns the loss, and raises before the update if it is not finite.
 
     targets (no grad) -> context -> predictor -> loss -> backward -> optimizer -> EMA of the
-    target encoder and target head. `model` may be wrapped in DistributedDataParallel.
+    target encoder and target head. `model` may be wrapped in DistributedDataParallel. Reading the
+    loss waits for the device once per step; `step_without_sync` does not.
     """
-    core = model.module if hasattr(model, "module") else model
-    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(images, masks.context_idx, masks.target_idx)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss became {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    core.update_target(momentum)
-    return loss.item()
+    loss = _forward(model, images, masks, autocast_dtype)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value}")
+    _update(model, loss, optimizer, momentum, grad_clip)
+    return value
+
+
+def step_without_sync(
+    model: nn.Module, images: torch.Tensor, masks: Masks, optimizer: torch.optim.Optimizer, momentum: float, **options
+) -> torch.Tensor:
+    """`train_step` (same options) that never waits for the device: returns the detached loss, unchecked."""
+    loss = _forward(model, images, masks, options.get("autocast_dtype"))
+    _update(model, loss, optimizer, momentum, options.get("grad_clip"))
+    return loss.detach()

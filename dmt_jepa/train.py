@@ -21,6 +21,7 @@ from torch import nn
 
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config
+from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
@@ -291,6 +292,9 @@ class Trainer:
         if notice and world.is_main:
             print(f"note: {notice}", file=sys.stderr)
 
+        if cfg.data.decode == "gpu" and world.device.type != "cuda":
+            raise ConfigError("data.decode=gpu decodes on the GPU but this run has none; set data.decode=cpu.")
+        self.normalise = Normaliser(cfg.data, world.device)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = DMTJEPA(cfg.method).to(world.device)
         # fused: one kernel over all parameters (CPU and CUDA); the per-tensor default is slow on CPU
@@ -310,6 +314,13 @@ class Trainer:
         if world.size > 1:
             device_ids = [world.device] if world.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        # The forward and loss, compiled as one graph (static mask shapes: compiled once); the
+        # optimizer (one fused kernel) and the EMA stay eager.
+        self.forward: nn.Module = torch.compile(self.ddp) if opt.compile else self.ddp
+        self.loss = torch.zeros((), device=world.device)
+        # Step (1-based) and loss of the first non-finite loss; 0: none so far. Kept on the device.
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=world.device)
+        self.first_bad_loss = torch.zeros((), device=world.device)
         self.log_path = self.run_dir / "log.jsonl"
         if world.is_main and not self.already_complete:
             _trim_log(self.log_path, self.step)
@@ -349,8 +360,12 @@ class Trainer:
         )
         return micro_batches(spec, cfg.data.num_workers, pin_memory=self.world.device.type == "cuda")
 
-    def train_step(self, batches) -> tuple[float, float, float, float]:
-        """One optimizer step over `accumulation` micro-batches; returns loss, lr, weight decay, momentum."""
+    def train_step(self, batches) -> tuple[float, float, float]:
+        """One optimizer step over `accumulation` micro-batches; returns lr, weight decay, momentum.
+
+        Nothing here waits for the device: the loss stays on it (`read_loss` fetches it), and a
+        non-finite loss is only recorded there, with its step, to stop the run at the next read.
+        """
         opt, device = self.cfg.optimization, self.world.device
         lr, wd = self.schedule.learning_rate(self.step), self.schedule.weight_decay_at(self.step)
         for group in self.optimizer.param_groups:
@@ -361,34 +376,45 @@ class Trainer:
         for micro in range(opt.accumulation):
             batch = next(batches)
             self.position.record(batch)
-            images, context_idx, target_idx = (
-                batch[k].to(device, non_blocking=True) for k in ("images", "context_idx", "target_idx")
-            )
+            # uint8 to the device (decoded there too with data.decode=gpu), normalised there
+            images = self.normalise(decode_on_device(batch, device))
+            context_idx, target_idx = (batch[k].to(device, non_blocking=True) for k in ("context_idx", "target_idx"))
             last = micro == opt.accumulation - 1
             with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     # targets (no grad) -> context -> predictor -> loss, inside the objective's forward
-                    loss = self.ddp(images, context_idx, target_idx) / opt.accumulation
+                    loss = self.forward(images, context_idx, target_idx) / opt.accumulation
                 loss.backward()
             loss_sum += loss.detach()
         self.last_images = images
-        if self.world.size > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.world.size
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
-            raise TrainingError(
-                f"loss became {loss_value} at step {self.step + 1}; {kept}; lower optimization.lr or set "
-                "optimization.grad_clip, then resume or start again."
-            )
+        self.loss = loss_sum
+        first = (self.first_bad_step == 0) & ~torch.isfinite(loss_sum)
+        self.first_bad_step = torch.where(first, self.step + 1, self.first_bad_step)
+        self.first_bad_loss = torch.where(first, loss_sum, self.first_bad_loss)
         if opt.grad_clip:
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], opt.grad_clip)
         self.optimizer.step()
         momentum = self.schedule.momentum(self.step)
         self.model.update_target(momentum)  # EMA of the target encoder and target head
         self.step += 1
-        return loss_value, lr, wd, momentum
+        return lr, wd, momentum
+
+    def read_loss(self) -> float:
+        """The last step's loss (mean over ranks); waits for the device. Raises if any step since the start was not finite."""
+        reading = torch.stack([self.loss.double(), self.first_bad_step.double(), self.first_bad_loss.double()])
+        if self.world.size > 1:
+            bad = reading[1:].clone()
+            dist.all_reduce(reading)  # loss summed over ranks
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # any rank's bad step stops every rank
+            reading = torch.cat([reading[:1] / self.world.size, bad])
+        loss, bad_step, bad_loss = reading.tolist()
+        if bad_step:
+            kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
+            raise TrainingError(
+                f"loss became {bad_loss} at step {int(bad_step)}; {kept}; lower optimization.lr or set "
+                "optimization.grad_clip, then resume or start again."
+            )
+        return loss
 
     def state(self) -> dict:
         """Training state for the checkpoint, with every rank's data position and RNG states."""
@@ -454,31 +480,38 @@ class Trainer:
             every_s=cfg.run.progress_every_s,
         )
         start_time, start_step = time.perf_counter(), self.step
+        read_time, read_step = start_time, self.step
         with progress:
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 batches = self._epoch_batches(epoch, in_epoch)
                 for _ in range(in_epoch, self.steps_per_epoch):
-                    tic = time.perf_counter()
-                    loss, lr, wd, momentum = self.train_step(batches)
-                    elapsed = time.perf_counter() - start_time
-                    images_per_s = cfg.optimization.batch_size / max(time.perf_counter() - tic, 1e-9)
-                    progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
+                    lr, wd, momentum = self.train_step(batches)
                     every = cfg.run.locality_every
-                    locality = self.model.locality(self.last_images) if every and self.step % every == 0 and self.world.is_main else {}
-                    self._log(locality | {
-                        "step": self.step,
-                        "epoch": epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "weight_decay": wd,
-                        "momentum": momentum,
-                        "images_per_s": round(images_per_s, 2),
-                        "elapsed_s": round(elapsed, 3),
-                        "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
-                        "skipped": self.position.skipped_before + sum(self.position.skipped),
-                    })
-                    if self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps:
+                    locality_due = bool(every) and self.step % every == 0
+                    save_due = self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps
+                    # the same decision on every rank: a read is a collective under DDP
+                    if self.step % cfg.run.log_every == 0 or locality_due or save_due:
+                        loss = self.read_loss()  # before any save: a checkpoint never holds a diverged step
+                        now = time.perf_counter()
+                        images_per_s = cfg.optimization.batch_size * (self.step - read_step) / max(now - read_time, 1e-9)
+                        read_step, read_time = self.step, now
+                        elapsed = now - start_time
+                        progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
+                        locality = self.model.locality(self.last_images) if locality_due and self.world.is_main else {}
+                        self._log(locality | {
+                            "step": self.step,
+                            "epoch": epoch,
+                            "loss": loss,
+                            "lr": lr,
+                            "weight_decay": wd,
+                            "momentum": momentum,
+                            "images_per_s": round(images_per_s, 2),
+                            "elapsed_s": round(elapsed, 3),
+                            "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
+                            "skipped": self.position.skipped_before + sum(self.position.skipped),
+                        })
+                    if save_due:
                         self.save()
                 del batches  # stops this epoch's workers
         if self.saved_step != self.step:

@@ -57,7 +57,17 @@ def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
         "run.checkpoint_every=2",
         "run.keep_checkpoints=10",
         "run.progress=false",
+        "run.log_every=1",
         f"run.out_dir={out_dir}",
         *extra,
     ]
 
+
+
+def small_shards(root: Path, count: int = 16) -> str:
+    """`count` mixed-format images packed 8 to a shard under root: the shard pattern."""
+    from dmt_jepa.data import pack_images
+
+    make_images(root / "images", count)
+    pack_images(root / "images", root / "shards", max_shard_count=8)
+    return str(root / "shards" / f"shard-{{000000..{(count - 1) // 8:06d}}}.tar")

@@ -11,6 +11,7 @@ import torch
 
 from dmt_jepa.config import DataConfig, MaskConfig
 from dmt_jepa.data import DataError, expand_shards, micro_batches, pack_images
+from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import Augment, ShardStream, StreamSpec, crop_box
 from pretrain_fixtures import make_images, png_bytes, write_shard
 
@@ -96,8 +97,9 @@ def test_crop_box_respects_scale_and_ratio():
 
 def test_augment_normalises_with_mean_and_std():
     cfg = DataConfig()
-    out = Augment(cfg, (32, 48))(png_bytes(np.full((30, 50, 3), (255, 128, 0), np.uint8)), random.Random(0))
-    assert out.shape == (3, 32, 48)
+    pixels = Augment(cfg, (32, 48))(png_bytes(np.full((30, 50, 3), (255, 128, 0), np.uint8)), random.Random(0))
+    assert pixels.shape == (3, 32, 48) and pixels.dtype == torch.uint8
+    out = Normaliser(cfg, torch.device("cpu"))(pixels[None])[0]
     expected = [(c / 255 - m) / s for c, m, s in zip((255, 128, 0), cfg.pixel_mean, cfg.pixel_std)]
     torch.testing.assert_close(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
 
@@ -114,7 +116,7 @@ def test_reduced_jpeg_decode_matches_a_full_decode():
     Image.fromarray(photo).save(buf, format="JPEG", quality=95)
     cfg = DataConfig()
     for seed in range(5):
-        out = Augment(cfg, (32, 32))(buf.getvalue(), random.Random(seed))
+        out = Normaliser(cfg, torch.device("cpu"))(Augment(cfg, (32, 32))(buf.getvalue(), random.Random(seed))[None])[0]
         # reference: full decode, the same crop box (same draws), resize, normalise
         left, top, w, h = crop_box(800, 600, cfg.crop_scale, cfg.crop_ratio, random.Random(seed))
         full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
@@ -191,3 +193,99 @@ def test_shards_without_images_are_one_sentence_not_a_hang(tmp_path, workers):
         with pytest.raises(DataError, match=message) as err:
             list(micro_batches(spec, workers))
         assert "\n" not in str(err.value)
+
+
+def test_device_normalisation_gives_the_former_worker_values_bit_for_bit():
+    cfg = DataConfig(pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.3))
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # the former worker code: numpy fp32, mean and 1/std scaled to 0-255
+    mean = np.asarray(cfg.pixel_mean, dtype=np.float32) * 255.0
+    scale = 1.0 / (np.asarray(cfg.pixel_std, dtype=np.float32) * 255.0)
+    ref = (pixels.permute(0, 2, 3, 1).numpy().astype(np.float32) - mean) * scale
+    out = Normaliser(cfg, torch.device("cpu"))(pixels)
+    assert torch.equal(out, torch.from_numpy(ref).permute(0, 3, 1, 2))
+
+
+def _photo_shards(root: Path) -> str:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:90, 0:120]
+    samples = []
+    for i in range(12):
+        photo = np.stack([xx * 2 + i * 9, yy * 2, (xx + yy + i * 20)], -1).astype(np.uint8)
+        photo[20:50, 30:70] = rng.integers(0, 256, 3)
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, format="JPEG" if i % 3 else "PNG", quality=95)
+        samples.append({"__key__": f"{i:04d}", "jpg" if i % 3 else "png": buf.getvalue()})
+    root.mkdir()
+    write_shard(root / "photos.tar", samples)
+    return str(root / "photos.tar")
+
+
+def test_device_decode_path_gives_the_cpu_paths_crops(tmp_path):
+    """data.decode=gpu ships JPEG bytes and crop boxes; decoded by torchvision (here on the CPU, on
+    a GPU by nvJPEG) the batches match the workers' own decode: same masks, same crops, PNGs
+    identical, JPEG pixels within resize-filter differences."""
+    urls = expand_shards(_photo_shards(tmp_path / "shards"))
+    on_cpu = list(micro_batches(_spec(urls, batches_per_epoch=3), 0))
+    later = list(micro_batches(_spec(urls, batches_per_epoch=3, cfg=DataConfig(shuffle_buffer=6, num_workers=0, decode="gpu")), 0))
+    encoded_rows = 0
+    for a, b in zip(on_cpu, later):
+        assert torch.equal(a["context_idx"], b["context_idx"]) and torch.equal(a["target_idx"], b["target_idx"])
+        assert a["encoded"] == []
+        rows = {row for row, _, _ in b["encoded"]}
+        encoded_rows += len(rows)
+        images = decode_on_device(b, torch.device("cpu"))
+        assert images.dtype == torch.uint8 and images.shape == a["images"].shape
+        for row in range(len(images)):
+            if row in rows:
+                diff = (images[row].float() - a["images"][row].float()).abs()
+                assert diff.mean() < 6 and diff.max() < 80
+            else:
+                assert torch.equal(images[row], a["images"][row])
+    assert 0 < encoded_rows < sum(len(a["images"]) for a in on_cpu)
+
+
+def test_device_decode_of_a_corrupt_jpeg_is_one_sentence():
+    batch = {"images": torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+             "encoded": [(0, torch.tensor([0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3], dtype=torch.uint8), (0, 0, 4, 4))]}
+    with pytest.raises(DataError, match=r"cannot be decoded on the device .*data.decode=cpu") as err:
+        decode_on_device(batch, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG decode)")
+def test_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
+    urls = expand_shards(_photo_shards(tmp_path / "shards"))
+    spec = _spec(urls, batches_per_epoch=2, cfg=DataConfig(shuffle_buffer=6, num_workers=0, decode="gpu"))
+    for batch in micro_batches(spec, 0):
+        on_gpu = decode_on_device(batch, torch.device("cuda")).cpu()
+        on_cpu = decode_on_device(batch, torch.device("cpu"))
+        assert (on_gpu.float() - on_cpu.float()).abs().mean() < 3
+
+
+def test_decode_setting_is_checked_before_a_run_starts(shards, tmp_path):
+    from dmt_jepa.config import ConfigError, load_config
+    from dmt_jepa.train import pretrain
+    from pretrain_fixtures import tiny_overrides
+
+    with pytest.raises(ConfigError, match="data.decode must be cpu or gpu"):
+        load_config(None, tiny_overrides(shards, tmp_path / "a", "data.decode=nvjpeg"))
+    with pytest.raises(ConfigError, match="data.decode=gpu decodes on the GPU but this run has none"):
+        pretrain(load_config(None, tiny_overrides(shards, tmp_path / "b", "data.decode=gpu", "run.device=cpu")))
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_device_decode_trusts_the_bytes_not_the_member_name(tmp_path):
+    """A `.jpg` member that holds a PNG is decoded by the worker; only real JPEGs are left encoded."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    write_shard(tmp_path / "lying.tar", [{"__key__": f"{i:03d}", "jpg": png_bytes(pixels)} for i in range(6)])
+    spec = _spec([str(tmp_path / "lying.tar")], batches_per_epoch=2,
+                 cfg=DataConfig(shuffle_buffer=2, num_workers=0, decode="gpu"))
+    for batch in micro_batches(spec, 0):
+        assert batch["encoded"] == [] and batch["images"].dtype == torch.uint8
+        assert batch["images"].float().std() > 10  # decoded pixels, not the zeros left for the device

@@ -220,9 +220,10 @@ def test_patch_size_8_trains_exports_and_matches_onnx(shards, tmp_path):
 
     images = torch.randn(2, 3, 56, 32)
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-    patches, pooled = session.run(["patch_embeddings", "pooled"], {"images": images.numpy()})
+    tokens, pooled = session.run(["last_hidden_state", "pooler_output"], {"pixel_values": images.numpy()})
     with torch.no_grad():
         ref_patches, ref_pooled = encoder.eval().dense(images)
-    assert patches.shape == (2, 7, 4, encoder.embed_dim)
+    assert tokens.shape == (2, 7 * 4, encoder.embed_dim)
+    patches = tokens.reshape(2, 7, 4, encoder.embed_dim)  # tokens in row-major grid order
     assert (torch.from_numpy(patches) - ref_patches).abs().max() <= 1e-4
     assert (torch.from_numpy(pooled) - ref_pooled).abs().max() <= 1e-4

@@ -1,4 +1,4 @@
-"""Training input: shard patterns -> resampled, shuffled, decoded, cropped micro-batches with masks.
+"""Training input: shard patterns -> resampled, shuffled, decoded, cropped uint8 micro-batches with masks.
 
 Every random choice is drawn from generators seeded by (seed, epoch, rank, stream), so the data
 order is a pure function of the config. A stream's position is the number of samples it has
@@ -82,31 +82,32 @@ def image_bytes(sample: dict) -> bytes:
 
 
 class Augment:
-    """Decode, RandomResizedCrop to the training size, normalise: encoded image -> [3, H, W] float32.
+    """Decode and RandomResizedCrop to the training size: encoded image -> [3, H, W] uint8.
 
     A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
     least as large as the output, so large photos cost a fraction of a full decode; the crop
     box is drawn on the full-size image either way, so the draws do not depend on it.
+    Normalisation happens on the device (dmt_jepa.data.device). With `decode_jpeg_later`, a JPEG
+    is only opened for its size and returned as (encoded bytes, crop box) for the device to decode.
     """
 
-    def __init__(self, cfg: DataConfig, img_size: tuple[int, int]):
+    def __init__(self, cfg: DataConfig, img_size: tuple[int, int], *, decode_jpeg_later: bool = False):
         self.cfg = cfg
         self.height, self.width = img_size
-        self.mean = np.asarray(cfg.pixel_mean, dtype=np.float32) * 255.0
-        self.scale = 1.0 / (np.asarray(cfg.pixel_std, dtype=np.float32) * 255.0)
+        self.decode_jpeg_later = decode_jpeg_later
 
-    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: random.Random):
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             left, top, w, h = crop_box(width, height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
+            if image.format == "JPEG" and self.decode_jpeg_later:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), (left, top, w, h)
             if image.format == "JPEG":
                 image.draft("RGB", (math.ceil(width * self.width / w), math.ceil(height * self.height / h)))
             sx, sy = image.size[0] / width, image.size[1] / height  # 1, or the DCT scale draft chose
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
             rgb = image.convert("RGB").resize((self.width, self.height), Image.BICUBIC, box=box)
-        # numpy, not torch: no intra-op thread pool to wake for a small image in the main process
-        pixels = (np.asarray(rgb, dtype=np.float32) - self.mean) * self.scale  # [H, W, 3]
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1)))  # [3, H, W] uint8
 
 
 def hash_seed(*parts: int) -> int:
@@ -196,7 +197,7 @@ class ShardStream(IterableDataset):
         mine = [i for i in range(spec.start_batch, spec.batches_per_epoch) if i % self.num_streams == stream]
         if not mine:
             return
-        augment = Augment(spec.cfg, spec.img_size)
+        augment = Augment(spec.cfg, spec.img_size, decode_jpeg_later=spec.cfg.decode == "gpu")
         sampler = MultiBlockMaskSampler(spec.grid, spec.mask_cfg)
         counters = {"skipped": 0}
         emitted = spec.emitted[stream] if spec.emitted else 0
@@ -206,7 +207,7 @@ class ShardStream(IterableDataset):
             next(samples)
         counters["skipped"] = 0  # what the replay met was counted before the checkpoint
         for index in mine:
-            images = []
+            images, encoded = [], []
             while len(images) < spec.batch_size:
                 sample = next(samples)
                 emitted += 1
@@ -225,12 +226,16 @@ class ShardStream(IterableDataset):
                         ) from err
                     continue
                 failed_in_a_row = 0
+                if isinstance(image, tuple):  # a JPEG left for the device: (bytes, crop box)
+                    encoded.append((len(images), *image))
+                    image = torch.zeros(3, *spec.img_size, dtype=torch.uint8)
                 images.append(image)
             step = spec.epoch * spec.batches_per_epoch + index
             generator = torch.Generator().manual_seed(hash_seed(spec.seed, spec.rank, step))
             masks = sampler(spec.batch_size, generator)
             yield {
-                "images": torch.stack(images),  # [B, 3, H, W]
+                "images": torch.stack(images),  # [B, 3, H, W] uint8
+                "encoded": encoded,  # (row, JPEG bytes, crop box) for the device to decode; empty on the CPU path
                 "context_idx": masks.context_idx,  # [B, Nc]
                 "target_idx": masks.target_idx,  # [B, M, T]
                 "index": index,
@@ -247,7 +252,7 @@ def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = Fals
         ShardStream(spec, streams),
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,
+        persistent_workers=False,  # one loader per epoch: its streams are seeded by the epoch
         pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(spec.seed),  # keeps the global RNG (drop path) untouched

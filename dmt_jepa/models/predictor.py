@@ -51,8 +51,10 @@ class Predictor(nn.Module):
         """[B, Nc, D] context tokens at [B, Nc] indices, targets [B, M, T] -> [M*B, T, D]."""
         batch, n_ctx, _ = context.shape
         n_blocks, n_tgt = target_idx.shape[1], target_idx.shape[2]
-        pos = sincos_2d(*grid, self.predictor_dim, device=context.device, dtype=context.dtype)  # [N, P]
-        x = self.embed(context) + pos[context_idx]  # [B, Nc, P]
+        x = self.embed(context)  # [B, Nc, P], in the compute dtype (bf16 under autocast)
+        # The table in the stream's dtype: an fp32 table would promote the whole residual stream to fp32.
+        pos = sincos_2d(*grid, self.predictor_dim, device=context.device, dtype=x.dtype)  # [N, P]
+        x = x + pos[context_idx]
         x = x.repeat(n_blocks, 1, 1)  # [M*B, Nc, P]
         tgt = target_idx.transpose(0, 1).reshape(n_blocks * batch, n_tgt)  # [M*B, T]
         queries = self.mask_token.to(x.dtype) + pos[tgt]  # [M*B, T, P]
