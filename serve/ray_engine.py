@@ -28,7 +28,8 @@ import numpy as np
 
 from serve.backends import Backend, BackendError, load_backend
 from serve.claims import Claims, owner_token
-from serve.images import ImageRejected, Preprocess, prepare
+from serve.decode import decode_chunk
+from serve.images import Preprocess
 from serve.inputs import ShardSource
 from serve.job import (
     EmbedOptions,
@@ -58,21 +59,6 @@ def import_ray():
             "or use --engine local."
         ) from err
     return ray
-
-
-def decode_chunk(datas: list[bytes], prep: Preprocess) -> tuple[list[dict | str], np.ndarray]:
-    """Decode task: per image its record, or why it was rejected; and uint8 [n, H, W, 3] of the n usable ones."""
-    meta: list[dict | str] = []
-    pixels: list[np.ndarray] = []
-    for data in datas:
-        try:
-            array, record = prepare(data, prep)
-        except ImageRejected as err:
-            meta.append(str(err))
-            continue
-        meta.append(record)
-        pixels.append(array)
-    return meta, np.stack(pixels) if pixels else np.zeros((0, *prep.size, 3), np.uint8)
 
 
 class ModelWorker:

@@ -91,6 +91,7 @@ def test_ray_writes_the_local_engines_bytes_and_accounts_for_every_key_once(
     assert summary.embedded == sum(json.loads((out / f"part-{i}.json").read_text())["embedded"] for i in range(3))
 
 
+@pytest.mark.slow  # four Ray runs, each starting a model actor: about 2 minutes on 2 busy cores
 def test_ray_reruns_skip_done_shards_and_refuse_other_settings(ray_instance, tmp_path, inputs, encoder_file, local_out):
     out = tmp_path / "out"
     args = ["embed", str(inputs[0]), str(out), "--model", str(encoder_file), "--batch-size", str(BATCH), "--pooled"]
