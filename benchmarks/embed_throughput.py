@@ -11,6 +11,12 @@ measure speed, and the cosine of each lower precision against fp32 on the same b
 `--layouts` adds an end-to-end run per output layout and dtype: bytes per image on disk, images/s,
 and the patch cosine of what was stored (read back with serve.open_embeddings) to the float32 run.
 
+`--engine ray` runs the end-to-end job on Ray as well as locally, the two alternated `--e2e-rounds`
+times (a shared machine then slows both alike), each with its peak memory; `--e2e-only` measures
+torch-cpu fp32 alone model-only, with no baseline, and `--per-shard` sets the shard size:
+
+    python benchmarks/embed_throughput.py --engine ray --e2e-only --arch vit_tiny --size 112 --images 320 --per-shard 16
+
 On a GPU it adds torch-cuda fp32/bf16/fp16 (bf16 also under torch.compile) and onnxruntime-cuda;
 `--arch vit_base` gives the ViT-B/16 figures.
 """
@@ -82,7 +88,7 @@ def synthetic_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(folder: Path, images: int, per_shard: int = 64) -> None:
+def write_shards(folder: Path, images: int, per_shard: int) -> None:
     import tarfile
 
     rng = np.random.default_rng(0)
@@ -136,10 +142,19 @@ def _memory_mib(pids: list[int], field: str) -> float:
 
 
 def end_to_end(
-    work: Path, model: Path, backend: str, precision: str, batch: int, images: int, out: str = "out", **settings
+    work: Path,
+    model: Path,
+    backend: str,
+    precision: str,
+    batch: int,
+    images: int,
+    out: str = "out",
+    per_shard: int = 64,
+    **settings,
 ) -> dict:
-    """Run the job in its own process; sample the memory of it and its decode workers as it runs."""
-    write_shards(work / "shards", images)
+    """Run the job in its own process; sample the memory of it and its decode workers (or its Ray
+    processes, which a local Ray instance starts as its children) as it runs."""
+    write_shards(work / "shards", images, per_shard)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [str(work / "shards"), str(work / out), str(model), backend, precision, str(batch), json.dumps(settings)]
     process = subprocess.Popen([sys.executable, "-c", END_TO_END, *args], env=env, stdout=subprocess.PIPE, text=True)
@@ -159,6 +174,26 @@ def end_to_end(
     data = [p for p in (work / out).iterdir() if p.is_file() and p.suffix != ".json"]
     figures["bytes_per_image"] = sum(p.stat().st_size for p in data) / figures["images"]
     return figures
+
+
+def engine_runs(work: Path, model: Path, best: dict, args) -> dict:
+    """End to end on the local engine and on Ray, alternated; the best of each, and Ray's rate over local's."""
+    runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    for round_ in range(args.e2e_rounds):
+        for engine in ("local", "ray"):
+            figures = end_to_end(
+                work, model, best["backend"], best["precision"], args.batch, args.images,
+                out=f"out-{engine}-{round_}", per_shard=args.per_shard, engine=engine,
+            )
+            runs[engine].append({k: figures[k] for k in ("images", "images_per_s_after_check", "peak_pss_mib")})
+    best_of = {engine: max(r["images_per_s_after_check"] for r in results) for engine, results in runs.items()}
+    return {
+        "shards": -(-args.images // args.per_shard),
+        "runs": runs,
+        "best_images_per_s": best_of,
+        "ray_vs_local": best_of["ray"] / best_of["local"],
+        "peak_pss_mib_max": {engine: max(r["peak_pss_mib"] for r in results) for engine, results in runs.items()},
+    }
 
 
 LAYOUT_RUNS = [
@@ -209,7 +244,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=192, help="images in the end-to-end run")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--layouts", action="store_true", help="also run end to end per output layout and dtype")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: end to end on both engines")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="with --engine ray: runs per engine, alternated")
+    parser.add_argument("--e2e-only", action="store_true", help="model-only torch-cpu fp32 alone, no baseline")
+    parser.add_argument("--per-shard", type=int, default=64, help="images per generated shard")
     args = parser.parse_args()
+    if args.e2e_only:
+        args.no_baseline = True
 
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
@@ -222,13 +263,15 @@ def main() -> None:
     batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
 
     configs = [("torch-cpu", "fp32"), ("torch-cpu", "bf16"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8")]
-    if cuda:
+    if args.e2e_only:
+        configs = [("torch-cuda" if cuda else "torch-cpu", "fp32")]
+    if cuda and not args.e2e_only:
         configs += [
             ("torch-cuda", "fp32"),
             ("torch-cuda", "bf16"),
             ("torch-cuda", "fp16"),
         ]
-    if cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():  # the CPU-only wheel has none
+    if cuda and not args.e2e_only and "CUDAExecutionProvider" in onnxruntime.get_available_providers():  # the CPU-only wheel has none
         configs.append(("onnxruntime-cuda", "fp32"))
     fp32 = load_backend(encoder_path, "torch-cuda" if cuda else "torch-cpu").run(batch)[0]
     model_only, runs = [], []
@@ -267,7 +310,7 @@ def main() -> None:
     eligible = [e for e in model_only if e["patch_cosine_min"] >= 0.99 and not e.get("compiled")]  # as the job runs
     best = max(eligible, key=lambda e: e["images_per_s"])
     best_path = onnx_path if best["backend"].startswith("onnxruntime") else encoder_path
-    e2e = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images)
+    e2e = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images, per_shard=args.per_shard)
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -291,6 +334,8 @@ def main() -> None:
             "vs_model_only": e2e["images_per_s_after_check"] / best["images_per_s"],
         },
     }
+    if args.engine == "ray":
+        result["engines"] = engine_runs(work, best_path, best, args)
     if args.layouts:
         runs = layout_runs(work, best_path, best["backend"], best["precision"], args.batch, args.images)
         result["layouts"] = [{**r, "vs_model_only": r["images_per_s_after_check"] / best["images_per_s"]} for r in runs]

@@ -97,13 +97,24 @@ def embed(
         60.0, min=0.1, help="Seconds after which a shard claimed by a process that stopped is taken over."
     ),
     layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy (tar) or NAME.layer_<i>.npy (array)."),
+    engine: str = typer.Option(
+        "local", help="local: this process and its decode workers; ray: a Ray cluster (pip install 'dmt-jepa[ray]')."
+    ),
+    address: str = typer.Option(
+        None, help="--engine ray: the cluster to join (auto: the one `ray start --head` began here; default: a new local one)."
+    ),
+    decode_workers: int = typer.Option(
+        None, min=1, help="--engine ray: decode tasks at once (default: the cluster's CPUs less the model workers)."
+    ),
+    model_workers: int = typer.Option(1, min=1, help="--engine ray: model actors, each loading the model once."),
+    gpus_per_worker: float = typer.Option(0.0, min=0, help="--engine ray: GPUs per model actor (0: CPU)."),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
     from serve.backends import BackendError
     from serve.images import DEFAULT_MAX_PIXELS
     from serve.inputs import InputError
-    from serve.job import EmbedOptions, OutputDirError, OutputWriteError, embed_shards
+    from serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
     from serve.remote import location
 
     try:
@@ -128,6 +139,11 @@ def embed(
             overwrite=overwrite,
             layers=tuple(chosen) if (chosen := parse_layers(layers)) else None,
             lease_seconds=lease,
+            engine=engine,
+            address=address,
+            decode_workers=decode_workers,
+            model_workers=model_workers,
+            gpus_per_worker=gpus_per_worker,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
@@ -140,7 +156,7 @@ def embed(
         raise typer.Exit(2)
     try:
         summary = embed_shards(input, out_dir, model, options)
-    except (InputError, BackendError, OutputDirError, EncoderFileError) as err:
+    except (InputError, BackendError, OutputDirError, EncoderFileError, EngineError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     except OutputWriteError as err:

@@ -15,6 +15,7 @@ _EXPORTS = {
     "JobSummary": "serve.job",
     "OutputDirError": "serve.job",
     "OutputWriteError": "serve.job",
+    "EngineError": "serve.job",
     "embed_images": "serve.api",
     "open_embeddings": "serve.reader",
     "Embeddings": "serve.reader",

@@ -1,4 +1,5 @@
-"""Decode worker processes for the embedding job, robust to a worker that dies mid-image."""
+"""Decode worker processes for the embedding job, robust to a worker that dies mid-image; and the
+Ray engine's decode task, here so that its workers import no torch."""
 
 from __future__ import annotations
 
@@ -107,3 +108,19 @@ class Decoder:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_chunk(datas: list[bytes], prep: Preprocess) -> tuple[list[dict | str], np.ndarray]:
+    """The Ray engine's decode task: per image its record, or why it was rejected; and uint8
+    [n, H, W, 3] of the n usable ones."""
+    meta: list[dict | str] = []
+    pixels: list[np.ndarray] = []
+    for data in datas:
+        try:
+            array, record = prepare(data, prep)
+        except ImageRejected as err:
+            meta.append(str(err))
+            continue
+        meta.append(record)
+        pixels.append(array)
+    return meta, np.stack(pixels) if pixels else np.zeros((0, *prep.size, 3), np.uint8)

@@ -20,8 +20,9 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -54,8 +55,15 @@ from serve.shards import (
 )
 
 
+ENGINES = ("local", "ray")
+
+
 class OutputDirError(ValueError):
     """OUT_DIR cannot hold the outputs; the message is one sentence for the user."""
+
+
+class EngineError(ValueError):
+    """The chosen engine cannot run here (Ray missing, a cluster out of reach); one sentence for the user."""
 
 
 class OutputWriteError(OSError):
@@ -89,9 +97,23 @@ class EmbedOptions:
     max_queued_bytes: int = 256 << 20  # encoded image bytes between the reader and the batcher
     # blocks also written (tar: KEY.layer_<i>.npy, array: NAME.layer_<i>.npy); a Backend given has its own
     layers: tuple[int, ...] | None = None
+    engine: str = "local"  # local: this process and its decode workers; ray: a Ray cluster (serve.ray_engine)
+    address: str | None = None  # ray: the cluster to join ("auto": the one `ray start` began here); None: a new local one
+    decode_workers: int | None = None  # ray: decode tasks at once; None: the cluster's CPUs less the model actors'
+    model_workers: int = 1  # ray: model actors, each holding the model once
+    gpus_per_worker: float = 0.0  # ray: GPUs per model actor; 0: CPU
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}.")
+        ray_only = {"--address": self.address is not None, "--decode-workers": self.decode_workers is not None,
+                    "--model-workers": self.model_workers != 1, "--gpus-per-worker": self.gpus_per_worker != 0}
+        if self.engine != "ray" and any(ray_only.values()):
+            given = ", ".join(flag for flag, set_ in ray_only.items() if set_)
+            raise ValueError(f"{given} only apply to --engine ray; add --engine ray or leave them out.")
+        if self.model_workers < 1 or self.gpus_per_worker < 0 or (self.decode_workers is not None and self.decode_workers < 1):
+            raise ValueError("--model-workers and --decode-workers must be at least 1 and --gpus-per-worker at least 0.")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
         if self.dtype not in DTYPES:
@@ -222,7 +244,7 @@ class _Decoding(NamedTuple):
     not_carried: list[str]  # extensions of non-image members too large to copy
 
 
-class _ShardEnd(NamedTuple):
+class ShardEnd(NamedTuple):
     shard: ShardSource
     cut: str | None  # why the shard ended early, if it did
     missing: str | None  # why the shard could not be read at all (then it is not done)
@@ -272,6 +294,41 @@ class _ByteBudget:
             self._changed.notify_all()
 
 
+class ReadSample(NamedTuple):
+    """One input sample as the read stage hands it on: its encoded image, or why it has none."""
+
+    key: str
+    data: bytes  # the encoded image; empty when rejected
+    carried: dict[str, bytes]  # the sample's non-image members, copied to its output
+    not_carried: list[str]  # extensions of non-image members too large to copy
+    rejected: ImageRejected | None  # the sample has no usable image member
+
+
+def read_shard(source: ShardSource, max_carried_bytes: int) -> Iterator[ReadSample | ShardEnd]:
+    """Read stage: a ReadSample per sample of one shard, in order, then its ShardEnd (cut or missing)."""
+    cut = missing = None
+    try:
+        stream = open_source(source.url)
+    except OSError as err:
+        yield ShardEnd(source, None, f"cannot open {source.url} ({err.strerror or err})")
+        return
+    reader = ShardReader(stream, images_only=True, max_carried_bytes=max_carried_bytes)
+    try:
+        with stream:
+            for sample in reader:
+                carried = sample.carried()
+                try:
+                    yield ReadSample(sample.key, sample.image()[1], carried, sample.not_carried, None)
+                except ImageRejected as err:
+                    yield ReadSample(sample.key, b"", {}, sample.not_carried, err)
+        cut = reader.cut
+    except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
+        cut = f"cannot read the shard ({err}); the samples before the error were kept"
+    if reader.offset == 0:  # a pipe whose command failed reads as empty, as does a missing object
+        missing = f"cannot read {source.url} ({cut})"
+    yield ShardEnd(source, cut, missing)
+
+
 def _read_shards(
     shards: Iterator[ShardSource],
     max_carried_bytes: int,
@@ -280,34 +337,18 @@ def _read_shards(
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Reader thread: a _Decoding per sample and a _ShardEnd per shard, in claim order, then None."""
+    """Reader thread: a _Decoding per sample and a ShardEnd per shard, in claim order, then None."""
     try:
         for source in shards:
-            cut = missing = None
-            try:
-                stream = open_source(source.url)
-            except OSError as err:
-                missing = f"cannot open {source.url} ({err.strerror or err})"
-            else:
-                reader = ShardReader(stream, images_only=True, max_carried_bytes=max_carried_bytes)
-                try:
-                    with stream:
-                        for sample in reader:
-                            carried = sample.carried()
-                            try:
-                                data = sample.image()[1]
-                                budget.acquire(len(data) + sum(map(len, carried.values())), stop)
-                                task = decoder.submit(data)
-                            except ImageRejected as err:
-                                data, task, carried = b"", finished(error=err), {}
-                            item = _Decoding(source, sample.key, task, data, carried, sample.not_carried)
-                            _put(out, item, stop)
-                    cut = reader.cut
-                except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
-                    cut = f"cannot read the shard ({err}); the samples before the error were kept"
-                if reader.offset == 0:  # a pipe whose command failed reads as empty, as does a missing object
-                    missing = f"cannot read {source.url} ({cut})"
-            _put(out, _ShardEnd(source, cut, missing), stop)
+            for item in read_shard(source, max_carried_bytes):
+                if isinstance(item, ReadSample):
+                    if item.rejected is None:
+                        budget.acquire(len(item.data) + sum(map(len, item.carried.values())), stop)
+                        task = decoder.submit(item.data)
+                    else:
+                        task = finished(error=item.rejected)
+                    item = _Decoding(source, item.key, task, item.data, item.carried, item.not_carried)
+                _put(out, item, stop)
         _put(out, None, stop)
     except _Stopped:
         return
@@ -358,15 +399,20 @@ def embed_shards(
     shards = resolve_inputs(inputs)
     rank, world_size = resolve_rank(options.rank, options.world_size)
     mine = partition(shards, rank, world_size)
-    runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
-    prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
-    refuse_out_over_inputs(out_dir, shards)
-    remote = _open_remote(out_dir)
-    try:
-        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options)
-    finally:
+    with ExitStack() as stack:
+        if options.engine == "ray":
+            from serve import ray_engine  # Ray is an optional extra, imported only when asked for
+
+            runner, run = stack.enter_context(ray_engine.session(model, options))
+        else:
+            runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
+            run = _run
+        prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
+        refuse_out_over_inputs(out_dir, shards)
+        remote = _open_remote(out_dir)
         if remote is not None:
-            remote.close()
+            stack.callback(remote.close)
+        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options, run)
 
 
 def _open_remote(out_dir: str | os.PathLike) -> RemoteOut | None:
@@ -388,6 +434,7 @@ def _embed_into(
     runner: Backend,
     prep: Preprocess,
     options: EmbedOptions,
+    run: Callable[[ShardRun], None],
 ) -> JobSummary:
     """embed_shards once OUT_DIR is open: local, or a remote one staged in `remote.staging`."""
     out = Path(out_dir) if remote is None else remote.staging
@@ -420,11 +467,10 @@ def _embed_into(
     pending = [s for s in mine if s.name not in set(summary.skipped)]
     start = time.perf_counter()
     if pending:
-        workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
         try:
             publish = None if remote is None else remote.publish
             names = [s.name for s in shards]
-            _run(pending, names, out, runner, prep, identity, projection, workers, options, summary, publish)
+            run(ShardRun(pending, names, out, runner, prep, identity, projection, options, summary, publish))
         except OSError as err:
             raise OutputWriteError(
                 f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); the shards finished before are kept "
@@ -465,124 +511,191 @@ def _clear_other_settings(
             remote.remove(relative)
 
 
-def _run(
-    pending: list[ShardSource],
-    job: list[str],
-    out_dir: Path,
-    runner: Backend,
-    prep: Preprocess,
-    identity: dict,
-    projection: np.ndarray | None,
-    workers: int,
-    options: EmbedOptions,
-    summary: JobSummary,
-    publish: Callable[[str], None] | None = None,
-) -> None:
-    """The pipeline over the shards still to do; commits each shard as soon as it is complete."""
-    decoder = Decoder(workers, prep)  # forks its workers first: no other thread of ours may run yet
-    owner = owner_token()
-    claims = Claims(out_dir, owner, options.lease_seconds)
-    budget = _ByteBudget(options.max_queued_bytes)
-    samples: queue.Queue = queue.Queue(maxsize=2 * options.batch_size + 2 * workers)
-    stop = threading.Event()
+@dataclass
+class ShardRun:
+    """What an engine's run takes: the shards still to do, and everything that fixes their bytes and records."""
 
-    def claimed() -> Iterator[ShardSource]:
-        for source in claims.each(pending, lambda s: s.name, lambda s: is_done(out_dir, s.name, identity), stop):
-            remove_leftovers(out_dir, source.name, owner)
-            remove_shard_files(out_dir, source.name)  # not done with this identity: its files in any layout go
-            yield source
+    pending: list[ShardSource]
+    names: list[str]  # every shard of the job, for the totals in the stats
+    out_dir: Path
+    runner: Backend
+    prep: Preprocess
+    identity: dict
+    projection: np.ndarray | None  # [pca + 1, D] with --pca
+    options: EmbedOptions
+    summary: JobSummary
+    publish: Callable[[str], None] | None = None  # a remote OUT_DIR: upload a committed shard
 
-    reader = threading.Thread(
-        target=_read_shards,
-        args=(claimed(), options.max_carried_bytes, decoder, budget, samples, stop),
-        name="embed-reader",
-        daemon=True,
-    )
-    writer = _Writer(depth=4)
-    outputs: dict[str, ShardOutput] = {}  # shards not yet committed; what is left here at the end is removed
-    shard_info = {
-        "input_size": list(prep.size),
-        "resize": prep.resize,
-        "pooled": options.pooled,
-        "layout": options.layout,
-        "dtype": options.dtype,
-        "identity": identity,
-        **runner.describe(),
-    }
-    if runner.layers:
-        shard_info["layers"] = list(runner.layers)
-    bar = Progress(options.progress, options.progress_every, len(pending))
-    started: dict[str, float] = {}
-    run_info = {"rank": summary.rank, "world_size": summary.world_size, "backend": runner.name, "precision": runner.precision}
-    batch: list[tuple[str, np.ndarray, dict, dict]] = []
-    spec = replace(options.output, layers=tuple(runner.layers))
 
-    def write_batch(out: ShardOutput, keys: list[str], records: list[dict], carried: list[dict], grid, pooled, maps: dict) -> None:
-        if projection is not None:
-            grid, pooled = project(projection, grid), None if pooled is None else project(projection, pooled)
+def claimed_shards(run: ShardRun, claims: Claims, stop: threading.Event) -> Iterator[ShardSource]:
+    """Claim stage: each pending shard this process wins, in order, with whatever an earlier try left removed."""
+    is_mine = partial(is_done, run.out_dir, identity=run.identity)
+    for source in claims.each(run.pending, lambda s: s.name, lambda s: is_mine(s.name), stop):
+        remove_leftovers(run.out_dir, source.name, claims.owner)
+        remove_shard_files(run.out_dir, source.name)  # not done with this identity: its files in any layout go
+        yield source
+
+
+class Embedded(NamedTuple):
+    """One batch through the model."""
+
+    grid: np.ndarray  # [B, h, w, D]
+    pooled: np.ndarray  # [B, D]
+    layers: dict[int, np.ndarray]  # block index -> [B, h, w, D]
+    finite: np.ndarray  # bool [B]: no NaN or inf in the sample's grid and pooled vector
+    worst_patch_cosine: float | None  # the fp32 check, on a checked batch where the backend has one
+    check_seconds: float
+
+
+def embed_batch(runner: Backend, pixels: np.ndarray, check: bool) -> Embedded:
+    """Batch stage: uint8 [B, H, W, 3] through the model; a checked batch also runs in fp32 and is compared."""
+    if check:
+        start = time.perf_counter()
+        (grid, pooled, *maps), worst = checked_run(runner, pixels)
+        seconds = time.perf_counter() - start if worst is not None else 0.0
+    else:
+        (grid, pooled, *maps), worst, seconds = runner.run_pixels(pixels), None, 0.0
+    finite = np.isfinite(grid).reshape(len(pixels), -1).all(axis=1) & np.isfinite(pooled).all(axis=1)
+    return Embedded(grid, pooled, dict(zip(runner.layers, maps, strict=True)), finite, worst, seconds)
+
+
+class ShardWriting:
+    """Write and commit stages: one ShardOutput per shard in progress, batches into it, NAME.json last.
+
+    `count` runs where batches come back in order (the main thread); `write`, `fail` and `finish`
+    may run in a writer thread. Whatever is still open at `close` is removed.
+    """
+
+    def __init__(self, run: ShardRun, claims: Claims):
+        self.run, self.claims, self.summary = run, claims, run.summary
+        self.spec = replace(run.options.output, layers=tuple(run.runner.layers))
+        self.dim = run.runner.info.embed_dim if run.projection is None else run.options.pca
+        self.outputs: dict[str, ShardOutput] = {}  # shards not yet committed
+        self.started: dict[str, float] = {}
+        options, runner = run.options, run.runner
+        self.info = {
+            "input_size": list(run.prep.size),
+            "resize": run.prep.resize,
+            "pooled": options.pooled,
+            "layout": options.layout,
+            "dtype": options.dtype,
+            "identity": run.identity,
+            **runner.describe(),
+            **({"layers": list(runner.layers)} if runner.layers else {}),
+        }
+        self.run_info = {
+            "rank": self.summary.rank, "world_size": self.summary.world_size, "backend": runner.name, "precision": runner.precision
+        }
+
+    def output(self, source: ShardSource) -> ShardOutput:
+        """The shard's output, opened on its first sample."""
+        if source.name not in self.outputs:
+            self.outputs[source.name] = open_output(
+                self.run.out_dir, source.name, self.claims.owner, self.spec, self.run.prep.grid, self.dim, self.info
+            )
+            self.started[source.name] = time.time()
+        return self.outputs[source.name]
+
+    def count(self, result: Embedded, records: list[dict | None]) -> None:
+        """Account for a batch in the summary; a sample with non-finite values becomes a failure (records[i] = None)."""
+        first = self.summary.embedded == 0 and self.summary.worst_patch_cosine is None
+        if first and not result.finite.all():
+            raise BackendError(
+                f"the model gives non-finite embeddings (NaN or inf) on the first batch in {self.run.runner.precision}; "
+                "its weights are damaged or overflow: check the model file, or try --precision fp32."
+            )
+        if result.worst_patch_cosine is not None and self.summary.worst_patch_cosine is None:
+            self.summary.worst_patch_cosine, self.summary.check_seconds = result.worst_patch_cosine, result.check_seconds
+        for i in np.flatnonzero(~result.finite):
+            records[i] = None
+        self.summary.embedded += int(result.finite.sum())
+        self.summary.failed += int((~result.finite).sum())
+
+    def write(self, out: ShardOutput, keys: list[str], records: list[dict | None], carried: list[dict], result: Embedded) -> None:
+        """Write one counted batch into its shard's output."""
+        grid, pooled = result.grid, result.pooled if self.spec.writes_pooled else None
+        if self.run.projection is not None:
+            matrix = self.run.projection
+            grid, pooled = project(matrix, grid), None if pooled is None else project(matrix, pooled)
         for i, key in enumerate(keys):
             if records[i] is None:
                 out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
             else:
-                layers = {"layers": {k: v[i] for k, v in maps.items()}} if maps else {}
+                layers = {"layers": {k: v[i] for k, v in result.layers.items()}} if result.layers else {}
                 out.add(key, grid[i], records[i], None if pooled is None else pooled[i], carried[i], **layers)
 
-    def flush(out: ShardOutput) -> None:
-        if not batch:
-            return
-        keys, arrays, records, carried = (list(column) for column in zip(*batch, strict=True))
-        pixels = np.stack(arrays)  # uint8 [B, H, W, 3]
-        first = summary.embedded == 0 and summary.worst_patch_cosine is None
-        if first:
-            check_start = time.perf_counter()
-            (grid, pool_vec, *maps), summary.worst_patch_cosine = checked_run(runner, pixels)
-            if summary.worst_patch_cosine is not None:
-                summary.check_seconds = time.perf_counter() - check_start
-        else:
-            grid, pool_vec, *maps = runner.run_pixels(pixels)  # [B, h, w, D], [B, D], [B, h, w, D] per layer
-        finite = np.isfinite(grid).reshape(len(keys), -1).all(axis=1) & np.isfinite(pool_vec).all(axis=1)
-        if first and not finite.all():
-            raise BackendError(
-                f"the model gives non-finite embeddings (NaN or inf) on the first batch in {runner.precision}; "
-                "its weights are damaged or overflow: check the model file, or try --precision fp32."
-            )
-        for i in np.flatnonzero(~finite):
-            records[i] = None
-        layer_maps = dict(zip(runner.layers, maps, strict=True))
-        writer.submit(partial(write_batch, out, keys, records, carried, grid, pool_vec if spec.writes_pooled else None, layer_maps))
-        summary.embedded += int(finite.sum())
-        summary.failed += int((~finite).sum())
-        batch.clear()
-        bar.update(summary.embedded, summary.failed)
+    def end(self, end: ShardEnd) -> dict:
+        """The shard's NAME.json record, once all its samples were read."""
+        if end.cut is not None and end.missing is None:
+            self.summary.cut_shards.append(end.shard.name)
+        return {"shard": f"{end.shard.name}.tar", "source": end.shard.url, "cut": end.cut, **self.info}
 
-    def committed(out: ShardOutput, name: str, record: dict) -> bool:
+    def _committed(self, out: ShardOutput, name: str, record: dict) -> bool:
         """Commit; False where another process took the shard over meanwhile (it removed the files aside)."""
         try:
             out.commit(record)
         except OSError:
-            if claims.owns(name):
+            if self.claims.owns(name):
                 raise
             return False
         return True
 
-    def finish(out: ShardOutput, source: ShardSource, record: dict | None, missing: str | None) -> None:
-        """Writer task: commit a complete shard if this process still holds it, then give its claim back."""
-        if missing is None and claims.owns(source.name) and committed(out, source.name, record):
-            summary.completed.append(source.name)
+    def finish(self, source: ShardSource, record: dict, missing: str | None) -> None:
+        """Commit stage: commit a complete shard if this process still holds it, then give its claim back."""
+        out = self.output(source)
+        if missing is None and self.claims.owns(source.name) and self._committed(out, source.name, record):
+            self.summary.completed.append(source.name)
             try:
-                if len(summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was
-                    record_job(out_dir, job)
-                record_shard(out_dir, source.name, started[source.name], out.embedded, out.failures, run_info)
+                if len(self.summary.completed) == 1:  # not before: a job that commits nothing leaves OUT_DIR as it was
+                    record_job(self.run.out_dir, self.run.names)
+                record_shard(self.run.out_dir, source.name, self.started[source.name], out.embedded, out.failures, self.run_info)
             except OSError as err:  # the shard is done; only its figures are lost
-                summary.notices.append(f"no stats record for {source.name} ({err.strerror or err})")
-            if publish is not None:
-                publish(source.name)
+                self.summary.notices.append(f"no stats record for {source.name} ({err.strerror or err})")
+            if self.run.publish is not None:
+                self.run.publish(source.name)
         else:  # unreadable, or taken over by another process after a pause longer than the lease
             out.abort()
             if missing is not None:
-                summary.missing[source.name] = missing
-        outputs.pop(source.name, None)
-        claims.release(source.name)
+                self.summary.missing[source.name] = missing
+        self.outputs.pop(source.name, None)
+        self.claims.release(source.name)
+
+    def close(self) -> None:
+        for out in list(self.outputs.values()):
+            out.abort()  # removes what an unfinished shard left aside; a committed shard has nothing aside
+
+
+def _run(run: ShardRun) -> None:
+    """The local engine over the shards still to do: reader thread, batches here, writer thread."""
+    options, summary, runner, out_dir = run.options, run.summary, run.runner, run.out_dir
+    workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
+    decoder = Decoder(workers, run.prep)  # forks its workers first: no other thread of ours may run yet
+    claims = Claims(out_dir, owner_token(), options.lease_seconds)
+    budget = _ByteBudget(options.max_queued_bytes)
+    samples: queue.Queue = queue.Queue(maxsize=2 * options.batch_size + 2 * workers)
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=_read_shards,
+        args=(claimed_shards(run, claims, stop), options.max_carried_bytes, decoder, budget, samples, stop),
+        name="embed-reader",
+        daemon=True,
+    )
+    writer = _Writer(depth=4)
+    writing = ShardWriting(run, claims)
+    bar = Progress(options.progress, options.progress_every, len(run.pending))
+    batch: list[tuple[str, np.ndarray, dict, dict]] = []
+
+    def flush(out: ShardOutput) -> None:
+        """Batch stage: the samples gathered so far (one shard's) through the model, then to the writer."""
+        if not batch:
+            return
+        keys, arrays, records, carried = (list(column) for column in zip(*batch, strict=True))
+        first = summary.embedded == 0 and summary.worst_patch_cosine is None
+        result = embed_batch(runner, np.stack(arrays), check=first)  # uint8 [B, H, W, 3] in
+        writing.count(result, records)
+        writer.submit(partial(writing.write, out, keys, records, carried, result))
+        batch.clear()
+        bar.update(summary.embedded, summary.failed)
 
     reader.start()
     writer.start()
@@ -590,12 +703,7 @@ def _run(
         for item in iter(samples.get, None):
             if isinstance(item, _ReaderFailed):
                 raise item.error
-            source = item.shard
-            if source.name not in outputs:
-                dim = runner.info.embed_dim if projection is None else options.pca
-                outputs[source.name] = open_output(out_dir, source.name, owner, spec, prep.grid, dim, shard_info)
-                started[source.name] = time.time()
-            out = outputs[source.name]
+            out = writing.output(item.shard)
             if isinstance(item, _Decoding):
                 try:
                     array, record = decoder.result(item.task, item.data)
@@ -612,10 +720,7 @@ def _run(
                     flush(out)
             else:
                 flush(out)
-                if item.cut is not None and item.missing is None:
-                    summary.cut_shards.append(source.name)
-                done = {"shard": f"{source.name}.tar", "source": source.url, "cut": item.cut, **shard_info}
-                writer.submit(partial(finish, out, source, done, item.missing))
+                writer.submit(partial(writing.finish, item.shard, writing.end(item), item.missing))
                 bar.shard_done()
         writer.close()
         if writer.error is not None:
@@ -627,7 +732,6 @@ def _run(
         decoder.close()
         if writer.is_alive():
             writer.close()
-        for out in list(outputs.values()):
-            out.abort()  # removes what an unfinished shard left aside; a committed shard has nothing aside
+        writing.close()
         claims.close()
         bar.close()
