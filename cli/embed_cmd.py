@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 BACKEND_HELP = (
-    "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt (auto: fastest for the model here)."
+    "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda, openvino or tensorrt (auto: fastest for the "
+    "model here; on a CPU measured once and cached, see docs/embed.md)."
 )
 
 
@@ -51,7 +52,9 @@ def embed(
     ),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     precision: str = typer.Option(
-        None, help="fp32, bf16, fp16 or int8 where the backend supports it (default: the model's own)."
+        None,
+        help="fp32, bf16, fp16, int8 or int8-static where the backend supports it (default: the model's own); "
+        "int8 is dynamic on onnxruntime-cpu and calibrated on openvino, int8-static calibrated on onnxruntime-cpu.",
     ),
     size: str = typer.Option(None, help="Model input HxW, multiples of the patch size (default: the training size)."),
     resize: str = typer.Option(

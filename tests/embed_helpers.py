@@ -38,6 +38,21 @@ def write_onnx_model(path: Path, encoder: VisionTransformer, fp16: bool = False)
     return path
 
 
+def tiny_model_files(root: Path) -> dict[str, Path]:
+    """The tiny encoder as an encoder file and as its ONNX export, keyed by model kind."""
+    return {
+        "encoder": write_encoder_file(root / "enc.safetensors"),
+        "onnx": write_onnx_model(root / "enc.onnx", tiny_encoder()),
+    }
+
+
+def tiny_dense(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny encoder's fp32 PyTorch outputs: patch grid [B, h, w, D] and pooled [B, D]."""
+    with torch.no_grad():
+        grid, pooled = tiny_encoder().dense(torch.from_numpy(images))
+    return grid.numpy(), pooled.numpy()
+
+
 def image_bytes(height: int, width: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from embed_helpers import TRAIN_SIZE, image_bytes, tiny_encoder, write_encoder_file, write_onnx_model
+from embed_helpers import TRAIN_SIZE, image_bytes, tiny_dense, tiny_encoder, tiny_model_files, write_onnx_model
 from PIL import Image
 
 import serve
@@ -18,17 +18,10 @@ from serve.images import ImageRejected, normalise
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "encoder": write_encoder_file(root / "enc.safetensors"),
-        "onnx": write_onnx_model(root / "enc.onnx", tiny_encoder()),
-    }
+    return tiny_model_files(tmp_path_factory.mktemp("models"))
 
 
-def reference(images: np.ndarray):
-    with torch.no_grad():
-        grid, pooled = tiny_encoder().dense(torch.from_numpy(images))
-    return grid.numpy(), pooled.numpy()
+reference = tiny_dense
 
 
 def batch(n=3, height=TRAIN_SIZE, width=TRAIN_SIZE, seed=0):
@@ -47,7 +40,7 @@ def normalised(images):
 @pytest.mark.parametrize("kind, name", [("encoder", "torch-cpu"), ("onnx", "onnxruntime-cpu")])
 @pytest.mark.parametrize("height, width", [(TRAIN_SIZE, TRAIN_SIZE), (48, 80)])
 def test_fp32_backends_equal_pytorch(models, kind, name, height, width):
-    backend = load_backend(models[kind])
+    backend = load_backend(models[kind], name)
     assert backend.name == name and backend.precision == "fp32"
     images = batch(3, height, width)
     grid, pooled = backend.run(images)

@@ -276,3 +276,25 @@ def test_layers_are_refused_for_engines_and_out_of_range(tiny, tmp_path):
     assert result.exit_code == 2 and "within 0 to 1" in result.output
     result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(tmp_path / "b"), "--trt", "--layers", "1"])
     assert result.exit_code == 2 and "ONNX models only" in result.output
+
+
+def test_fusable_gelu_equals_exact_gelu():
+    """The export's GELU form gives nn.GELU's values (erf form), over a wide range and at the extremes."""
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, -0.0, 1e-8, -1e-8, 60.0, -60.0])])
+    reference = F.gelu(x.double()).float()
+    assert torch.allclose(onnx_export.FusableGelu()(x), reference, atol=2e-7, rtol=1e-6)
+    encoder = create_encoder("vit_nano", patch_size=8, img_size=32).eval()
+    swapped = onnx_export.with_fusable_gelu(encoder)
+    assert not any(isinstance(m, torch.nn.GELU) for m in swapped.modules())
+    assert any(isinstance(m, torch.nn.GELU) for m in encoder.modules())  # the caller's encoder is untouched
+
+
+def test_onnx_runtime_fuses_every_block_gelu(tiny, tmp_path):
+    """After ONNX Runtime's graph optimisation each block's fc1 bias + GELU is one BiasGelu and no Erf is left."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(tiny.out / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("BiasGelu") == len(tiny.encoder.blocks)
+    assert "Erf" not in ops

@@ -9,11 +9,11 @@ from pathlib import Path
 from dmt_jepa.encoder_file import EncoderFileError, model_identity
 from serve.backends.base import PRECISIONS, Backend, BackendError, checked_run, patch_cosine
 
-BACKENDS = ("auto", "torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+BACKENDS = ("auto", "torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "openvino", "tensorrt")
 MODEL_KINDS = {".safetensors": "encoder", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
 KIND_BACKENDS = {
-    "encoder": ("torch-cpu", "torch-cuda"),
-    "onnx": ("onnxruntime-cpu", "onnxruntime-cuda"),
+    "encoder": ("torch-cpu", "torch-cuda", "openvino"),
+    "onnx": ("onnxruntime-cpu", "onnxruntime-cuda", "openvino"),
     "engine": ("tensorrt",),
 }
 KIND_WORDS = {"encoder": "an encoder file", "onnx": "an ONNX model", "engine": "a TensorRT engine"}
@@ -85,10 +85,65 @@ def _select_gpu() -> None:
     torch.cuda.set_device(local_gpu() % torch.cuda.device_count())
 
 
+# The CPU backends `auto` may measure against each other, with the precisions each runs.
+CPU_CHOICES = {"torch-cpu": ("fp32", "bf16"), "onnxruntime-cpu": ("fp32", "int8", "int8-static"), "openvino": ("fp32", "bf16", "int8")}
+
+
+def _openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _build(name: str, kind: str, path: Path, precision: str | None, layers: Sequence[int] | None) -> Backend:
+    """Build backend `name` for a model file of `kind`; EncoderFileError becomes BackendError."""
+    try:
+        if name == "openvino":
+            from serve.backends.openvino_backend import OpenVinoBackend
+
+            return OpenVinoBackend(path, precision=precision, layers=layers)
+        if kind == "encoder":
+            from serve.backends.torch_backend import TorchBackend
+
+            return TorchBackend.from_file(path, device=name.split("-")[1], precision=precision or "fp32", layers=layers)
+        if kind == "onnx":
+            from serve.backends.onnx_backend import OnnxRuntimeBackend
+
+            return OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision, layers=layers)
+        from serve.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(path, precision=precision)
+    except EncoderFileError as err:
+        raise BackendError(str(err)) from err
+
+
+def _measured_cpu_choice(path: Path, kind: str, precision: str | None, layers: Sequence[int] | None) -> tuple[str, Backend | None]:
+    """For an fp32 ONNX model: the faster of ONNX Runtime and OpenVINO here (serve/backends/choice.py).
+
+    Only ONNX models are measured: both backends then run the same verified graph. An encoder file
+    stays with PyTorch under `auto` (OpenVINO would first have to export it on every load).
+    """
+    from serve.backends.choice import measured_choice
+    from serve.backends.onnx_backend import read_contract
+
+    wanted = precision or "fp32"
+    names = [n for n in KIND_BACKENDS[kind] if n in CPU_CHOICES and wanted in CPU_CHOICES[n]]
+    if kind != "onnx" or "openvino" not in names or len(names) < 2 or not _openvino_available():
+        return choose_backend(kind), None
+    info, _, _, stored = read_contract(path, path)
+    if stored != "fp32":
+        return choose_backend(kind), None  # OpenVINO takes fp32 exports only: nothing to compare
+    builders = {n: (lambda n=n: _build(n, kind, path, precision, layers)) for n in names}
+    return measured_choice(kind, info, wanted, builders)
+
+
 def load_backend(
     model: str | os.PathLike, backend: str = "auto", precision: str | None = None, layers: Sequence[int] | None = None
 ) -> Backend:
     """Build the backend for a model file; `precision` None means the model's own (fp32 unless built otherwise).
+
+    `auto` on a machine without CUDA runs an fp32 ONNX model on the faster of ONNX Runtime and
+    OpenVINO, measured once per CPU model and model (serve/backends/choice.py says where it is cached).
 
     `layers` (block indices) makes `run` return those blocks too; an ONNX model must have been exported with them.
     """
@@ -107,24 +162,12 @@ def load_backend(
         )
     if layers and kind == "engine":
         raise BackendError("TensorRT engines output the grid and pooled vector only; use the ONNX model for --layers.")
-    if name != "torch-cpu" and name != "onnxruntime-cpu" and _cuda_available():
+    if name not in ("torch-cpu", "onnxruntime-cpu", "openvino") and _cuda_available():
         _select_gpu()
-    try:
-        if kind == "encoder":
-            from serve.backends.torch_backend import TorchBackend
-
-            built: Backend = TorchBackend.from_file(
-                path, device=name.split("-")[1], precision=precision or "fp32", layers=layers
-            )
-        elif kind == "onnx":
-            from serve.backends.onnx_backend import OnnxRuntimeBackend
-
-            built = OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision, layers=layers)
-        else:
-            from serve.backends.tensorrt_backend import TensorRTBackend
-
-            built = TensorRTBackend(path, precision=precision)
-    except EncoderFileError as err:
-        raise BackendError(str(err)) from err
+    built: Backend | None = None
+    if backend == "auto" and name in CPU_CHOICES:
+        name, built = _measured_cpu_choice(path, kind, precision, layers)
+    if built is None:
+        built = _build(name, kind, path, precision, layers)
     built.model_sha256 = model_identity(path)
     return built

@@ -12,7 +12,9 @@ from dmt_jepa.encoder_file import EncoderInfo
 from dmt_jepa.models import resolve_layers
 from serve.images import normalise
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# int8: dynamic on onnxruntime-cpu (activation ranges measured per batch), calibrated on openvino;
+# int8-static: calibrated on onnxruntime-cpu (serve/calibration.py).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-static")
 MIN_PATCH_COSINE = 0.99
 
 
@@ -23,7 +25,7 @@ class BackendError(ValueError):
 class Backend(ABC):
     """Runs the deployed encoder: normalised images -> patch embeddings and their mean."""
 
-    name: str  # torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda or tensorrt
+    name: str  # torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda, openvino or tensorrt
     precision: str
     info: EncoderInfo
     model_path: Path

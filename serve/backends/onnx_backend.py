@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an exported ONNX model on CPU (fp32, int8) or CUDA (fp32)."""
+"""ONNX Runtime backend: runs an exported ONNX model on CPU (fp32, int8 dynamic or calibrated) or CUDA (fp32)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,48 @@ def _quantized(path: Path) -> bytes:
         return out.read_bytes()
 
 
+def contract_info(inputs: list[str], outputs: list[str], metadata: dict[str, str], path: Path) -> tuple[EncoderInfo, IoNames]:
+    """The encoder info and name set of an ONNX model in the project's contract; BackendError for any other model."""
+    names = detect(inputs, outputs)
+    if names is None:
+        expected = "; or ".join(f"input {n.input!r} and outputs {n.outputs()}" for n in IO_STYLES.values())
+        raise BackendError(
+            f"{path} is not a dmt-jepa ONNX model (inputs {inputs}, outputs {outputs}; expected {expected}); "
+            "export one with `dmtjepa export`."
+        )
+    try:
+        return EncoderInfo.from_metadata(metadata, source=str(path)), names
+    except EncoderFileError as err:
+        raise BackendError(f"{err} Export the ONNX model with `dmtjepa export`.") from err
+
+
+def read_contract(onnx_path: Path, shown: Path) -> tuple[EncoderInfo, IoNames, list[str], str]:
+    """Encoder info, name set, output names and weight precision of an ONNX file, read without a session (`shown`: the name in errors)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, OSError or its own types for a file that is not a model
+        raise BackendError(f"cannot load {shown} as an ONNX model ({err}); export one with `dmtjepa export`.") from err
+    initialisers = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initialisers]
+    outputs = [o.name for o in model.graph.output]
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    stored = metadata.get("precision") if metadata.get("precision") in ("fp32", "fp16") else "fp16" if fp16 else "fp32"
+    info, names = contract_info(inputs, outputs, metadata, shown)
+    return info, names, outputs, stored
+
+
+def _calibrated(path: Path, info: EncoderInfo) -> bytes:
+    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py)."""
+    from serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pixels = scene_pixels(DEFAULT_CALIBRATION_IMAGES, info.img_size)
+        return quantize_static_int8(path, pixels, info, Path(tmp) / "int8.onnx").read_bytes()
+
+
 class OnnxRuntimeBackend(Backend):
     """An ONNX model in the project's contract, under either name set (export/io_names.py): token
     outputs [B, N, D] are reshaped to the [B, h, w, D] grid of the batch's own size, so both give the same arrays."""
@@ -88,7 +130,7 @@ class OnnxRuntimeBackend(Backend):
             )
         self._outputs = self.names.outputs(self.layers)
         stored = _stored_precision(path, self.session.get_modelmeta().custom_metadata_map)
-        allowed = {stored} | ({"int8"} if device == "cpu" and stored == "fp32" else set())
+        allowed = {stored} | ({"int8", "int8-static"} if device == "cpu" and stored == "fp32" else set())
         precision = precision or stored
         if precision not in allowed:
             raise BackendError(
@@ -99,23 +141,15 @@ class OnnxRuntimeBackend(Backend):
         self.precision, self._stored = precision, stored
         if precision == "int8":
             self.session = _session(_quantized(path), device)
+        elif precision == "int8-static":
+            self.session = _session(_calibrated(path, self.info), device)
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     @staticmethod
     def _read_contract(session, path: Path) -> tuple[EncoderInfo, IoNames]:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        names = detect(inputs, outputs)
-        if names is None:
-            expected = "; or ".join(f"input {n.input!r} and outputs {n.outputs()}" for n in IO_STYLES.values())
-            raise BackendError(
-                f"{path} is not a dmt-jepa ONNX model (inputs {inputs}, outputs {outputs}; expected {expected}); "
-                "export one with `dmtjepa export`."
-            )
-        try:
-            return EncoderInfo.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path)), names
-        except EncoderFileError as err:
-            raise BackendError(f"{err} Export the ONNX model with `dmtjepa export`.") from err
+        return contract_info(inputs, outputs, session.get_modelmeta().custom_metadata_map, path)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         outputs = self.session.run(self._outputs, {self.names.input: images.astype(self._input_dtype, copy=False)})

@@ -1,0 +1,127 @@
+"""OpenVINO backend: runs the exported ONNX model (or an encoder file, exported on load) on the CPU.
+
+fp32 runs with OpenVINO's f32 inference precision; bf16 with its bf16 precision, only where the
+CPU computes bf16 natively (AVX512-BF16 or AMX: elsewhere OpenVINO emulates it); int8 is the
+calibrated QDQ model of serve/calibration.py, which OpenVINO runs with its own int8 kernels.
+Each precision other than fp32 is checked against fp32 on the first batch like every backend.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dmt_jepa.encoder_file import EncoderFileError, load_encoder
+from dmt_jepa.precision import cpu_has_bf16
+from serve.backends.base import Backend, BackendError, backend_layers
+
+PRECISIONS = ("fp32", "bf16", "int8")
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers come from the QDQ graph
+
+
+def require_openvino():
+    """The openvino module, or BackendError saying how to install it."""
+    try:
+        import openvino
+    except ImportError as err:
+        raise BackendError(
+            "--backend openvino needs OpenVINO; install it with `pip install \"dmt-jepa[openvino]\"`."
+        ) from err
+    return openvino
+
+
+def _export_encoder(path: Path, folder: Path, layers: Sequence[int]) -> Path:
+    """The encoder file as the ONNX graph `dmtjepa export` writes (unverified here: the first batch is checked)."""
+    from export.onnx_export import export_graph
+
+    encoder, info = load_encoder(path)
+    onnx_path = folder / "encoder.onnx"
+    export_graph(encoder, info, onnx_path, {**info.to_metadata(), "precision": "fp32"}, layers=list(layers))
+    return onnx_path
+
+
+class OpenVinoBackend(Backend):
+    """An fp32 ONNX model in the project's contract, compiled by OpenVINO for the CPU."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        precision: str | None,
+        layers: Sequence[int] | None = None,
+        calibration: np.ndarray | None = None,
+        has_bf16: bool | None = None,
+    ):
+        """`calibration`: uint8 [N, H, W, 3] images for int8 (None: the scenes set); `has_bf16` None: ask the CPU."""
+        ov = require_openvino()
+        self.name, self.model_path = "openvino", path
+        precision = precision or "fp32"
+        if precision not in PRECISIONS:
+            raise BackendError(f"OpenVINO runs {', '.join(PRECISIONS)}, not {precision}; pick one of those.")
+        if precision == "bf16" and not (cpu_has_bf16() if has_bf16 is None else has_bf16):
+            raise BackendError(
+                "bf16 on OpenVINO needs a CPU with bf16 instructions (AVX512-BF16 or AMX) and this one has none; "
+                "use --precision fp32 or int8."
+            )
+        self._scratch = tempfile.TemporaryDirectory(prefix="dmtjepa-openvino-")
+        self._layers_requested = list(layers or [])
+        if path.suffix.lower() == ".safetensors":
+            try:
+                info = load_encoder(path)[1]
+            except EncoderFileError as err:
+                raise BackendError(str(err)) from err
+            self.layers = backend_layers(info, layers)
+            self.onnx_path = _export_encoder(path, Path(self._scratch.name), self.layers)
+        else:
+            self.onnx_path = path
+        from serve.backends.onnx_backend import read_contract
+
+        self.info, self.names, outputs, stored = read_contract(self.onnx_path, path)
+        if stored != "fp32":
+            raise BackendError(
+                f"{path} holds {stored} weights; OpenVINO takes the fp32 export (encoder.onnx) and lowers it itself."
+            )
+        self.layers = backend_layers(self.info, layers)
+        missing = [i for i in self.layers if self.names.layer(i) not in outputs]
+        if missing:
+            raise BackendError(
+                f"{path} has no output for layers {missing}; export it with `dmtjepa export --layers` naming them."
+            )
+        self._outputs = self.names.outputs(self.layers)
+        self.precision, self._calibration = precision, calibration
+        graph = self.onnx_path
+        if precision == "int8":
+            from serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+
+            pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
+            graph = quantize_static_int8(self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(graph))
+            self._compiled = core.compile_model(
+                model,
+                "CPU",
+                # LATENCY: one stream over every core. The job sends one large batch at a time; THROUGHPUT
+                # would split the cores into streams that a single request cannot fill.
+                {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"},
+            )
+        except RuntimeError as err:  # OpenVINO reports every load failure as a RuntimeError
+            raise BackendError(f"OpenVINO cannot load the model ({str(err).splitlines()[0]}).") from err
+        self._request = self._compiled.create_infer_request()
+        self._ports = [self._compiled.output(name) for name in self._outputs]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        results = self._request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
+        outputs = [np.array(results[port], dtype=np.float32) for port in self._ports]
+        grid = (images.shape[2] // self.info.patch_size, images.shape[3] // self.info.patch_size)
+        maps = [self.names.to_grid(out, grid) for i, out in enumerate(outputs) if i != 1]  # output 1: pooled
+        return (maps[0], outputs[1], *maps[1:])
+
+    def reference(self) -> Backend | None:
+        if self.precision == "fp32":
+            return None
+        return OpenVinoBackend(self.onnx_path, precision="fp32", layers=self.layers)
+
