@@ -128,7 +128,7 @@ class StudyConfig:
     arms: list[str] = field(default_factory=lambda: ["i-jepa", "dmt-jepa"])
     ablations: list[str] = field(default_factory=lambda: [
         "dmt-jepa-mix", "dmt-jepa-with-self", "mean-pool", "dmt-jepa-no-context", "dmt-jepa-k1", "dmt-jepa-k8",
-        "dmt-jepa-depth1", "dmt-jepa-learned",
+        "dmt-jepa-depth1", "dmt-jepa-learned", "dmt-jepa-window5", "dmt-jepa-k2", "dmt-jepa-mean",
     ])
     controls: list[str] = field(default_factory=lambda: ["random"])
     steps: int = 800
