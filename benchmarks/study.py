@@ -133,7 +133,7 @@ class StudyConfig:
     controls: list[str] = field(default_factory=lambda: ["random"])
     steps: int = 800
     batch_size: int = 32
-    lr: float = 5e-4  # half of 1e-3: the paired SD over seeds drops from 4.2 to 1.4 (docs/results.md)
+    lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with a linear lr warm-up
     weight_decay: float = 0.04
     ema: tuple[float, float] = (0.99, 1.0)
