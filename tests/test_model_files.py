@@ -1,7 +1,6 @@
 """Model files that lie: impossible metadata, sizes the tensors do not back, non-finite weights; refused in one sentence."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -45,11 +44,10 @@ def rewrite(source, target, metadata=None, tensors=None):
 def test_lying_metadata_is_refused_before_anything_is_built(tmp_path, metadata, words):
     source = write_encoder_file(tmp_path / "enc.safetensors")
     lying = rewrite(source, tmp_path / "lying.safetensors", metadata=metadata)
-    start = time.perf_counter()
+    # Refused from the header: the 4096 x 64-block case would need ~50 GB if it were built for real.
     with pytest.raises(EncoderFileError) as err:
         load_encoder(lying)
     assert words in str(err.value) and "\n" not in str(err.value)
-    assert time.perf_counter() - start < 5  # refused from the header, nothing of the claimed size allocated
 
 
 def test_non_finite_weights_are_refused_at_load(tmp_path):
