@@ -12,10 +12,9 @@ import typer
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
 
 
-def _fail(err: Exception, code: int = 2, *, quiet: bool = False) -> NoReturn:
-    """One sentence on stderr (none if `quiet`); exit 2 for input the user can fix, 1 for a run that failed."""
-    if not quiet:
-        typer.echo(f"error: {err}", err=True)
+def _fail(err: Exception, code: int = 2) -> NoReturn:
+    """One sentence on stderr; exit 2 for input the user can fix, 1 for a run that failed."""
+    typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code)
 
 
@@ -48,7 +47,9 @@ def pretrain(
             path = builtin_config_path("demo")
         cfg = load_config(path, [*(overrides or []), *(["optimization.compile=true"] if compile_step else [])])
     except ValueError as err:  # ConfigError, CheckpointError: what the user wrote or pointed at
-        _fail(err, quiet=not is_main)  # under torchrun every rank parses the same command line: one says so
+        # Under torchrun every rank parses the same line and says so once: whichever rank exits first
+        # makes torchrun stop the others, so a rank left silent could leave no line at all.
+        _fail(err)
 
     from dmt_jepa.checkpoint import CheckpointError, find_checkpoint
     from dmt_jepa.data import DataError

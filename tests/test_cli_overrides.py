@@ -1,5 +1,5 @@
 """`dmtjepa pretrain` overrides that cannot be read: one sentence on stderr, exit 2, nothing made;
-under torchrun one line in all (every rank parses the same command line), never a traceback."""
+under torchrun at most one line per rank (every rank parses the same command line), never a traceback."""
 
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ def test_malformed_override_is_one_line_on_stderr(tmp_path, monkeypatch, no_trai
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0), ("7", 0)])
-def test_under_torchrun_only_rank_zero_reports_what_every_rank_parsed(tmp_path, monkeypatch, no_training, rank, lines):
+@pytest.mark.parametrize("rank", ["0", "1", "7"])
+def test_under_torchrun_each_rank_reports_in_one_line(tmp_path, monkeypatch, no_training, rank):
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "8")
     result = CliRunner().invoke(app, ["pretrain", "data.train=[a", f"run.out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 2
-    assert len(result.stderr.splitlines()) == lines and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -128,5 +128,7 @@ def test_torchrun_with_a_malformed_override_prints_one_error_line(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 1 and "'data.train' is not valid YAML" in ours[0], out.stderr
+    # One line per rank at most: the first rank to exit has said it before torchrun stops the other.
+    assert 1 <= len(ours) <= 2 and len(set(ours)) == 1, out.stderr
+    assert "'data.train' is not valid YAML" in ours[0]
     assert not (tmp_path / "run").exists()
