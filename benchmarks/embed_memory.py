@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = """
 import json, resource, sys
-from serve import embed_shards
+from dmt_jepa.serve import embed_shards
 summary = embed_shards(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, layout=sys.argv[4])
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "embedded": summary.embedded}))

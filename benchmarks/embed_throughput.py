@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import cpu_description  # noqa: E402
 
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder  # noqa: E402
+from dmt_jepa.export.onnx_export import export_graph  # noqa: E402
 from dmt_jepa.models import create_encoder  # noqa: E402
-from export.onnx_export import export_graph  # noqa: E402
-from serve.backends import load_backend, patch_cosine  # noqa: E402
-from serve.backends.cpu import cpu_info  # noqa: E402
+from dmt_jepa.serve.backends import load_backend, patch_cosine  # noqa: E402
+from dmt_jepa.serve.backends.cpu import cpu_info  # noqa: E402
 
 TIMM_MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
 
@@ -125,7 +125,7 @@ def write_shards(folder: Path, images: int, per_shard: int) -> None:
 
 END_TO_END = """
 import json, sys
-from serve.job import embed_shards
+from dmt_jepa.serve.job import embed_shards
 inputs, out, model, backend, precision, batch, settings = sys.argv[1:]
 summary = embed_shards(
     inputs, out, model, backend=backend, precision=precision, batch_size=int(batch), **json.loads(settings)
@@ -229,7 +229,7 @@ LAYOUT_RUNS = [
 
 def layout_runs(work: Path, model: Path, backend: str, precision: str, batch: int, images: int) -> list[dict]:
     """End to end per layout and dtype, and the cosine of each stored form to the float32 one."""
-    from serve import open_embeddings
+    from dmt_jepa.serve import open_embeddings
 
     results, reference = [], None
     for settings in LAYOUT_RUNS:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
+from dmt_jepa.export.io_names import OPTIMUM
+from dmt_jepa.export.onnx_export import onnx_runner
+from dmt_jepa.export.pipeline import export_encoder
 from dmt_jepa.models import create_encoder
-from export.io_names import OPTIMUM
-from export.onnx_export import onnx_runner
-from export.pipeline import export_encoder
 
 
 def _time(run: Callable[[], object], iters: int) -> float:
@@ -81,7 +81,7 @@ def _onnx_backends(out_dir: Path, images: np.ndarray) -> dict[str, Callable[[], 
 
 
 def _tensorrt_backend(engine: Path, images: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
-    from export.tensorrt_build import TensorRTRunner, require_tensorrt
+    from dmt_jepa.export.tensorrt_build import TensorRTRunner, require_tensorrt
 
     runner = TensorRTRunner(require_tensorrt(), engine.read_bytes(), OPTIMUM)  # export_encoder writes the default names
     return {"tensorrt fp16": lambda: runner(images)[0]}

@@ -29,11 +29,11 @@ from machine import cpu_description  # noqa: E402
 
 from dmt_jepa.encoder_file import load_encoder  # noqa: E402
 from dmt_jepa.evaluation.balanced import balanced_miou  # noqa: E402
+from dmt_jepa.export.onnx_export import export_graph  # noqa: E402
 from dmt_jepa.scenes import NUM_SEG_CLASSES, make_scene  # noqa: E402
-from export.onnx_export import export_graph  # noqa: E402
-from serve.backends import load_backend, patch_cosine  # noqa: E402
-from serve.backends.cpu import cpu_info  # noqa: E402
-from serve.calibration import scene_pixels  # noqa: E402
+from dmt_jepa.serve.backends import load_backend, patch_cosine  # noqa: E402
+from dmt_jepa.serve.backends.cpu import cpu_info  # noqa: E402
+from dmt_jepa.serve.calibration import scene_pixels  # noqa: E402
 
 BATCH = 32
 
@@ -73,12 +73,12 @@ def main() -> None:
     results, reference = [], None
     for name, precision in paths:
         if name == "openvino" and precision == "int8":
-            from serve.backends.openvino_backend import OpenVinoBackend
+            from dmt_jepa.serve.backends.openvino_backend import OpenVinoBackend
 
             backend = OpenVinoBackend(onnx_path, precision="int8", calibration=calibration)
         elif precision == "int8-static":
-            from serve.backends.onnx_backend import OnnxRuntimeBackend
-            from serve.calibration import quantize_static_int8
+            from dmt_jepa.serve.backends.onnx_backend import OnnxRuntimeBackend
+            from dmt_jepa.serve.calibration import quantize_static_int8
 
             quantize_static_int8(onnx_path, calibration, info, work / "static.onnx")
             backend = OnnxRuntimeBackend(work / "static.onnx", device="cpu", precision="fp32")

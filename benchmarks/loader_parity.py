@@ -25,8 +25,8 @@ import transformers
 
 import dmt_jepa
 from dmt_jepa.encoder_file import info_from_encoder, load_encoder, save_encoder
+from dmt_jepa.export.weights import export_weights, parity_row, parity_sizes
 from dmt_jepa.models import create_encoder
-from export.weights import export_weights, parity_row, parity_sizes
 
 
 def main() -> None:

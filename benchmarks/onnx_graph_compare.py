@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmt_jepa.encoder_file import info_from_encoder  # noqa: E402
+from dmt_jepa.export.onnx_export import export_graph  # noqa: E402
 from dmt_jepa.models import create_encoder  # noqa: E402
-from export.onnx_export import export_graph  # noqa: E402
 
 TIMM_MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
 

@@ -30,7 +30,7 @@ from dmt_jepa.encoder_file import info_from_encoder, save_encoder  # noqa: E402
 from dmt_jepa.evaluation import dense_miou  # noqa: E402
 from dmt_jepa.models import create_encoder  # noqa: E402
 from dmt_jepa.scenes import write_scene_shards  # noqa: E402
-from serve import embed_shards, open_embeddings  # noqa: E402
+from dmt_jepa.serve import embed_shards, open_embeddings  # noqa: E402
 
 FORMS = [
     {"dtype": "float32"},

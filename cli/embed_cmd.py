@@ -114,11 +114,11 @@ def embed(
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
-    from serve.backends import BackendError
-    from serve.images import DEFAULT_MAX_PIXELS
-    from serve.inputs import InputError
-    from serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
-    from serve.remote import location
+    from dmt_jepa.serve.backends import BackendError
+    from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS
+    from dmt_jepa.serve.inputs import InputError
+    from dmt_jepa.serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
+    from dmt_jepa.serve.remote import location
 
     try:
         options = EmbedOptions(

@@ -25,6 +25,7 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
     from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.evaluation import DetectOptions, EvalDataError, EvalOptions, evaluate_detection, evaluate_encoder
     from dmt_jepa.evaluation.run import result_rows
+    from dmt_jepa.optional import ExtraMissing
 
     if (train is None or test is None) and data is None:
         typer.echo("error: give a DATA directory or both --train and --test shard patterns.", err=True)
@@ -36,7 +37,7 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
             result = evaluate_detection(encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True))
         else:
             result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
-    except (EncoderFileError, EvalDataError) as error:
+    except (EncoderFileError, EvalDataError, ExtraMissing) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(json.dumps(result))
@@ -111,7 +112,7 @@ def detect(
     image_size: int = SIZE,
 ) -> None:
     """Faster R-CNN on the encoder's simple feature pyramid (boxes.json); COCO box AP, AP50, AP75 on test."""
-    from cli.embed_cmd import parse_layers
+    from dmt_jepa.cli.embed_cmd import parse_layers
 
     chosen = parse_layers(layers)
     _run(

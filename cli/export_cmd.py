@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from cli.embed_cmd import LAYERS_HELP, parse_layers
+from dmt_jepa.cli.embed_cmd import LAYERS_HELP, parse_layers
 
 
 def _fail(err: Exception) -> typer.Exit:
     """One sentence on stderr; exit 1 when a built model failed its check, 2 for anything the user can fix."""
-    from export.errors import ParityError
+    from dmt_jepa.export.errors import ParityError
 
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(1 if isinstance(err, ParityError) else 2)
@@ -68,8 +68,8 @@ def export(
     """Export the target encoder to ONNX (and TensorRT), a Triton model repository, a Hugging Face directory or a
     timm checkpoint; each is checked against the encoder before it is kept."""
     from dmt_jepa.encoder_file import EncoderFileError
-    from export.errors import ExportError
-    from export.pipeline import export_encoder
+    from dmt_jepa.export.errors import ExportError
+    from dmt_jepa.export.pipeline import export_encoder
 
     if format not in ("onnx", "triton", "hf", "timm"):
         raise _fail(ExportError(f"unknown --format {format!r}; choose onnx, triton, hf or timm."))
@@ -79,8 +79,8 @@ def export(
     if format in ("hf", "timm"):
         if layers or io_names != "optimum":
             raise _fail(ExportError("--layers and --io-names apply to --format onnx and triton; drop them."))
-        from export.out_dir import replacing
-        from export.weights import export_weights
+        from dmt_jepa.export.out_dir import replacing
+        from dmt_jepa.export.weights import export_weights
 
         try:
             with replacing(out, overwrite=overwrite, sources=(encoder,)):
@@ -92,7 +92,7 @@ def export(
         raise _fail(ExportError(f"--license and --eval-results apply to --format hf and timm; drop them for {format}."))
     try:
         if format == "triton":
-            from export.triton import export_triton
+            from dmt_jepa.export.triton import export_triton
 
             export_triton(
                 encoder, out, model_name=model_name, max_batch_size=max_batch_size, opset=opset,
@@ -119,11 +119,11 @@ def info(
 ) -> None:
     """Print what an encoder file, ONNX model, TensorRT engine or model directory says about itself, or summarise an embed OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
-    from export.errors import ExportError
-    from export.info import describe, describe_model_directory, format_description, is_model_directory
+    from dmt_jepa.export.errors import ExportError
+    from dmt_jepa.export.info import describe, describe_model_directory, format_description, is_model_directory
 
     file = _local(file)
-    from export.triton import describe_triton_model, is_triton_model
+    from dmt_jepa.export.triton import describe_triton_model, is_triton_model
 
     if is_triton_model(file):
         try:
@@ -140,7 +140,7 @@ def info(
         typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
         return
     if file.is_dir():
-        from serve.stats import describe_out_dir
+        from dmt_jepa.serve.stats import describe_out_dir
 
         try:
             description = describe_out_dir(file)
@@ -158,8 +158,8 @@ def info(
 
 def _local(location: str) -> Path:
     """The path of a local file or folder, also when given as a file:// URL."""
-    from export.errors import ExportError
-    from serve.safe_read import local_folder
+    from dmt_jepa.export.errors import ExportError
+    from dmt_jepa.serve.safe_read import local_folder
 
     path = local_folder(location)
     if path is None:

@@ -6,11 +6,12 @@ parse and validate, then call one function of `dmt_jepa`, `export` or `serve`.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as distribution_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 
 import typer
 
-from cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd
+from dmt_jepa.cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd
 
 app = typer.Typer(
     name="dmtjepa",
@@ -63,7 +64,7 @@ app.add_typer(pretrain_cmd.data_app, name="data")
 
 
 def main() -> None:
-    # Named as the console script is, so that `python -m cli.main` completes and reports as `dmtjepa`.
+    # Named as the console script is, so that `python -m dmt_jepa.cli.main` completes and reports as `dmtjepa`.
     app(prog_name="dmtjepa")
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from dmt_jepa.optional import ExtraMissing
+
 app = typer.Typer(help="Draw PNG pictures: PCA of patch embeddings, last-layer attention, training curves.", no_args_is_help=True)
 
 ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
@@ -35,7 +37,7 @@ def pca(
     try:
         model, info = load_encoder(encoder)
         picture = pca_picture(model, info, read_image(image, index), image_size=image_size, side=side)
-    except (EncoderFileError, VizError) as error:
+    except (EncoderFileError, VizError, ExtraMissing) as error:
         _fail(error)
     typer.echo(str(save_png(picture, out)))
 
@@ -63,7 +65,7 @@ def attention(
     try:
         model, info = load_encoder(encoder)
         picture = attention_picture(model, info, read_image(image, index), cell, image_size=image_size, side=side)
-    except (EncoderFileError, VizError) as error:
+    except (EncoderFileError, VizError, ExtraMissing) as error:
         _fail(error)
     typer.echo(str(save_png(picture, out)))
 
@@ -77,8 +79,8 @@ def curves(
     from dmt_jepa.viz import VizError, curves_picture, read_log, save_png
 
     try:
-        records = read_log(run_dir)
-    except VizError as error:
+        picture = curves_picture(read_log(run_dir))
+    except (VizError, ExtraMissing) as error:
         _fail(error)
     target = out or (run_dir / "curves.png" if run_dir.is_dir() else run_dir.with_suffix(".png"))
-    typer.echo(str(save_png(curves_picture(records), target)))
+    typer.echo(str(save_png(picture, target)))

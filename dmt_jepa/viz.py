@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from dmt_jepa.encoder_file import EncoderInfo
 from dmt_jepa.evaluation.features import to_input
 from dmt_jepa.models import VisionTransformer
+from dmt_jepa.optional import import_extra
 
 
 class VizError(ValueError):
@@ -75,7 +76,7 @@ def attention_picture(
     side: int = 160,
 ) -> Image.Image:
     """Last-layer attention of one query patch: the image (query boxed), each head, and their mean; (heads + 2) * side wide."""
-    from matplotlib import colormaps
+    colormaps = import_extra("matplotlib", "viz", "the attention picture").colormaps
 
     size = image_size or info.img_size
     x = to_input([image], info, size)
@@ -120,8 +121,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def curves_picture(records: list[dict], *, width: int = 1000, height: int = 400) -> Image.Image:
     """Loss, learning rate and (when logged) target locality against step, side by side: width x height pixels."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "viz", "the training-curves picture")
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 

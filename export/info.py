@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from dmt_jepa.encoder_file import file_sha256, read_encoder_info, read_json_file, read_safetensors_header
+from dmt_jepa.export.errors import ExportError
 from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, read_model_directory
-from export.errors import ExportError
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -23,11 +23,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix == ".onnx":
         return _describe_onnx(path)
     if path.suffix == ".json":
-        from export.tensorrt_build import read_sidecar
+        from dmt_jepa.export.tensorrt_build import read_sidecar
 
         return {"kind": "TensorRT engine sidecar", "file": str(path), **read_sidecar(path)}
     if path.suffix == ".engine":
-        from export.tensorrt_build import read_sidecar
+        from dmt_jepa.export.tensorrt_build import read_sidecar
 
         sidecar = read_sidecar(path)
         # A rebuilt or copied engine next to a stale sidecar would otherwise be described wrongly.
@@ -109,7 +109,7 @@ def _describe_onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as err:
         raise ExportError(f"{path} is not a readable ONNX model ({err}).") from err
-    from export.io_names import detect
+    from dmt_jepa.export.io_names import detect
 
     elem = onnx.helper.tensor_dtype_to_np_dtype
     names = detect([i.name for i in model.graph.input], [o.name for o in model.graph.output])

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
-from dmt_jepa.models import VisionTransformer, resolve_layers
-from export.errors import ExportError, ParityError
-from export.io_names import DEFAULT_STYLE, IO_NAMES_METADATA, OPTIMUM, IoNames, io_names
-from export.verify import (
+from dmt_jepa.export.errors import ExportError, ParityError
+from dmt_jepa.export.io_names import DEFAULT_STYLE, IO_NAMES_METADATA, OPTIMUM, IoNames, io_names
+from dmt_jepa.export.verify import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     ParityReport,
@@ -30,6 +29,7 @@ from export.verify import (
     check_parity,
     default_shapes,
 )
+from dmt_jepa.models import VisionTransformer, resolve_layers
 
 # Opset 18 keeps attention as MatMul -> Softmax -> MatMul (opset 23 would emit the fused
 # Attention op, which older TensorRT parsers reject); TensorRT's ONNX parser recognises that

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dmt_jepa.export.errors import ExportError
 from dmt_jepa.file_modes import as_umask_allows
-from export.errors import ExportError
 
 Identity = tuple[int, int, int]
 

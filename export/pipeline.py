@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmt_jepa.encoder_file import read_encoder_info
-from export.errors import ExportError
-from export.io_names import DEFAULT_STYLE, io_names
-from export.onnx_export import DEFAULT_OPSET, OnnxExport, export_onnx
-from export.out_dir import replacing
-from export.profile import resolve_profile
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.io_names import DEFAULT_STYLE, io_names
+from dmt_jepa.export.onnx_export import DEFAULT_OPSET, OnnxExport, export_onnx
+from dmt_jepa.export.out_dir import replacing
+from dmt_jepa.export.profile import resolve_profile
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def export_encoder(
             exports = export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, layers=layers, io_style=io_style, log=log)
         return ExportResult(exports)
 
-    from export.tensorrt_build import build_engine, precision_plan, require_gpu, require_tensorrt
+    from dmt_jepa.export.tensorrt_build import build_engine, precision_plan, require_gpu, require_tensorrt
 
     profile = resolve_profile(info, min_shape, opt_shape, max_shape)
     tensorrt = require_tensorrt()

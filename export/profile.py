@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 
 from dmt_jepa.encoder_file import EncoderInfo
-from export.errors import ExportError
-from export.verify import Shape, check_multiple_of_patch
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.verify import Shape, check_multiple_of_patch
 
 InputShape = tuple[int, int, int, int]  # (batch, 3, height, width)
 

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 
 from dmt_jepa.encoder_file import file_sha256
-from export.errors import ExportError, ParityError
-from export.io_names import IO_NAMES_METADATA, IoNames, detect
-from export.onnx_export import onnx_runner
-from export.profile import ShapeProfile
-from export.verify import FP16_TOLERANCE, ParityReport, check_parity
+from dmt_jepa.export.errors import ExportError, ParityError
+from dmt_jepa.export.io_names import IO_NAMES_METADATA, IoNames, detect
+from dmt_jepa.export.onnx_export import onnx_runner
+from dmt_jepa.export.profile import ShapeProfile
+from dmt_jepa.export.verify import FP16_TOLERANCE, ParityReport, check_parity
 
 ENGINE_FILENAME = "encoder.engine"
 SIDECAR_FORMAT = "dmt-jepa-tensorrt-engine"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import onnx
 
-from export.errors import ExportError
-from export.io_names import DEFAULT_STYLE
-from export.onnx_export import DEFAULT_OPSET, FP32_FILENAME, export_onnx, fresh_scratch
-from export.out_dir import remove_entry, replacing
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.io_names import DEFAULT_STYLE
+from dmt_jepa.export.onnx_export import DEFAULT_OPSET, FP32_FILENAME, export_onnx, fresh_scratch
+from dmt_jepa.export.out_dir import remove_entry, replacing
 
 TRITON_MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"

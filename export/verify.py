@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderInfo
-from export.errors import ExportError
+from dmt_jepa.export.errors import ExportError
 
 # images [B, 3, H, W] float32 -> (grid or tokens, pooled [B, D], extra layers...) in the order of export/io_names.py
 Runner = Callable[[np.ndarray], tuple[np.ndarray, ...]]

@@ -2,7 +2,7 @@
 
 Public API: `embed_shards` (the job behind `dmtjepa embed`), `embed_images` (the same in memory),
 `open_embeddings` (an OUT_DIR read back), `load_backend`. They are imported on first use so that
-decode worker processes, which import `serve.images`, do not pay for torch.
+decode worker processes, which import `dmt_jepa.serve.images`, do not pay for torch.
 """
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "embed_shards": "serve.job",
-    "EmbedOptions": "serve.job",
-    "JobSummary": "serve.job",
-    "OutputDirError": "serve.job",
-    "OutputWriteError": "serve.job",
-    "EngineError": "serve.job",
-    "embed_images": "serve.api",
-    "open_embeddings": "serve.reader",
-    "Embeddings": "serve.reader",
-    "EmbeddingsError": "serve.reader",
-    "load_backend": "serve.backends",
-    "Backend": "serve.backends",
-    "BackendError": "serve.backends",
-    "InputError": "serve.inputs",
-    "ImageRejected": "serve.images",
+    "embed_shards": "dmt_jepa.serve.job",
+    "EmbedOptions": "dmt_jepa.serve.job",
+    "JobSummary": "dmt_jepa.serve.job",
+    "OutputDirError": "dmt_jepa.serve.job",
+    "OutputWriteError": "dmt_jepa.serve.job",
+    "EngineError": "dmt_jepa.serve.job",
+    "embed_images": "dmt_jepa.serve.api",
+    "open_embeddings": "dmt_jepa.serve.reader",
+    "Embeddings": "dmt_jepa.serve.reader",
+    "EmbeddingsError": "dmt_jepa.serve.reader",
+    "load_backend": "dmt_jepa.serve.backends",
+    "Backend": "dmt_jepa.serve.backends",
+    "BackendError": "dmt_jepa.serve.backends",
+    "InputError": "dmt_jepa.serve.inputs",
+    "ImageRejected": "dmt_jepa.serve.images",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,5 +32,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'serve' has no attribute {name!r}")
+        raise AttributeError(f"module 'dmt_jepa.serve' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serve.backends import Backend, BackendError, checked_run, load_backend
-from serve.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES, ImageRejected, Preprocess, prepare, prepare_array
+from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend
+from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES, ImageRejected, Preprocess, prepare, prepare_array
 
 ImageLike = bytes | str | os.PathLike | Image.Image | np.ndarray
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from dmt_jepa.encoder_file import EncoderInfo
-from serve.images import normalise
+from dmt_jepa.serve.images import normalise
 
 DEFAULT_CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8

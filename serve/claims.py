@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from serve.safe_read import FileRefused, read_json
+from dmt_jepa.serve.safe_read import FileRefused, read_json
 
 DEFAULT_LEASE_SECONDS = 60.0
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from serve.images import ImageRejected, Preprocess, prepare
+from dmt_jepa.serve.images import ImageRejected, Preprocess, prepare
 
 # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded scripts.
 # Workers never touch torch, whose thread pools do not survive a fork.

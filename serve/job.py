@@ -20,8 +20,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -30,19 +30,18 @@ from typing import NamedTuple
 import numpy as np
 
 import dmt_jepa
-from serve.api import preprocess_for
-from serve.backends import Backend, BackendError, checked_run, load_backend
-from serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
-from serve.decode import Decoder, finished
-from serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
-from serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
-from serve.layouts import EMBEDDING_READER_DIRS, LAYOUTS, OutputSpec, open_output
-from serve.pca import PCA_FILE, PcaError, load_or_fit, project
-from serve.progress import Progress
-from serve.remote import RemoteOut, is_url, location
-from serve.quantize import DTYPES
-from serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
-from serve.shards import (
+from dmt_jepa.serve.api import preprocess_for
+from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend
+from dmt_jepa.serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
+from dmt_jepa.serve.decode import Decoder, finished
+from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
+from dmt_jepa.serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
+from dmt_jepa.serve.layouts import EMBEDDING_READER_DIRS, LAYOUTS, OutputSpec, open_output
+from dmt_jepa.serve.pca import PCA_FILE, PcaError, load_or_fit, project
+from dmt_jepa.serve.progress import Progress
+from dmt_jepa.serve.quantize import DTYPES
+from dmt_jepa.serve.remote import RemoteOut, is_url, location
+from dmt_jepa.serve.shards import (
     ShardOutput,
     ShardReader,
     done_records,
@@ -53,7 +52,7 @@ from serve.shards import (
     remove_leftovers,
     remove_shard_files,
 )
-
+from dmt_jepa.serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 
 ENGINES = ("local", "ray")
 
@@ -401,7 +400,7 @@ def embed_shards(
     mine = partition(shards, rank, world_size)
     with ExitStack() as stack:
         if options.engine == "ray":
-            from serve import ray_engine  # Ray is an optional extra, imported only when asked for
+            from dmt_jepa.serve import ray_engine  # Ray is an optional extra, imported only when asked for
 
             runner, run = stack.enter_context(ray_engine.session(model, options))
         else:

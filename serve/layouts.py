@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.quantize import encode
-from serve.shards import (
+from dmt_jepa.serve.quantize import encode
+from dmt_jepa.serve.shards import (
     OUTPUT_FORMAT,
     OUTPUT_FORMAT_VERSION,
     ShardOutput,

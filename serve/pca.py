@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.backends import Backend
-from serve.images import ImageRejected, Preprocess, prepare
-from serve.inputs import ShardSource
-from serve.safe_read import FileRefused, load_npy_bytes, read_bytes
-from serve.shards import ShardReader, open_source
+from dmt_jepa.serve.backends import Backend
+from dmt_jepa.serve.images import ImageRejected, Preprocess, prepare
+from dmt_jepa.serve.inputs import ShardSource
+from dmt_jepa.serve.safe_read import FileRefused, load_npy_bytes, read_bytes
+from dmt_jepa.serve.shards import ShardReader, open_source
 
 PCA_FILE = "pca.npy"
 # [DIM + 1, D] float32 is 6.6 MB at D = 1280; a larger file is not a projection this job wrote.

@@ -26,14 +26,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from serve.backends import Backend, BackendError, load_backend
-from serve.claims import Claims, owner_token
-from serve.decode import decode_chunk
-from serve.images import Preprocess
-from serve.inputs import ShardSource
-from serve.job import (
-    EmbedOptions,
+from dmt_jepa.serve.backends import Backend, BackendError, load_backend
+from dmt_jepa.serve.claims import Claims, owner_token
+from dmt_jepa.serve.decode import decode_chunk
+from dmt_jepa.serve.images import Preprocess
+from dmt_jepa.serve.inputs import ShardSource
+from dmt_jepa.serve.job import (
     Embedded,
+    EmbedOptions,
     EngineError,
     ReadSample,
     ShardEnd,
@@ -43,7 +43,7 @@ from serve.job import (
     embed_batch,
     read_shard,
 )
-from serve.progress import Progress
+from dmt_jepa.serve.progress import Progress
 
 TASK_RETRIES = 3  # a decode task, or a model actor's process, lost this many times in a row fails the job
 MODEL_ACTOR = "ModelWorker"  # the actors' class name, which Ray also shows in their process titles

@@ -27,11 +27,19 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from serve.layouts import OutputSpec, metadata_table
-from serve.pca import PCA_FILE, PcaError, read_projection
-from serve.quantize import decode
-from serve.safe_read import MAX_JSON_BYTES, FileRefused, load_npy, load_npy_bytes, local_folder, open_regular, read_parquet
-from serve.shards import LAYER_SUFFIX, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
+from dmt_jepa.serve.layouts import OutputSpec, metadata_table
+from dmt_jepa.serve.pca import PCA_FILE, PcaError, read_projection
+from dmt_jepa.serve.quantize import decode
+from dmt_jepa.serve.safe_read import (
+    MAX_JSON_BYTES,
+    FileRefused,
+    load_npy,
+    load_npy_bytes,
+    local_folder,
+    open_regular,
+    read_parquet,
+)
+from dmt_jepa.serve.shards import LAYER_SUFFIX, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
 # Columns of `Embeddings.metadata()`, in order; the array layout's Parquet table plus `shard`.
 METADATA_COLUMNS = (

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serve.safe_read import MAX_JSON_BYTES
-from serve.shards import OUTPUT_FORMAT, data_files, record_problem, shard_files
-from serve.stats import STATS_DIR
+from dmt_jepa.serve.safe_read import MAX_JSON_BYTES
+from dmt_jepa.serve.shards import OUTPUT_FORMAT, data_files, record_problem, shard_files
+from dmt_jepa.serve.stats import STATS_DIR
 
 
 def is_url(out_dir: object) -> bool:

@@ -20,9 +20,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from serve.images import ImageRejected
-from serve.quantize import encode
-from serve.safe_read import FileRefused, exists_regular, read_json
+from dmt_jepa.serve.images import ImageRejected
+from dmt_jepa.serve.quantize import encode
+from dmt_jepa.serve.safe_read import FileRefused, exists_regular, read_json
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one

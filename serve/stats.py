@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import dmt_jepa
-from serve.safe_read import FileRefused, read_json
+from dmt_jepa.serve.safe_read import FileRefused, read_json
 
 STATS_DIR = "_stats"
 SUMMARY = "summary.json"
@@ -178,7 +178,7 @@ def describe_out_dir(out_dir: Path) -> dict:
     Files that cannot be trusted or read are listed under `damaged`, each with its sentence, and
     left out of every count; shards of different models or settings are listed by `groups`.
     """
-    from serve.shards import DATA_SUFFIX_PATTERN, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
+    from dmt_jepa.serve.shards import DATA_SUFFIX_PATTERN, OUTPUT_FORMAT, VECTOR_IDENTITY, data_files, load_record
 
     partial_name = re.compile(rf"\.(.+)\.{DATA_SUFFIX_PATTERN}(?:\.[^./]+)?\.partial")
 

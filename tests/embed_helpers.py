@@ -31,7 +31,7 @@ def write_encoder_file(path: Path, seed: int = 0) -> Path:
 
 def write_onnx_model(path: Path, encoder: VisionTransformer, fp16: bool = False) -> Path:
     """An ONNX model as `dmtjepa export` writes it (names, dynamic B/H/W, metadata props), unverified."""
-    from export.onnx_export import export_graph
+    from dmt_jepa.export.onnx_export import export_graph
 
     info = info_from_encoder(encoder, arch="vit_test")
     export_graph(encoder, info, path, {**info.to_metadata(), "precision": "fp16" if fp16 else "fp32"}, fp16=fp16)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-import cli.main
 import dmt_jepa
-from cli.main import app
+import dmt_jepa.cli.main as cli_main
+from dmt_jepa.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"version", "export", "info", "embed", "pretrain", "convert", "eval", "viz", "data"}
@@ -29,7 +29,7 @@ def test_source_version_is_the_one_pyproject_declares():
 
 def test_version_flag_prints_the_version_through_the_real_entry_point():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "cli.main", "--version"], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", "--version"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout == source_version() + "\n"
 
@@ -45,7 +45,7 @@ def test_version_falls_back_to_the_source_when_not_installed(monkeypatch):
     def not_installed(name: str) -> str:
         raise PackageNotFoundError(name)
 
-    monkeypatch.setattr(cli.main, "distribution_version", not_installed)
+    monkeypatch.setattr(cli_main, "distribution_version", not_installed)
     monkeypatch.setattr(dmt_jepa, "__version__", "9.8.7")
     assert CliRunner().invoke(app, ["--version"]).stdout == "9.8.7\n"
 
@@ -62,7 +62,7 @@ def test_show_completion_prints_a_bash_script_for_dmtjepa():
     # Typer detects the shell from the process tree; its own switch turns detection off so that the
     # shell can be named (read when the app is built, hence a process of its own).
     env = dict(os.environ, PYTHONPATH=str(ROOT), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
-    cmd = [sys.executable, "-m", "cli.main", "--show-completion", "bash"]
+    cmd = [sys.executable, "-m", "dmt_jepa.cli.main", "--show-completion", "bash"]
     script = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert script.returncode == 0, script.stderr
     assert "complete -o default -F _dmtjepa_completion dmtjepa" in script.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.config import ConfigError, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,9 @@ def test_run_directory_that_cannot_be_made_is_one_sentence(shards_dir, tmp_path,
 
 @pytest.fixture
 def shards_dir(tmp_path) -> str:
-    from dmt_jepa.data import pack_images
     from pretrain_fixtures import make_images
+
+    from dmt_jepa.data import pack_images
 
     make_images(tmp_path / "images", 4)
     pack_images(tmp_path / "images", tmp_path / "shards")
@@ -109,7 +110,7 @@ def shards_dir(tmp_path) -> str:
 def entry_point(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("override", ["data.train=[a", "model.depth=abc"])
@@ -124,7 +125,7 @@ def test_real_entry_point_prints_one_sentence_and_no_traceback(tmp_path, overrid
 def test_torchrun_with_a_malformed_override_prints_one_error_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cli.main", "pretrain", "data.train=[a", "run.device=cpu", f"run.out_dir={tmp_path / 'run'}"]
+           "-m", "dmt_jepa.cli.main", "pretrain", "data.train=[a", "run.device=cpu", f"run.out_dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from pretrain_fixtures import small_shards, tiny_overrides
 from safetensors.torch import load_file
 
 from dmt_jepa.checkpoint import checkpoint_dirs
@@ -12,7 +13,6 @@ from dmt_jepa.config import MaskConfig, load_config
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.objective import DMTJEPA, step_without_sync
 from dmt_jepa.train import pretrain
-from pretrain_fixtures import small_shards, tiny_overrides
 
 
 def _model(aggregation: str = "cross_attention", **mask) -> DMTJEPA:
@@ -96,7 +96,7 @@ def test_cli_compile_flag_sets_the_config_key(tmp_path):
 
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from dmt_jepa.cli.main import app
 
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_box_ap, detection_batch
 from dmt_jepa.models import VisionTransformer

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from embed_helpers import photo_samples, write_encoder_file, write_shard
 
-from serve import OutputDirError, embed_shards, open_embeddings
-from serve.api import preprocess_for
-from serve.backends import load_backend
-from serve.images import prepare
-from serve.layouts import SCHEMA_METADATA_KEY
-from serve.reader import EmbeddingsError
+from dmt_jepa.serve import OutputDirError, embed_shards, open_embeddings
+from dmt_jepa.serve.api import preprocess_for
+from dmt_jepa.serve.backends import load_backend
+from dmt_jepa.serve.images import prepare
+from dmt_jepa.serve.layouts import SCHEMA_METADATA_KEY
+from dmt_jepa.serve.reader import EmbeddingsError
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import torch
 from embed_helpers import TRAIN_SIZE, image_bytes, tiny_dense, tiny_encoder, tiny_model_files, write_onnx_model
 from PIL import Image
 
-import serve
+from dmt_jepa import serve
 from dmt_jepa.encoder_file import info_from_encoder
-from serve.backends import Backend, BackendError, checked_run, choose_backend, load_backend
-from serve.backends.tensorrt_backend import read_sidecar
-from serve.images import ImageRejected, normalise
+from dmt_jepa.serve.backends import Backend, BackendError, checked_run, choose_backend, load_backend
+from dmt_jepa.serve.backends.tensorrt_backend import read_sidecar
+from dmt_jepa.serve.images import ImageRejected, normalise
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_fp32_backends_equal_pytorch(models, kind, name, height, width):
 def test_cpu_sessions_keep_the_memory_arena_and_do_not_spin(models):
     """The arena is worth 10 % of fp32 throughput for ~50 MiB (serve/backends/onnx_backend.py); idle threads
     that spin would take the cores the decode workers need."""
-    from serve.backends.onnx_backend import _session
+    from dmt_jepa.serve.backends.onnx_backend import _session
 
     options = _session(models["onnx"], "cpu").get_session_options()
     assert options.enable_cpu_mem_arena
@@ -160,7 +160,7 @@ def test_onnx_without_the_contract_is_refused(tmp_path):
 
 
 def test_engine_sidecar_as_export_writes_it(tmp_path):
-    from export.tensorrt_build import SIDECAR_FORMAT
+    from dmt_jepa.export.tensorrt_build import SIDECAR_FORMAT
 
     engine = tmp_path / "enc.engine"
     engine.write_bytes(b"engine bytes")
@@ -201,7 +201,7 @@ def test_tensorrt_engine_equals_onnx(models, tmp_path):
     config.add_optimization_profile(profile)
     engine = tmp_path / "enc.engine"
     engine.write_bytes(bytes(builder.build_serialized_network(network, config)))
-    from export.tensorrt_build import SIDECAR_FORMAT
+    from dmt_jepa.export.tensorrt_build import SIDECAR_FORMAT
 
     meta = load_backend(models["onnx"]).info.to_metadata()
     profile_json = {"min": [1, 3, 32, 32], "opt": [4, 3, 64, 64], "max": [8, 3, 96, 96]}

@@ -7,7 +7,7 @@ import pytest
 from embed_helpers import huge_png_header
 from PIL import Image
 
-from serve.images import ImageRejected, Preprocess, normalise, prepare, prepare_array
+from dmt_jepa.serve.images import ImageRejected, Preprocess, normalise, prepare, prepare_array
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

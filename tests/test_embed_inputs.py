@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve.inputs import InputError, ShardSource, partition, resolve_inputs, resolve_rank, shard_name
+from dmt_jepa.serve.inputs import InputError, ShardSource, partition, resolve_inputs, resolve_rank, shard_name
 
 
 def touch(path):
@@ -95,6 +95,6 @@ def test_partition_covers_every_shard_exactly_once(world_size):
     "env, gpu", [({}, 0), ({"LOCAL_RANK": "3"}, 3), ({"SLURM_LOCALID": "1"}, 1), ({"LOCAL_RANK": "x"}, 0)]
 )
 def test_local_gpu_follows_the_launcher(env, gpu):
-    from serve.backends import local_gpu
+    from dmt_jepa.serve.backends import local_gpu
 
     assert local_gpu(env) == gpu

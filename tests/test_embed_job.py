@@ -30,11 +30,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import dmt_jepa
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import file_sha256, model_identity
-from serve import embed_shards
-from serve.images import prepare
-from serve.stats import STATS_DIR
+from dmt_jepa.serve import embed_shards
+from dmt_jepa.serve.images import prepare
+from dmt_jepa.serve.stats import STATS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -178,14 +178,14 @@ def gone(pid: int) -> bool:
 # The real CLI in a real process, with a writer slowed down so that the kill lands mid-shard.
 SLOW_WRITER = """
 import sys, time
-from serve.shards import ShardOutput
+from dmt_jepa.serve.shards import ShardOutput
 add = ShardOutput.add
 def slow_add(self, *args, **kwargs):
     time.sleep(0.05)
     add(self, *args, **kwargs)
 ShardOutput.add = slow_add
 import dmt_jepa
-from cli.main import app
+from dmt_jepa.cli.main import app
 app(sys.argv[1:])
 """
 
@@ -282,7 +282,7 @@ def crash_on_marker(data: bytes, prep):
 
 
 def test_a_decoder_crash_costs_only_its_own_image(tmp_path, encoder_file, monkeypatch):
-    monkeypatch.setattr("serve.decode.prepare", crash_on_marker)
+    monkeypatch.setattr("dmt_jepa.serve.decode.prepare", crash_on_marker)
     samples = photo_samples("a", 3) + [("boom", {"png": b"CRASH" + bytes(100)})] + photo_samples("b", 4)
     write_shard(tmp_path / "in" / "s.tar", samples)
     summary = embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=1, batch_size=2)
@@ -406,7 +406,7 @@ def long_thin_png(width: int, height: int) -> bytes:
 # (torch, the model, the pipeline), then after a job on the given shard; decoding in the process.
 PEAK_RSS = """
 import json, resource, sys
-from serve import embed_shards
+from dmt_jepa.serve import embed_shards
 embed_shards(sys.argv[1], sys.argv[3], sys.argv[4], workers=0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = embed_shards(sys.argv[2], sys.argv[3], sys.argv[4], workers=0)
@@ -435,7 +435,7 @@ def test_peak_memory_of_an_extreme_aspect_ratio_stays_bounded(tmp_path, encoder_
 
 
 def test_queued_bytes_are_bounded_and_one_image_over_the_budget_still_passes(tmp_path, encoder_file):
-    from serve.job import _ByteBudget
+    from dmt_jepa.serve.job import _ByteBudget
 
     budget, stop, peak = _ByteBudget(1000), threading.Event(), []
     budget.acquire(600, stop)
@@ -475,7 +475,7 @@ def test_a_write_failure_is_one_sentence_removes_partials_and_marks_nothing_done
     assert len(clean["s0.tar"]) < 20_000 < len(clean["s1.tar"])
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0"],
+        [sys.executable, "-m", "dmt_jepa.cli.main", "embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0"],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
@@ -495,7 +495,7 @@ def test_name_json_is_the_same_bytes_on_every_run(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "bad.tar", bad_samples())
     for name in ("one", "two"):
         subprocess.run(
-            [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(tmp_path / name), "--model", str(encoder_file)],
+            [sys.executable, "-m", "dmt_jepa.cli.main", "embed", str(tmp_path / "in"), str(tmp_path / name), "--model", str(encoder_file)],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             cwd=ROOT,
             check=True,

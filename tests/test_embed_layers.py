@@ -9,12 +9,12 @@ import torch
 from embed_helpers import photo_samples, read_output, tiny_encoder, write_encoder_file, write_onnx_model, write_shard
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder
-from export.onnx_export import export_graph
-from serve.api import preprocess_for
-from serve.backends import BackendError, load_backend
-from serve.images import prepare
+from dmt_jepa.export.onnx_export import export_graph
+from dmt_jepa.serve.api import preprocess_for
+from dmt_jepa.serve.backends import BackendError, load_backend
+from dmt_jepa.serve.images import prepare
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from embed_helpers import TRAIN_SIZE, tiny_dense, tiny_encoder, tiny_model_files
 
 from dmt_jepa.encoder_file import info_from_encoder
-from serve.backends import Backend, BackendError, checked_run, load_backend, patch_cosine
-from serve.calibration import _Batches, quantize_static_int8, scene_pixels, weight_matmuls
-from serve.images import normalise
+from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend, patch_cosine
+from dmt_jepa.serve.calibration import _Batches, quantize_static_int8, scene_pixels, weight_matmuls
+from dmt_jepa.serve.images import normalise
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="needs OpenVINO (pip install 'dmt-jepa[openvino]')"
@@ -52,7 +52,7 @@ def test_openvino_fp32_equals_pytorch(models, kind, height, width):
 
 @needs_openvino
 def test_openvino_layers_equal_pytorch_blocks(tmp_path):
-    from export.onnx_export import export_graph
+    from dmt_jepa.export.onnx_export import export_graph
 
     encoder = tiny_encoder()
     info = info_from_encoder(encoder, "vit_test")
@@ -81,7 +81,7 @@ def test_openvino_int8_is_calibrated_and_passes_its_check(models):
 
 @needs_openvino
 def test_openvino_bf16_follows_the_cpu(models):
-    from serve.backends.openvino_backend import OpenVinoBackend
+    from dmt_jepa.serve.backends.openvino_backend import OpenVinoBackend
 
     with pytest.raises(BackendError, match="no bf16|has none"):
         OpenVinoBackend(models["onnx"], precision="bf16", has_bf16=False)
@@ -161,7 +161,7 @@ class Timed(Backend):
 
 
 def test_measured_choice_picks_the_fastest_and_caches_it(models, tmp_path):
-    from serve.backends.choice import CACHE_FILE, measured_choice, read_cache
+    from dmt_jepa.serve.backends.choice import CACHE_FILE, measured_choice, read_cache
 
     good = load_backend(models["onnx"], "onnxruntime-cpu")
     built = []
@@ -186,7 +186,7 @@ def test_measured_choice_picks_the_fastest_and_caches_it(models, tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "list", "directory", "link", "unknown-backend", "huge"])
 def test_a_damaged_cache_is_measured_again(models, tmp_path, damage):
-    from serve.backends.choice import CACHE_FILE, MAX_CACHE_BYTES, cache_key, measured_choice
+    from dmt_jepa.serve.backends.choice import CACHE_FILE, MAX_CACHE_BYTES, cache_key, measured_choice
 
     good = load_backend(models["onnx"], "onnxruntime-cpu")
     cache = tmp_path / CACHE_FILE
@@ -212,8 +212,8 @@ def test_a_damaged_cache_is_measured_again(models, tmp_path, damage):
 def test_cache_lives_outside_the_package(monkeypatch, tmp_path):
     from pathlib import Path
 
-    import serve
-    from serve.backends.choice import cache_dir
+    from dmt_jepa import serve
+    from dmt_jepa.serve.backends.choice import cache_dir
 
     assert cache_dir({"DMT_JEPA_CACHE_DIR": str(tmp_path)}) == tmp_path
     assert cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "dmt-jepa"
@@ -224,10 +224,10 @@ def test_cache_lives_outside_the_package(monkeypatch, tmp_path):
 
 @needs_openvino
 def test_auto_measures_openvino_against_onnxruntime(models, tmp_path, monkeypatch):
-    from serve.backends.choice import CACHE_FILE, read_cache
+    from dmt_jepa.serve.backends.choice import CACHE_FILE, read_cache
 
     monkeypatch.setenv("DMT_JEPA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("serve.backends._cuda_available", lambda: False)
+    monkeypatch.setattr("dmt_jepa.serve.backends._cuda_available", lambda: False)
     backend = load_backend(models["onnx"])
     (entry,) = read_cache(tmp_path / CACHE_FILE).values()
     assert set(entry["images_per_s"]) == {"onnxruntime-cpu", "openvino"}

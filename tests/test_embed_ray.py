@@ -12,10 +12,10 @@ import pytest
 from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
 from typer.testing import CliRunner
 
-from cli.main import app
-from serve import EngineError, embed_shards
-from serve.job import EmbedOptions
-from serve.stats import STATS_DIR
+from dmt_jepa.cli.main import app
+from dmt_jepa.serve import EngineError, embed_shards
+from dmt_jepa.serve.job import EmbedOptions
+from dmt_jepa.serve.stats import STATS_DIR
 
 BATCH = 3
 
@@ -194,7 +194,7 @@ def test_without_ray_installed_the_ray_engine_says_how_to_install_it(tmp_path, i
 def test_a_stalled_stage_stops_the_reading_before_it():
     """The back-pressure rule of the Ray engine's pipeline, counted by hand: at most `depth` items started
     and not yet handed on, results in order, and nothing more started while the consumer does not pull."""
-    from serve.ray_engine import in_order
+    from dmt_jepa.serve.ray_engine import in_order
 
     started: list[int] = []
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
 
-from serve import OutputDirError, embed_images, embed_shards, open_embeddings
-from serve.quantize import decode, encode
+from dmt_jepa.serve import OutputDirError, embed_images, embed_shards, open_embeddings
+from dmt_jepa.serve.quantize import decode, encode
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_a_remote_shard_without_its_done_marker_is_not_done(tmp_path, shards, en
 
 
 def test_a_remote_shard_is_published_data_first_and_its_done_marker_last(tmp_path, shards, encoder_file, monkeypatch):
-    from serve.remote import RemoteOut
+    from dmt_jepa.serve.remote import RemoteOut
 
     pushed = []
     original = RemoteOut.push

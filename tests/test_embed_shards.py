@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from embed_helpers import write_shard
 
-from serve.shards import ShardOutput, ShardReader, is_done, safe_key, split_key
+from dmt_jepa.serve.shards import ShardOutput, ShardReader, is_done, safe_key, split_key
 
 
 def samples_of(data: bytes):

@@ -10,9 +10,9 @@ import pytest
 from embed_helpers import image_bytes, photo_samples, write_encoder_file, write_shard
 from typer.testing import CliRunner
 
-from cli.main import app
-from serve import embed_shards
-from serve.stats import STATS_DIR, failure_kind
+from dmt_jepa.cli.main import app
+from dmt_jepa.serve import embed_shards
+from dmt_jepa.serve.stats import STATS_DIR, failure_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_progress_lines_without_a_terminal(tmp_path, encoder_file):
     for s in range(3):
         write_shard(tmp_path / "in" / f"s{s}.tar", photo_samples(f"k{s}_", 3, seed=s))
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+        [sys.executable, "-m", "dmt_jepa.cli.main", "embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
          str(encoder_file), "--workers", "0", "--batch-size", "2", "--progress-every", "0.001"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

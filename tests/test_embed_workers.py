@@ -12,8 +12,8 @@ import pytest
 from embed_helpers import photo_samples, write_encoder_file, write_shard
 from test_embed_job import SLOW_WRITER, snapshot, wait_for
 
-from serve import embed_shards
-from serve.claims import Claims
+from dmt_jepa.serve import embed_shards
+from dmt_jepa.serve.claims import Claims
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -25,7 +25,7 @@ def encoder_file(tmp_path_factory):
 
 
 def embed_process(*args: str, slow: bool = False) -> subprocess.Popen:
-    command = ["-c", SLOW_WRITER] if slow else ["-m", "cli.main"]
+    command = ["-c", SLOW_WRITER] if slow else ["-m", "dmt_jepa.cli.main"]
     return subprocess.Popen(
         [sys.executable, *command, "embed", *args], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -124,7 +124,7 @@ def test_evaluate_encoder_with_constant_features_gives_chance(shards, tmp_path) 
 def test_cli_eval_prints_json_line_and_table(shards, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from dmt_jepa.cli.main import app
 
     _tiny_encoder(tmp_path / "r.safetensors", constant=False)
     runner = CliRunner()

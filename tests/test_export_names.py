@@ -14,14 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.io_names import LEGACY, OPTIMUM
+from dmt_jepa.export.triton import CONFIG_FILENAME, check_repository, parse_config
 from dmt_jepa.models import VisionTransformer
-from export.errors import ExportError
-from export.io_names import LEGACY, OPTIMUM
-from export.triton import CONFIG_FILENAME, check_repository, parse_config
-from serve.api import embed_images
-from serve.backends import BackendError, load_backend
+from dmt_jepa.serve.api import embed_images
+from dmt_jepa.serve.backends import BackendError, load_backend
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,20 @@ def test_written_files_follow_the_umask(encoder_file, tmp_path, mask, mode):
     assert {p.name for p in written} >= {"enc.safetensors", "model.safetensors", "model.onnx", "config.pbtxt"}
     for p in written:
         assert stat.S_IMODE(p.stat().st_mode) == mode, p
+
+
+@pytest.mark.parametrize("format", ["hf", "timm"])
+def test_weights_exported_from_python_follow_the_umask(encoder_file, tmp_path, format):
+    from dmt_jepa.export.weights import export_weights
+
+    old = os.umask(0o022)
+    try:
+        encoder, _ = encoder_file
+        path = save_encoder(tmp_path / "enc.safetensors", encoder, info_from_encoder(encoder, "custom"))
+        export_weights(path, tmp_path / format, format, log=lambda line: None)
+    finally:
+        os.umask(old)
+    written = list((tmp_path / format).iterdir())
+    assert "model.safetensors" in {p.name for p in written}
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p

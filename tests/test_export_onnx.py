@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import export.onnx_export as onnx_export
-from cli.main import app
+import dmt_jepa.export.onnx_export as onnx_export
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import EncoderFileError, file_sha256, info_from_encoder, save_encoder
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.onnx_export import export_onnx, verify_onnx
+from dmt_jepa.export.verify import FP32_TOLERANCE, check_parity
 from dmt_jepa.models import VisionTransformer, create_encoder
-from export.errors import ExportError
-from export.onnx_export import export_onnx, verify_onnx
-from export.verify import FP32_TOLERANCE, check_parity
 
 
 def _encoder_file(directory: Path, encoder: VisionTransformer, arch: str) -> Path:

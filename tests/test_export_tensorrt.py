@@ -11,15 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, info_from_encoder, save_encoder
-from dmt_jepa.models import VisionTransformer
-from export.errors import ExportError
-from export.info import describe
-from export.io_names import OPTIMUM
-from export.pipeline import export_encoder
-from export.profile import ShapeProfile, default_profile, parse_shape, resolve_profile
-from export.tensorrt_build import (
+from dmt_jepa.export.errors import ExportError
+from dmt_jepa.export.info import describe
+from dmt_jepa.export.io_names import OPTIMUM
+from dmt_jepa.export.pipeline import export_encoder
+from dmt_jepa.export.profile import ShapeProfile, default_profile, parse_shape, resolve_profile
+from dmt_jepa.export.tensorrt_build import (
     apply_precision,
     engine_sidecar,
     network_flags,
@@ -29,7 +28,8 @@ from export.tensorrt_build import (
     require_tensorrt,
     sidecar_path,
 )
-from export.verify import FP16_TOLERANCE, ParityCheck, ParityReport
+from dmt_jepa.export.verify import FP16_TOLERANCE, ParityCheck, ParityReport
+from dmt_jepa.models import VisionTransformer
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 

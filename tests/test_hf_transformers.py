@@ -18,7 +18,7 @@ from test_pretrain_convert import public_checkpoint
 from typer.testing import CliRunner
 
 import dmt_jepa
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import EncoderFileError, info_from_encoder, load_encoder, save_encoder
 from dmt_jepa.model_card import MODEL_PATH, layer_choice
 from dmt_jepa.models import VisionTransformer, resolve_layers, sincos_2d

@@ -10,8 +10,8 @@ import pytest
 from hostile_helpers import damaged_copy, two_models, within
 from typer.testing import CliRunner
 
-from cli.main import app
-from serve import embed_shards
+from dmt_jepa.cli.main import app
+from dmt_jepa.serve import embed_shards
 
 SETTINGS = dict(workers=0, batch_size=3, layout="array", dtype="float16")
 

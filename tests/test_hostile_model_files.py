@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import dmt_jepa
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo, file_sha256, load_encoder, model_identity
 from dmt_jepa.hub import PretrainedEncoder, transformers_config
 from dmt_jepa.models import VisionTransformer
-from serve import embed_shards
+from dmt_jepa.serve import embed_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

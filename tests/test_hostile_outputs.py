@@ -19,9 +19,9 @@ from embed_helpers import image_bytes, photo_samples, read_output, write_encoder
 from test_embed_job import snapshot, wait_for
 from typer.testing import CliRunner
 
-from cli.main import app
-from serve import embed_shards
-from serve.layouts import TABLE_GROUP_BYTES, ArrayShardOutput, OutputSpec
+from dmt_jepa.cli.main import app
+from dmt_jepa.serve import embed_shards
+from dmt_jepa.serve.layouts import TABLE_GROUP_BYTES, ArrayShardOutput, OutputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def test_carried_extensions_are_made_safe_and_every_dropped_member_is_listed(tmp
 # ownership check, before the renames), as a worker paused by the OS at the worst moment would.
 STOP_IN_COMMIT = """
 import os, signal, sys
-from serve.shards import ShardOutput
+from dmt_jepa.serve.shards import ShardOutput
 commit = ShardOutput.commit
 def stopping_commit(self, record):
     try:
@@ -270,7 +270,7 @@ def stopping_commit(self, record):
         os.kill(os.getpid(), signal.SIGSTOP)
     commit(self, record)
 ShardOutput.commit = stopping_commit
-from cli.main import app
+from dmt_jepa.cli.main import app
 app(sys.argv[1:])
 """
 
@@ -339,7 +339,7 @@ def test_a_fifo_in_place_of_a_claim_file_is_not_read(tmp_path) -> None:
     import os
     import threading
 
-    from serve.claims import Claims
+    from dmt_jepa.serve.claims import Claims
 
     out = tmp_path / "out"
     out.mkdir()
@@ -356,8 +356,8 @@ def test_a_remote_done_record_that_is_hand_edited_or_too_large_is_not_done(tmp_p
     """A remote NAME.json is read by the local rules: bounded, and a record not as embed writes it is redone."""
     import fsspec
 
-    import serve.remote
-    from serve.remote import RemoteOut
+    import dmt_jepa.serve.remote as serve_remote
+    from dmt_jepa.serve.remote import RemoteOut
 
     write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 3))
     url, fs = "memory://hostile-remote-record/out", fsspec.filesystem("memory")
@@ -369,7 +369,7 @@ def test_a_remote_done_record_that_is_hand_edited_or_too_large_is_not_done(tmp_p
         fs.pipe_file("/hostile-remote-record/out/s.json", json.dumps(good | {"embedded": "three"}).encode())
         assert remote.read_record("s") is None
         fs.pipe_file("/hostile-remote-record/out/s.json", json.dumps(good).encode())
-        monkeypatch.setattr(serve.remote, "MAX_JSON_BYTES", 64)  # far below the record's size
+        monkeypatch.setattr(serve_remote, "MAX_JSON_BYTES", 64)  # far below the record's size
         assert remote.read_record("s") is None
     finally:
         fs.rm("/hostile-remote-record", recursive=True)

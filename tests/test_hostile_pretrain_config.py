@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
+from pretrain_fixtures import make_images, tiny_overrides
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
 from dmt_jepa.checkpoint import checkpoint_dirs
+from dmt_jepa.cli.main import app
 from dmt_jepa.config import ConfigError, load_config
 from dmt_jepa.data import pack_images
-from pretrain_fixtures import make_images, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from embed_helpers import tiny_encoder
 from hostile_helpers import damaged_copy, two_models, within
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
-from serve import EmbeddingsError, embed_shards, open_embeddings
+from dmt_jepa.serve import EmbeddingsError, embed_shards, open_embeddings
 
 SETTINGS = dict(workers=0, batch_size=3, dtype="float32", pooled=True)
 

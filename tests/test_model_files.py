@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from dmt_jepa.convert import ConvertError, convert_checkpoint
 from dmt_jepa.encoder_file import EncoderFileError, info_from_encoder, load_encoder
-from serve import embed_shards
-from serve.backends import BackendError
-from serve.backends.torch_backend import TorchBackend
+from dmt_jepa.serve import embed_shards
+from dmt_jepa.serve.backends import BackendError
+from dmt_jepa.serve.backends.torch_backend import TorchBackend
 
 
 def rewrite(source, target, metadata=None, tensors=None):

@@ -6,7 +6,7 @@ from embed_helpers import write_encoder_file
 
 from dmt_jepa.objective import autocast_dtype_for
 from dmt_jepa.precision import CPU_BF16_NOTICE, cpu_has_bf16, effective_precision
-from serve.backends.torch_backend import TorchBackend
+from dmt_jepa.serve.backends.torch_backend import TorchBackend
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,17 @@ import shutil
 
 import pytest
 import torch
+from pretrain_fixtures import make_images, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs
+from dmt_jepa.cli.main import app
 from dmt_jepa.config import ConfigError, load_config
 from dmt_jepa.data import pack_images
 from dmt_jepa.encoder_file import load_encoder
 from dmt_jepa.objective import DMTJEPA
 from dmt_jepa.train import Schedule, TrainingError, param_groups, pretrain
-from pretrain_fixtures import make_images, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_save_killed_midway_leaves_earlier_checkpoints_usable(shards, tmp_path):
 
 
 def test_patch_size_8_trains_exports_and_matches_onnx(shards, tmp_path):
-    from export.onnx_export import export_onnx
+    from dmt_jepa.export.onnx_export import export_onnx
 
     overrides = tiny_overrides(shards, tmp_path / "p8", "model.patch_size=8", "model.img_size=48", "optimization.epochs=1")
     result = pretrain(load_config(None, overrides))

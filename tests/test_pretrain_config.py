@@ -87,7 +87,7 @@ def test_values_that_cannot_train_are_one_sentence(override, message):
 def test_pretrain_refuses_before_writing_anything(tmp_path, override):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from dmt_jepa.cli.main import app
 
     result = CliRunner().invoke(app, ["pretrain", override, f"run.out_dir={tmp_path / 'run'}"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output

@@ -99,7 +99,7 @@ def test_unusable_checkpoints_are_one_sentence(tmp_path, make, message):
 def test_cli_convert_does_not_overwrite(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from dmt_jepa.cli.main import app
 
     public_checkpoint(tmp_path / "c.pth.tar")
     (tmp_path / "enc.safetensors").write_bytes(b"keep me")

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import torch
+from pretrain_fixtures import make_images, tiny_overrides
 from safetensors.torch import load_file
 
 from dmt_jepa.config import load_config
 from dmt_jepa.data import pack_images
 from dmt_jepa.objective import DMTJEPA
-from pretrain_fixtures import make_images, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
                                "run.log_every=2", "run.locality_every=3")  # reads at 2, 3 (rank 0 measures locality), 4
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cli.main", "pretrain", *overrides]
+           "-m", "dmt_jepa.cli.main", "pretrain", *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("encoder file:") == 1  # only rank 0 reports and writes

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from pretrain_fixtures import make_images, tiny_overrides
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.config import ConfigError, load_config
 from dmt_jepa.data import pack_images
 from dmt_jepa.progress import BarProgress, LineProgress, NoProgress, format_duration, progress_for
-from pretrain_fixtures import make_images, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\S+)  (\d+\.\d) img/s  ETA (\d+:\d\d:\d\d)$")
@@ -110,7 +110,7 @@ def test_tiny_run_through_a_pipe_prints_a_line_per_step_matching_its_log(shards,
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for var in ("FORCE_TERMINAL", "TTY_COMPATIBLE", "RANK"):
         env.pop(var, None)
-    run = subprocess.run([sys.executable, "-m", "cli.main", "pretrain", *overrides], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", "pretrain", *overrides], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     matches = [LINE.match(line) for line in run.stdout.splitlines() if line.startswith("step ")]
     assert all(matches) and "\x1b[" not in run.stdout  # plain text, no terminal escapes

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +89,10 @@ def test_every_readme_command_has_help():
 
 
 def make_placeholders(folder: Path) -> None:
-    from dmt_jepa.data import pack_images
     from pretrain_fixtures import make_images
     from test_pretrain_convert import public_checkpoint
+
+    from dmt_jepa.data import pack_images
 
     make_images(folder / "images", 8, classes=2)
     pack_images(make_images(folder / "scratch", 6, seed=1)[0].parent, folder / "scratch-shards", max_shard_count=3)

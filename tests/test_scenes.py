@@ -137,7 +137,7 @@ def test_refuses_to_write_over_existing_shards(tmp_path) -> None:
 def test_cli_writes_shards_and_reports_bad_requests(tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from dmt_jepa.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["data", "scenes", str(tmp_path / "out"), "--train", "2", "--test", "1", "--size", "32"])

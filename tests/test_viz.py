@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.models import VisionTransformer
 from dmt_jepa.scenes import make_scene, write_scene_shards

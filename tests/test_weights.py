@@ -13,11 +13,11 @@ from test_pretrain_convert import public_checkpoint
 from typer.testing import CliRunner
 
 import dmt_jepa
-import export.weights as weights
-from cli.main import app
+import dmt_jepa.export.weights as weights
+from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, load_encoder, save_encoder
+from dmt_jepa.export.onnx_export import export_onnx
 from dmt_jepa.models import VisionTransformer, sincos_2d
-from export.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 

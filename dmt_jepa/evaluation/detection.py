@@ -28,6 +28,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from dmt_jepa.encoder_file import EncoderInfo
 from dmt_jepa.models import VisionTransformer
 from dmt_jepa.models.pyramid import EncoderBackbone
+from dmt_jepa.optional import import_extra
 
 Boxes = list[dict]  # per image: {"box": [x0, y0, x1, y1] in pixels, "digit": class}
 
@@ -169,8 +170,8 @@ def coco_box_ap(
 
     `sizes` are the images' [height, width]; classes are 0 .. num_classes - 1 (COCO ids 1 .. num_classes).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    COCO = import_extra("pycocotools.coco", "detect", "COCO box AP").COCO
+    COCOeval = import_extra("pycocotools.cocoeval", "detect", "COCO box AP").COCOeval
 
     images, annotations, detections = [], [], []
     for image_id, (boxes, predicted, (height, width)) in enumerate(zip(truth, predictions, sizes, strict=True), start=1):

@@ -17,6 +17,7 @@ from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_bo
 from dmt_jepa.evaluation.features import Features, extract_features
 from dmt_jepa.evaluation.knn import knn_top1
 from dmt_jepa.evaluation.linear import linear_top1
+from dmt_jepa.optional import import_extra
 
 TASKS = ("knn", "linear", "dense")
 
@@ -131,6 +132,7 @@ def evaluate_detection(
     from dmt_jepa.encoder_file import load_encoder
 
     options = options or DetectOptions()
+    import_extra("pycocotools.cocoeval", "detect", "`dmtjepa eval detect`")  # before any training, not after it
     start = time.perf_counter()
     torch.manual_seed(options.seed)  # the pyramid and heads start from the same weights every run
     encoder, info = load_encoder(encoder_path)

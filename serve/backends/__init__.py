@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dmt_jepa.encoder_file import EncoderFileError, model_identity
-from serve.backends.base import PRECISIONS, Backend, BackendError, checked_run, patch_cosine
+from dmt_jepa.serve.backends.base import PRECISIONS, Backend, BackendError, checked_run, patch_cosine
 
 BACKENDS = ("auto", "torch-cpu", "torch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "openvino", "tensorrt")
 MODEL_KINDS = {".safetensors": "encoder", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
@@ -99,18 +99,18 @@ def _build(name: str, kind: str, path: Path, precision: str | None, layers: Sequ
     """Build backend `name` for a model file of `kind`; EncoderFileError becomes BackendError."""
     try:
         if name == "openvino":
-            from serve.backends.openvino_backend import OpenVinoBackend
+            from dmt_jepa.serve.backends.openvino_backend import OpenVinoBackend
 
             return OpenVinoBackend(path, precision=precision, layers=layers)
         if kind == "encoder":
-            from serve.backends.torch_backend import TorchBackend
+            from dmt_jepa.serve.backends.torch_backend import TorchBackend
 
             return TorchBackend.from_file(path, device=name.split("-")[1], precision=precision or "fp32", layers=layers)
         if kind == "onnx":
-            from serve.backends.onnx_backend import OnnxRuntimeBackend
+            from dmt_jepa.serve.backends.onnx_backend import OnnxRuntimeBackend
 
             return OnnxRuntimeBackend(path, device=name.split("-")[1], precision=precision, layers=layers)
-        from serve.backends.tensorrt_backend import TensorRTBackend
+        from dmt_jepa.serve.backends.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(path, precision=precision)
     except EncoderFileError as err:
@@ -123,8 +123,8 @@ def _measured_cpu_choice(path: Path, kind: str, precision: str | None, layers: S
     Only ONNX models are measured: both backends then run the same verified graph. An encoder file
     stays with PyTorch under `auto` (OpenVINO would first have to export it on every load).
     """
-    from serve.backends.choice import measured_choice
-    from serve.backends.onnx_backend import read_contract
+    from dmt_jepa.serve.backends.choice import measured_choice
+    from dmt_jepa.serve.backends.onnx_backend import read_contract
 
     wanted = precision or "fp32"
     names = [n for n in KIND_BACKENDS[kind] if n in CPU_CHOICES and wanted in CPU_CHOICES[n]]

@@ -10,7 +10,7 @@ import numpy as np
 
 from dmt_jepa.encoder_file import EncoderInfo
 from dmt_jepa.models import resolve_layers
-from serve.images import normalise
+from dmt_jepa.serve.images import normalise
 
 # int8: dynamic on onnxruntime-cpu (activation ranges measured per batch), calibrated on openvino;
 # int8-static: calibrated on onnxruntime-cpu (serve/calibration.py).

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderInfo
-from serve.backends.base import Backend
-from serve.backends.cpu import cpu_info
+from dmt_jepa.serve.backends.base import Backend
+from dmt_jepa.serve.backends.cpu import cpu_info
 
 CACHE_FILE = "cpu-backend-choice.json"
 MAX_CACHE_BYTES = 1 << 20  # a cache file larger than this was not written by us

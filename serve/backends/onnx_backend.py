@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
-from export.io_names import IO_STYLES, IoNames, detect
-from serve.backends.base import Backend, BackendError, backend_layers
+from dmt_jepa.export.io_names import IO_STYLES, IoNames, detect
+from dmt_jepa.serve.backends.base import Backend, BackendError, backend_layers
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -99,7 +99,7 @@ def read_contract(onnx_path: Path, shown: Path) -> tuple[EncoderInfo, IoNames, l
 
 def _calibrated(path: Path, info: EncoderInfo) -> bytes:
     """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py)."""
-    from serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
 
     with tempfile.TemporaryDirectory() as tmp:
         pixels = scene_pixels(DEFAULT_CALIBRATION_IMAGES, info.img_size)

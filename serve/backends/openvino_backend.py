@@ -16,7 +16,7 @@ import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, load_encoder
 from dmt_jepa.precision import cpu_has_bf16
-from serve.backends.base import Backend, BackendError, backend_layers
+from dmt_jepa.serve.backends.base import Backend, BackendError, backend_layers
 
 PRECISIONS = ("fp32", "bf16", "int8")
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers come from the QDQ graph
@@ -35,7 +35,7 @@ def require_openvino():
 
 def _export_encoder(path: Path, folder: Path, layers: Sequence[int]) -> Path:
     """The encoder file as the ONNX graph `dmtjepa export` writes (unverified here: the first batch is checked)."""
-    from export.onnx_export import export_graph
+    from dmt_jepa.export.onnx_export import export_graph
 
     encoder, info = load_encoder(path)
     onnx_path = folder / "encoder.onnx"
@@ -77,7 +77,7 @@ class OpenVinoBackend(Backend):
             self.onnx_path = _export_encoder(path, Path(self._scratch.name), self.layers)
         else:
             self.onnx_path = path
-        from serve.backends.onnx_backend import read_contract
+        from dmt_jepa.serve.backends.onnx_backend import read_contract
 
         self.info, self.names, outputs, stored = read_contract(self.onnx_path, path)
         if stored != "fp32":
@@ -94,7 +94,7 @@ class OpenVinoBackend(Backend):
         self.precision, self._calibration = precision, calibration
         graph = self.onnx_path
         if precision == "int8":
-            from serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+            from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
 
             pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
             graph = quantize_static_int8(self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx")

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.encoder_file import EncoderFileError, EncoderInfo
-from export.io_names import IO_STYLES, IoNames
-from serve.backends.base import Backend, BackendError
+from dmt_jepa.export.io_names import IO_STYLES, IoNames
+from dmt_jepa.serve.backends.base import Backend, BackendError
 
 
 def read_sidecar(engine: Path) -> dict:
     """The engine's sidecar, reduced to what this backend needs: info, profile ([B, 3, H, W] each), precision."""
-    from export.errors import ExportError
-    from export.tensorrt_build import read_sidecar as read_export_sidecar
+    from dmt_jepa.export.errors import ExportError
+    from dmt_jepa.export.tensorrt_build import read_sidecar as read_export_sidecar
 
     try:
         sidecar = read_export_sidecar(engine)
@@ -89,7 +89,7 @@ class TensorRTBackend(Backend):
         return self._execute(self._torch.from_numpy(images).to("cuda"))
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from serve.backends.torch_backend import normalise_on_device
+        from dmt_jepa.serve.backends.torch_backend import normalise_on_device
 
         return self._execute(normalise_on_device(pixels, self.info, "cuda"))
 

@@ -12,7 +12,7 @@ import torch
 from dmt_jepa.encoder_file import EncoderInfo, load_encoder
 from dmt_jepa.models import VisionTransformer
 from dmt_jepa.precision import device_has_bf16, effective_precision
-from serve.backends.base import Backend, BackendError, backend_layers
+from dmt_jepa.serve.backends.base import Backend, BackendError, backend_layers
 
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
