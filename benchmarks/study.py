@@ -122,7 +122,7 @@ def metric(record: dict, name: str) -> float:
 class StudyConfig:
     """Everything that defines one study; the defaults are sized for about two hours on 2 CPU cores."""
 
-    seeds: list[int] = field(default_factory=lambda: list(range(10)))
+    seeds: list[int] = field(default_factory=lambda: list(range(30)))
     ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     control_seeds: list[int] = field(default_factory=lambda: [0, 1])
     arms: list[str] = field(default_factory=lambda: ["i-jepa", "dmt-jepa"])
