@@ -55,7 +55,7 @@ def remove_entry(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _readable(path: Path) -> None:
+def make_readable(path: Path) -> None:
     """Regular files under `path` (itself included; links not followed) get the umask's mode."""
     if path.is_symlink():
         return
@@ -98,7 +98,7 @@ def replacing(out_dir: str | os.PathLike, *, overwrite: bool, sources: tuple[str
     after = _snapshot(out_dir)
     for name, identity in after.items():
         if before.get(name) != identity:
-            _readable(out_dir / name)
+            make_readable(out_dir / name)
     if overwrite:
         for name, identity in before.items():
             if after.get(name) == identity:

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
 from dmt_jepa.export.errors import ExportError, ParityError
 from dmt_jepa.export.onnx_export import fresh_scratch
-from dmt_jepa.file_modes import as_umask_allows
+from dmt_jepa.export.out_dir import make_readable
 from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, PretrainedEncoder, from_pretrained, write_model_directory
 from dmt_jepa.model_card import model_card
 from dmt_jepa.models import VisionTransformer, sincos_2d
@@ -119,8 +119,7 @@ def export_weights(
         write(scratch, encoder, info, log)
         names = sorted(item.name for item in scratch.iterdir())
         for item in scratch.iterdir():
-            if item.is_file() and not item.is_symlink():
-                as_umask_allows(item)  # safetensors writes 0600 whatever the umask
+            make_readable(item)  # safetensors writes 0600 whatever the umask
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
