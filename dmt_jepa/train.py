@@ -338,11 +338,9 @@ class Trainer:
         self.position.skipped_before = state["skipped"]
         _set_rng_state(state["rng"][self.world.rank], self.world.device)
 
-    def _epoch_batches(self, epoch: int, in_epoch: int):
-        """This rank's micro-batches of `epoch` from optimizer step `in_epoch` on."""
+    def _batches(self, epoch: int, in_epoch: int):
+        """This rank's micro-batches from optimizer step `in_epoch` of `epoch` to the end of training (one loader)."""
         cfg = self.cfg
-        if in_epoch == 0:
-            self.position.new_epoch()
         spec = StreamSpec(
             urls=self.urls,
             cfg=cfg.data,
@@ -357,6 +355,7 @@ class Trainer:
             batches_per_epoch=self.steps_per_epoch * cfg.optimization.accumulation,
             start_batch=in_epoch * cfg.optimization.accumulation,
             emitted=tuple(self.position.emitted) if in_epoch else (),
+            epochs=cfg.optimization.epochs,
         )
         return micro_batches(spec, cfg.data.num_workers, pin_memory=self.world.device.type == "cuda")
 
@@ -375,6 +374,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         for micro in range(opt.accumulation):
             batch = next(batches)
+            if micro == 0 and self.step % self.steps_per_epoch == 0:
+                self.position.new_epoch()
             self.position.record(batch)
             # uint8 to the device (decoded there too with data.decode=gpu), normalised there
             images = self.normalise(decode_on_device(batch, device))
@@ -482,38 +483,37 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.step
         read_time, read_step = start_time, self.step
         with progress:
+            batches = self._batches(*divmod(self.step, self.steps_per_epoch))  # its workers serve every epoch left
             while self.step < self.total_steps:
-                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                batches = self._epoch_batches(epoch, in_epoch)
-                for _ in range(in_epoch, self.steps_per_epoch):
-                    lr, wd, momentum = self.train_step(batches)
-                    every = cfg.run.locality_every
-                    locality_due = bool(every) and self.step % every == 0
-                    save_due = self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps
-                    # the same decision on every rank: a read is a collective under DDP
-                    if self.step % cfg.run.log_every == 0 or locality_due or save_due:
-                        loss = self.read_loss()  # before any save: a checkpoint never holds a diverged step
-                        now = time.perf_counter()
-                        images_per_s = cfg.optimization.batch_size * (self.step - read_step) / max(now - read_time, 1e-9)
-                        read_step, read_time = self.step, now
-                        elapsed = now - start_time
-                        progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
-                        locality = self.model.locality(self.last_images) if locality_due and self.world.is_main else {}
-                        self._log(locality | {
-                            "step": self.step,
-                            "epoch": epoch,
-                            "loss": loss,
-                            "lr": lr,
-                            "weight_decay": wd,
-                            "momentum": momentum,
-                            "images_per_s": round(images_per_s, 2),
-                            "elapsed_s": round(elapsed, 3),
-                            "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
-                            "skipped": self.position.skipped_before + sum(self.position.skipped),
-                        })
-                    if save_due:
-                        self.save()
-                del batches  # stops this epoch's workers
+                epoch = self.step // self.steps_per_epoch
+                lr, wd, momentum = self.train_step(batches)
+                every = cfg.run.locality_every
+                locality_due = bool(every) and self.step % every == 0
+                save_due = self.step % cfg.run.checkpoint_every == 0 or self.step == self.total_steps
+                # the same decision on every rank: a read is a collective under DDP
+                if self.step % cfg.run.log_every == 0 or locality_due or save_due:
+                    loss = self.read_loss()  # before any save: a checkpoint never holds a diverged step
+                    now = time.perf_counter()
+                    images_per_s = cfg.optimization.batch_size * (self.step - read_step) / max(now - read_time, 1e-9)
+                    read_step, read_time = self.step, now
+                    elapsed = now - start_time
+                    progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
+                    locality = self.model.locality(self.last_images) if locality_due and self.world.is_main else {}
+                    self._log(locality | {
+                        "step": self.step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "weight_decay": wd,
+                        "momentum": momentum,
+                        "images_per_s": round(images_per_s, 2),
+                        "elapsed_s": round(elapsed, 3),
+                        "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
+                        "skipped": self.position.skipped_before + sum(self.position.skipped),
+                    })
+                if save_due:
+                    self.save()
+            del batches  # stops the workers
         if self.saved_step != self.step:
             self.save()
         failure = None

@@ -151,13 +151,35 @@ def test_resumed_stream_continues_exactly_with_workers(shards):
         assert torch.equal(x["context_idx"], y["context_idx"]) and torch.equal(x["target_idx"], y["target_idx"])
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_one_loader_serves_every_epoch_as_loaders_per_epoch_would(shards, workers):
+    # 5 micro-batches an epoch: not a multiple of the workers, so the stream each worker plays rotates.
+    urls = expand_shards(shards)
+    spec = dict(batches_per_epoch=5)
+    per_epoch = [b for e in range(3) for b in micro_batches(_spec(urls, epoch=e, **spec), workers)]
+    spanning = list(micro_batches(_spec(urls, epochs=3, **spec), workers))
+    assert [(b["epoch"], b["index"]) for b in spanning] == [(e, i) for e in range(3) for i in range(5)]
+    assert [b["stream"] for b in spanning] == [i % workers for _ in range(3) for i in range(5)]
+    for x, y in zip(per_epoch, spanning, strict=True):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["target_idx"], y["target_idx"])
+        assert (x["epoch"], x["index"], x["stream"], x["emitted"]) == (y["epoch"], y["index"], y["stream"], y["emitted"])
+    # Resumed 3 micro-batches into epoch 1, one loader serves the rest of epoch 1 and epoch 2 unchanged.
+    emitted = [0] * workers
+    for batch in spanning[5:8]:
+        emitted[batch["stream"]] = batch["emitted"]
+    resumed = list(micro_batches(_spec(urls, epoch=1, epochs=3, start_batch=3, emitted=tuple(emitted), **spec), workers))
+    assert len(resumed) == len(spanning[8:])
+    for x, y in zip(spanning[8:], resumed):
+        assert (x["epoch"], x["index"]) == (y["epoch"], y["index"]) and torch.equal(x["images"], y["images"])
+
+
 def test_ranks_and_workers_split_the_shards(shards):
     urls = expand_shards(shards)
     first_pass = []
     for rank in range(2):
         stream = ShardStream(_spec(urls, rank=rank, world_size=2), num_streams=2)
         for s in range(2):
-            first_pass += stream._my_shards(s) if len(urls) > rank * 2 + s else []
+            first_pass += stream._my_shards(s, 0) if len(urls) > rank * 2 + s else []
     assert sorted(first_pass) == sorted(urls)
 
 

@@ -64,10 +64,16 @@ def test_param_groups_exempt_biases_and_cover_trainables_once():
         assert all((p.ndim > 1) == g["apply_wd"] for p in g["params"])
 
 
-def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_path):
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_path, monkeypatch):
+    import dmt_jepa.train
+
+    loaders = []  # every loader a run opens: one per run, its workers serve every epoch
+    opened = dmt_jepa.train.micro_batches
+    monkeypatch.setattr(dmt_jepa.train, "micro_batches", lambda spec, *a, **kw: loaders.append(spec) or opened(spec, *a, **kw))
     overrides = tiny_overrides(shards, tmp_path / "full", "data.num_workers=2", "optimization.accumulation=2",
                                "run.checkpoint_every=3", "model.drop_path_rate=0.2")
     full = pretrain(load_config(None, overrides))
+    assert [(s.epoch, s.start_batch, s.end_epoch) for s in loaders] == [(0, 0, 2)]
     assert full.steps == 8 and [c.name for c in checkpoint_dirs(full.run_dir)] == [
         "step-000000003", "step-000000006", "step-000000008"]
     log = [json.loads(line) for line in (full.run_dir / "log.jsonl").read_text().splitlines()]
@@ -80,6 +86,7 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_p
     (cut / "encoder.safetensors").unlink()
     config = cut / "config.yaml"
     resumed = pretrain(load_config(config, [f"run.out_dir={cut}"]), resume=cut)
+    assert [(s.epoch, s.start_batch, s.end_epoch) for s in loaders[1:]] == [(0, 6, 2)]
     assert _losses(resumed.run_dir) == _losses(full.run_dir)
     a, b = load_file(str(full.encoder)), load_file(str(resumed.encoder))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -117,7 +117,7 @@ def hash_seed(*parts: int) -> int:
 
 @dataclass
 class StreamSpec:
-    """Everything that determines the data of one epoch on one rank."""
+    """Everything that determines the data of a run's epochs on one rank (one loader serves them all)."""
 
     urls: list[str]
     cfg: DataConfig
@@ -130,30 +130,39 @@ class StreamSpec:
     rank: int
     world_size: int
     batches_per_epoch: int  # micro-batches this rank takes this epoch
-    start_batch: int = 0  # micro-batches already consumed this epoch (resume)
-    emitted: tuple[int, ...] = ()  # per stream: samples already emitted this epoch (resume)
+    start_batch: int = 0  # micro-batches already consumed in `epoch` (resume)
+    emitted: tuple[int, ...] = ()  # per stream: samples already emitted in `epoch` (resume)
+    epochs: int | None = None  # serve epochs `epoch` .. epochs - 1 (None: `epoch` alone)
+
+    @property
+    def end_epoch(self) -> int:
+        return self.epoch + 1 if self.epochs is None else self.epochs
 
 
 class ShardStream(IterableDataset):
-    """One rank's micro-batches for one epoch; DataLoader workers each play one stream.
+    """One rank's micro-batches, epoch after epoch; DataLoader workers each play one stream an epoch.
 
-    With W workers, micro-batch i of the epoch comes from stream i mod W (DataLoader fetches
-    round-robin), so on resume worker w plays stream (w + start_batch) mod W and the order holds.
+    Micro-batch i of an epoch comes from stream i mod W (W streams), whatever loader serves it,
+    so a run's data does not depend on where it was resumed. DataLoader fetches round-robin
+    over its W workers for as long as it lives: the loader's g-th micro-batch comes from worker
+    g mod W. So in each epoch worker w plays the stream whose batches land on it, (w + start_batch
+    - batches served in earlier epochs) mod W, and the workers live for the whole run instead of
+    being started again every epoch.
     """
 
     def __init__(self, spec: StreamSpec, num_streams: int):
         self.spec = spec
         self.num_streams = num_streams
 
-    def _my_shards(self, stream: int) -> list[str]:
+    def _my_shards(self, stream: int, epoch: int) -> list[str]:
         """This stream's share of the shards for the epoch (all of them if there are fewer than streams)."""
         spec = self.spec
         order = list(spec.urls)
-        random.Random(f"shards/{spec.seed}/{spec.epoch}").shuffle(order)  # same on every rank
+        random.Random(f"shards/{spec.seed}/{epoch}").shuffle(order)  # same on every rank
         slot, slots = spec.rank * self.num_streams + stream, spec.world_size * self.num_streams
         return order[slot::slots] or order
 
-    def _raw_samples(self, stream: int, rng: random.Random, counters: dict) -> Iterator[dict]:
+    def _raw_samples(self, stream: int, epoch: int, rng: random.Random, counters: dict) -> Iterator[dict]:
         """Samples of this stream's shards, reshuffled on every pass, endlessly (resampling to the epoch length)."""
 
         def on_error(err: Exception) -> bool:
@@ -161,7 +170,7 @@ class ShardStream(IterableDataset):
             log.warning("skipped the rest of an unreadable shard (%s)", err)
             return True
 
-        mine = self._my_shards(stream)
+        mine = self._my_shards(stream, epoch)
         while True:
             rng.shuffle(mine)
             found = 0
@@ -174,12 +183,12 @@ class ShardStream(IterableDataset):
                     f"none of the {len(mine)} shards {mine[0]}, ... holds a sample; check that they are WebDataset tar files."
                 )
 
-    def _shuffled(self, stream: int, counters: dict) -> Iterator[dict]:
+    def _shuffled(self, stream: int, epoch: int, counters: dict) -> Iterator[dict]:
         """Raw samples through a seeded shuffle buffer."""
         spec = self.spec
-        rng = random.Random(f"stream/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}")
+        rng = random.Random(f"stream/{spec.seed}/{epoch}/{spec.rank}/{stream}")
         buffer: list[dict] = []
-        for sample in self._raw_samples(stream, rng, counters):
+        for sample in self._raw_samples(stream, epoch, rng, counters):
             if len(buffer) < max(spec.cfg.shuffle_buffer, 1):
                 buffer.append(sample)
                 continue
@@ -192,17 +201,26 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         assert (info.num_workers if info is not None else 1) == self.num_streams
-        stream = (worker + spec.start_batch) % self.num_streams
-        # Micro-batches of the epoch this stream serves, from where the epoch resumes.
-        mine = [i for i in range(spec.start_batch, spec.batches_per_epoch) if i % self.num_streams == stream]
-        if not mine:
-            return
         augment = Augment(spec.cfg, spec.img_size, decode_jpeg_later=spec.cfg.decode == "gpu")
         sampler = MultiBlockMaskSampler(spec.grid, spec.mask_cfg)
+        served = -spec.start_batch  # the loader's micro-batches before this epoch's first, less those resumed past
+        for epoch in range(spec.epoch, spec.end_epoch):
+            start = spec.start_batch if epoch == spec.epoch else 0
+            stream = (worker - served) % self.num_streams
+            emitted = spec.emitted[stream] if spec.emitted and epoch == spec.epoch else 0
+            yield from self._epoch(epoch, stream, start, emitted, augment, sampler)
+            served += spec.batches_per_epoch
+
+    def _epoch(self, epoch: int, stream: int, start: int, emitted: int, augment, sampler) -> Iterator[dict]:
+        """The micro-batches `stream` serves in `epoch` from micro-batch `start` on, `emitted` samples in."""
+        spec = self.spec
+        # Micro-batches of the epoch this stream serves, from where the epoch resumes.
+        mine = [i for i in range(start, spec.batches_per_epoch) if i % self.num_streams == stream]
+        if not mine:
+            return
         counters = {"skipped": 0}
-        emitted = spec.emitted[stream] if spec.emitted else 0
         failed_in_a_row = 0
-        samples = self._shuffled(stream, counters)
+        samples = self._shuffled(stream, epoch, counters)
         for _ in range(emitted):  # replay without decoding
             next(samples)
         counters["skipped"] = 0  # what the replay met was counted before the checkpoint
@@ -211,7 +229,7 @@ class ShardStream(IterableDataset):
             while len(images) < spec.batch_size:
                 sample = next(samples)
                 emitted += 1
-                rng = random.Random(f"crop/{spec.seed}/{spec.epoch}/{spec.rank}/{stream}/{emitted}")
+                rng = random.Random(f"crop/{spec.seed}/{epoch}/{spec.rank}/{stream}/{emitted}")
                 try:
                     image = augment(image_bytes(sample), rng)
                 except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -230,7 +248,7 @@ class ShardStream(IterableDataset):
                     encoded.append((len(images), *image))
                     image = torch.zeros(3, *spec.img_size, dtype=torch.uint8)
                 images.append(image)
-            step = spec.epoch * spec.batches_per_epoch + index
+            step = epoch * spec.batches_per_epoch + index
             generator = torch.Generator().manual_seed(hash_seed(spec.seed, spec.rank, step))
             masks = sampler(spec.batch_size, generator)
             yield {
@@ -238,6 +256,7 @@ class ShardStream(IterableDataset):
                 "encoded": encoded,  # (row, JPEG bytes, crop box) for the device to decode; empty on the CPU path
                 "context_idx": masks.context_idx,  # [B, Nc]
                 "target_idx": masks.target_idx,  # [B, M, T]
+                "epoch": epoch,
                 "index": index,
                 "stream": stream,
                 "emitted": emitted,
@@ -246,22 +265,26 @@ class ShardStream(IterableDataset):
 
 
 def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = False) -> Iterator[dict]:
-    """The rank's micro-batches of one epoch, in order, through a DataLoader with `num_workers`."""
+    """The rank's micro-batches of epochs `spec.epoch` .. `spec.end_epoch` - 1, in order, through one DataLoader.
+
+    Its `num_workers` workers start once and serve every epoch (each epoch's streams are seeded by
+    the epoch inside the workers), so a many-epoch run does not pay the workers' start-up per epoch.
+    """
     streams = max(num_workers, 1)
     loader = DataLoader(
         ShardStream(spec, streams),
         batch_size=None,
         num_workers=num_workers,
-        persistent_workers=False,  # one loader per epoch: its streams are seeded by the epoch
         pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(spec.seed),  # keeps the global RNG (drop path) untouched
     )
-    expected = spec.start_batch
+    expected = (spec.epoch, spec.start_batch)
     try:
         for batch in loader:
-            assert batch["index"] == expected, "DataLoader returned micro-batches out of order"
-            expected += 1
+            assert (batch["epoch"], batch["index"]) == expected, "DataLoader returned micro-batches out of order"
+            epoch, index = expected
+            expected = (epoch, index + 1) if index + 1 < spec.batches_per_epoch else (epoch + 1, 0)
             yield batch
     except DataError as err:
         # A worker's DataError arrives with its traceback in the message: keep the sentence.
