@@ -111,6 +111,10 @@ def embed(
     ),
     model_workers: int = typer.Option(1, min=1, help="--engine ray: model actors, each loading the model once."),
     gpus_per_worker: float = typer.Option(0.0, min=0, help="--engine ray: GPUs per model actor (0: CPU)."),
+    decode: str = typer.Option(
+        "cpu", help="cpu: decode workers decode; gpu: JPEGs are decoded on the GPU that runs the model (nvJPEG, "
+        "needs --backend torch-cuda), workers only check their headers."
+    ),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.encoder_file import EncoderFileError
@@ -147,7 +151,10 @@ def embed(
             decode_workers=decode_workers,
             model_workers=model_workers,
             gpus_per_worker=gpus_per_worker,
+            decode=decode,
         )
+        if decode == "gpu" and backend != "torch-cuda":
+            raise ValueError(f"--decode gpu decodes on the GPU that runs the model: use --backend torch-cuda, not {backend}.")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     if location(out_dir)[0] == "memory":

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from dmt_jepa.serve.images import ImageRejected, Preprocess, prepare
+from dmt_jepa.serve.images import ImageRejected, Preprocess, prepare, prepare_leaving_jpeg
 
 # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks unguarded scripts.
 # Workers never touch torch, whose thread pools do not survive a fork.
@@ -31,9 +31,9 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _decode_into(conn: Connection, data: bytes, prep: Preprocess) -> None:
+def _decode_into(conn: Connection, data: bytes, prep: Preprocess, function=prepare) -> None:
     try:
-        conn.send(prepare(data, prep))
+        conn.send(function(data, prep))
     except ImageRejected as err:
         conn.send(err)
 
@@ -53,11 +53,13 @@ class Decoder:
 
     A worker that dies (a crash inside an image library, not an exception) breaks the pool: the
     pool is replaced, and each sample it held is decoded again alone in a throwaway process, so
-    that only the sample that really crashes becomes a failure.
+    that only the sample that really crashes becomes a failure. With `leave_jpeg` (`embed --decode
+    gpu`), RGB and grayscale JPEGs are only checked and come back encoded, for the device.
     """
 
-    def __init__(self, workers: int, prep: Preprocess):
+    def __init__(self, workers: int, prep: Preprocess, *, leave_jpeg: bool = False):
         self.workers, self.prep = workers, prep
+        self._prepare = prepare_leaving_jpeg if leave_jpeg else prepare
         self._lock = threading.Lock()
         self._pool = self._new_pool() if workers > 0 else None
 
@@ -72,27 +74,31 @@ class Decoder:
         """Start decoding one image; the Future holds (pixels, record) or raises ImageRejected."""
         if self._pool is None:
             try:
-                return finished(prepare(data, self.prep))
+                return finished(self._prepare(data, self.prep))
             except ImageRejected as err:
                 return finished(error=err)
         with self._lock:
             try:
-                return self._pool.submit(prepare, data, self.prep)
+                return self._pool.submit(self._prepare, data, self.prep)
             except BrokenProcessPool:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
-                return self._pool.submit(prepare, data, self.prep)
+                return self._pool.submit(self._prepare, data, self.prep)
 
     def result(self, task: Future, data: bytes) -> tuple[np.ndarray, dict]:
         """The decoded image, re-decoding alone if its worker died; ImageRejected if it cannot be used."""
         try:
             return task.result()
         except BrokenProcessPool:
-            return self._isolated(data)
+            return self._isolated(data, self._prepare)
 
-    def _isolated(self, data: bytes) -> tuple[np.ndarray, dict]:
+    def decode_alone(self, data: bytes) -> tuple[np.ndarray, dict]:
+        """The CPU path's decode of one image in a throwaway process (a JPEG the device refused)."""
+        return self._isolated(data, prepare)
+
+    def _isolated(self, data: bytes, function) -> tuple[np.ndarray, dict]:
         receive, send = _FORK.Pipe(duplex=False)
-        process = _FORK.Process(target=_decode_into, args=(send, data, self.prep), daemon=True)
+        process = _FORK.Process(target=_decode_into, args=(send, data, self.prep, function), daemon=True)
         process.start()
         send.close()
         try:

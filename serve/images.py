@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,6 +41,14 @@ MAX_SCALED_AREA = 8
 
 class ImageRejected(ValueError):
     """An input image that cannot be embedded; the message is the reason recorded for it."""
+
+
+class EncodedJpeg(NamedTuple):
+    """A JPEG left for the device to decode (`embed --decode gpu`): its header was read and checked here."""
+
+    data: bytes
+    orientation: int  # EXIF orientation, 1 (upright) to 8, applied after decoding
+    size: tuple[int, int]  # the upright image's [height, width]
 
 
 @dataclass(frozen=True)
@@ -114,8 +123,12 @@ def _without_addresses(err: Exception) -> str:
     return re.sub(r"<[^<>]* at 0x[0-9A-Fa-f]+>", "the image bytes", str(err))
 
 
-def open_image(data: bytes, prep: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode `data` into an upright RGB image ready for resizing, and its original [height, width]."""
+def open_image(data: bytes, prep: Preprocess, *, leave_jpeg: bool = False) -> tuple[Image.Image | EncodedJpeg, tuple[int, int]]:
+    """Decode `data` into an upright RGB image ready for resizing, and its original [height, width].
+
+    With `leave_jpeg`, an RGB or grayscale JPEG passes every header check but is not decoded:
+    it comes back as an EncodedJpeg for the device. Other images (CMYK JPEGs too) are decoded here.
+    """
     if not data:
         raise ImageRejected("the image member is empty (0 bytes)")
     with warnings.catch_warnings(), _pillow_limit(prep.max_pixels):
@@ -137,6 +150,8 @@ def open_image(data: bytes, prep: Preprocess) -> tuple[Image.Image, tuple[int, i
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             if orientation in SWAPS_AXES:
                 width, height = height, width
+            if leave_jpeg and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                return EncodedJpeg(data, orientation if orientation in range(1, 9) else 1, (height, width)), (height, width)
             if image.format == "JPEG":
                 draft_h, draft_w = _target_size(height, width, prep)
                 if orientation in SWAPS_AXES:
@@ -153,14 +168,29 @@ def open_image(data: bytes, prep: Preprocess) -> tuple[Image.Image, tuple[int, i
     return image, (height, width)
 
 
+def geometry_record(height: int, width: int, prep: Preprocess) -> dict:
+    """The sample's geometry record for an upright [height, width] image under the resize policy."""
+    geometry: dict = {"input_size": list(prep.size), "grid": list(prep.grid), "resize": prep.resize}
+    if prep.resize == "pad":
+        geometry["content"] = list(_target_size(height, width, prep))  # rows [0, h) and columns [0, w) hold the image
+    return geometry
+
+
+def crop_plan(height: int, width: int, prep: Preprocess) -> tuple[int, int, int, int, bool]:
+    """`crop`: the scaled size, the crop's top-left, and whether to scale whole (else only the kept region)."""
+    out_h, out_w = prep.size
+    new_h, new_w = _target_size(height, width, prep)
+    return new_h, new_w, (new_h - out_h) // 2, (new_w - out_w) // 2, new_h * new_w <= MAX_SCALED_AREA * out_h * out_w
+
+
 def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
     """Apply the resize policy: RGB image -> uint8 [H, W, 3] and the sample's geometry record."""
     out_h, out_w = prep.size
     new_h, new_w = _target_size(image.height, image.width, prep)
-    geometry: dict = {"input_size": [out_h, out_w], "grid": list(prep.grid), "resize": prep.resize}
+    geometry = geometry_record(image.height, image.width, prep)
     if prep.resize == "crop":
-        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-        if new_h * new_w <= MAX_SCALED_AREA * out_h * out_w:
+        _, _, top, left, whole = crop_plan(image.height, image.width, prep)
+        if whole:
             scaled = image.resize((new_w, new_h), Image.BICUBIC)
             pixels = np.asarray(scaled.crop((left, top, left + out_w, top + out_h)))
         else:
@@ -176,7 +206,6 @@ def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
         canvas = Image.new("RGB", (out_w, out_h), fill)
         canvas.paste(scaled, (0, 0))
         pixels = np.asarray(canvas)
-        geometry["content"] = [new_h, new_w]  # image pixels occupy rows [0, new_h) and columns [0, new_w)
     return pixels, geometry
 
 
@@ -189,6 +218,15 @@ def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 def prepare(data: bytes, prep: Preprocess) -> tuple[np.ndarray, dict]:
     """Encoded image bytes -> uint8 [H, W, 3] model-size pixels and its json record; ImageRejected if unusable."""
     image, original = open_image(data, prep)
+    pixels, geometry = resize(image, prep)
+    return pixels, {"original_size": list(original), **geometry}
+
+
+def prepare_leaving_jpeg(data: bytes, prep: Preprocess) -> tuple[np.ndarray | EncodedJpeg, dict]:
+    """`prepare` for `embed --decode gpu`: RGB and grayscale JPEGs stay encoded (checked, with their record)."""
+    image, original = open_image(data, prep, leave_jpeg=True)
+    if isinstance(image, EncodedJpeg):
+        return image, {"original_size": list(original), **geometry_record(*original, prep)}
     pixels, geometry = resize(image, prep)
     return pixels, {"original_size": list(original), **geometry}
 

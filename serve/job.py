@@ -34,7 +34,7 @@ from dmt_jepa.serve.api import preprocess_for
 from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend
 from dmt_jepa.serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
 from dmt_jepa.serve.decode import Decoder, finished
-from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, Preprocess
+from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, EncodedJpeg, ImageRejected, Preprocess
 from dmt_jepa.serve.inputs import ShardSource, partition, resolve_inputs, resolve_rank
 from dmt_jepa.serve.layouts import EMBEDDING_READER_DIRS, LAYOUTS, OutputSpec, open_output
 from dmt_jepa.serve.pca import PCA_FILE, PcaError, load_or_fit, project
@@ -55,6 +55,7 @@ from dmt_jepa.serve.shards import (
 from dmt_jepa.serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 
 ENGINES = ("local", "ray")
+DECODES = ("cpu", "gpu")
 
 
 class OutputDirError(ValueError):
@@ -101,6 +102,7 @@ class EmbedOptions:
     decode_workers: int | None = None  # ray: decode tasks at once; None: the cluster's CPUs less the model actors'
     model_workers: int = 1  # ray: model actors, each holding the model once
     gpus_per_worker: float = 0.0  # ray: GPUs per model actor; 0: CPU
+    decode: str = "cpu"  # cpu: decode workers decode; gpu: they check JPEG headers, the PyTorch backend's device decodes
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
@@ -113,6 +115,10 @@ class EmbedOptions:
             raise ValueError(f"{given} only apply to --engine ray; add --engine ray or leave them out.")
         if self.model_workers < 1 or self.gpus_per_worker < 0 or (self.decode_workers is not None and self.decode_workers < 1):
             raise ValueError("--model-workers and --decode-workers must be at least 1 and --gpus-per-worker at least 0.")
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r}; choose one of {', '.join(DECODES)}.")
+        if self.decode == "gpu" and self.engine == "ray":
+            raise ValueError("--decode gpu runs with --engine local; the Ray engine decodes in its own tasks on CPUs.")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
         if self.dtype not in DTYPES:
@@ -178,6 +184,7 @@ def run_identity(runner: Backend, prep: Preprocess, options: EmbedOptions) -> di
         "backend": runner.name.split("-")[0],
         "version": dmt_jepa.__version__,
         **({"layers": list(runner.layers)} if runner.layers else {}),
+        **({"decode": "gpu"} if options.decode == "gpu" else {}),  # a few grey levels from the CPU's resize
     }
 
 
@@ -406,6 +413,12 @@ def embed_shards(
         else:
             runner = model if isinstance(model, Backend) else load_backend(model, options.backend, options.precision, options.layers)
             run = _run
+            from dmt_jepa.serve.backends.torch_backend import TorchBackend
+
+            if options.decode == "gpu" and not isinstance(runner, TorchBackend):
+                raise BackendError(
+                    f"--decode gpu decodes on the PyTorch backend's GPU, not with {runner.name}; add --backend torch-cuda."
+                )
         prep = preprocess_for(runner, options.size, options.resize, options.max_pixels)
         refuse_out_over_inputs(out_dir, shards)
         remote = _open_remote(out_dir)
@@ -668,7 +681,13 @@ def _run(run: ShardRun) -> None:
     """The local engine over the shards still to do: reader thread, batches here, writer thread."""
     options, summary, runner, out_dir = run.options, run.summary, run.runner, run.out_dir
     workers = max(1, (os.cpu_count() or 2) // 2) if options.workers is None else options.workers
-    decoder = Decoder(workers, run.prep)  # forks its workers first: no other thread of ours may run yet
+    # forks its workers first: no other thread of ours may run yet
+    decoder = Decoder(workers, run.prep, leave_jpeg=options.decode == "gpu")
+    device_decoder = None
+    if options.decode == "gpu":
+        from dmt_jepa.serve.device_decode import DeviceDecoder
+
+        device_decoder = DeviceDecoder(runner.device, run.prep, decoder.decode_alone)
     claims = Claims(out_dir, owner_token(), options.lease_seconds)
     budget = _ByteBudget(options.max_queued_bytes)
     samples: queue.Queue = queue.Queue(maxsize=2 * options.batch_size + 2 * workers)
@@ -684,8 +703,24 @@ def _run(run: ShardRun) -> None:
     bar = Progress(options.progress, options.progress_every, len(run.pending))
     batch: list[tuple[str, np.ndarray, dict, dict]] = []
 
+    def decode_left(out: ShardOutput) -> None:
+        """`--decode gpu`: the batch's JPEGs decoded on the device; one that cannot be decoded at all fails alone."""
+        left = [i for i, (_, array, _, _) in enumerate(batch) if isinstance(array, EncodedJpeg)]
+        failed = set()
+        for i, pixels in zip(left, device_decoder([batch[i][1] for i in left]), strict=True):
+            key, _, record, carried = batch[i]
+            if isinstance(pixels, ImageRejected):
+                writer.submit(partial(out.fail, key, str(pixels)))
+                summary.failed += 1
+                failed.add(i)
+            else:
+                batch[i] = (key, pixels, record, carried)
+        batch[:] = [sample for i, sample in enumerate(batch) if i not in failed]
+
     def flush(out: ShardOutput) -> None:
         """Batch stage: the samples gathered so far (one shard's) through the model, then to the writer."""
+        if device_decoder is not None:
+            decode_left(out)
         if not batch:
             return
         keys, arrays, records, carried = (list(column) for column in zip(*batch, strict=True))
