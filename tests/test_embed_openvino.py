@@ -51,6 +51,22 @@ def test_openvino_fp32_equals_pytorch(models, kind, height, width):
 
 
 @needs_openvino
+def test_openvino_streams_split_a_batch_and_keep_its_order(models):
+    runner = load_backend(models["onnx"], "openvino", "fp32")
+    assert runner.streams == len(runner._requests) >= 1
+    images = normalised(scenes(7))
+    together = runner.run(images)
+    alone = [runner.run(images[i : i + 1]) for i in range(len(images))]
+    for which, out in enumerate(together):
+        assert out.shape[0] == 7
+        np.testing.assert_allclose(out, np.concatenate([a[which] for a in alone]), atol=1e-5, rtol=1e-4)
+    runner.streams = 3  # more parts than a batch of two can fill: still every image once, in order
+    runner._requests = [runner._compiled.create_infer_request() for _ in range(3)]
+    pair = runner.run(images[:2])
+    np.testing.assert_allclose(pair[0], together[0][:2], atol=1e-5, rtol=1e-4)
+
+
+@needs_openvino
 def test_openvino_layers_equal_pytorch_blocks(tmp_path):
     from dmt_jepa.export.onnx_export import export_graph
 
