@@ -89,6 +89,12 @@ def _default_arm() -> str:
 
 
 DEFAULT_ARM = _default_arm()
+# Main arms, run on every seed: I-JEPA, what `dmtjepa pretrain` trains, and the paper's head.
+MAIN_ARMS = list(dict.fromkeys(["i-jepa", DEFAULT_ARM, "dmt-jepa"]))
+ABLATIONS = [
+    "dmt-jepa-mix", "dmt-jepa-with-self", "mean-pool", "dmt-jepa-no-context", "dmt-jepa-k1", "dmt-jepa-k8",
+    "dmt-jepa-depth1", "dmt-jepa-learned", "dmt-jepa-window5", "dmt-jepa-k2", "dmt-jepa-mean",
+]
 ENCODERS = ("target", "context", "average")  # the EMA target encoder (deployed), the context encoder, the tail average
 # Report name -> where it sits in a job record.
 METRICS = {
@@ -125,11 +131,8 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(30)))
     ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     control_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    arms: list[str] = field(default_factory=lambda: ["i-jepa", "dmt-jepa"])
-    ablations: list[str] = field(default_factory=lambda: [
-        "dmt-jepa-mix", "dmt-jepa-with-self", "mean-pool", "dmt-jepa-no-context", "dmt-jepa-k1", "dmt-jepa-k8",
-        "dmt-jepa-depth1", "dmt-jepa-learned", "dmt-jepa-window5", "dmt-jepa-k2", "dmt-jepa-mean",
-    ])
+    arms: list[str] = field(default_factory=lambda: list(MAIN_ARMS))
+    ablations: list[str] = field(default_factory=lambda: [a for a in ABLATIONS if a not in MAIN_ARMS])
     controls: list[str] = field(default_factory=lambda: ["random"])
     steps: int = 800
     batch_size: int = 32
@@ -430,12 +433,10 @@ def encoder_spread(results: dict[str, list[dict]], arms: list[str], baseline: st
     out = {}
     for encoder in ENCODERS:
         value = lambda r: r[encoder]["test"]["fg"]["miou"]  # noqa: E731
-        if not all(encoder in r for a in arms for r in results.get(a, [])):
-            continue
-        base = {r["seed"]: r for r in results.get(baseline, [])}
+        base = {r["seed"]: r for r in results.get(baseline, []) if encoder in r}
         row = {}
         for arm in arms:
-            runs = results.get(arm, [])
+            runs = [r for r in results.get(arm, []) if encoder in r]  # jobs evaluated as ablations have the target only
             if len(runs) < 2:
                 continue
             row[arm] = {"mean": statistics.mean(map(value, runs)), "sd": statistics.stdev(map(value, runs))}
@@ -520,7 +521,8 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
     ]
     for arm in cfg.arms + cfg.controls:
         if arm in table:
-            cells = " | ".join(_pm(table[arm][m]) for m in ("fg", "fg_bg_iou", "fg_fg_iou", "dense", "fg_val", "fg_sgd", "knn", "linear"))
+            cells = " | ".join(_pm(table[arm][m]) if m in table[arm] else "-"  # "-": a job evaluated as an ablation
+                               for m in ("fg", "fg_bg_iou", "fg_fg_iou", "dense", "fg_val", "fg_sgd", "knn", "linear"))
             lines.append(f"| {LABELS[arm]} | {len(runs[arm])} | {cells} |")
     lines += [
         "",

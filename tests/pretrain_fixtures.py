@@ -50,6 +50,7 @@ def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
         "model.pred_width=32",
         "model.pred_depth=1",
         "mask.min_keep=2",
+        "target.aggregation=cross_attention",  # the paper's head: the path with the most parts (heads, context path)
         "target.head_depth=1",
         "optimization.epochs=2",
         "optimization.batch_size=4",

@@ -74,17 +74,18 @@ def test_study_smoke_two_seeds_few_steps(tmp_path) -> None:
     )
     report = tmp_path / "docs" / "results.md"
     summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=True)
-    arms = {"i-jepa", DEFAULT_ARM, "dmt-jepa-no-context", "random"}
+    assert cfg.arms == ["i-jepa", DEFAULT_ARM, "dmt-jepa"] and DEFAULT_ARM == "mean-pool"  # the default, the paper's head
+    arms = {"i-jepa", DEFAULT_ARM, "dmt-jepa", "dmt-jepa-no-context", "random"}
     assert set(summary["table"]) == arms and set(summary["paired"]) == arms - {"i-jepa"}
     for arm, row in summary["table"].items():
         for name in ("fg", "fg_val", "dense"):
             mean, std = row[name]
             assert 0.0 <= mean <= 100.0 and std >= 0.0
         assert ("within_image_share_final" in row) == (arm != "random")
-        assert ("fg_context" in row) == (arm in ("i-jepa", DEFAULT_ARM))  # encoders compared on the main arms
+        assert ("fg_context" in row) == (arm in cfg.arms)  # encoders compared on the main arms
         assert ("fg_sgd" in row) == (arm != "dmt-jepa-no-context")  # secondary figures: main arms and controls
     assert set(summary["spread"]) == {"target", "context", "average"}
-    assert set(summary["ablation_table"]) == {"i-jepa", DEFAULT_ARM, "dmt-jepa-no-context"}
+    assert set(summary["ablation_table"]) == {"i-jepa", DEFAULT_ARM, "dmt-jepa", "dmt-jepa-no-context"}
     assert all(se >= 0 for se in summary["test_set_se"].values())
     assert 0 < summary["ceiling"]["dense"] <= summary["ceiling"]["fg"] <= 100
     log = [json.loads(l) for l in (tmp_path / "run" / f"{DEFAULT_ARM}-seed0.jsonl").read_text().splitlines()]
