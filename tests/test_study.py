@@ -44,6 +44,11 @@ def test_the_default_is_chosen_on_validation_not_test() -> None:
     assert select_default(paired_differences(results), ["a", "b"])["arm"] == "b"
     results.pop("b")
     assert select_default(paired_differences(results), ["a"])["arm"] == "i-jepa"
+    # An arm on fewer seeds does not compete with the best-covered ones, however far ahead its mean.
+    results["c"] = [_run(0, 40.0, 60.0)]
+    results["b"] = [_run(0, 40.0, 51.0), _run(1, 40.0, 52.0)]
+    choice = select_default(paired_differences(results), ["a", "b", "c"])
+    assert choice["arm"] == "b" and "over 2 seeds" in choice["reason"]
 
 
 def test_miou_of_summed_confusions_matches_iou_per_class() -> None:
