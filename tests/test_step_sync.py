@@ -38,7 +38,7 @@ def _reads(fn) -> int:
 def test_steady_state_step_reads_nothing_from_the_device(shards, tmp_path):
     cfg = load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.grad_clip=1.0"))
     trainer = Trainer(cfg, _init_world(cfg), None)
-    loader = trainer._epoch_batches(0, 0)
+    loader = trainer._batches(0, 0)
     batches = iter([next(loader) for _ in range(3)])  # drawn before: the masks are drawn on the host by design
     for _ in range(2):  # warm-up: first-step allocations and optimizer state
         trainer.train_step(batches)
