@@ -53,17 +53,30 @@ def test_openvino_fp32_equals_pytorch(models, kind, height, width):
 @needs_openvino
 def test_openvino_streams_split_a_batch_and_keep_its_order(models):
     runner = load_backend(models["onnx"], "openvino", "fp32")
-    assert runner.streams == len(runner._requests) >= 1
+    assert runner.streams == len(runner._pixels.requests) >= 1
     images = normalised(scenes(7))
     together = runner.run(images)
     alone = [runner.run(images[i : i + 1]) for i in range(len(images))]
     for which, out in enumerate(together):
         assert out.shape[0] == 7
         np.testing.assert_allclose(out, np.concatenate([a[which] for a in alone]), atol=1e-5, rtol=1e-4)
-    runner.streams = 3  # more parts than a batch of two can fill: still every image once, in order
-    runner._requests = [runner._compiled.create_infer_request() for _ in range(3)]
+    three = runner._float  # more parts than a batch of two can fill: still every image once, in order
+    compiled = three.requests[0].get_compiled_model()
+    three.streams, three.requests = 3, [compiled.create_infer_request() for _ in range(3)]
     pair = runner.run(images[:2])
     np.testing.assert_allclose(pair[0], together[0][:2], atol=1e-5, rtol=1e-4)
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_normalises_uint8_pixels_inside_the_model_like_numpy(models, precision):
+    runner = load_backend(models["onnx"], "openvino", precision)
+    pixels = scenes(5, seed=3)
+    inside, outside = runner.run_pixels(pixels), runner.run(normalised(pixels))
+    for a, b in zip(inside, outside, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+    grid, _ = reference(normalised(pixels))
+    assert patch_cosine(inside[0], grid).min() > (0.9999 if precision == "fp32" else 0.99)
 
 
 @needs_openvino

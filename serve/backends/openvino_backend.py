@@ -43,6 +43,26 @@ def _export_encoder(path: Path, folder: Path, layers: Sequence[int]) -> Path:
     return onnx_path
 
 
+class _Streams:
+    """A compiled model and one infer request per stream: a batch is cut into one part per stream, run at once."""
+
+    def __init__(self, compiled, outputs: Sequence[str]):
+        self.streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.requests = [compiled.create_infer_request() for _ in range(self.streams)]
+        self.ports = [compiled.output(name) for name in outputs]
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        parts = [part for part in np.array_split(batch, min(self.streams, len(batch))) if len(part)]
+        for request, part in zip(self.requests, parts):
+            request.start_async({0: part})
+        outputs: list[list[np.ndarray]] = [[] for _ in self.ports]
+        for request in self.requests[: len(parts)]:
+            request.wait()
+            for collected, port in zip(outputs, self.ports, strict=True):
+                collected.append(np.array(request.get_tensor(port).data, dtype=np.float32))  # a copy: the request is reused
+        return [np.concatenate(collected) for collected in outputs]
+
+
 class OpenVinoBackend(Backend):
     """An fp32 ONNX model in the project's contract, compiled by OpenVINO for the CPU."""
 
@@ -98,36 +118,53 @@ class OpenVinoBackend(Backend):
 
             pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
             graph = quantize_static_int8(self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx")
-        core = ov.Core()
+        self._core, self._graph = ov.Core(), graph
+        # The job's model: uint8 pixels in, normalised inside. Compiled now, so that a bad model fails here;
+        # the float-input model (`run`: tests, benchmarks, the Python API) only when first asked for.
+        self._pixels = self._compile(pixels=True)
+        self._float: _Streams | None = None
+        self.streams = self._pixels.streams
+
+    def _compile(self, *, pixels: bool) -> _Streams:
+        """The model compiled for float NCHW input, or (`pixels`) for uint8 NHWC pixels it normalises itself."""
         try:
-            model = core.read_model(str(graph))
+            model = self._core.read_model(str(self._graph))
+            if pixels:
+                from openvino import Layout, Type
+                from openvino.preprocess import PrePostProcessor
+
+                # Conversion, normalisation and the NHWC -> NCHW transpose become the graph's first
+                # nodes: they run on every core with the model, not in numpy before it on one.
+                ppp = PrePostProcessor(model)
+                ppp.input().tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+                ppp.input().model().set_layout(Layout("NCHW"))
+                ppp.input().preprocess().convert_element_type(Type.f32).mean(
+                    [255.0 * m for m in self.info.pixel_mean]
+                ).scale([255.0 * s for s in self.info.pixel_std])
+                model = ppp.build()
             # THROUGHPUT: OpenVINO splits the cores into streams of a few threads each (one stream per
-            # core on a 2-core CPU); `run` cuts each batch into one part per stream and runs them at
-            # once. Streams do not wait for each other, so a decode burst on one core slows one part
-            # instead of stalling every thread of one LATENCY stream at its next barrier.
-            self._compiled = core.compile_model(
-                model, "CPU", {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"}
+            # core on a 2-core CPU); each batch is cut into one part per stream, run at once. Streams
+            # do not wait for each other, so a decode burst on one core slows one part instead of
+            # stalling every thread of one LATENCY stream at its next barrier.
+            compiled = self._core.compile_model(
+                model, "CPU", {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision], "PERFORMANCE_HINT": "THROUGHPUT"}
             )
-            self.streams = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         except RuntimeError as err:  # OpenVINO reports every load failure as a RuntimeError
             raise BackendError(f"OpenVINO cannot load the model ({str(err).splitlines()[0]}).") from err
-        self._requests = [self._compiled.create_infer_request() for _ in range(self.streams)]
-        self._ports = [self._compiled.output(name) for name in self._outputs]
+        return _Streams(compiled, self._outputs)
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        parts = [part for part in np.array_split(images, min(self.streams, len(images))) if len(part)]
-        for request, part in zip(self._requests, parts):
-            request.start_async({0: part})
-        outputs = [[] for _ in self._ports]
-        for request in self._requests[: len(parts)]:
-            request.wait()
-            for collected, port in zip(outputs, self._ports, strict=True):
-                collected.append(np.array(request.get_tensor(port).data, dtype=np.float32))  # a copy: the request is reused
-        outputs = [np.concatenate(collected) for collected in outputs]
-        grid = (images.shape[2] // self.info.patch_size, images.shape[3] // self.info.patch_size)
+    def _maps(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, ...]:
+        grid = (height // self.info.patch_size, width // self.info.patch_size)
         maps = [self.names.to_grid(out, grid) for i, out in enumerate(outputs) if i != 1]  # output 1: pooled
         return (maps[0], outputs[1], *maps[1:])
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self._float is None:
+            self._float = self._compile(pixels=False)
+        return self._maps(self._float(np.ascontiguousarray(images, dtype=np.float32)), *images.shape[2:])
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self._maps(self._pixels(np.ascontiguousarray(pixels, dtype=np.uint8)), *pixels.shape[1:3])
 
     def reference(self) -> Backend | None:
         if self.precision == "fp32":
