@@ -53,11 +53,16 @@ class _Streams:
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         parts = [part for part in np.array_split(batch, min(self.streams, len(batch))) if len(part)]
-        for request, part in zip(self.requests, parts):
-            request.start_async({0: part})
+        started = []
+        try:
+            for request, part in zip(self.requests, parts):
+                request.start_async({0: part})
+                started.append(request)
+        finally:
+            for request in started:  # never leave a request running, even when another one failed to start
+                request.wait()
         outputs: list[list[np.ndarray]] = [[] for _ in self.ports]
-        for request in self.requests[: len(parts)]:
-            request.wait()
+        for request in started:
             for collected, port in zip(outputs, self.ports, strict=True):
                 collected.append(np.array(request.get_tensor(port).data, dtype=np.float32))  # a copy: the request is reused
         return [np.concatenate(collected) for collected in outputs]
