@@ -8,7 +8,8 @@ run by ONNX Runtime fp32. The best of those is the "best simple choice" every pa
 Every path runs once per round, rounds repeated, medians reported, so that other load on a shared
 machine hits all paths alike. Then `dmtjepa embed` end to end over generated shards with the best
 path, `--e2e-rounds` times, each run right after a model-only timing of that path (the ratio is of
-the two medians), and its peak memory. Random weights: the figures measure speed, and the cosine of each lower
+the two medians), and its peak memory from one more run (sampling /proc slows a run, so the timed
+runs are not sampled). Random weights: the figures measure speed, and the cosine of each lower
 precision against fp32 on the same batch. The CPU model and its bf16/int8 flags head the output.
 
     python benchmarks/embed_throughput.py [--arch vit_small] [--batch 32] [--rounds 3] [--images 192] [--layouts]
@@ -17,7 +18,7 @@ precision against fp32 on the same batch. The CPU model and its bf16/int8 flags 
 and the patch cosine of what was stored (read back with serve.open_embeddings) to the float32 run.
 
 `--engine ray` runs the end-to-end job on Ray as well as locally, the two alternated `--e2e-rounds`
-times (a shared machine then slows both alike), each with its peak memory; `--e2e-only` measures
+times (a shared machine then slows both alike), then once more each for its peak memory; `--e2e-only` measures
 torch-cpu fp32 alone model-only, with no baseline, and `--per-shard` sets the shard size:
 
     python benchmarks/embed_throughput.py --engine ray --e2e-only --arch vit_tiny --size 112 --images 320 --per-shard 16
@@ -148,17 +149,20 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def _memory_mib(pids: list[int], field: str) -> float:
-    """Sum of one /proc/PID/smaps_rollup field (Pss: shared pages split between their users; Rss)."""
-    total = 0
+def _memory_mib(pids: list[int]) -> dict[str, float]:
+    """Sums of the Pss (shared pages split between their users) and Rss fields of /proc/PID/smaps_rollup,
+    one read per process: the kernel walks the process's whole address space for each read, about
+    0.14 s of CPU per sample of an OpenVINO job here."""
+    total = {"Pss": 0, "Rss": 0}
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
+                field = line.split(":", 1)[0]
+                if field in total:
+                    total[field] += int(line.split()[1])
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total / 1024
+    return {field: kib / 1024 for field, kib in total.items()}
 
 
 def end_to_end(
@@ -170,49 +174,57 @@ def end_to_end(
     images: int,
     out: str = "out",
     per_shard: int = 64,
+    memory: bool = False,
     **settings,
 ) -> dict:
-    """Run the job in its own process; sample the memory of it and its decode workers (or its Ray
-    processes, which a local Ray instance starts as its children) as it runs."""
+    """Run the job in its own process. With `memory`, sample the memory of it and its decode workers
+    (or its Ray processes, which a local Ray instance starts as its children) as it runs: a run
+    that is timed must not be sampled, since each sample costs the 2-core machine a large share
+    of a core (end to end 0.87x model-only sampled, 0.99x not, in one alternating run)."""
     write_shards(work / "shards", images, per_shard)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [str(work / "shards"), str(work / out), str(model), backend, precision, str(batch), json.dumps(settings)]
     process = subprocess.Popen([sys.executable, "-c", END_TO_END, *args], env=env, stdout=subprocess.PIPE, text=True)
-    peak_pss = peak_rss = 0.0
-    while process.poll() is None:
-        pids = _tree(process.pid)
-        peak_pss = max(peak_pss, _memory_mib(pids, "Pss"))
-        peak_rss = max(peak_rss, _memory_mib(pids, "Rss"))
-        time.sleep(0.2)
+    peak = {"Pss": 0.0, "Rss": 0.0}
+    while memory and process.poll() is None:
+        sample = _memory_mib(_tree(process.pid))
+        peak = {field: max(peak[field], sample[field]) for field in peak}
+        time.sleep(0.5)
+    stdout, _ = process.communicate()
     assert process.returncode == 0, f"the end-to-end run failed ({process.returncode})"
-    figures = json.loads(process.stdout.read().strip().splitlines()[-1])
+    figures = json.loads(stdout.strip().splitlines()[-1])
     figures["images_per_s"] = figures["images"] / figures["seconds"]
     # The precision check runs the first batch once more in fp32: a fixed cost, not a rate.
     figures["images_per_s_after_check"] = figures["images"] / (figures["seconds"] - figures["check_seconds"])
-    figures["peak_pss_mib"] = peak_pss  # what the job really holds, job process and decode workers together
-    figures["peak_rss_sum_mib"] = peak_rss  # counts pages shared by the forked workers more than once
+    if memory:
+        figures["peak_pss_mib"] = peak["Pss"]  # what the job really holds, job process and decode workers together
+        figures["peak_rss_sum_mib"] = peak["Rss"]  # counts pages shared by the forked workers more than once
     data = [p for p in (work / out).iterdir() if p.is_file() and p.suffix != ".json"]
     figures["bytes_per_image"] = sum(p.stat().st_size for p in data) / figures["images"]
     return figures
 
 
 def engine_runs(work: Path, model: Path, best: dict, args) -> dict:
-    """End to end on the local engine and on Ray, alternated; the best of each, and Ray's rate over local's."""
+    """End to end on the local engine and on Ray, alternated and not sampled; the best of each and Ray's
+    rate over local's; then one more run of each sampled for its peak memory."""
     runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    common = (best["backend"], best["precision"], args.batch, args.images)
     for round_ in range(args.e2e_rounds):
         for engine in ("local", "ray"):
-            figures = end_to_end(
-                work, model, best["backend"], best["precision"], args.batch, args.images,
-                out=f"out-{engine}-{round_}", per_shard=args.per_shard, engine=engine,
-            )
-            runs[engine].append({k: figures[k] for k in ("images", "images_per_s_after_check", "peak_pss_mib")})
+            figures = end_to_end(work, model, *common, out=f"out-{engine}-{round_}", per_shard=args.per_shard, engine=engine)
+            runs[engine].append({k: figures[k] for k in ("images", "images_per_s_after_check")})
     best_of = {engine: max(r["images_per_s_after_check"] for r in results) for engine, results in runs.items()}
+    memory = {
+        engine: end_to_end(work, model, *common, out=f"out-{engine}-memory", per_shard=args.per_shard, memory=True,
+                           engine=engine)["peak_pss_mib"]
+        for engine in ("local", "ray")
+    }  # fmt: skip
     return {
         "shards": -(-args.images // args.per_shard),
         "runs": runs,
         "best_images_per_s": best_of,
         "ray_vs_local": best_of["ray"] / best_of["local"],
-        "peak_pss_mib_max": {engine: max(r["peak_pss_mib"] for r in results) for engine, results in runs.items()},
+        "peak_pss_mib": memory,
     }
 
 
@@ -354,7 +366,10 @@ def main() -> None:
     e2e["rounds"] = [{"model_only": round(m, 2), "end_to_end_after_check": round(r["images_per_s_after_check"], 2)}
                      for m, r in zip(alone, e2e_runs, strict=True)]
     e2e["model_only_same_rounds"] = statistics.median(alone)
-    e2e["peak_pss_mib"] = max(r["peak_pss_mib"] for r in e2e_runs)
+    # Peak memory from one more run, sampled: its rate is slowed by the sampling and kept apart.
+    sampled = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images,
+                         out="out-memory", per_shard=args.per_shard, memory=True)
+    e2e["memory_run"] = {k: round(sampled[k], 2) for k in ("peak_pss_mib", "peak_rss_sum_mib", "images_per_s_after_check")}
     ours_onnx = next((e["images_per_s"] for e in model_only if e["backend"] == "onnxruntime-cpu" and e["precision"] == "fp32"), None)
     timm_onnx = baseline_rates.get("timm onnxruntime fp32")
     result = {

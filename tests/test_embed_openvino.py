@@ -176,6 +176,25 @@ def test_onnxruntime_static_int8_keeps_the_contract_and_stays_close(models, tmp_
     assert 0.99 <= worst < 1.0
 
 
+def test_calibration_does_not_depend_on_how_images_are_grouped(models, tmp_path, monkeypatch):
+    """Ranges are min/max over every image: one image a run (bounded memory) gives the model that 5 at once give."""
+    from dmt_jepa.serve import calibration
+
+    info = info_from_encoder(tiny_encoder(), "vit_test")
+    built = {}
+    for per_run in (1, 5):
+        monkeypatch.setattr(calibration, "CALIBRATION_BATCH", per_run)
+        reader = calibration._Batches("x", np.zeros((10, 3, 2, 2), np.float32))
+        assert sum(1 for _ in iter(reader.get_next, None)) == -(-10 // per_run)  # the grouping the test varies
+        model = onnx.load(str(quantize_static_int8(models["onnx"], scenes(10, seed=3), info, tmp_path / f"{per_run}.onnx")))
+        built[per_run] = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    assert built[1].keys() == built[5].keys()
+    scales = [name for name in built[1] if name.endswith("_scale")]
+    assert scales  # the activation ranges are in the graph as QuantizeLinear scales
+    for name in built[1]:
+        np.testing.assert_array_equal(built[1][name], built[5][name], err_msg=name)
+
+
 class Timed(Backend):
     """A backend whose speed is set by the test: each run sleeps `seconds`."""
 
