@@ -71,6 +71,7 @@ def session(path: Path, optimised: Path | None = None, profile: bool = False):
     if optimised is not None:
         options.optimized_model_filepath = str(optimised)
     options.enable_profiling = profile
+    options.profile_file_prefix = str(path.parent / "profile")  # the trace stays in the temporary folder
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -80,7 +81,9 @@ def profile_by_op(path: Path, batch: np.ndarray) -> dict[str, float]:
     name = sess.get_inputs()[0].name
     sess.run(None, {name: batch})
     sess.run(None, {name: batch})
-    trace = json.loads(Path(sess.end_profiling()).read_text())
+    trace_path = Path(sess.end_profiling())
+    trace = json.loads(trace_path.read_text())
+    trace_path.unlink()
     runs = [e for e in trace if e.get("name") == "model_run"]
     last_start = runs[-1]["ts"] if runs else 0
     per_op: collections.Counter = collections.Counter()
