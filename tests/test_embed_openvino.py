@@ -24,8 +24,8 @@ needs_openvino = pytest.mark.skipif(
 )
 
 # This module's tests run in a pytest process of their own, started by the first test below:
-# OpenVINO's CPU plugin keeps its stream threads after the models that made them are gone, and
-# the suite's process was seen to die of a silent segmentation fault minutes after these tests.
+# OpenVINO's CPU plugin starts stream threads of its own in the process that compiles a model, and
+# the suite's process, with them in it, was seen to die of a silent segmentation fault minutes later.
 IN_OWN_PROCESS = "DMTJEPA_OPENVINO_TESTS_HERE"
 WRAPPER = "test_openvino_tests_pass_in_a_process_of_their_own"
 

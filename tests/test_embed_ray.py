@@ -23,8 +23,8 @@ BATCH = 3
 
 # The tests that start a Ray instance run in a pytest process of their own (the test below starts
 # it): ray.init replaces the process's SIGSEGV handler (Python's faulthandler) and ray.shutdown
-# leaves it at the default and some of Ray's native threads running, and a suite process that went
-# on after them was seen to die of a segmentation fault minutes later, with no trace printed.
+# leaves it at the default and some of Ray's native threads running, so that a crash later in the
+# suite would print no trace.
 IN_OWN_PROCESS = "DMTJEPA_RAY_TESTS_HERE"
 
 
