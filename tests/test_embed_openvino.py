@@ -4,15 +4,12 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from embed_helpers import TRAIN_SIZE, tiny_dense, tiny_encoder, tiny_model_files
+from embed_helpers import TRAIN_SIZE, pytest_in_own_process, tiny_dense, tiny_encoder, tiny_model_files
 
 from dmt_jepa.encoder_file import info_from_encoder
 from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend, patch_cosine
@@ -33,11 +30,7 @@ WRAPPER = "test_openvino_tests_pass_in_a_process_of_their_own"
 def test_openvino_tests_pass_in_a_process_of_their_own():
     if os.environ.get(IN_OWN_PROCESS) == "1":
         pytest.skip("this is that process")
-    here = Path(__file__).resolve()
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(here), "-k", f"not {WRAPPER}"],
-        cwd=here.parents[1], env={**os.environ, IN_OWN_PROCESS: "1"}, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+    run = pytest_in_own_process(__file__, f"not {WRAPPER}", IN_OWN_PROCESS)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert re.search(r"\b\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary

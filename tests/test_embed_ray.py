@@ -3,14 +3,13 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
+from embed_helpers import image_bytes, photo_samples, pytest_in_own_process, read_output, write_encoder_file, write_shard
 from typer.testing import CliRunner
 
 from dmt_jepa.cli.main import app
@@ -32,11 +31,7 @@ def test_the_ray_instance_tests_pass_in_a_process_of_their_own():
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     if os.environ.get(IN_OWN_PROCESS) == "1":
         pytest.skip("this is that process")
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(Path(__file__).resolve()), "-k", "test_on_ray_"],
-        cwd=root, env={**os.environ, IN_OWN_PROCESS: "1"}, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+    run = pytest_in_own_process(__file__, "test_on_ray_", IN_OWN_PROCESS, timeout=1200)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "3 passed" in run.stdout, run.stdout[-2000:]
 
