@@ -13,11 +13,22 @@ docs/embed.md gives measured figures.
 Calibration images are the built-in scenes set (dmt_jepa/scenes.py: real photos with digits on
 them) at the model's training size unless the caller passes its own, e.g. a few hundred decoded
 from the input shards.
+
+Calibrating takes ~10 s for ViT-S on 2 cores, at every job start, on every machine of a split job,
+so `calibrated_int8` keeps each calibrated model in the user's cache folder (the one
+serve/backends/choice.py uses, subfolder `int8/`), named by a hash of everything it is made from:
+the fp32 graph's bytes, the calibration pixels, the quantiser's settings and the onnx and
+onnxruntime versions. A cached file is used only when its bytes still hash to the content hash in
+its name, and it is copied out before use, so a file changed, truncated or evicted meanwhile is
+calibrated again, never run. A cache folder that cannot be read or written only costs the time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +45,11 @@ DEFAULT_CALIBRATION_IMAGES = 64
 # also an output, holds a batch's activations at once: ViT-S at 224 px peaked at 4.5 GiB of RSS with
 # 8 images a run, 1.7 GiB with one, in the same 10 s.
 CALIBRATION_BATCH = 1
+# Names the quantiser settings below in the cache key: change it with them.
+QUANTISER_SETTINGS = "QDQ u8 activations, s8 per-channel symmetric weights, MinMax asymmetric, weight MatMuls only"
+CACHE_FOLDER = "int8"
+CACHE_ENTRIES = 8  # calibrated models kept (the least recently used go first); ViT-S's is ~22 MB
+CACHE_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{32}\.onnx")  # calibration key, content hash
 
 
 def scene_pixels(count: int, size: tuple[int, int], *, seed: int = 0) -> np.ndarray:
@@ -116,4 +132,83 @@ def quantize_static_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo
     quantised.metadata_props.clear()
     quantised.metadata_props.extend(model.metadata_props)  # the contract's metadata survives quantisation
     onnx.save(quantised, str(out_path))
+    return out_path
+
+
+def _library_versions() -> str:
+    import onnxruntime
+
+    return f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}"
+
+
+def calibration_key(model_path: Path, pixels: np.ndarray) -> str:
+    """Hex digest of everything a calibrated model is made from: graph bytes, pixels, settings, versions."""
+    digest = hashlib.sha256()
+    for part in (QUANTISER_SETTINGS, _library_versions(), f"{pixels.dtype} {pixels.shape}"):
+        digest.update(part.encode() + b"\0")
+    with open(model_path, "rb") as graph:
+        while chunk := graph.read(1 << 22):
+            digest.update(chunk)
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _cached_files(folder: Path) -> list[Path]:
+    """The folder's regular files named as this module names a cached model, newest use first."""
+    found = [entry for entry in folder.iterdir() if CACHE_NAME.fullmatch(entry.name)]
+    found = [entry for entry in found if entry.is_file() and not entry.is_symlink()]
+    return sorted(found, key=lambda entry: entry.stat().st_mtime, reverse=True)
+
+
+def _read_cached(folder: Path, key: str, limit: int) -> bytes | None:
+    """The cached model for `key` whose bytes match the content hash in its name, else None."""
+    try:
+        for entry in _cached_files(folder):
+            if not entry.name.startswith(f"{key}-") or entry.stat().st_size > limit:
+                continue
+            data = entry.read_bytes()
+            if entry.name == f"{key}-{_content_hash(data)}.onnx":
+                os.utime(entry)  # recently used: evicted last
+                return data
+    except OSError:
+        return None
+    return None
+
+
+def _write_cached(folder: Path, key: str, data: bytes) -> None:
+    """Store aside, then rename (readers never see a partial file); keep the CACHE_ENTRIES used last."""
+    partial: Path | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".int8-", suffix=".part", delete=False) as handle:
+            partial = Path(handle.name)
+            handle.write(data)
+        os.replace(partial, folder / f"{key}-{_content_hash(data)}.onnx")
+        partial = None
+        for stale in _cached_files(folder)[CACHE_ENTRIES:]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass  # a full disk or a folder we may not write: the model made now is still used
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+
+def calibrated_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path, *, cache: Path | None) -> Path:
+    """quantize_static_int8's model at `out_path`, taken from the `cache` folder when made there before (None: no cache)."""
+    if cache is None:
+        return quantize_static_int8(model_path, pixels, info, out_path)
+    folder = cache / CACHE_FOLDER
+    key = calibration_key(model_path, pixels)
+    # int8 weights make the QDQ model smaller than its fp32 source; a larger file is not one of ours.
+    data = _read_cached(folder, key, limit=model_path.stat().st_size + (1 << 20))
+    if data is None:
+        data = quantize_static_int8(model_path, pixels, info, out_path).read_bytes()
+        _write_cached(folder, key, data)
+    else:
+        out_path.write_bytes(data)
     return out_path

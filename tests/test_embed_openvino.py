@@ -305,3 +305,21 @@ def test_auto_measures_openvino_against_onnxruntime(models, tmp_path, monkeypatc
     assert backend.name == entry["backend"] == max(entry["images_per_s"], key=entry["images_per_s"].get)
     grid, _ = backend.run(normalised(scenes(2)))
     np.testing.assert_allclose(grid, reference(normalised(scenes(2)))[0], atol=1e-4)
+
+
+@needs_openvino
+@pytest.mark.parametrize("kind", ["onnx", "encoder"])
+def test_openvino_int8_is_calibrated_once_then_loaded_from_the_cache(models, kind, tmp_path, monkeypatch):
+    """An encoder file is exported again on every load: the export must give the same bytes for the cache to hit."""
+    from dmt_jepa.serve import calibration
+
+    monkeypatch.setenv("DMT_JEPA_CACHE_DIR", str(tmp_path))
+    made = []
+    real = calibration.quantize_static_int8
+    monkeypatch.setattr(calibration, "quantize_static_int8", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    images = scenes(3)
+    first = load_backend(models[kind], "openvino", "int8").run_pixels(images)
+    second = load_backend(models[kind], "openvino", "int8").run_pixels(images)
+    assert len(made) == 1 and len(list((tmp_path / calibration.CACHE_FOLDER).iterdir())) == 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -102,12 +102,13 @@ def read_contract(onnx_path: Path, shown: Path) -> tuple[EncoderInfo, IoNames, l
 
 
 def _calibrated(path: Path, info: EncoderInfo) -> bytes:
-    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py)."""
-    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py), cached."""
+    from dmt_jepa.serve.backends.choice import cache_dir
+    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
 
     with tempfile.TemporaryDirectory() as tmp:
         pixels = scene_pixels(DEFAULT_CALIBRATION_IMAGES, info.img_size)
-        return quantize_static_int8(path, pixels, info, Path(tmp) / "int8.onnx").read_bytes()
+        return calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir()).read_bytes()
 
 
 class OnnxRuntimeBackend(Backend):

@@ -119,10 +119,13 @@ class OpenVinoBackend(Backend):
         self.precision, self._calibration = precision, calibration
         graph = self.onnx_path
         if precision == "int8":
-            from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, quantize_static_int8, scene_pixels
+            from dmt_jepa.serve.backends.choice import cache_dir
+            from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
 
             pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
-            graph = quantize_static_int8(self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx")
+            graph = calibrated_int8(
+                self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx", cache=cache_dir()
+            )
         self._core, self._graph = ov.Core(), graph
         # The job's model: uint8 pixels in, normalised inside. Compiled now, so that a bad model fails here;
         # the float-input model (`run`: tests, benchmarks, the Python API) only when first asked for.
