@@ -111,6 +111,40 @@ def _calibrated(path: Path, info: EncoderInfo) -> bytes:
         return calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir()).read_bytes()
 
 
+# A fused graph is kept only where every output is this close to the original's on a test batch.
+FUSED_TOLERANCE = 1e-4
+
+
+def _fused_attention_session(path: Path, original, info: EncoderInfo) -> tuple[object, int] | None:
+    """A CPU session of the model with its attention fused (serve/backends/ort_attention.py) and the
+    count fused, or None where nothing matched or the fused graph's outputs differ from the original's
+    (max |difference| > FUSED_TOLERANCE * (1 + max |original|)) at the training size or a non-square other size."""
+    import onnx
+
+    from dmt_jepa.serve.backends.ort_attention import fuse_attention
+
+    fused, count = fuse_attention(onnx.load(str(path)), info.num_heads)
+    if count == 0:
+        return None
+    try:
+        session = _session(fused.SerializeToString(), "cpu")
+    except BackendError:
+        return None
+    name = original.get_inputs()[0].name
+    height, width = info.img_size
+    rng = np.random.default_rng(0)
+    for size in ((height, width), (height + info.patch_size, max(info.patch_size, width - info.patch_size))):
+        images = rng.standard_normal((2, 3, *size)).astype(np.float32)
+        try:
+            pairs = list(zip(original.run(None, {name: images}), session.run(None, {name: images}), strict=True))
+        except Exception:  # ORT's own exception types: a fused graph it cannot run is simply not used
+            return None
+        for want, got in pairs:
+            if got.shape != want.shape or np.abs(got - want).max() > FUSED_TOLERANCE * (1 + np.abs(want).max()):
+                return None
+    return session, count
+
+
 class OnnxRuntimeBackend(Backend):
     """An ONNX model in the project's contract, under either name set (export/io_names.py): token
     outputs [B, N, D] are reshaped to the [B, h, w, D] grid of the batch's own size, so both give the same arrays."""
@@ -149,6 +183,11 @@ class OnnxRuntimeBackend(Backend):
             self.session = _session(_quantized(path), device)
         elif precision == "int8-static":
             self.session = _session(_calibrated(path, self.info), device)
+        self.fused_attention = 0  # attention blocks running as ONNX Runtime's fused kernel
+        if device == "cpu" and precision == "fp32":
+            fused = _fused_attention_session(path, self.session, self.info)
+            if fused is not None:
+                self.session, self.fused_attention = fused
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     @staticmethod
