@@ -137,7 +137,22 @@ def test_a_fused_graph_that_disagrees_with_the_original_is_not_used(model_path, 
     np.testing.assert_allclose(backend.run(x)[0], torch_dense(x)[0], atol=1e-4)
 
 
-def test_only_fp32_sessions_are_fused(model_path, tmp_path):
-    assert load_backend(model_path, "onnxruntime-cpu", "int8").fused_attention == 0
+def test_dynamic_int8_quantises_the_fused_attention_and_stays_close(model_path):
+    from dmt_jepa.serve.backends import checked_run
+    from dmt_jepa.serve.backends.onnx_backend import _quantized
+
+    fused, _ = fuse_attention(onnx.load(str(model_path)), num_heads=2)
+    quantised = onnx.ModelProto.FromString(_quantized(fused.SerializeToString()))
+    depth = len(tiny_encoder().blocks)
+    assert ops(quantised).count("QAttention") == depth and "Attention" not in ops(quantised)
+    backend = load_backend(model_path, "onnxruntime-cpu", "int8")
+    assert backend.fused_attention == depth
+    pixels = np.random.default_rng(1).integers(0, 256, (3, TRAIN_SIZE, TRAIN_SIZE, 3), dtype=np.uint8)
+    (grid, _), worst = checked_run(backend, pixels)  # against the fp32 reference, as the job checks
+    assert 0.99 <= worst < 1.0
+
+
+def test_fp16_sessions_are_not_fused(tmp_path):
     fp16 = write_onnx_model(tmp_path / "fp16.onnx", peaked_encoder(), fp16=True)
-    assert load_backend(fp16, "onnxruntime-cpu").fused_attention == 0
+    backend = load_backend(fp16, "onnxruntime-cpu")
+    assert backend.precision == "fp16" and backend.fused_attention == 0

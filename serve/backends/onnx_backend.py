@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an exported ONNX model on CPU (fp32, int8 dynamic or calibrated) or CUDA (fp32)."""
+"""ONNX Runtime backend: runs an exported ONNX model on CPU (fp32, int8 dynamic or calibrated; attention fused) or CUDA (fp32)."""
 
 from __future__ import annotations
 
@@ -54,15 +54,27 @@ def _stored_precision(path: Path, metadata: dict[str, str]) -> str:
     return "fp16" if fp16 else "fp32"
 
 
-def _quantized(path: Path) -> bytes:
-    """int8 weights for every MatMul (dynamic quantization: activations are quantised per batch)."""
+def _quantized(model: Path | bytes) -> bytes:
+    """int8 weights for every MatMul and fused Attention (dynamic quantization: activations are quantised per batch)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "int8.onnx"
+        source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        if isinstance(model, bytes):
+            source.write_bytes(model)
+        else:
+            source = model
         logging.disable(logging.WARNING)  # the quantiser logs advice to the root logger, meant for its developers
         try:
-            quantize_dynamic(path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(
+                source,
+                out,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                # Shape inference knows no types behind contrib ops such as Attention; ours are float32.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         finally:
             logging.disable(logging.NOTSET)
         return out.read_bytes()
@@ -115,9 +127,9 @@ def _calibrated(path: Path, info: EncoderInfo) -> bytes:
 FUSED_TOLERANCE = 1e-4
 
 
-def _fused_attention_session(path: Path, original, info: EncoderInfo) -> tuple[object, int] | None:
-    """A CPU session of the model with its attention fused (serve/backends/ort_attention.py) and the
-    count fused, or None where nothing matched or the fused graph's outputs differ from the original's
+def _fused_attention(path: Path, original, info: EncoderInfo) -> tuple[bytes, object, int] | None:
+    """The fp32 model with its attention fused (serve/backends/ort_attention.py), a CPU session of it and
+    the count fused; None where nothing matched or the fused graph's outputs differ from the original's
     (max |difference| > FUSED_TOLERANCE * (1 + max |original|)) at the training size or a non-square other size."""
     import onnx
 
@@ -126,8 +138,9 @@ def _fused_attention_session(path: Path, original, info: EncoderInfo) -> tuple[o
     fused, count = fuse_attention(onnx.load(str(path)), info.num_heads)
     if count == 0:
         return None
+    graph = fused.SerializeToString()
     try:
-        session = _session(fused.SerializeToString(), "cpu")
+        session = _session(graph, "cpu")
     except BackendError:
         return None
     name = original.get_inputs()[0].name
@@ -142,7 +155,7 @@ def _fused_attention_session(path: Path, original, info: EncoderInfo) -> tuple[o
         for want, got in pairs:
             if got.shape != want.shape or np.abs(got - want).max() > FUSED_TOLERANCE * (1 + np.abs(want).max()):
                 return None
-    return session, count
+    return graph, session, count
 
 
 class OnnxRuntimeBackend(Backend):
@@ -179,15 +192,17 @@ class OnnxRuntimeBackend(Backend):
                 f"not {precision}; export the model in that precision or pick another backend."
             )
         self.precision, self._stored = precision, stored
+        self.fused_attention = 0  # attention blocks running as ONNX Runtime's fused kernel
         if precision == "int8":
-            self.session = _session(_quantized(path), device)
+            fused = _fused_attention(path, self.session, self.info)
+            self.fused_attention = fused[2] if fused else 0
+            self.session = _session(_quantized(fused[0] if fused else path), device)  # Attention -> QAttention
         elif precision == "int8-static":
             self.session = _session(_calibrated(path, self.info), device)
-        self.fused_attention = 0  # attention blocks running as ONNX Runtime's fused kernel
         if device == "cpu" and precision == "fp32":
-            fused = _fused_attention_session(path, self.session, self.info)
+            fused = _fused_attention(path, self.session, self.info)
             if fused is not None:
-                self.session, self.fused_attention = fused
+                _, self.session, self.fused_attention = fused
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     @staticmethod
