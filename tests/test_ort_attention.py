@@ -156,3 +156,14 @@ def test_fp16_sessions_are_not_fused(tmp_path):
     fp16 = write_onnx_model(tmp_path / "fp16.onnx", peaked_encoder(), fp16=True)
     backend = load_backend(fp16, "onnxruntime-cpu")
     assert backend.precision == "fp16" and backend.fused_attention == 0
+
+
+def test_a_rewrite_that_fails_leaves_the_graph_as_written(model_path, monkeypatch):
+    def broken(model, num_heads):
+        raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+
+    monkeypatch.setattr("dmt_jepa.serve.backends.ort_attention.fuse_attention", broken)
+    backend = load_backend(model_path, "onnxruntime-cpu", "fp32")
+    assert backend.fused_attention == 0
+    x = images(TRAIN_SIZE, TRAIN_SIZE)
+    np.testing.assert_allclose(backend.run(x)[0], torch_dense(x)[0], atol=1e-4)

@@ -135,13 +135,13 @@ def _fused_attention(path: Path, original, info: EncoderInfo) -> tuple[bytes, ob
 
     from dmt_jepa.serve.backends.ort_attention import fuse_attention
 
-    fused, count = fuse_attention(onnx.load(str(path)), info.num_heads)
-    if count == 0:
-        return None
-    graph = fused.SerializeToString()
     try:
+        fused, count = fuse_attention(onnx.load(str(path)), info.num_heads)
+        if count == 0:
+            return None
+        graph = fused.SerializeToString()  # a model over protobuf's 2 GiB cannot be: it runs as written
         session = _session(graph, "cpu")
-    except BackendError:
+    except Exception:  # the rewrite only saves time: whatever stops it, the graph runs as written
         return None
     name = original.get_inputs()[0].name
     height, width = info.img_size
