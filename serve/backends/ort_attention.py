@@ -48,7 +48,7 @@ class _Graph:
         self.outputs = {out.name for out in graph.output}
 
     def constant(self, name: str) -> np.ndarray | None:
-        tensor = self.initialisers.get(name) or self.constants.get(name)
+        tensor = self.initialisers.get(name, self.constants.get(name))
         return None if tensor is None else numpy_helper.to_array(tensor)
 
     def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
