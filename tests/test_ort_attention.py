@@ -167,3 +167,22 @@ def test_a_rewrite_that_fails_leaves_the_graph_as_written(model_path, monkeypatc
     assert backend.fused_attention == 0
     x = images(TRAIN_SIZE, TRAIN_SIZE)
     np.testing.assert_allclose(backend.run(x)[0], torch_dense(x)[0], atol=1e-4)
+
+
+def test_an_export_with_intermediate_layers_is_fused_and_keeps_them(tmp_path):
+    from dmt_jepa.encoder_file import info_from_encoder
+    from dmt_jepa.export.onnx_export import export_graph
+
+    encoder = peaked_encoder()
+    info = info_from_encoder(encoder, arch="vit_test")
+    path = tmp_path / "layers.onnx"
+    export_graph(encoder, info, path, {**info.to_metadata(), "precision": "fp32"}, layers=[0])
+    backend = load_backend(path, "onnxruntime-cpu", "fp32", layers=[0])
+    assert backend.fused_attention == len(encoder.blocks)
+    x = images(48, 80, count=2)
+    grid, pooled, first = backend.run(x)
+    with torch.no_grad():
+        features = encoder.intermediate_layers(torch.from_numpy(x), [0, 1], output_fmt="NHWC")
+    np.testing.assert_allclose(first, features.maps[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(grid, features.maps[1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(pooled, features.pooled.numpy(), atol=1e-4)
