@@ -192,17 +192,15 @@ class OnnxRuntimeBackend(Backend):
                 f"not {precision}; export the model in that precision or pick another backend."
             )
         self.precision, self._stored = precision, stored
-        self.fused_attention = 0  # attention blocks running as ONNX Runtime's fused kernel
+        fusable = device == "cpu" and precision in ("fp32", "int8")
+        fused = _fused_attention(path, self.session, self.info) if fusable else None
+        self.fused_attention = fused[2] if fused else 0  # attention blocks running as ONNX Runtime's fused kernel
         if precision == "int8":
-            fused = _fused_attention(path, self.session, self.info)
-            self.fused_attention = fused[2] if fused else 0
             self.session = _session(_quantized(fused[0] if fused else path), device)  # Attention -> QAttention
         elif precision == "int8-static":
             self.session = _session(_calibrated(path, self.info), device)
-        if device == "cpu" and precision == "fp32":
-            fused = _fused_attention(path, self.session, self.info)
-            if fused is not None:
-                _, self.session, self.fused_attention = fused
+        elif fused:
+            self.session = fused[1]
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     @staticmethod
