@@ -54,7 +54,11 @@ def export(
         ),
     ] = "optimum",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Export into a folder that holds files; what is not rewritten is removed.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an earlier export in --out: the files its manifest lists are removed or rewritten; nothing else.",
+        ),
     ] = False,
     model_name: Annotated[str, typer.Option("--model-name", help="triton: the model's folder and name.")] = "dmt_jepa",
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="triton: max_batch_size of the config.")] = 32,

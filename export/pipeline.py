@@ -42,8 +42,9 @@ def export_encoder(
     """Export an encoder file to `out_dir`: encoder.onnx, with fp16 encoder_fp16.onnx, with trt encoder.engine.
 
     `layers` adds one output per block to the ONNX models; `io_style` names the inputs and outputs
-    ("optimum" or "legacy", export/io_names.py; docs/export.md). A non-empty `out_dir` is refused
-    unless `overwrite`, which removes what this export does not rewrite (export/out_dir.py).
+    ("optimum" or "legacy", export/io_names.py; docs/export.md). A folder holding an earlier export
+    is refused unless `overwrite`, which removes the files that export listed in its manifest and
+    this one does not rewrite; a non-empty folder with no manifest is refused (export/out_dir.py).
     """
     info = read_encoder_info(encoder_path)  # a wrong file fails here, before minutes of work
     try:

@@ -8,7 +8,9 @@
 The written config is parsed back by protobuf's strict text-format parser against the fields of
 Triton's `ModelConfig` that it uses (their names, types and numbers as Triton's model_config.proto
 documents them; an unknown or mistyped field fails), and every input and output is compared with
-the ONNX graph: names, dtypes and dims. Either failure keeps nothing.
+the ONNX graph: names, dtypes and dims. Either failure keeps nothing. The export owns OUT/NAME
+only (export/out_dir.py guards that folder and writes its manifest there), so a repository that
+holds other models gains this one beside them, and replacing it leaves them alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import onnx
 from dmt_jepa.export.errors import ExportError
 from dmt_jepa.export.io_names import DEFAULT_STYLE
 from dmt_jepa.export.onnx_export import DEFAULT_OPSET, FP32_FILENAME, export_onnx, fresh_scratch
-from dmt_jepa.export.out_dir import remove_entry, replacing
+from dmt_jepa.export.out_dir import move_into, replacing
 
 TRITON_MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
@@ -213,7 +215,8 @@ def export_triton(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write the model repository `out_dir/model_name/` (config.pbtxt, 1/model.onnx), checked first; returns its folder."""
+    """Write the model `out_dir/model_name/` (config.pbtxt, 1/model.onnx) of a Triton repository, checked first;
+    returns its folder. Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one."""
     if not _MODEL_NAME.fullmatch(model_name):
         raise ExportError(
             f"--model-name {model_name!r} is not a plain folder name; use letters, digits, '_', '.' and '-'."
@@ -221,8 +224,9 @@ def export_triton(
     if not 1 <= max_batch_size <= 1 << 20:
         raise ExportError(f"--max-batch-size {max_batch_size} is out of range; give a whole number from 1.")
     out_dir = Path(out_dir)
-    with replacing(out_dir, overwrite=overwrite, sources=(encoder_path,)):
-        scratch = fresh_scratch(out_dir, "triton")
+    final = out_dir / model_name
+    with replacing(final, overwrite=overwrite, sources=(encoder_path,)):
+        scratch = fresh_scratch(out_dir, f"{model_name}.triton")
         try:
             export_onnx(encoder_path, scratch / "onnx", opset=opset, layers=layers, io_style=io_style, log=log)
             model_dir = scratch / model_name
@@ -233,10 +237,7 @@ def export_triton(
             model = onnx.load(str(model_dir / "1" / TRITON_MODEL_FILENAME), load_external_data=False)
             (model_dir / CONFIG_FILENAME).write_text(config_text(model_name, *graph_specs(model), max_batch_size))
             check_repository(model_dir)
-            final = out_dir / model_name
-            if final.is_symlink() or final.exists():  # reached only with --overwrite
-                remove_entry(final)
-            os.replace(model_dir, final)
+            move_into(model_dir, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     written = f"{model_name}/{CONFIG_FILENAME}, {model_name}/1/{TRITON_MODEL_FILENAME}"

@@ -18,6 +18,7 @@ from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.export.errors import ExportError
 from dmt_jepa.export.io_names import LEGACY, OPTIMUM
+from dmt_jepa.export.out_dir import MANIFEST_FILENAME
 from dmt_jepa.export.triton import CONFIG_FILENAME, check_repository, parse_config
 from dmt_jepa.models import VisionTransformer
 from dmt_jepa.serve.api import embed_images
@@ -139,7 +140,7 @@ def test_unknown_io_names_is_one_sentence(encoder_file, tmp_path):
 def test_triton_repository_parses_and_matches_the_graph(encoder_file, tmp_path):
     _export(encoder_file[1], tmp_path / "repo", "--format", "triton", "--model-name", "enc", "--layers", "-1")
     assert sorted(str(p.relative_to(tmp_path / "repo")) for p in (tmp_path / "repo").rglob("*")) == [
-        "enc", "enc/1", "enc/1/model.onnx", "enc/config.pbtxt",
+        "enc", f"enc/{MANIFEST_FILENAME}", "enc/1", "enc/1/model.onnx", "enc/config.pbtxt",
     ]  # fmt: skip
     text = (tmp_path / "repo" / "enc" / CONFIG_FILENAME).read_text()
     config = parse_config(text)
@@ -182,7 +183,7 @@ def test_triton_model_name_must_be_a_plain_folder_name(encoder_file, tmp_path, n
     assert not (tmp_path / "escape").exists() and not (tmp_path / "r").exists()
 
 
-def test_non_empty_out_is_refused_and_overwrite_leaves_only_this_export(encoder_file, tmp_path):
+def test_an_earlier_export_is_refused_and_overwrite_removes_only_its_files(encoder_file, tmp_path):
     out = tmp_path / "out"
     _export(encoder_file[1], out, "--fp16")
     outside = tmp_path / "keep.txt"
@@ -194,20 +195,21 @@ def test_non_empty_out_is_refused_and_overwrite_leaves_only_this_export(encoder_
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "encoder.onnx").read_bytes() == before and (out / "encoder_fp16.onnx").exists()
     _export(encoder_file[1], out, "--layers", "0", "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]  # no stale encoder_fp16.onnx, link or folder
-    assert outside.read_text() == "not in out"  # the link went, not what it pointed at
+    # no stale encoder_fp16.onnx; the link and the folder no export wrote stay
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILENAME, "encoder.onnx", "link.txt", "notes"]
+    assert outside.read_text() == "not in out"
     outputs = [o.name for o in onnx.load(str(out / "encoder.onnx")).graph.output]
     assert outputs == ["last_hidden_state", "pooler_output", "hidden_states_0"]
 
 
-def test_overwrite_never_removes_the_input(encoder_file, tmp_path):
+def test_overwrite_keeps_an_input_no_export_wrote(encoder_file, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    _export(encoder_file[1], out)
     source = out / "enc.safetensors"
     source.write_bytes(encoder_file[1].read_bytes())
-    result = CliRunner().invoke(app, ["export", str(source), "--out", str(out), "--overwrite"])
-    assert result.exit_code == 2 and "holds the input" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["enc.safetensors"]
+    _export(source, out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILENAME, "enc.safetensors", "encoder.onnx"]
+    assert source.read_bytes() == encoder_file[1].read_bytes()
 
 
 def test_out_that_is_a_file_is_refused(encoder_file, tmp_path):
@@ -228,7 +230,7 @@ def test_written_files_follow_the_umask(encoder_file, tmp_path, mask, mode):
     finally:
         os.umask(old)
     written = [path, *(p for p in tmp_path.rglob("*") if p.is_file() and p != path)]
-    assert {p.name for p in written} >= {"enc.safetensors", "model.safetensors", "model.onnx", "config.pbtxt"}
+    assert {p.name for p in written} >= {"enc.safetensors", "model.safetensors", "model.onnx", "config.pbtxt", MANIFEST_FILENAME}
     for p in written:
         assert stat.S_IMODE(p.stat().st_mode) == mode, p
 

@@ -21,6 +21,7 @@ from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import EncoderFileError, file_sha256, info_from_encoder, save_encoder
 from dmt_jepa.export.errors import ExportError
 from dmt_jepa.export.onnx_export import export_onnx, verify_onnx
+from dmt_jepa.export.out_dir import MANIFEST_FILENAME, replacing
 from dmt_jepa.export.verify import FP32_TOLERANCE, check_parity
 from dmt_jepa.models import VisionTransformer, create_encoder
 
@@ -136,13 +137,16 @@ def test_failed_export_keeps_nothing_and_spares_the_old_file(tiny, tmp_path, mon
 
     monkeypatch.setattr(onnx_export, "export_graph", wrong_graph)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "encoder.onnx").write_bytes(b"previous export")
+    with replacing(out, overwrite=False):  # an earlier export, recorded in the folder's manifest
+        out.mkdir()
+        (out / "encoder.onnx").write_bytes(b"previous export")
+    manifest = (out / MANIFEST_FILENAME).read_bytes()
     result = CliRunner().invoke(app, ["export", str(tiny.path), "--out", str(out), "--overwrite"])
     assert result.exit_code == 1
     assert "FAIL" in result.output and "was not kept" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILENAME, "encoder.onnx"]
     assert (out / "encoder.onnx").read_bytes() == b"previous export"
+    assert (out / MANIFEST_FILENAME).read_bytes() == manifest
 
 
 @pytest.mark.slow

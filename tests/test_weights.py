@@ -17,6 +17,7 @@ import dmt_jepa.export.weights as weights
 from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, load_encoder, save_encoder
 from dmt_jepa.export.onnx_export import export_onnx
+from dmt_jepa.export.out_dir import MANIFEST_FILENAME
 from dmt_jepa.models import VisionTransformer, sincos_2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _export(encoder_file: Path, out: Path, *extra: str) -> None:
 def test_hf_directory_round_trip_equals_the_encoder_file(converted, tmp_path):
     _export(converted, tmp_path / "hf", "--format", "hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        MANIFEST_FILENAME, "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
     ]
     encoder, info = load_encoder(converted)
     loaded = dmt_jepa.from_pretrained(tmp_path / "hf")
