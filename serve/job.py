@@ -41,6 +41,7 @@ from dmt_jepa.serve.pca import PCA_FILE, PcaError, load_or_fit, project
 from dmt_jepa.serve.progress import Progress
 from dmt_jepa.serve.quantize import DTYPES
 from dmt_jepa.serve.remote import RemoteOut, is_url, location
+from dmt_jepa.serve.safe_write import OutputDirError, checked
 from dmt_jepa.serve.shards import (
     ShardOutput,
     ShardReader,
@@ -52,14 +53,10 @@ from dmt_jepa.serve.shards import (
     remove_leftovers,
     remove_shard_files,
 )
-from dmt_jepa.serve.stats import STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
+from dmt_jepa.serve.stats import JOB, STATS_DIR, SUMMARY, read_summary, record_job, record_shard, write_summary
 
 ENGINES = ("local", "ray")
 DECODES = ("cpu", "gpu")
-
-
-class OutputDirError(ValueError):
-    """OUT_DIR cannot hold the outputs; the message is one sentence for the user."""
 
 
 class EngineError(ValueError):
@@ -220,14 +217,13 @@ def refuse_out_over_inputs(out_dir: str | os.PathLike, shards: Sequence[ShardSou
 
 
 def prepare_out_dir(out_dir: Path, layout: str = "tar") -> Path:
-    """Create OUT_DIR and prove it writable; the embedding-reader folders in it must be real folders."""
-    if layout == "embedding-reader":
-        for folder in (out_dir / name for name in EMBEDDING_READER_DIRS):
-            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-                raise OutputDirError(
-                    f"{folder} is a link or a file, where the embedding-reader layout writes a folder of its own; "
-                    "move it away or choose another OUT_DIR."
-                )
+    """Create OUT_DIR and prove it writable; each name the job writes whatever its shards are called must be
+    missing, or a real folder or regular file as the job writes it (serve/safe_write.py)."""
+    folders = [STATS_DIR, *(EMBEDDING_READER_DIRS if layout == "embedding-reader" else ())]
+    for name in folders:
+        checked(out_dir, name, folder=True)
+    for name in (f"{STATS_DIR}/{JOB}", f"{STATS_DIR}/{SUMMARY}", PCA_FILE):
+        checked(out_dir, name)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dmt_jepa.serve.quantize import encode
+from dmt_jepa.serve.safe_write import checked, writable
 from dmt_jepa.serve.shards import (
     OUTPUT_FORMAT,
     OUTPUT_FORMAT_VERSION,
@@ -195,9 +196,12 @@ class ArrayShardOutput(ShardOutput):
         self.out_dir, self.name, self.spec, self.grid, self.dim = out_dir, name, spec, tuple(grid), dim
         suffix = f".{owner}.partial" if owner else ".partial"
         self.files = spec.array_files(name)
-        self.arrays = {part: _RowFile(out_dir / f".{name}.{part}.npy{suffix}", out_dir / f) for part, f in self.files.items()}
-        self.table_partial = out_dir / f".{name}.parquet{suffix}"
-        self.table_path = out_dir / spec.table_file(name)
+        self.arrays = {
+            part: _RowFile(writable(out_dir, f".{name}.{part}.npy{suffix}"), checked(out_dir, file))
+            for part, file in self.files.items()
+        }
+        self.table_partial = writable(out_dir, f".{name}.parquet{suffix}")
+        self.table_path = checked(out_dir, spec.table_file(name))
         self.table = _TableFile(self.table_partial, table_metadata(spec, name, self.grid, dim, about or {}))
 
     def add(self, key, embedding, record, pooled=None, carried=None, layers=None) -> None:
@@ -229,8 +233,8 @@ class ArrayShardOutput(ShardOutput):
             keep = self.spec.layout != "embedding-reader" or self.embedded > 0
             files = [*self.files.values(), self.spec.table_file(self.name)] if keep else []
             if keep:
-                for folder in {(self.out_dir / file).parent for file in files}:
-                    folder.mkdir(exist_ok=True)
+                for file in files:
+                    writable(self.out_dir, file)  # its folder made, and checked again: it may have been replaced since
                 for rows in self.arrays.values():
                     os.replace(rows.partial, rows.final)
                 os.replace(self.table_partial, self.table_path)

@@ -21,6 +21,7 @@ from dmt_jepa.serve.backends import Backend
 from dmt_jepa.serve.images import ImageRejected, Preprocess, prepare
 from dmt_jepa.serve.inputs import ShardSource
 from dmt_jepa.serve.safe_read import FileRefused, load_npy_bytes, read_bytes
+from dmt_jepa.serve.safe_write import writable
 from dmt_jepa.serve.shards import ShardReader, open_source
 
 PCA_FILE = "pca.npy"
@@ -82,11 +83,11 @@ def load_or_fit(
     out_dir: Path, runner: Backend, prep: Preprocess, shards: Sequence[ShardSource], dim: int, refit: bool
 ) -> tuple[np.ndarray, str]:
     """OUT/pca.npy as (matrix, sha256): the one there (refused if of another DIM), else fitted and stored."""
-    path = out_dir / PCA_FILE
+    path = writable(out_dir, PCA_FILE)
     if os.path.lexists(path) and not refit:
         return read_projection(out_dir, dim, runner.info.embed_dim, _REFIT)
     matrix = fit(runner, prep, shards, dim)
-    partial = out_dir / f".{PCA_FILE}.{os.getpid()}.partial"
+    partial = writable(out_dir, f".{PCA_FILE}.{os.getpid()}.partial")
     with open(partial, "wb") as f:  # a file object: np.save would add .npy to a name
         np.save(f, matrix, allow_pickle=False)
     if refit:

@@ -32,10 +32,11 @@ class FileRefused(ValueError):
     """A file of OUT_DIR that is not safe to open or not readable as what it should be; one sentence."""
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What an entry of this (l)stat mode is, in words."""
     for test, name in (
         (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"),
+        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"), (stat.S_ISREG, "a file"),
     ):  # fmt: skip
         if test(mode):
             return name
@@ -74,7 +75,7 @@ def exists_regular(root: Path, relative: str, remedy: str = DEFAULT_REMEDY) -> b
     except OSError as err:
         raise FileRefused(f"cannot open {path} ({err.strerror or err}); {remedy}.") from err
     if not stat.S_ISREG(mode):
-        raise FileRefused(f"{path} is {_kind(mode)}, not a regular file; {remedy}.")
+        raise FileRefused(f"{path} is {kind_of(mode)}, not a regular file; {remedy}.")
     return True
 
 
@@ -85,14 +86,14 @@ def open_regular(root: Path, relative: str, remedy: str = DEFAULT_REMEDY) -> Bin
     try:
         mode = os.lstat(real).st_mode
         if not stat.S_ISREG(mode):
-            raise FileRefused(f"{path} is {_kind(mode)}, not a regular file; {remedy}.")
+            raise FileRefused(f"{path} is {kind_of(mode)}, not a regular file; {remedy}.")
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as err:
         raise FileRefused(f"cannot open {path} ({err.strerror or err}); {remedy}.") from err
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # replaced between the lstat and the open
         os.close(fd)
-        raise FileRefused(f"{path} is {_kind(mode)}, not a regular file; {remedy}.")
+        raise FileRefused(f"{path} is {kind_of(mode)}, not a regular file; {remedy}.")
     return os.fdopen(fd, "rb")
 
 

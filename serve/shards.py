@@ -23,6 +23,7 @@ import numpy as np
 from dmt_jepa.serve.images import ImageRejected
 from dmt_jepa.serve.quantize import encode
 from dmt_jepa.serve.safe_read import FileRefused, exists_regular, read_json
+from dmt_jepa.serve.safe_write import checked, writable
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
@@ -369,11 +370,11 @@ class ShardOutput:
 
     def __init__(self, out_dir: Path, name: str, owner: str = "", dtype: str = "float16", patches: bool = True):
         self.dtype, self.patches = dtype, patches
-        self.tar_path = out_dir / f"{name}.tar"
-        self.json_path = out_dir / f"{name}.json"
+        self.tar_path = checked(out_dir, f"{name}.tar")
+        self.json_path = checked(out_dir, f"{name}.json")
         suffix = f".{owner}.partial" if owner else ".partial"
-        self.partial = out_dir / f".{name}.tar{suffix}"
-        self.json_partial = out_dir / f".{name}.json{suffix}"
+        self.partial = writable(out_dir, f".{name}.tar{suffix}")
+        self.json_partial = writable(out_dir, f".{name}.json{suffix}")
         self.embedded = 0
         self.failures: list[dict[str, str]] = []
         self._tar: tarfile.TarFile | None = None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dmt_jepa
 from dmt_jepa.serve.safe_read import FileRefused, read_json
+from dmt_jepa.serve.safe_write import writable
 
 STATS_DIR = "_stats"
 SUMMARY = "summary.json"
@@ -34,9 +35,10 @@ def failure_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", head).strip()
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def _write_json(out_dir: Path, name: str, value: dict) -> None:
+    """OUT/_stats/NAME written aside, then renamed into place."""
+    path = writable(out_dir, f"{STATS_DIR}/{name}")
+    partial = writable(out_dir, f"{STATS_DIR}/.{name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     os.replace(partial, path)
 
@@ -59,7 +61,7 @@ def record_shard(out_dir: Path, name: str, started: float, embedded: int, failur
         "failures_by_kind": dict(Counter(failure_kind(f["reason"]) for f in failures)),
         "images_per_second": embedded / seconds,
     }
-    _write_json(out_dir / STATS_DIR / f"{name}.json", record)
+    _write_json(out_dir, f"{name}.json", record)
     return record
 
 
@@ -143,7 +145,7 @@ def summarise(out_dir: Path, names: list[str]) -> dict:
 
 def write_summary(out_dir: Path, names: list[str]) -> dict:
     summary = summarise(out_dir, names)
-    _write_json(out_dir / STATS_DIR / SUMMARY, summary)
+    _write_json(out_dir, SUMMARY, summary)
     return summary
 
 
@@ -169,7 +171,7 @@ def record_job(out_dir: Path, names: list[str]) -> None:
     """OUT/_stats/job.json: the input shard names; rewritten only when they change."""
     if _read_job(out_dir) == names:
         return
-    _write_json(out_dir / STATS_DIR / JOB, {"shards": names})
+    _write_json(out_dir, JOB, {"shards": names})
 
 
 def describe_out_dir(out_dir: Path) -> dict:

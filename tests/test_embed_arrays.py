@@ -132,7 +132,7 @@ def test_embedding_reader_folders_must_be_its_own(tmp_path, inputs, encoder_file
         (out / "img_emb").symlink_to(elsewhere)
     else:
         (out / "metadata").write_text("a file where the folder goes")
-    with pytest.raises(OutputDirError, match="link or a file"):
+    with pytest.raises(OutputDirError, match=f"is a {kind}, where `dmtjepa embed` writes a folder of its own"):
         _embed(inputs, out, encoder_file, layout="embedding-reader")
     assert not list(elsewhere.iterdir()) and not (out / "a.json").exists()
 

@@ -76,6 +76,49 @@ def test_an_out_dir_at_or_above_the_input_folder_is_refused_in_any_form(tmp_path
     assert files_under(tmp_path) == before
 
 
+# Every name the job writes is its own: a planted link or FIFO is refused, never written through
+
+
+@pytest.mark.parametrize(
+    "name, kind, layout",
+    [
+        ("_stats", "link", "tar"), ("_stats/job.json", "link", "tar"), ("_stats/summary.json", "link", "tar"),
+        ("_stats/job.json", "FIFO", "array"), ("pca.npy", "link", "array"),
+        ("img_emb", "link", "embedding-reader"), ("metadata", "link", "embedding-reader"),
+    ],
+)  # fmt: skip
+def test_a_link_or_fifo_at_a_name_the_job_writes_is_refused_before_any_work(tmp_path, encoder_file, name, kind, layout):
+    write_shard(tmp_path / "in" / "a.tar", photo_samples("a", 2))
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "theirs.json").write_text('{"shards": []}')
+    (out / name).parent.mkdir(parents=True)
+    if kind == "FIFO":
+        os.mkfifo(out / name)
+    else:  # a folder for the names that are folders, a file for the others
+        (out / name).symlink_to(elsewhere if "." not in name else elsewhere / "theirs.json")
+    before = files_under(elsewhere)
+    result = embed(tmp_path / "in", out, "--model", encoder_file, "--layout", layout)
+    one_sentence_refusal(result, f"{out / name} is a {kind}, where `dmtjepa embed` writes")
+    assert files_under(elsewhere) == before and not (out / "a.json").exists()
+
+
+def test_every_path_the_job_writes_is_checked_on_the_way(tmp_path):
+    from dmt_jepa.serve.safe_write import OutputDirError, writable
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "inside").mkdir(parents=True)
+    elsewhere.mkdir()
+    (out / "img_emb").symlink_to(out / "inside")  # a link that stays inside OUT_DIR is refused too
+    (out / "metadata").write_text("a file where a folder goes")
+    (out / "a.json").symlink_to(elsewhere / "a.json")  # dangling: a write would create it there
+    for relative, kind in (("img_emb/img_emb_a.npy", "link"), ("metadata/metadata_a.parquet", "file"), ("a.json", "link")):
+        with pytest.raises(OutputDirError, match=f"{out / relative.split('/')[0]} is a {kind}, where"):
+            writable(out, relative)
+    assert writable(out, "_stats/new/a.json") == out / "_stats" / "new" / "a.json" and (out / "_stats" / "new").is_dir()
+    assert not list(elsewhere.iterdir()) and not list((out / "inside").iterdir())
+
+
 def test_an_out_dir_beside_or_inside_the_input_folder_is_accepted(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 2))
     embed_shards(str(tmp_path / "in"), tmp_path / "beside", encoder_file, workers=0)
