@@ -403,6 +403,10 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         (d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}"),
     ]
     problems = [message for ok, message in checks if not ok]
+    if not problems:  # the mask settings against the patch grid, once every size and range is valid
+        from dmt_jepa.masks import mask_problems
+
+        problems += mask_problems(m.img_size // m.patch_size, k)
     if m.arch in VARIANTS and m.pred_width >= 1:
         heads = m.pred_heads or VARIANTS[m.arch].num_heads
         if m.pred_width % heads:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
-from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config
+from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config, validate_config
 from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
@@ -269,6 +269,7 @@ class Trainer:
     """One pretraining run: set-up, the optimisation step, logging and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, world: World, resume: str | os.PathLike | None):
+        validate_config(cfg)  # a config built in Python, too, is refused before the run directory or data is made
         self.cfg, self.world = cfg, world
         opt = cfg.optimization
         self.per_rank, rest = divmod(opt.batch_size, world.size * opt.accumulation)

@@ -64,6 +64,34 @@ def test_sizes_past_the_bounds_are_refused_before_anything_is_built(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
+# The demo config trains on a 6x6 patch grid (96 px, 16 px patches) with mask.min_keep 4.
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.img_size=16"], "the 1x1 patch grid (model.img_size / model.patch_size) is one patch"),
+        (["mask.min_keep=37"], "mask.min_keep must be at most the 36 patches of the 6x6 patch grid"),
+        (["mask.num_targets=37"], "mask.num_targets must be at most the 36 patches of the 6x6 patch grid"),
+        (["mask.context_scale=[0.01, 0.01]"], "mask.context_scale [0.01, 0.01] can draw a context block of 1 patch on"),
+        (["model.img_size=32", "mask.min_keep=3"], "can leave at least mask.min_keep 3 context patches in only"),
+    ],
+)
+def test_mask_settings_the_grid_cannot_hold_are_refused_before_anything_is_made(tmp_path, overrides, words):
+    result = pretrain_cli(*overrides, f"run.out_dir={tmp_path / 'run'}")
+    assert words in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_built_in_python_is_checked_before_the_run_directory_is_made(tmp_path):
+    from dataclasses import replace
+
+    from dmt_jepa.train import pretrain
+
+    cfg = load_config(overrides=[f"run.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="1x1 patch grid"):
+        pretrain(replace(cfg, model=replace(cfg.model, img_size=16)))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("value", ["[a", "...", "{a: [", "*alias", "`x"])
 def test_malformed_yaml_override_value_is_one_sentence(tmp_path, value):
     result = pretrain_cli(f"data.train={value}", f"run.out_dir={tmp_path / 'run'}")

@@ -1,10 +1,12 @@
 """Multi-block mask sampler invariants over many draws."""
 
+import itertools
+
 import pytest
 import torch
 
 from dmt_jepa.config import MaskConfig
-from dmt_jepa.masks import MultiBlockMaskSampler
+from dmt_jepa.masks import MultiBlockMaskSampler, mask_problems
 
 
 def draw(grid, n_batches, batch_size=8, seed=0, cfg=None):
@@ -136,3 +138,26 @@ def test_static_sizes_depend_on_the_config_not_the_draws():
     b = MultiBlockMaskSampler((14, 14), MaskConfig(target_scale=(0.1, 0.12)))
     assert a.target_size == 25  # 5 x 5 at scale 0.15, aspect 1 (29.4 patches)
     assert b.target_size < a.target_size and b.context_size > a.context_size
+
+
+def test_every_setting_the_config_check_accepts_draws_masks_and_the_hardest_it_refuses_does_not():
+    # The check judges the hardest size draw; the sampler draws sizes once per batch, so a setting
+    # that passes must draw every batch, and one refused for its targets fails within a few batches.
+    accepted = 0
+    for side, min_keep, num_targets, context_scale, static in itertools.product(
+        range(2, 6), (1, 3, 8), (1, 4), ((0.3, 0.5), (0.85, 1.0)), (True, False)
+    ):
+        cfg = MaskConfig(num_targets=num_targets, min_keep=min_keep, context_scale=context_scale, static=static)
+        if mask_problems(side, cfg):
+            continue
+        accepted += 1
+        sampler, generator = MultiBlockMaskSampler((side, side), cfg), torch.Generator().manual_seed(0)
+        for _ in range(10):
+            assert sampler(4, generator).context_idx.shape[1] >= min_keep, (side, cfg)
+    assert accepted >= 40
+    refused = MaskConfig(num_targets=1, min_keep=8)
+    assert "mask.num_targets" in mask_problems(3, refused)[0]
+    sampler, generator = MultiBlockMaskSampler((3, 3), refused), torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="could not keep 8"):
+        for _ in range(20):
+            sampler(4, generator)
