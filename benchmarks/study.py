@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -39,18 +40,16 @@ from dmt_jepa.encoder_file import IMAGENET_MEAN, IMAGENET_STD, info_from_encoder
 from dmt_jepa.evaluation import (
     EvalOptions,
     LabelledSet,
-    dense_miou,
     evaluate_features,
     extract_features,
     perfect_patch_miou,
     read_labelled_shards,
 )
 from dmt_jepa.evaluation.balanced import fit_balanced_probe, per_image_confusions, scores
-from dmt_jepa.evaluation.dense import iou_per_class
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.models import create_encoder
 from dmt_jepa.objective import DMTJEPA, train_step
-from dmt_jepa.scenes import NUM_SEG_CLASSES, write_scene_shards
+from dmt_jepa.scenes import BACKGROUNDS, KINDS, write_scene_shards
 from dmt_jepa.viz import attention_picture, curves_picture, pca_picture, read_log, save_png
 
 # The DMT-JEPA settings every ablation starts from (the paper's head: k = 4 of a 3x3 window,
@@ -71,7 +70,7 @@ ARMS: dict[str, tuple[dict | None, str]] = {
     "dmt-jepa-depth1": (BASE | {"head_depth": 1}, "DMT-JEPA, 1-block head"),
     "dmt-jepa-added": (BASE | {"context": "added"}, "DMT-JEPA, context path `added`"),
     "dmt-jepa-no-context": (BASE | {"context": "none"}, "DMT-JEPA, no context path (head untrained, targets only)"),
-    "mean-pool": (BASE | {"aggregation": "mean"}, "mean of the neighbours (no head)"),
+    "mean-pool": (BASE | {"aggregation": "mean"}, "DMT-JEPA's neighbour targets without its head (mean of 4 of 3x3)"),
     "dmt-jepa-mix": (BASE | {"plain_weight": 0.5}, "DMT-JEPA, loss half on own-patch targets"),
     "random": (None, "random init"),
 }
@@ -89,24 +88,28 @@ def _default_arm() -> str:
 
 
 DEFAULT_ARM = _default_arm()
-# Main arms, run on every seed: I-JEPA, what `dmtjepa pretrain` trains, and the paper's head.
-MAIN_ARMS = list(dict.fromkeys(["i-jepa", DEFAULT_ARM, "dmt-jepa"]))
+# Main arms, run on every unit: I-JEPA, DMT-JEPA's neighbour targets without its head, the paper's head, and
+# whatever `dmtjepa pretrain` trains.
+MAIN_ARMS = list(dict.fromkeys(["i-jepa", "mean-pool", "dmt-jepa", DEFAULT_ARM]))
 ABLATIONS = [
     "dmt-jepa-mix", "dmt-jepa-with-self", "mean-pool", "dmt-jepa-no-context", "dmt-jepa-k1", "dmt-jepa-k8",
     "dmt-jepa-depth1", "dmt-jepa-learned", "dmt-jepa-window5", "dmt-jepa-k2", "dmt-jepa-mean",
 ]
-ENCODERS = ("target", "context", "average")  # the EMA target encoder (deployed), the context encoder, the tail average
-# Report name -> where it sits in a job record.
+# Report name -> where it sits in a job record. "sem" is the per-pixel probe over every class (background
+# and one per object class), "fg" the same probe with every object merged into one figure class.
 METRICS = {
-    "fg": ("target", "test", "fg", "miou"),
-    "fg_bg_iou": ("target", "test", "fg", "bg_iou"),
-    "fg_fg_iou": ("target", "test", "fg", "fg_iou"),
-    "dense": ("target", "test", "dense", "miou"),
+    "sem_val": ("target", "val", "dense", "miou"),
+    "sem": ("target", "test", "dense", "miou"),
     "fg_val": ("target", "val", "fg", "miou"),
-    "fg_sgd": ("secondary", "fg_sgd", "miou"),
+    "fg": ("target", "test", "fg", "miou"),
     "knn": ("secondary", "knn", "top1"),
     "linear": ("secondary", "linear", "top1"),
 }
+# The pre-declared rule (docs/results.md) that chooses the default of `dmtjepa pretrain`: the DMT-JEPA arm
+# with the highest mean paired difference to I-JEPA in RULE_FIGURE, over data draws, wins if that mean is
+# positive and at least RULE_MARGIN standard errors (the data draw as the unit); otherwise I-JEPA.
+RULE_FIGURE = "sem_val"
+RULE_MARGIN = 2.0
 
 
 def _has(record: dict, name: str) -> bool:
@@ -140,7 +143,6 @@ class StudyConfig:
     warmup: float = 0.1  # fraction of steps with a linear lr warm-up
     weight_decay: float = 0.04
     ema: tuple[float, float] = (0.99, 1.0)
-    tail: float = 0.25  # the average encoder: the target encoder averaged over this last fraction of the steps
     arch: str = "vit_nano"
     patch_size: int = 8
     image_size: int = 64
@@ -154,9 +156,9 @@ class StudyConfig:
     train_scenes: int = 3000
     val_scenes: int = 600  # the first held-out scenes; the rest are the test split
     test_scenes: int = 2400
-    data_seed: int = 0
-    dense_epochs: int = 20
-    dense_lr: float = 0.03
+    data_seeds: list[int] = field(default_factory=lambda: [0])  # one scenes draw per data seed, crossed with the model seeds
+    scenes: str = "digits"  # the kind of objects in the scenes: digits or shapes (dmt_jepa.scenes.KINDS)
+    background: str = "photo"  # behind them: a photo crop or a plain colour (dmt_jepa.scenes.BACKGROUNDS)
     bootstrap: int = 1000
     locality_every: int = 100
     locality_images: int = 64  # validation scenes on which target locality is measured
@@ -165,12 +167,27 @@ class StudyConfig:
     threads: int = 1
     device: str = "cpu"
 
-    def jobs(self) -> list[tuple[str, int]]:
-        """(arm, seed) pairs: main arms seed by seed (a cut run holds whole pairs), controls, then ablations arm by arm."""
-        main = sorted(((a, s) for a in self.arms for s in self.seeds), key=lambda pair: pair[1])
-        controls = [(a, s) for a in self.controls for s in self.control_seeds]
-        ablations = [(a, s) for a in self.ablations for s in self.ablation_seeds]
+    def jobs(self) -> list[tuple[str, int, int]]:
+        """(arm, data seed, model seed) triples: the main arms model seed by model seed, each over every data draw
+        (a cut run holds whole pairs on as many draws as possible), then controls, then ablations arm by arm."""
+        main = [(a, d, s) for s in self.seeds for d in self.data_seeds for a in self.arms]
+        controls = [(a, d, s) for a in self.controls for s in self.control_seeds for d in self.data_seeds]
+        ablations = [(a, d, s) for a in self.ablations for s in self.ablation_seeds for d in self.data_seeds]
         return list(dict.fromkeys(main + controls + ablations))
+
+
+def job_name(arm: str, data_seed: int, seed: int) -> str:
+    """The stem of a job's files: its record, confusions, training log and encoder."""
+    return f"{arm}-data{data_seed}-seed{seed}"
+
+
+def data_dir(out: Path, data_seed: int) -> Path:
+    return out / f"data{data_seed}"
+
+
+def unit(record: dict) -> tuple[int, int]:
+    """What pairs two arms' runs: the same data draw and the same model seed."""
+    return record["data_seed"], record["seed"]
 
 
 def method_config(cfg: StudyConfig, arm: str) -> MethodConfig:
@@ -214,12 +231,11 @@ def random_resized_crops(images: torch.Tensor, scale: tuple[float, float], gener
 
 def pretrain(
     cfg: StudyConfig, arm: str, seed: int, images: torch.Tensor, probe_images: torch.Tensor, log_path: Path
-) -> tuple[DMTJEPA, dict, dict]:
+) -> tuple[DMTJEPA, dict]:
     """Train one arm for cfg.steps on uint8 images [N, 3, S, S]; one JSON line per step.
 
     Target locality on `probe_images` (normalised, fixed) is logged at init and every
-    cfg.locality_every steps. Returns the model, the target encoder's state averaged over the last
-    cfg.tail of the steps, and {first_50_steps_s, locality_init, locality_final}.
+    cfg.locality_every steps. Returns the model and {first_50_steps_s, locality_init, locality_final}.
     """
     device = torch.device(cfg.device)
     torch.manual_seed(seed)  # same encoder and predictor init for every arm of this seed
@@ -233,8 +249,6 @@ def pretrain(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     warmup = max(1, int(cfg.warmup * cfg.steps))
-    tail_start = cfg.steps - max(1, int(cfg.tail * cfg.steps))
-    average = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.target_encoder.state_dict().items()}
     probe_images = probe_images.to(device)
     facts = {"locality_init": model.locality(probe_images), "first_50_steps_s": None}
     start = time.perf_counter()
@@ -253,9 +267,6 @@ def pretrain(
             batch = normalise(batch).to(device)
             masks = sampler(cfg.batch_size, generator).to(device)
             loss = train_step(model, batch, masks, optimizer, momentum)
-            if step >= tail_start:
-                for k, v in model.target_encoder.state_dict().items():
-                    average[k] += v.double()
             elapsed = time.perf_counter() - start
             if step + 1 == 50:
                 facts["first_50_steps_s"] = round(elapsed, 2)
@@ -264,9 +275,7 @@ def pretrain(
                 record |= model.locality(probe_images)
             log.write(json.dumps(record) + "\n")
     facts["locality_final"] = model.locality(probe_images)
-    count = cfg.steps - tail_start
-    average = {k: (v / count).to(model.target_encoder.state_dict()[k].dtype) for k, v in average.items()}
-    return model, average, facts
+    return model, facts
 
 
 def machine(cfg: StudyConfig) -> str:
@@ -294,10 +303,16 @@ def subset(data: LabelledSet, start: int, stop: int | None) -> LabelledSet:
                        data.boxes[part] if data.boxes is not None else None)
 
 
-def splits(cfg: StudyConfig, out: Path) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
-    """Train, validation and test scenes: validation and test are disjoint parts of the held-out scenes."""
-    train, held_out = read_labelled_shards(str(out / "data" / "train-*.tar")), read_labelled_shards(str(out / "data" / "test-*.tar"))
+def splits(cfg: StudyConfig, out: Path, data_seed: int) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
+    """Train, validation and test scenes of one draw: validation and test are disjoint parts of the held-out scenes."""
+    data = data_dir(out, data_seed)
+    train, held_out = read_labelled_shards(str(data / "train-*.tar")), read_labelled_shards(str(data / "test-*.tar"))
     return train, subset(held_out, 0, cfg.val_scenes), subset(held_out, cfg.val_scenes, None)
+
+
+def seg_classes(cfg: StudyConfig) -> int:
+    """Per-pixel classes of the study's scenes: background and one per object class."""
+    return len(KINDS[cfg.scenes]) + 1
 
 
 def figure_ground(segs: list[np.ndarray]) -> list[np.ndarray]:
@@ -322,7 +337,7 @@ def evaluate_encoder(cfg: StudyConfig, encoder, info, train, val, test, dense: b
     features = {name: extract_features(encoder, info, data.images) for name, data in (("train", train), ("val", val), ("test", test))}
     result = {"val": {}, "test": {}}
     confusions = {}
-    tasks = (("fg", figure_ground, 2), ("dense", lambda s: s, NUM_SEG_CLASSES))
+    tasks = (("fg", figure_ground, 2), ("dense", lambda s: s, seg_classes(cfg)))
     for task, segs_of, classes in tasks if dense else tasks[:1]:
         eval_sets = {split: (features[split].patches, segs_of(data.segs)) for split, data in (("val", val), ("test", test))}
         scored, conf = probe_scores(features["train"].patches, segs_of(train.segs), eval_sets, classes)
@@ -332,119 +347,102 @@ def evaluate_encoder(cfg: StudyConfig, encoder, info, train, val, test, dense: b
     return result, confusions, features
 
 
-def run_arm(cfg: StudyConfig, arm: str, seed: int, out: Path, picture_dir: Path) -> dict:
-    """Train (or not) one arm from one seed, save its encoders, evaluate them, draw it for the first seed."""
+def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, picture_dir: Path) -> dict:
+    """Train (or not) one arm from one model seed on one data draw, save its target encoder, evaluate it frozen."""
     torch.set_num_threads(cfg.threads)
     tic = time.perf_counter()
-    train, val, test = splits(cfg, out)
+    name = job_name(arm, data_seed, seed)
+    train, val, test = splits(cfg, out, data_seed)
     probe_images = normalise(torch.from_numpy(np.stack(val.images[: cfg.locality_images])).permute(0, 3, 1, 2) / 255.0)
-    result = {"arm": arm, "seed": seed}
+    result = {"arm": arm, "data_seed": data_seed, "seed": seed}
     torch.manual_seed(seed)
     if ARMS[arm][0] is None:
-        encoders = {"target": create_encoder(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)}
+        encoder = create_encoder(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
     else:
         images = torch.from_numpy(np.stack(train.images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S] uint8
-        model, average, facts = pretrain(cfg, arm, seed, images, probe_images, out / f"{arm}-seed{seed}.jsonl")
-        averaged = create_encoder(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
-        averaged.load_state_dict(average)
-        encoders = {"target": model.target_encoder}
-        if arm in cfg.arms:  # how much the seeds diverge is measured on the main arms
-            encoders |= {"context": model.context_encoder, "average": averaged}
+        model, facts = pretrain(cfg, arm, seed, images, probe_images, out / f"{name}.jsonl")
+        encoder = model.target_encoder
         result.update(facts)
     train_s = time.perf_counter() - tic
-    confusions = {}
-    for name, encoder in encoders.items():
-        encoder.eval()
-        info = info_from_encoder(encoder, cfg.arch, {"study": arm, "seed": seed, "encoder": name})
-        result[name], conf, features = evaluate_encoder(cfg, encoder, info, train, val, test, dense=name == "target")
-        confusions |= {f"{name}_{task}": c for task, c in conf.items()}
-        if name == "target":
-            path = save_encoder(out / f"{arm}-seed{seed}.safetensors", encoder.cpu(), info)
-            target_features, target_info = features, info
-    # Secondary figures of the deployed (target) encoder of the main arms and controls: the
-    # unweighted SGD probe of earlier versions of this study, kNN and logistic regression on pooled features.
-    if arm not in cfg.ablations or arm in cfg.arms:
-        options = EvalOptions(seed=seed)
-        secondary = evaluate_features(("knn", "linear"), train, test, target_features["train"], target_features["test"], options)
-        secondary["fg_sgd"] = dense_miou(
-            target_features["train"].patches, figure_ground(train.segs), target_features["test"].patches,
-            figure_ground(test.segs), num_classes=2, epochs=cfg.dense_epochs, lr=cfg.dense_lr, seed=seed, device=cfg.device,
-        )
-        result["secondary"] = secondary
-    np.savez_compressed(out / "jobs" / f"{arm}-seed{seed}-confusions.npz", **confusions)
-    if seed == min(cfg.seeds + cfg.ablation_seeds + cfg.control_seeds) and arm in cfg.arms + cfg.controls:
-        scene, encoder = test.images[cfg.picture_index], encoders["target"]
+    encoder.eval()
+    info = info_from_encoder(encoder, cfg.arch, {"study": arm, "data_seed": data_seed, "seed": seed})
+    result["target"], confusions, features = evaluate_encoder(cfg, encoder, info, train, val, test)
+    path = save_encoder(out / f"{name}.safetensors", encoder.cpu(), info)
+    # Image-level semantics of the pooled features: kNN and logistic regression on the dominant object's class.
+    result["secondary"] = evaluate_features(("knn", "linear"), train, test, features["train"], features["test"], EvalOptions(seed=seed))
+    np.savez_compressed(out / "jobs" / f"{name}-confusions.npz", **{f"target_{t}": c for t, c in confusions.items()})
+    first = (min(cfg.data_seeds), min(cfg.seeds + cfg.ablation_seeds + cfg.control_seeds))
+    if (data_seed, seed) == first and arm in cfg.arms + cfg.controls:
+        scene = test.images[cfg.picture_index]
         result["pictures"] = [
-            str(save_png(pca_picture(encoder, target_info, scene, side=192), picture_dir / f"{arm}-pca.png")),
-            str(save_png(attention_picture(encoder, target_info, scene, side=128), picture_dir / f"{arm}-attention.png")),
+            str(save_png(pca_picture(encoder, info, scene, side=192), picture_dir / f"{arm}-pca.png")),
+            str(save_png(attention_picture(encoder, info, scene, side=128), picture_dir / f"{arm}-attention.png")),
         ]
         if ARMS[arm][0] is not None:
-            log = read_log(out / f"{arm}-seed{seed}.jsonl")
+            log = read_log(out / f"{name}.jsonl")
             result["pictures"].append(str(save_png(curves_picture(log, width=900, height=300), picture_dir / f"{arm}-curves.png")))
     result.update(encoder=str(path), train_s=round(train_s, 1), eval_s=round(time.perf_counter() - tic - train_s, 1))
     line = json.dumps(result)
-    (out / "jobs" / f"{arm}-seed{seed}.json").write_text(line)  # a rerun of the study skips this job
+    record = out / "jobs" / f"{name}.json"
+    record.with_suffix(".partial").write_text(line)
+    os.replace(record.with_suffix(".partial"), record)  # a rerun of the study skips this job; a cut one redoes it
     print(line, file=sys.stderr, flush=True)
     return result
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def two_level(values: dict[tuple[int, int], float]) -> dict:
+    """A figure over (data seed, model seed) units, with the data draw as the unit of replication.
+
+    mean: the mean over draws of each draw's mean over its model seeds; se: the SD of those draw means
+    over sqrt(draws). The variance is split as in a one-way random-effects model (method of moments):
+    sd_within, the pooled SD between model seeds inside a draw; sd_between, the SD the draws add on
+    their own (the draw means' variance less what within-draw noise alone puts into them, floored at 0).
+    """
+    by_draw: dict[int, list[float]] = {}
+    for (draw, _), value in sorted(values.items()):
+        by_draw.setdefault(draw, []).append(value)
+    means = {draw: statistics.mean(v) for draw, v in by_draw.items()}
+    out = {"draws": len(means), "units": len(values), "per_draw": {str(d): round(m, 3) for d, m in means.items()},
+           "mean": statistics.mean(means.values())}
+    spread = statistics.stdev(means.values()) if len(means) > 1 else float("nan")
+    out["sd_draw_means"], out["se"] = spread, spread / math.sqrt(len(means))
+    within = [statistics.variance(v) for v in by_draw.values() if len(v) > 1]
+    out["sd_within"] = math.sqrt(statistics.mean(within)) if within else float("nan")
+    if within and len(means) > 1:
+        per_draw = len(by_draw) / sum(1 / len(v) for v in by_draw.values())  # harmonic mean of model seeds per draw
+        out["sd_between"] = math.sqrt(max(0.0, spread**2 - out["sd_within"] ** 2 / per_draw))
+    else:
+        out["sd_between"] = float("nan")
+    return out
 
 
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Mean and standard deviation over seeds of each metric and locality figure of each arm."""
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each arm's figures over its units (two levels) and its target locality at the end of training."""
     table = {}
     for arm, runs in results.items():
-        row = {name: mean_sd([metric(r, name) for r in runs]) for name in METRICS if all(_has(r, name) for r in runs)}
-        for encoder in ENCODERS[1:]:
-            if encoder in runs[0]:
-                row[f"fg_{encoder}"] = mean_sd([r[encoder]["test"]["fg"]["miou"] for r in runs])
-        for when in ("init", "final"):
-            if f"locality_{when}" in runs[0]:
-                for key in ("within_image_share", "cos_to_image_mean", "cos_to_own_patch"):
-                    row[f"{key}_{when}"] = mean_sd([r[f"locality_{when}"][key] for r in runs])
+        row = {name: two_level({unit(r): metric(r, name) for r in runs}) for name in METRICS if all(_has(r, name) for r in runs)}
+        if "locality_final" in runs[0]:
+            for key in ("within_image_share", "cos_to_image_mean", "cos_to_own_patch"):
+                row[key] = statistics.mean(r["locality_final"][key] for r in runs)
         table[arm] = row
     return table
 
 
 def paired_differences(results: dict[str, list[dict]], baseline: str = "i-jepa", names=tuple(METRICS)) -> dict[str, dict]:
-    """Per seed, each arm minus the baseline on the same seed; mean and standard error of the mean over seeds."""
-    base = {r["seed"]: r for r in results.get(baseline, [])}
+    """Each arm minus the baseline on the same (data seed, model seed), summarised over two levels."""
+    base = {unit(r): r for r in results.get(baseline, [])}
     out = {}
     for arm, runs in results.items():
-        pairs = [(r, base[r["seed"]]) for r in runs if arm != baseline and r["seed"] in base]
+        pairs = {unit(r): (r, base[unit(r)]) for r in runs if arm != baseline and unit(r) in base}
         if not pairs:
             continue
-        out[arm] = {"seeds": [r["seed"] for r, _ in pairs]}
+        out[arm] = {"units": sorted(pairs)}
         for name in names:
             try:
-                diffs = [metric(r, name) - metric(b, name) for r, b in pairs]
+                diffs = {u: metric(r, name) - metric(b, name) for u, (r, b) in pairs.items()}
             except KeyError:
                 continue
-            sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-            out[arm][name] = {"per_seed": [round(d, 2) for d in diffs], "mean": statistics.mean(diffs), "sd": sd,
-                              "se": sd / math.sqrt(len(diffs))}
-    return out
-
-
-def encoder_spread(results: dict[str, list[dict]], arms: list[str], baseline: str = "i-jepa") -> dict:
-    """Per encoder kind: each arm's seed SD and the paired SD against the baseline, on test figure-ground mIoU."""
-    out = {}
-    for encoder in ENCODERS:
-        value = lambda r: r[encoder]["test"]["fg"]["miou"]  # noqa: E731
-        base = {r["seed"]: r for r in results.get(baseline, []) if encoder in r}
-        row = {}
-        for arm in arms:
-            runs = [r for r in results.get(arm, []) if encoder in r]  # jobs evaluated as ablations have the target only
-            if len(runs) < 2:
-                continue
-            row[arm] = {"mean": statistics.mean(map(value, runs)), "sd": statistics.stdev(map(value, runs))}
-            diffs = [value(r) - value(base[r["seed"]]) for r in runs if r["seed"] in base and arm != baseline]
-            if len(diffs) > 1:
-                row[arm] |= {"paired_mean": statistics.mean(diffs), "paired_sd": statistics.stdev(diffs),
-                             "paired_se": statistics.stdev(diffs) / math.sqrt(len(diffs))}
-        out[encoder] = row
+            out[arm][name] = two_level(diffs)
     return out
 
 
@@ -457,14 +455,15 @@ def _miou_of(confusion: np.ndarray) -> np.ndarray:
     return 100.0 * np.nanmean(iou, axis=-1)
 
 
-def bootstrap_paired_se(out: Path, arm: str, seeds: list[int], key: str = "target_fg", baseline: str | None = "i-jepa",
-                samples: int = 1000) -> float:
-    """Bootstrap s.e. (over test scenes, resampled jointly for every seed and both arms) of the mean paired difference.
+def bootstrap_paired_se(out: Path, arm: str, units: list[tuple[int, int]], key: str = "target_dense",
+                        baseline: str | None = "i-jepa", samples: int = 1000) -> float:
+    """Bootstrap s.e. (over test scenes, resampled jointly for every unit and both arms) of the mean paired difference.
 
-    With baseline None: of the arm's mean figure over the seeds.
+    With baseline None: of the arm's mean figure over the units. Every draw has as many test scenes,
+    so one resample of scene indices serves every draw.
     """
     def load(a):
-        return np.stack([np.load(out / "jobs" / f"{a}-seed{s}-confusions.npz")[key] for s in seeds])  # [S, N, C, C]
+        return np.stack([np.load(out / "jobs" / f"{job_name(a, d, s)}-confusions.npz")[key] for d, s in units])  # [U, N, C, C]
 
     arm_conf = load(arm)
     base_conf = load(baseline) if baseline else None
@@ -481,21 +480,22 @@ def bootstrap_paired_se(out: Path, arm: str, seeds: list[int], key: str = "targe
 
 
 def select_default(paired: dict, candidates: list[str]) -> dict:
-    """The choice the validation split makes: the arm with the best mean paired figure-ground mIoU on validation.
+    """The pre-declared rule: the candidate with the best mean paired RULE_FIGURE over data draws, if it is ahead
+    of I-JEPA by at least RULE_MARGIN standard errors with the draw as the unit; otherwise I-JEPA.
 
-    Only arms run on as many seeds as the best-covered one compete: a 4-seed mean beside 30-seed
+    Only arms run on as many units as the best-covered one compete: a 4-seed mean beside 30-seed
     ones would win on its noise (a 5x5 window at -0.44 on 4 seeds was -2.45 over 30).
     """
-    run = [a for a in candidates if a in paired]
+    run = [a for a in candidates if a in paired and RULE_FIGURE in paired[a]]
     if not run:
         return {"arm": "i-jepa", "reason": "no DMT-JEPA arm was run"}
-    most = max(len(paired[a]["seeds"]) for a in run)
-    ranked = sorted(((paired[a]["fg_val"]["mean"], a) for a in run if len(paired[a]["seeds"]) == most), reverse=True)
-    best_value, best = ranked[0]
-    if best_value <= 0:
-        return {"arm": "i-jepa", "reason": f"no DMT-JEPA arm run on {most} seeds is ahead of I-JEPA on validation "
-                                          f"(best: {best}, {best_value:+.2f})"}
-    return {"arm": best, "reason": f"ahead of I-JEPA on validation by {best_value:+.2f} over {most} seeds"}
+    most = max(len(paired[a]["units"]) for a in run)
+    best = max((a for a in run if len(paired[a]["units"]) == most), key=lambda a: paired[a][RULE_FIGURE]["mean"])
+    d = paired[best][RULE_FIGURE]
+    told = f"{best}: {d['mean']:+.2f} +- {d['se']:.2f} over {d['draws']} draws ({most} runs)"
+    if d["draws"] > 1 and d["mean"] > 0 and d["mean"] >= RULE_MARGIN * d["se"]:
+        return {"arm": best, "reason": f"ahead of I-JEPA by at least {RULE_MARGIN:g} s.e. on validation ({told})"}
+    return {"arm": "i-jepa", "reason": f"no DMT-JEPA arm is ahead of I-JEPA by {RULE_MARGIN:g} s.e. on validation (best {told})"}
 
 
 def _pm(value: tuple[float, float] | dict, digits: int = 2) -> str:
@@ -503,104 +503,117 @@ def _pm(value: tuple[float, float] | dict, digits: int = 2) -> str:
     return f"{mean:.{digits}f} +- {spread:.{digits}f}"
 
 
+FIGURE_NAMES = {"sem_val": "semantic mIoU *val*", "sem": "semantic mIoU", "fg_val": "figure-ground *val*",
+                "fg": "figure-ground", "knn": "kNN top-1", "linear": "linear top-1"}
+
+
 def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pictures: dict, reduced: bool) -> None:
-    """The markdown report: main comparison, noise, encoders, ablations, locality, setup, machine, pictures."""
-    table, paired, runs = summary["table"], summary["paired"], summary["runs"]
+    """The markdown report: what the benchmark sees, the two-level tables, the rule and its output, setup, pictures."""
+    table, paired = summary["table"], summary["paired"]
     grid = cfg.image_size // cfg.patch_size
+    classes = len(KINDS[cfg.scenes])
     lines = ["# DMT-JEPA vs I-JEPA on the scenes benchmark", ""]
     if reduced:
         lines += ["**Reduced run**: fewer seeds or steps than the published configuration; read the numbers as indicative.", ""]
+    if not summary["complete"]:
+        done, wanted = summary["jobs_done"], summary["jobs_wanted"]
+        lines += [f"**Partial**: {done} of the {wanted} jobs of this configuration have run; every table holds only "
+                  "those, and the rule's output below is not applied to the shipped default.", ""]
     lines += [
-        f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid. Main arms on seeds "
-        f"{', '.join(map(str, cfg.seeds))}; ablations on seeds {', '.join(map(str, cfg.ablation_seeds))}; untrained control on "
-        f"seeds {', '.join(map(str, cfg.control_seeds))}. All figures in %, on {cfg.test_scenes} held-out test scenes (photos and "
-        f"digit samples never seen in training) unless marked *val* ({cfg.val_scenes} other held-out scenes, on which any "
-        f"choice is made). Primary figure: figure-ground mIoU of the class-balanced, closed-form linear probe "
-        f"(`dmt_jepa.evaluation.balanced`) on the frozen target encoder. The default of `dmtjepa pretrain` is `{DEFAULT_ARM}`.",
+        f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
+        f"`{cfg.background}` backgrounds ({classes} object classes). Data draws (data seeds) "
+        f"{', '.join(map(str, cfg.data_seeds))}, crossed with model seeds {', '.join(map(str, cfg.seeds))} for the main "
+        f"arms; ablations on model seeds {', '.join(map(str, cfg.ablation_seeds))}; untrained control on model seeds "
+        f"{', '.join(map(str, cfg.control_seeds))}. Figures in %, on {cfg.test_scenes} held-out test scenes of each draw "
+        f"unless marked *val* ({cfg.val_scenes} other held-out scenes, on which any choice is made). Primary figure: "
+        f"**semantic mIoU**, the class-balanced closed-form linear probe (`dmt_jepa.evaluation.balanced`) over "
+        f"{classes + 1} per-pixel classes (background and each object class) on the frozen target encoder; secondary: "
+        "figure-ground mIoU (every object one class) and kNN / linear top-1 of the dominant object's class "
+        f"(chance {100 / classes:.1f}).",
         "",
-        f"Ceiling of a perfect per-patch predictor at this grid: figure-ground {summary['ceiling']['fg']:.1f}, "
-        f"11 classes {summary['ceiling']['dense']:.1f}.",
+        f"Ceiling of a perfect per-patch predictor at this grid: semantic {summary['ceiling']['sem']:.1f}, figure-ground "
+        f"{summary['ceiling']['fg']:.1f}.",
         "",
-        "## Main comparison: mean +- standard deviation over seeds",
+        "## Each arm: mean over data draws +- s.e. (the draw as the unit)",
         "",
-        "| arm | seeds | figure-ground mIoU | background IoU | figure IoU | 11-class mIoU | fg mIoU *val* | fg mIoU, SGD probe (unweighted) | kNN top-1 | linear top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | runs (draws) | " + " | ".join(FIGURE_NAMES[m] for m in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
     ]
-    for arm in cfg.arms + cfg.controls:
-        if arm in table:
-            cells = " | ".join(_pm(table[arm][m]) if m in table[arm] else "-"  # "-": a job evaluated as an ablation
-                               for m in ("fg", "fg_bg_iou", "fg_fg_iou", "dense", "fg_val", "fg_sgd", "knn", "linear"))
-            lines.append(f"| {LABELS[arm]} | {len(runs[arm])} | {cells} |")
+    for arm, row in table.items():
+        any_figure = next(iter(row.values()))
+        cells = " | ".join(_pm(row[m]) if m in row else "-" for m in METRICS)
+        lines.append(f"| {LABELS[arm]} | {any_figure['units']} ({any_figure['draws']}) | {cells} |")
     lines += [
         "",
-        "## Paired differences against I-JEPA (same seed: same init, data order and masks)",
+        "## Two levels: how much the draw of the data and the model seed each move the figures",
         "",
-        "s.e. over seeds = SD of the per-seed differences / sqrt(seeds); test-set s.e. = bootstrap over the test scenes "
-        "(resampled jointly for every seed and both arms) of the mean difference.",
+        "Per arm and per paired difference against I-JEPA (same draw, same model seed: same init, data order and masks): "
+        "the mean of each draw, the grand mean +- s.e. over draws, the SD between draw means, and the variance split "
+        "into an SD that the draws add on their own and the pooled SD between model seeds inside a draw. "
+        "Test-set s.e.: bootstrap over the test scenes (resampled jointly for every run and both arms) of the mean "
+        "semantic difference.",
         "",
-        "| arm | seeds | figure-ground: per seed | mean +- s.e. (seeds) | paired SD | test-set s.e. | fg *val*: mean +- s.e. | 11 classes | SGD probe fg | kNN | linear |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm in cfg.arms + cfg.ablations + cfg.controls:
-        if arm not in paired:
-            continue
-        d = paired[arm]
-        per_seed = ", ".join(f"{v:+.2f}" for v in d["fg"]["per_seed"])
-        others = " | ".join(_pm(d[m]) if m in d else "-" for m in ("fg_val", "dense", "fg_sgd", "knn", "linear"))
-        boot = summary["test_set_se"].get(arm, float("nan"))
-        lines.append(f"| {LABELS[arm]} | {len(d['seeds'])} | {per_seed} | {_pm(d['fg'])} | {d['fg']['sd']:.2f} | {boot:.2f} | {others} |")
-    lines += [
-        "",
-        "## Which encoder, and how much the seeds diverge",
-        "",
-        f"Figure-ground mIoU of three encoders of each run: the EMA target encoder (deployed), the context encoder, and "
-        f"the target encoder's weights averaged over the last {cfg.tail:.0%} of the steps. Seed SD of each arm and the "
-        "paired SD of the difference to I-JEPA.",
-        "",
-        "| encoder | arm | seeds | mean | seed SD | paired mean | paired SD | paired s.e. |",
+        "| arm | figure | per draw | mean +- s.e. (draws) | SD of draw means | SD between draws | SD within a draw | test-set s.e. |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for encoder, rows in summary["spread"].items():
-        for arm, row in rows.items():
-            paired_cells = (f"{row['paired_mean']:+.2f} | {row['paired_sd']:.2f} | {row['paired_se']:.2f}"
-                            if "paired_sd" in row else "- | - | -")
-            lines.append(f"| {encoder} | {LABELS[arm]} | {len(runs[arm])} | {row['mean']:.2f} | {row['sd']:.2f} | {paired_cells} |")
+    for label, source in (("", table), ("minus I-JEPA: ", paired)):
+        for arm, row in source.items():
+            for name in ("sem_val", "sem", "fg_val", "fg"):
+                if name not in row:
+                    continue
+                d = row[name]
+                per_draw = ", ".join(f"{v:+.2f}" if label else f"{v:.2f}" for v in d["per_draw"].values())
+                boot = summary["test_set_se"].get(arm, float("nan")) if label and name == "sem" else float("nan")
+                boot_cell = f"{boot:.2f}" if boot == boot else "-"
+                lines.append(f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | "
+                             f"{d['sd_draw_means']:.2f} | {d['sd_between']:.2f} | {d['sd_within']:.2f} | {boot_cell} |")
+    if summary["ablation_table"]:
+        lines += [
+            "",
+            f"## Ablations: one setting changed from `dmt-jepa`, on model seeds {', '.join(map(str, cfg.ablation_seeds))}",
+            "",
+            "Paired against I-JEPA on the same units; mean +- s.e. over draws. Target locality at the end of training on "
+            "validation scenes: within-image share of the targets' variance, their cosine to their image's mean target "
+            "and to their own patch's feature.",
+            "",
+            "| arm | runs | semantic minus I-JEPA | *val* | figure-ground minus I-JEPA | within-image share | cos to image mean | cos to own patch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, row in summary["ablation_table"].items():
+            lines.append(f"| {LABELS[arm]} | {row['runs']} | {_pm(row['sem'])} | {_pm(row['sem_val'])} | {_pm(row['fg'])} | "
+                         f"{row['within_image_share']:.3f} | {row['cos_to_image_mean']:.3f} | {row['cos_to_own_patch']:.3f} |")
+    selection = summary["selection"]
     lines += [
         "",
-        f"## Ablations: one setting changed from `dmt-jepa`, paired against I-JEPA on seeds {', '.join(map(str, cfg.ablation_seeds))}",
+        "## The rule and its output",
         "",
-        "Both arms' figures on the ablation seeds only, so every row compares the same seeds. Locality at the end of "
-        "training on validation scenes: within-image share of the targets' variance, their cosine to their image's mean "
-        "target, and to their own patch's feature.",
+        f"Declared before the runs (docs/results.md, *The rule*) and applied by `select_default()`: among the DMT-JEPA "
+        f"arms run on every unit, the one with the highest mean paired {FIGURE_NAMES[RULE_FIGURE]} against I-JEPA over "
+        f"data draws becomes the default if that mean is positive and at least {RULE_MARGIN:g} standard errors (the "
+        "draw as the unit); otherwise I-JEPA does.",
         "",
-        "| arm | seeds | fg mIoU | minus I-JEPA: mean +- s.e. | *val*: mean +- s.e. | figure IoU minus I-JEPA | within-image share | cos to image mean | cos to own patch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"**Output**: `{selection['arm']}` ({selection['reason']}).",
+        "",
     ]
-    for arm, row in summary["ablation_table"].items():
-        lines.append(
-            f"| {LABELS[arm]} | {row['seeds']} | {row['fg']:.2f} | {_pm(row['paired_fg'])} | {_pm(row['paired_fg_val'])} | "
-            f"{_pm(row['paired_fg_iou'])} | {row['within_image_share']:.3f} | {row['cos_to_image_mean']:.3f} | {row['cos_to_own_patch']:.3f} |"
-        )
-    selection = summary["selection"]
-    lines += ["", f"**Choice on the validation split**: `{selection['arm']}` ({selection['reason']}).", ""]
-    first50 = [r["first_50_steps_s"] for rs in runs.values() for r in rs if r.get("first_50_steps_s")]
+    first50 = [r["first_50_steps_s"] for rs in summary["runs"].values() for r in rs if r.get("first_50_steps_s")]
     lines += [
         "## Setup",
-        f"- Data: `dmtjepa data scenes` with seed {cfg.data_seed}, {cfg.train_scenes} train and "
-        f"{cfg.val_scenes + cfg.test_scenes} held-out scenes of {cfg.image_size} px (see docs/scenes.md); the first "
-        f"{cfg.val_scenes} held-out scenes are the validation split, the other {cfg.test_scenes} the test split.",
+        f"- Data: per data seed, `dmtjepa data scenes --kind {cfg.scenes} --background {cfg.background} --seed D` with "
+        f"{cfg.train_scenes} train and {cfg.val_scenes + cfg.test_scenes} held-out scenes of {cfg.image_size} px (see "
+        f"docs/scenes.md); the first {cfg.val_scenes} held-out scenes are the validation split, the other "
+        f"{cfg.test_scenes} the test split.",
         f"- Model: {cfg.arch}/{cfg.patch_size} at {cfg.image_size} px, predictor {cfg.pred_width} wide x {cfg.pred_depth} deep; "
         "DMT-JEPA base: k = 4 of a 3x3 window, clip border, 2-block cross-attention head, own-feature query, token context "
-        f"path, smooth-L1; masks 4 targets of scale 0.15-0.2, context 0.85-1.0, min_keep {cfg.min_keep}.",
+        f"path, smooth-L1; masks 4 targets of scale 0.15-0.2, context 0.85-1.0, min_keep {cfg.min_keep}"
+        f"{', static sizes' if cfg.static_masks else ', sizes drawn per batch'}.",
         f"- Training, identical for every trained arm: {cfg.steps} steps of batch {cfg.batch_size}, AdamW lr {cfg.lr} "
         f"(linear warm-up over {cfg.warmup:.0%} of the steps, then cosine to 0), weight decay {cfg.weight_decay} "
         f"(none on biases and norms), EMA momentum {cfg.ema[0]} -> {cfg.ema[1]}, RandomResizedCrop scale "
         f"{cfg.crop_scale[0]}-{cfg.crop_scale[1]}, fp32, on {cfg.device}. Random init: the same architecture, untrained.",
-        "- Primary probe: a linear pixel classifier on the standardised patch features, upsampled bilinearly to the label "
-        "size, fitted by class-balanced weighted least squares (each class weighted by the inverse of its pixel share) "
-        "in closed form (float64, ridge 1e-4 of the mean diagonal): deterministic, nothing tuned. Secondary: the earlier "
-        f"unweighted SGD probe ({cfg.dense_epochs} epochs, lr {cfg.dense_lr}), kNN (k = 20, T = 0.07) and logistic "
-        "regression (C = 1) on pooled features.",
+        "- Probes: a linear pixel classifier on the standardised patch features, upsampled bilinearly to the label size, "
+        "fitted by class-balanced weighted least squares (each class weighted by the inverse of its pixel share) in "
+        "closed form (float64, ridge 1e-4 of the mean diagonal): deterministic, nothing tuned; kNN (k = 20, T = 0.07) "
+        "and logistic regression (C = 1) on pooled features.",
         "",
         "## Reproduce",
         "```",
@@ -611,12 +624,15 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
         f"{summary['job_s'] / 60:.1f} worker-minutes (training and evaluation, {cfg.workers} workers at a time); "
         f"the first 50 training steps of one arm took {min(first50, default=float('nan')):.1f}-{max(first50, default=float('nan')):.1f} s.",
         "",
-        f"## Pictures of test scene {cfg.picture_index}",
-        "PCA of the patch embeddings (first three components as RGB) beside the scene, and the last-layer "
-        "attention of the centre patch (per head, then their mean); for trained arms, the loss, learning rate "
-        "and target locality of that run.",
-        "",
     ]
+    if pictures:
+        lines += [
+            f"## Pictures of test scene {cfg.picture_index} (data seed {min(cfg.data_seeds)})",
+            "PCA of the patch embeddings (first three components as RGB) beside the scene, and the last-layer "
+            "attention of the centre patch (per head, then their mean); for trained arms, the loss, learning rate "
+            "and target locality of that run.",
+            "",
+        ]
     for arm, files in sorted(pictures.items(), key=lambda item: list(ARMS).index(item[0])):
         lines += [f"**{LABELS[arm]}**", ""]
         for label, file in zip(("PCA", "attention", "training curves"), files):
@@ -626,79 +642,85 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
 
 
 def ablation_table(cfg: StudyConfig, results: dict[str, list[dict]]) -> dict:
-    """Each trained arm on the ablation seeds: its figure, paired differences against I-JEPA, and final locality."""
+    """Each DMT-JEPA arm on the ablation seeds: paired differences against I-JEPA and final target locality."""
     restricted = {a: [r for r in rs if r["seed"] in cfg.ablation_seeds] for a, rs in results.items()}
-    paired = paired_differences(restricted, names=("fg", "fg_val", "fg_fg_iou"))
+    paired = paired_differences(restricted, names=("sem", "sem_val", "fg"))
     table = {}
     for arm in [a for a in cfg.arms if a != "i-jepa"] + cfg.ablations:
         runs = restricted.get(arm, [])
-        if not runs or arm not in paired or "fg" not in paired[arm]:
+        if not runs or "sem" not in paired.get(arm, {}):
             continue
-        row = {"seeds": len(runs), "fg": statistics.mean(metric(r, "fg") for r in runs),
-               "paired_fg": paired[arm]["fg"], "paired_fg_val": paired[arm]["fg_val"], "paired_fg_iou": paired[arm]["fg_fg_iou"]}
+        row = {"runs": len(paired[arm]["units"])} | {name: paired[arm][name] for name in ("sem", "sem_val", "fg")}
         for key in ("within_image_share", "cos_to_image_mean", "cos_to_own_patch"):
             row[key] = statistics.mean(r["locality_final"][key] for r in runs)
         table[arm] = row
-    base = restricted.get("i-jepa", [])
-    if base:
-        row = {"seeds": len(base), "fg": statistics.mean(metric(r, "fg") for r in base)}
-        zero = {"mean": 0.0, "se": 0.0}
-        row |= {"paired_fg": zero, "paired_fg_val": zero, "paired_fg_iou": zero}
-        for key in ("within_image_share", "cos_to_image_mean", "cos_to_own_patch"):
-            row[key] = statistics.mean(r["locality_final"][key] for r in base)
-        table = {"i-jepa": row} | table
     return table
+
+
+def selection_path(report: Path) -> Path:
+    """Where a complete study leaves its rule's output, beside its report: the shipped default must follow it."""
+    return report.parent / "results" / "selection.json"
 
 
 def run_study(
     cfg: StudyConfig, out: Path, report: Path | None, command: str, reduced: bool = False, run: bool = True
 ) -> dict:
-    """Data, every (arm, seed) job not done yet in `out`, evaluation and pictures; returns the summary.
+    """Data draws, every (arm, data seed, model seed) job not done yet in `out`, evaluation, tables; returns the summary.
 
     Jobs run in `cfg.workers` processes of `cfg.threads` threads each: on a small shared CPU,
     independent single-threaded runs use the cores better than one multi-threaded run. Each finished
-    job leaves out/jobs/ARM-seedS.json, so a cut study resumes where it stopped; with run=False only
-    the jobs already there are summarised.
+    job leaves out/jobs/ARM-dataD-seedS.json, so a cut study resumes where it stopped; with run=False
+    only the jobs already there are summarised, and a report of fewer jobs than asked for says so.
     """
     unknown = [a for a in cfg.arms + cfg.ablations + cfg.controls if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm {unknown[0]!r}; the arms are {', '.join(ARMS)}.")
     start = time.perf_counter()
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "scenes.json").exists():
-        write_scene_shards(data, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes, seed=cfg.data_seed,
-                           image_size=cfg.image_size)
+    if run:
+        for data_seed in cfg.data_seeds:
+            data = data_dir(out, data_seed)
+            if not (data / "scenes.json").exists():
+                print(f"making the scenes of data seed {data_seed} in {data}", file=sys.stderr, flush=True)
+                partial = data.with_name(data.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                write_scene_shards(partial, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes,
+                                   seed=data_seed, image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background)
+                os.replace(partial, data)
     picture_dir = report.parent / "results" if report is not None else out / "pictures"
     done = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
-    jobs = [(cfg, arm, seed, out, picture_dir) for arm, seed in cfg.jobs() if f"{arm}-seed{seed}" not in done]
-    if not run:
-        jobs = []
+    todo = [job for job in cfg.jobs() if job_name(*job) not in done]
+    jobs = [(cfg, arm, d, s, out, picture_dir) for arm, d, s in todo] if run else []
+    if jobs:
+        print(f"{len(jobs)} jobs to run, {len(cfg.jobs()) - len(jobs)} already done", file=sys.stderr, flush=True)
     if cfg.workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
             finished = pool.starmap(run_arm, jobs, chunksize=1)
     else:
         finished = [run_arm(*job) for job in jobs]
     wanted = set(cfg.jobs())
-    finished += [r for r in done.values() if (r["arm"], r["seed"]) in wanted]
-    results = {a: sorted((r for r in finished if r["arm"] == a), key=lambda r: r["seed"]) for a in ARMS}
+    finished += [r for r in done.values() if (r["arm"], *unit(r)) in wanted]
+    results = {a: sorted((r for r in finished if r["arm"] == a), key=unit) for a in ARMS}
     results = {a: rs for a, rs in results.items() if rs}
-    _, _, test = splits(cfg, out)
+    tests = [splits(cfg, out, d)[2] for d in cfg.data_seeds if (data_dir(out, d) / "scenes.json").exists()]
     grid = (cfg.image_size // cfg.patch_size,) * 2
+    segs = [s for test in tests for s in test.segs]
     ceiling = {
-        "fg": perfect_patch_miou(figure_ground(test.segs), grid, num_classes=2),
-        "dense": perfect_patch_miou(test.segs, grid, num_classes=NUM_SEG_CLASSES),
+        "fg": perfect_patch_miou(figure_ground(segs), grid, num_classes=2),
+        "sem": perfect_patch_miou(segs, grid, num_classes=seg_classes(cfg)),
     }
     paired = paired_differences(results)
-    test_se = {arm: bootstrap_paired_se(out, arm, d["seeds"], samples=cfg.bootstrap) for arm, d in paired.items()}
+    test_se = {arm: bootstrap_paired_se(out, arm, d["units"], samples=cfg.bootstrap) for arm, d in paired.items()}
     candidates = [a for a in cfg.arms + cfg.ablations if a != "i-jepa" and a in paired]
     summary = {
         "config": asdict(cfg),
         "default_arm": DEFAULT_ARM,
+        "complete": len(finished) == len(wanted),
+        "jobs_done": len(finished),
+        "jobs_wanted": len(wanted),
         "table": summarise(results),
         "paired": paired,
         "test_set_se": test_se,
-        "spread": encoder_spread(results, [a for a in cfg.arms if a in results]),
         "ablation_table": ablation_table(cfg, results),
         "selection": select_default(paired, candidates),
         "ceiling": ceiling,
@@ -711,6 +733,11 @@ def run_study(
     if report is not None:
         pictures = {r["arm"]: [Path(p) for p in r["pictures"]] for r in finished if "pictures" in r}
         write_report(report, cfg, summary, command, pictures, reduced)
+        if summary["complete"] and not reduced:
+            selection = {"arm": summary["selection"]["arm"], "reason": summary["selection"]["reason"],
+                         "settings": ARMS[summary["selection"]["arm"]][0], "command": command}
+            selection_path(report).parent.mkdir(parents=True, exist_ok=True)
+            selection_path(report).write_text(json.dumps(selection, indent=1) + "\n")
     return summary
 
 
@@ -719,7 +746,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="Directory for data, encoders and logs.")
     parser.add_argument("--report", type=Path, default=None, help="Markdown report to write (e.g. docs/results.md).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds, help="Seeds of the main arms.")
+    parser.add_argument("--data-seeds", type=int, nargs="+", default=defaults.data_seeds, help="Data draws (scenes seeds).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds, help="Model seeds of the main arms.")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=defaults.ablation_seeds)
     parser.add_argument("--control-seeds", type=int, nargs="*", default=defaults.control_seeds)
     parser.add_argument("--arms", nargs="+", default=defaults.arms, help=f"Main arms, of: {', '.join(ARMS)}.")
@@ -736,8 +764,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-scenes", type=int, default=defaults.train_scenes)
     parser.add_argument("--val-scenes", type=int, default=defaults.val_scenes)
     parser.add_argument("--test-scenes", type=int, default=defaults.test_scenes)
+    parser.add_argument("--scenes", choices=list(KINDS), default=defaults.scenes, help="Kind of objects in the scenes.")
+    parser.add_argument("--background", choices=BACKGROUNDS, default=defaults.background, help="Behind the objects.")
     parser.add_argument("--static-masks", action="store_true", help="Fixed mask sizes (pretrain's default); off: per batch.")
-    parser.add_argument("--dense-epochs", type=int, default=defaults.dense_epochs)
     parser.add_argument("--ema", type=float, nargs=2, default=defaults.ema, help="EMA momentum at the start and end.")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="Jobs run at the same time.")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="Threads of each worker.")
@@ -750,8 +779,9 @@ def main(argv: list[str] | None = None) -> None:
         ablations=args.ablations, controls=args.controls, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         arch=args.arch, patch_size=args.patch_size, image_size=args.image_size, pred_width=args.pred_width,
         pred_depth=args.pred_depth, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
-        test_scenes=args.test_scenes, dense_epochs=args.dense_epochs, workers=args.workers, threads=args.threads,
-        ema=tuple(args.ema), device=args.device, static_masks=args.static_masks,
+        test_scenes=args.test_scenes, workers=args.workers, threads=args.threads, data_seeds=args.data_seeds,
+        ema=tuple(args.ema), device=args.device, static_masks=args.static_masks, scenes=args.scenes,
+        background=args.background,
     )
     command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only)

@@ -15,12 +15,17 @@ def scenes(
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same scenes."),
     size: int = typer.Option(96, "--size", help="Side of the square scenes in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Scenes per shard."),
+    kind: str = typer.Option("digits", "--kind", help="Objects: digits (handwritten), shapes (outlines) or textures."),
+    background: str = typer.Option("photo", "--background", help="Behind the objects: photo (bundled photos) or plain."),
 ) -> None:
-    """Make scenes of bundled handwritten digits on bundled photos, with image and per-pixel labels."""
+    """Make scenes of objects (digits, shapes or textures) on bundled photos, with image and per-pixel labels."""
     from dmt_jepa.scenes import ScenesError, write_scene_shards
 
     try:
-        summary = write_scene_shards(out_dir, n_train=train, n_test=test, seed=seed, image_size=size, shard_size=shard_size)
+        summary = write_scene_shards(
+            out_dir, n_train=train, n_test=test, seed=seed, image_size=size, shard_size=shard_size, kind=kind,
+            background=background,
+        )
     except (ScenesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None

@@ -49,9 +49,9 @@ class MaskConfig:
 class TargetConfig:
     """Discriminative targets: semantic neighbours, their aggregation, and the loss."""
 
-    # mean of the k most similar neighbours: on par with I-JEPA in the 30-seed study, where the
-    # paper's cross-attention head was about 2 points behind (docs/results.md)
-    aggregation: str = "mean"
+    # What the last complete study's pre-declared rule chose (docs/results/selection.json, checked by
+    # tests/test_study.py): none, I-JEPA's own-patch targets, since no DMT-JEPA arm was ahead of it.
+    aggregation: str = "none"
     k: int = 4
     k_size: int = 3
     border: str = "clip"

@@ -1,13 +1,15 @@
 """A seeded dense benchmark built on the spot from images that ship inside installed packages.
 
 Each scene is a crop of a real photo (scikit-learn's and scikit-image's bundled photos) with one
-to three of scikit-learn's handwritten digits (8x8 scans, 1797 samples) scaled up, tinted and
-pasted on it. Per pixel the label is 0 for background and 1 + d where digit d is visible
-(its upscaled ink is at least half of full strength); the image label is the class of the
-dominant digit, the one that covers the most labelled pixels (ties go to the lower class); and
-for detection, one box per placed digit that stays visible: the extent of its own labelled pixels
-after later digits are pasted over it, class = the digit.
-Train and test scenes draw from disjoint photos and disjoint digit samples.
+or two objects pasted on it, each tinted with a random colour. Two kinds of objects:
+- `digits`: scikit-learn's handwritten digits (8x8 scans, 1797 samples) scaled up; 10 classes;
+- `shapes`: procedurally drawn outlines (`dmt_jepa.shapes`: disc, square, triangle, ...), any
+  rotation; 8 classes told apart by outline alone, so a patch inside a shape needs its context.
+Per pixel the label is 0 for background and 1 + c where an object of class c is visible (its
+opacity is at least 1/2); the image label is the class of the dominant object, the one that covers
+the most labelled pixels (ties go to the lower class); and for detection, one box per placed object
+that stays visible: the extent of its own labelled pixels after later objects are pasted over it.
+Train and test scenes draw from disjoint photos (and, for digits, disjoint digit samples).
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-NUM_CLASSES = 10  # image-level classes: the digits 0-9
-NUM_SEG_CLASSES = 11  # per-pixel classes: background + 10 digits
+from dmt_jepa.shapes import SHAPES, TEXTURES, shape_alpha, texture
+
+NUM_CLASSES = 10  # image-level classes of the digits kind: the digits 0-9
+NUM_SEG_CLASSES = 11  # per-pixel classes of the digits kind: background + 10 digits
 SPLITS = ("train", "test")
+# Kind of object -> its class names (image-level classes; per pixel, background is one more).
+KINDS = {"digits": tuple(str(d) for d in range(10)), "shapes": SHAPES, "textures": TEXTURES}
+BACKGROUNDS = ("photo", "plain")  # a crop of a bundled photo, or a plain colour with a gentle gradient
 
 # Bundled photos, split once and for all so that no test scene shares a source image with train.
 # Every name loads from the installed wheel without a download.
@@ -60,6 +67,67 @@ class Placement:
     left: int
     size: int  # side of the square the 8x8 scan is resized to, in pixels
     color: tuple[int, int, int]
+
+    @property
+    def cls(self) -> int:
+        return int(digits()[1][self.sample])
+
+    def paint(self) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.color, np.float32), (self.size, self.size, 3))
+
+    def alpha(self) -> np.ndarray:
+        """Opacity [size, size]: the bilinearly upscaled ink, its faint fringe dropped and strong ink made opaque."""
+        ink = np.asarray(Image.fromarray(digits()[0][self.sample]).resize((self.size, self.size), Image.BILINEAR))
+        # No square outline shows; alpha crosses 1/2 exactly where the ink crosses INK_THRESHOLD.
+        return np.clip((ink - INK_THRESHOLD) * 2.0 + 0.5, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ShapePlacement:
+    """One procedural shape pasted on a scene: its class, rotation, place, size and colour."""
+
+    shape: int  # index into SHAPES
+    angle: float  # rotation in radians
+    top: int
+    left: int
+    size: int  # side of the square the shape is drawn in, in pixels
+    color: tuple[int, int, int]
+
+    @property
+    def cls(self) -> int:
+        return self.shape
+
+    def alpha(self) -> np.ndarray:
+        return shape_alpha(SHAPES[self.shape], self.size, self.angle)
+
+    def paint(self) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.color, np.float32), (self.size, self.size, 3))
+
+
+@dataclass(frozen=True)
+class TexturePlacement:
+    """A shape of any outline filled with a texture: the texture is the class, drawn from its own seed."""
+
+    texture: int  # index into TEXTURES
+    pattern_seed: int  # period, phase and orientation of the texture
+    shape: int  # outline, any of SHAPES: not the class
+    angle: float
+    top: int
+    left: int
+    size: int
+    color: tuple[int, int, int]
+    second: tuple[int, int, int]  # the texture's other colour
+
+    @property
+    def cls(self) -> int:
+        return self.texture
+
+    def alpha(self) -> np.ndarray:
+        return shape_alpha(SHAPES[self.shape], self.size, self.angle)
+
+    def paint(self) -> np.ndarray:
+        pattern = texture(TEXTURES[self.texture], self.size, np.random.default_rng(self.pattern_seed))[:, :, None]
+        return pattern * np.asarray(self.color, np.float32) + (1.0 - pattern) * np.asarray(self.second, np.float32)
 
 
 @dataclass
@@ -112,37 +180,38 @@ def digit_samples(split: str) -> np.ndarray:
     return np.flatnonzero(held_out if split == "test" else ~held_out)
 
 
-def compose(background: np.ndarray, placements: list[Placement]) -> Scene:
-    """Paste digits on a background in order (later ones on top) and derive both labels."""
+def compose(background: np.ndarray, placements: list[Placement] | list[ShapePlacement] | list[TexturePlacement]) -> Scene:
+    """Paste objects on a background in order (later ones on top) and derive both labels."""
     image = background.astype(np.float32)
     seg = np.zeros(background.shape[:2], dtype=np.uint8)
     owner = np.full(background.shape[:2], -1, dtype=np.int64)  # which placement labels each pixel
-    ink_all, classes = digits()
     height, width = seg.shape
     for index, p in enumerate(placements):
-        # Bilinear upscaling of the 8x8 scan gives a soft ink mask of the requested size.
-        ink = np.asarray(Image.fromarray(ink_all[p.sample]).resize((p.size, p.size), Image.BILINEAR))
-        # Faint ink (the scans' grey fringe) is dropped and strong ink made opaque, so that no
-        # square outline shows; alpha crosses 1/2 exactly where the label changes.
-        alpha = np.clip((ink - INK_THRESHOLD) * 2.0 + 0.5, 0.0, 1.0)
+        alpha = p.alpha()
         top, left = max(p.top, 0), max(p.left, 0)
         bottom, right = min(p.top + p.size, height), min(p.left + p.size, width)
         if bottom <= top or right <= left:
             continue
         alpha = alpha[top - p.top : bottom - p.top, left - p.left : right - p.left, None]  # clip to the scene
         region = image[top:bottom, left:right]
-        region[:] = alpha * np.asarray(p.color, np.float32) + (1.0 - alpha) * region
-        seg[top:bottom, left:right][alpha[:, :, 0] >= 0.5] = 1 + classes[p.sample]
+        paint = p.paint()[top - p.top : bottom - p.top, left - p.left : right - p.left]
+        region[:] = alpha * paint + (1.0 - alpha) * region
+        seg[top:bottom, left:right][alpha[:, :, 0] >= 0.5] = 1 + p.cls
         owner[top:bottom, left:right][alpha[:, :, 0] >= 0.5] = index
-    counts = np.bincount(seg.ravel(), minlength=NUM_SEG_CLASSES)[1:]
+    counts = np.bincount(seg.ravel(), minlength=256)[1:]
     label = int(np.argmax(counts))  # argmax returns the lowest class among ties
-    sources = {"digits": [p.sample for p in placements]}
+    if placements and isinstance(placements[0], TexturePlacement):
+        sources = {"textures": [TEXTURES[p.texture] for p in placements], "shapes": [SHAPES[p.shape] for p in placements]}
+    elif placements and isinstance(placements[0], ShapePlacement):
+        sources = {"shapes": [SHAPES[p.shape] for p in placements]}
+    else:
+        sources = {"digits": [p.sample for p in placements]}
     boxes = []
     for index, p in enumerate(placements):
         rows, cols = np.nonzero(owner == index)
         if len(rows):  # a digit wholly covered by later ones, or outside the scene, has no box
             box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
-            boxes.append({"box": box, "digit": int(classes[p.sample])})
+            boxes.append({"box": box, "digit": p.cls})
     return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), label, seg, sources, boxes)
 
 
@@ -157,6 +226,15 @@ def _crop_background(photo: np.ndarray, size: int, rng: np.random.Generator) -> 
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
+def _plain_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random colour with a gentle linear gradient across the scene: [size, size, 3] uint8."""
+    base = rng.uniform(30.0, 225.0, size=3)
+    slope = rng.uniform(-30.0, 30.0, size=(2, 3))  # change over the whole side, per channel
+    ramp = np.linspace(-0.5, 0.5, size)
+    image = base + ramp[:, None, None] * slope[0] + ramp[None, :, None] * slope[1]
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
 def _contrasting_color(background: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
     """A random hue whose brightness stands out from the background it covers."""
     hue = rng.random()
@@ -167,24 +245,79 @@ def _contrasting_color(background: np.ndarray, rng: np.random.Generator) -> tupl
     return round(255 * red), round(255 * green), round(255 * blue)
 
 
-def make_scene(split: str, index: int, *, seed: int = 0, image_size: int = 96) -> Scene:
-    """Scene `index` of a split; it depends only on (split, index, seed, image_size)."""
-    assert split in SPLITS, split
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    split_photos = photos(split)
-    photo_id = int(rng.integers(len(split_photos)))
-    background = _crop_background(split_photos[photo_id], image_size, rng)
+def _place(image_size: int, low: float, high: float, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(top, left, size) of an object whose side is a fraction low..high of the scene; it may hang over by 1/8."""
+    size = int(round(image_size * rng.uniform(low, high)))
+    top = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))
+    left = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))
+    return top, left, size
+
+
+def _digit_placements(split: str, image_size: int, background: np.ndarray, rng: np.random.Generator) -> list[Placement]:
     pool = digit_samples(split)
     placements = []
     for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
         # The first digit is large so that most scenes have a clear dominant class.
-        low, high = (0.5, 0.8) if i == 0 else (0.2, 0.35)
-        size = int(round(image_size * rng.uniform(low, high)))
-        top = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))
-        left = int(rng.integers(-size // 8, image_size - size + size // 8 + 1))
+        top, left, size = _place(image_size, *((0.5, 0.8) if i == 0 else (0.2, 0.35)), rng)
         under = background[max(top, 0) : top + size, max(left, 0) : left + size]
         placements.append(Placement(int(rng.choice(pool)), top, left, size, _contrasting_color(under, rng)))
-    scene = compose(background, placements)
+    return placements
+
+
+def _shape_placements(image_size: int, background: np.ndarray, rng: np.random.Generator) -> list[ShapePlacement]:
+    placements = []
+    for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
+        # The first shape is large (a dominant class, several patches across); a second is smaller.
+        top, left, size = _place(image_size, *((0.45, 0.75) if i == 0 else (0.25, 0.4)), rng)
+        under = background[max(top, 0) : top + size, max(left, 0) : left + size]
+        shape, angle = int(rng.integers(len(SHAPES))), float(rng.uniform(0.0, 2 * np.pi))
+        placements.append(ShapePlacement(shape, angle, top, left, size, _contrasting_color(under, rng)))
+    return placements
+
+
+def _second_color(color: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
+    """A texture's other colour: the same hue family, brighter or darker by a visible step."""
+    hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in color))
+    value = value - 0.35 if value > 0.5 else value + 0.35
+    hue = (hue + rng.uniform(-0.1, 0.1)) % 1.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, min(max(value, 0.0), 1.0))
+    return round(255 * red), round(255 * green), round(255 * blue)
+
+
+def _texture_placements(image_size: int, background: np.ndarray, rng: np.random.Generator) -> list[TexturePlacement]:
+    placements = []
+    for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
+        top, left, size = _place(image_size, *((0.45, 0.75) if i == 0 else (0.25, 0.4)), rng)
+        under = background[max(top, 0) : top + size, max(left, 0) : left + size]
+        cls, pattern_seed = int(rng.integers(len(TEXTURES))), int(rng.integers(2**31))
+        shape, angle = int(rng.integers(len(SHAPES))), float(rng.uniform(0.0, 2 * np.pi))
+        color = _contrasting_color(under, rng)
+        placements.append(TexturePlacement(cls, pattern_seed, shape, angle, top, left, size, color, _second_color(color, rng)))
+    return placements
+
+
+def make_scene(
+    split: str, index: int, *, seed: int = 0, image_size: int = 96, kind: str = "digits", background: str = "photo"
+) -> Scene:
+    """Scene `index` of a split; it depends only on (split, index, seed, image_size, kind, background)."""
+    assert split in SPLITS, split
+    assert kind in KINDS, kind
+    assert background in BACKGROUNDS, background
+    key = [seed, SPLITS.index(split), index] + ([] if kind == "digits" else [list(KINDS).index(kind)])
+    key += [] if background == "photo" else [BACKGROUNDS.index(background)]
+    rng = np.random.default_rng(key)
+    split_photos = photos(split)
+    photo_id = int(rng.integers(len(split_photos)))
+    if background == "photo":
+        canvas = _crop_background(split_photos[photo_id], image_size, rng)
+    else:
+        canvas = _plain_background(image_size, rng)
+    if kind == "digits":
+        scene = compose(canvas, _digit_placements(split, image_size, canvas, rng))
+    elif kind == "shapes":
+        scene = compose(canvas, _shape_placements(image_size, canvas, rng))
+    else:
+        scene = compose(canvas, _texture_placements(image_size, canvas, rng))
     names = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
     scene.sources["photo"] = names[photo_id]
     return scene
@@ -197,21 +330,24 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int) -> dict:
+def _write_split(
+    out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int, kind: str, background: str
+) -> dict:
     """Write one split's shards, each aside then renamed, and return its summary."""
     import webdataset as wds
 
     paths = []
-    class_counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    pixel_counts = np.zeros(NUM_SEG_CLASSES, dtype=np.int64)
+    classes = len(KINDS[kind])
+    class_counts = np.zeros(classes, dtype=np.int64)
+    pixel_counts = np.zeros(classes + 1, dtype=np.int64)
     for shard, start in enumerate(range(0, count, shard_size)):
         path = out_dir / f"{split}-{shard:06d}.tar"
         partial = path.with_name(path.name + ".partial")
         with wds.TarWriter(str(partial)) as sink:
             for index in range(start, min(start + shard_size, count)):
-                scene = make_scene(split, index, seed=seed, image_size=image_size)
+                scene = make_scene(split, index, seed=seed, image_size=image_size, kind=kind, background=background)
                 class_counts[scene.label] += 1
-                pixel_counts += np.bincount(scene.seg.ravel(), minlength=NUM_SEG_CLASSES)
+                pixel_counts += np.bincount(scene.seg.ravel(), minlength=classes + 1)
                 sink.write(
                     {
                         "__key__": f"{split}-{index:07d}",
@@ -243,12 +379,18 @@ def write_scene_shards(
     seed: int = 0,
     image_size: int = 96,
     shard_size: int = 1000,
+    kind: str = "digits",
+    background: str = "photo",
 ) -> dict:
     """Write `train-NNNNNN.tar` and `test-NNNNNN.tar` scene shards and `scenes.json`; return the summary."""
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ScenesError(f"ask for at least one scene (got --train {n_train} --test {n_test}).")
     if shard_size < 1:
         raise ScenesError(f"shard size must be at least 1, got {shard_size}.")
+    if kind not in KINDS:
+        raise ScenesError(f"unknown kind of scenes {kind!r}; choose one of {', '.join(KINDS)}.")
+    if background not in BACKGROUNDS:
+        raise ScenesError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}.")
     if image_size < 16:
         raise ScenesError(f"image size must be at least 16 pixels, got {image_size}.")
     out = Path(out_dir)
@@ -262,11 +404,14 @@ def write_scene_shards(
         "out_dir": str(out),
         "seed": seed,
         "image_size": image_size,
-        "num_classes": NUM_CLASSES,
-        "num_seg_classes": NUM_SEG_CLASSES,
+        "kind": kind,
+        "background": background,
+        "class_names": list(KINDS[kind]),
+        "num_classes": len(KINDS[kind]),
+        "num_seg_classes": len(KINDS[kind]) + 1,
         "photos": {"train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)},
-        "train": _write_split(out, "train", n_train, seed, image_size, shard_size),
-        "test": _write_split(out, "test", n_test, seed, image_size, shard_size),
+        "train": _write_split(out, "train", n_train, seed, image_size, shard_size, kind, background),
+        "test": _write_split(out, "test", n_test, seed, image_size, shard_size, kind, background),
     }
     (out / "scenes.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

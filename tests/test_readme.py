@@ -127,6 +127,7 @@ def test_readme_commands_work_in_the_order_written(tmp_path, monkeypatch):
         assert any((tmp_path / run / "checkpoints").iterdir())
     learned = yaml.safe_load((tmp_path / "runs/learned8/config.yaml").read_text())
     assert learned["target"]["query"] == "learned" and learned["model"]["patch_size"] == 8
+    assert learned["target"]["aggregation"] == "cross_attention"  # the query is a setting of the paper's head
     b16 = yaml.safe_load((tmp_path / "runs/b16/config.yaml").read_text())
     assert b16["data"]["train"] == "shards/shard-000000.tar" and b16["optimization"]["final_weight_decay"] == 0.4
     resumed = next(out for line, out in ran if "--resume runs/b16" in line)
