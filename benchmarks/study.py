@@ -49,7 +49,7 @@ from dmt_jepa.evaluation.balanced import fit_balanced_probe, per_image_confusion
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.models import create_encoder
 from dmt_jepa.objective import DMTJEPA, train_step
-from dmt_jepa.scenes import BACKGROUNDS, KINDS, write_scene_shards
+from dmt_jepa.scenes import BACKGROUNDS, KINDS, PALETTES, write_scene_shards
 from dmt_jepa.viz import attention_picture, curves_picture, pca_picture, read_log, save_png
 
 # The DMT-JEPA settings every ablation starts from (the paper's head: k = 4 of a 3x3 window,
@@ -159,6 +159,7 @@ class StudyConfig:
     data_seeds: list[int] = field(default_factory=lambda: [0])  # one scenes draw per data seed, crossed with the model seeds
     scenes: str = "digits"  # the kind of objects in the scenes: digits or shapes (dmt_jepa.scenes.KINDS)
     background: str = "photo"  # behind them: a photo crop or a plain colour (dmt_jepa.scenes.BACKGROUNDS)
+    palette: str = "colour"  # random hues, or black and white on grey (dmt_jepa.scenes.PALETTES)
     bootstrap: int = 1000
     locality_every: int = 100
     locality_images: int = 64  # validation scenes on which target locality is measured
@@ -521,7 +522,7 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
                   "those, and the rule's output below is not applied to the shipped default.", ""]
     lines += [
         f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
-        f"`{cfg.background}` backgrounds ({classes} object classes). Data draws (data seeds) "
+        f"`{cfg.background}` backgrounds in the `{cfg.palette}` palette ({classes} object classes). Data draws (data seeds) "
         f"{', '.join(map(str, cfg.data_seeds))}, crossed with model seeds {', '.join(map(str, cfg.seeds))} for the main "
         f"arms; ablations on model seeds {', '.join(map(str, cfg.ablation_seeds))}; untrained control on model seeds "
         f"{', '.join(map(str, cfg.control_seeds))}. Figures in %, on {cfg.test_scenes} held-out test scenes of each draw "
@@ -598,7 +599,8 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
     first50 = [r["first_50_steps_s"] for rs in summary["runs"].values() for r in rs if r.get("first_50_steps_s")]
     lines += [
         "## Setup",
-        f"- Data: per data seed, `dmtjepa data scenes --kind {cfg.scenes} --background {cfg.background} --seed D` with "
+        f"- Data: per data seed, `dmtjepa data scenes --kind {cfg.scenes} --background {cfg.background} --palette "
+        f"{cfg.palette} --seed D` with "
         f"{cfg.train_scenes} train and {cfg.val_scenes + cfg.test_scenes} held-out scenes of {cfg.image_size} px (see "
         f"docs/scenes.md); the first {cfg.val_scenes} held-out scenes are the validation split, the other "
         f"{cfg.test_scenes} the test split.",
@@ -685,7 +687,8 @@ def run_study(
                 partial = data.with_name(data.name + ".partial")
                 shutil.rmtree(partial, ignore_errors=True)
                 write_scene_shards(partial, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes,
-                                   seed=data_seed, image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background)
+                                   seed=data_seed, image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background,
+                                   palette=cfg.palette)
                 os.replace(partial, data)
     picture_dir = report.parent / "results" if report is not None else out / "pictures"
     done = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
@@ -766,6 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-scenes", type=int, default=defaults.test_scenes)
     parser.add_argument("--scenes", choices=list(KINDS), default=defaults.scenes, help="Kind of objects in the scenes.")
     parser.add_argument("--background", choices=BACKGROUNDS, default=defaults.background, help="Behind the objects.")
+    parser.add_argument("--palette", choices=PALETTES, default=defaults.palette, help="Colours of objects and background.")
     parser.add_argument("--static-masks", action="store_true", help="Fixed mask sizes (pretrain's default); off: per batch.")
     parser.add_argument("--ema", type=float, nargs=2, default=defaults.ema, help="EMA momentum at the start and end.")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="Jobs run at the same time.")
@@ -781,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
         pred_depth=args.pred_depth, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
         test_scenes=args.test_scenes, workers=args.workers, threads=args.threads, data_seeds=args.data_seeds,
         ema=tuple(args.ema), device=args.device, static_masks=args.static_masks, scenes=args.scenes,
-        background=args.background,
+        background=args.background, palette=args.palette,
     )
     command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only)

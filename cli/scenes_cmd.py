@@ -17,6 +17,7 @@ def scenes(
     shard_size: int = typer.Option(1000, "--shard-size", help="Scenes per shard."),
     kind: str = typer.Option("digits", "--kind", help="Objects: digits (handwritten), shapes (outlines) or textures."),
     background: str = typer.Option("photo", "--background", help="Behind the objects: photo (bundled photos) or plain."),
+    palette: str = typer.Option("colour", "--palette", help="colour (random hues) or mono (black and white on grey)."),
 ) -> None:
     """Make scenes of objects (digits, shapes or textures) on bundled photos, with image and per-pixel labels."""
     from dmt_jepa.scenes import ScenesError, write_scene_shards
@@ -24,7 +25,7 @@ def scenes(
     try:
         summary = write_scene_shards(
             out_dir, n_train=train, n_test=test, seed=seed, image_size=size, shard_size=shard_size, kind=kind,
-            background=background,
+            background=background, palette=palette,
         )
     except (ScenesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)

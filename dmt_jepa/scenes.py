@@ -33,6 +33,9 @@ SPLITS = ("train", "test")
 # Kind of object -> its class names (image-level classes; per pixel, background is one more).
 KINDS = {"digits": tuple(str(d) for d in range(10)), "shapes": SHAPES, "textures": TEXTURES}
 BACKGROUNDS = ("photo", "plain")  # a crop of a bundled photo, or a plain colour with a gentle gradient
+# colour: objects in random contrasting hues (a plain background a random colour); mono: objects in black and
+# white (a texture's two colours are both), a plain background one grey: nothing but outline and texture varies.
+PALETTES = ("colour", "mono")
 
 # Bundled photos, split once and for all so that no test scene shares a source image with train.
 # Every name loads from the installed wheel without a download.
@@ -235,6 +238,15 @@ def _plain_background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def _plain_grey(size: int, rng: np.random.Generator) -> np.ndarray:
+    """One mid grey over the whole scene: [size, size, 3] uint8."""
+    return np.full((size, size, 3), int(rng.uniform(96, 160)), np.uint8)
+
+
+def _black_or_white(rng: np.random.Generator) -> tuple[int, int, int]:
+    return (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
+
+
 def _contrasting_color(background: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
     """A random hue whose brightness stands out from the background it covers."""
     hue = rng.random()
@@ -264,14 +276,15 @@ def _digit_placements(split: str, image_size: int, background: np.ndarray, rng: 
     return placements
 
 
-def _shape_placements(image_size: int, background: np.ndarray, rng: np.random.Generator) -> list[ShapePlacement]:
+def _shape_placements(image_size: int, background: np.ndarray, rng: np.random.Generator, mono: bool) -> list[ShapePlacement]:
     placements = []
     for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
         # The first shape is large (a dominant class, several patches across); a second is smaller.
         top, left, size = _place(image_size, *((0.45, 0.75) if i == 0 else (0.25, 0.4)), rng)
         under = background[max(top, 0) : top + size, max(left, 0) : left + size]
         shape, angle = int(rng.integers(len(SHAPES))), float(rng.uniform(0.0, 2 * np.pi))
-        placements.append(ShapePlacement(shape, angle, top, left, size, _contrasting_color(under, rng)))
+        color = _black_or_white(rng) if mono else _contrasting_color(under, rng)
+        placements.append(ShapePlacement(shape, angle, top, left, size, color))
     return placements
 
 
@@ -284,25 +297,40 @@ def _second_color(color: tuple[int, int, int], rng: np.random.Generator) -> tupl
     return round(255 * red), round(255 * green), round(255 * blue)
 
 
-def _texture_placements(image_size: int, background: np.ndarray, rng: np.random.Generator) -> list[TexturePlacement]:
+def _texture_placements(image_size: int, background: np.ndarray, rng: np.random.Generator, mono: bool) -> list[TexturePlacement]:
     placements = []
     for i in range(int(rng.integers(1, MAX_DIGITS + 1))):
         top, left, size = _place(image_size, *((0.45, 0.75) if i == 0 else (0.25, 0.4)), rng)
         under = background[max(top, 0) : top + size, max(left, 0) : left + size]
         cls, pattern_seed = int(rng.integers(len(TEXTURES))), int(rng.integers(2**31))
         shape, angle = int(rng.integers(len(SHAPES))), float(rng.uniform(0.0, 2 * np.pi))
-        color = _contrasting_color(under, rng)
-        placements.append(TexturePlacement(cls, pattern_seed, shape, angle, top, left, size, color, _second_color(color, rng)))
+        if mono:
+            color = _black_or_white(rng)
+            second = (255 - color[0],) * 3
+        else:
+            color = _contrasting_color(under, rng)
+            second = _second_color(color, rng)
+        placements.append(TexturePlacement(cls, pattern_seed, shape, angle, top, left, size, color, second))
     return placements
 
 
 def make_scene(
-    split: str, index: int, *, seed: int = 0, image_size: int = 96, kind: str = "digits", background: str = "photo"
+    split: str,
+    index: int,
+    *,
+    seed: int = 0,
+    image_size: int = 96,
+    kind: str = "digits",
+    background: str = "photo",
+    palette: str = "colour",
 ) -> Scene:
-    """Scene `index` of a split; it depends only on (split, index, seed, image_size, kind, background)."""
+    """Scene `index` of a split; it depends only on (split, index, seed, image_size, kind, background, palette)."""
     assert split in SPLITS, split
     assert kind in KINDS, kind
     assert background in BACKGROUNDS, background
+    assert palette in PALETTES, palette
+    assert kind != "digits" or palette == "colour", "digits come in colour only"
+    mono = palette == "mono"
     key = [seed, SPLITS.index(split), index] + ([] if kind == "digits" else [list(KINDS).index(kind)])
     key += [] if background == "photo" else [BACKGROUNDS.index(background)]
     rng = np.random.default_rng(key)
@@ -311,13 +339,13 @@ def make_scene(
     if background == "photo":
         canvas = _crop_background(split_photos[photo_id], image_size, rng)
     else:
-        canvas = _plain_background(image_size, rng)
+        canvas = _plain_grey(image_size, rng) if mono else _plain_background(image_size, rng)
     if kind == "digits":
         scene = compose(canvas, _digit_placements(split, image_size, canvas, rng))
     elif kind == "shapes":
-        scene = compose(canvas, _shape_placements(image_size, canvas, rng))
+        scene = compose(canvas, _shape_placements(image_size, canvas, rng, mono))
     else:
-        scene = compose(canvas, _texture_placements(image_size, canvas, rng))
+        scene = compose(canvas, _texture_placements(image_size, canvas, rng, mono))
     names = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
     scene.sources["photo"] = names[photo_id]
     return scene
@@ -330,14 +358,12 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(
-    out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int, kind: str, background: str
-) -> dict:
+def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int, look: dict) -> dict:
     """Write one split's shards, each aside then renamed, and return its summary."""
     import webdataset as wds
 
     paths = []
-    classes = len(KINDS[kind])
+    classes = len(KINDS[look["kind"]])
     class_counts = np.zeros(classes, dtype=np.int64)
     pixel_counts = np.zeros(classes + 1, dtype=np.int64)
     for shard, start in enumerate(range(0, count, shard_size)):
@@ -345,7 +371,7 @@ def _write_split(
         partial = path.with_name(path.name + ".partial")
         with wds.TarWriter(str(partial)) as sink:
             for index in range(start, min(start + shard_size, count)):
-                scene = make_scene(split, index, seed=seed, image_size=image_size, kind=kind, background=background)
+                scene = make_scene(split, index, seed=seed, image_size=image_size, **look)
                 class_counts[scene.label] += 1
                 pixel_counts += np.bincount(scene.seg.ravel(), minlength=classes + 1)
                 sink.write(
@@ -381,6 +407,7 @@ def write_scene_shards(
     shard_size: int = 1000,
     kind: str = "digits",
     background: str = "photo",
+    palette: str = "colour",
 ) -> dict:
     """Write `train-NNNNNN.tar` and `test-NNNNNN.tar` scene shards and `scenes.json`; return the summary."""
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -391,6 +418,10 @@ def write_scene_shards(
         raise ScenesError(f"unknown kind of scenes {kind!r}; choose one of {', '.join(KINDS)}.")
     if background not in BACKGROUNDS:
         raise ScenesError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}.")
+    if palette not in PALETTES:
+        raise ScenesError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}.")
+    if kind == "digits" and palette != "colour":
+        raise ScenesError("digit scenes come in colour only; choose --kind shapes or textures for --palette mono.")
     if image_size < 16:
         raise ScenesError(f"image size must be at least 16 pixels, got {image_size}.")
     out = Path(out_dir)
@@ -400,18 +431,20 @@ def write_scene_shards(
     if existing:
         raise ScenesError(f"{out} already holds scene shards ({existing[0].name}); choose an empty directory.")
     out.mkdir(parents=True, exist_ok=True)
+    look = {"kind": kind, "background": background, "palette": palette}
     summary = {
         "out_dir": str(out),
         "seed": seed,
         "image_size": image_size,
         "kind": kind,
         "background": background,
+        "palette": palette,
         "class_names": list(KINDS[kind]),
         "num_classes": len(KINDS[kind]),
         "num_seg_classes": len(KINDS[kind]) + 1,
         "photos": {"train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)},
-        "train": _write_split(out, "train", n_train, seed, image_size, shard_size, kind, background),
-        "test": _write_split(out, "test", n_test, seed, image_size, shard_size, kind, background),
+        "train": _write_split(out, "train", n_train, seed, image_size, shard_size, look),
+        "test": _write_split(out, "test", n_test, seed, image_size, shard_size, look),
     }
     (out / "scenes.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

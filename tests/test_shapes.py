@@ -136,3 +136,21 @@ def test_cli_makes_texture_scenes_and_names_the_kinds_on_a_typo(tmp_path) -> Non
     result = runner.invoke(app, ["data", "scenes", str(tmp_path / "bad"), "--kind", "letters"])
     assert result.exit_code == 2 and "choose one of digits, shapes, textures" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("kind", ["shapes", "textures"])
+def test_mono_palette_is_black_and_white_on_one_grey(kind: str) -> None:
+    for index in range(10):
+        mono = make_scene("train", index, seed=2, image_size=48, kind=kind, background="plain", palette="mono")
+        assert np.ptp(mono.image.astype(int), axis=2).max() == 0  # no hue anywhere: every pixel is a grey level
+        values, counts = np.unique(mono.image[mono.seg == 0][:, 0], return_counts=True)
+        assert 96 <= values[counts.argmax()] < 160 and counts.max() > 0.8 * counts.sum()  # one grey, but edges blend
+        inside = mono.image[mono.seg > 0][:, 0]
+        assert np.isin(inside, [0, 255]).mean() > 0.5  # objects black and white, but edges blend
+
+
+def test_mono_is_refused_for_digits(tmp_path) -> None:
+    with pytest.raises(ScenesError, match="digit scenes come in colour only"):
+        write_scene_shards(tmp_path / "d", n_train=1, n_test=1, palette="mono")
+    with pytest.raises(ScenesError, match="unknown palette 'sepia'"):
+        write_scene_shards(tmp_path / "d", n_train=1, n_test=1, kind="shapes", palette="sepia")
