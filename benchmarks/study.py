@@ -129,15 +129,18 @@ def metric(record: dict, name: str) -> float:
 
 @dataclass
 class StudyConfig:
-    """Everything that defines one study; the defaults are sized for about two hours on 2 CPU cores."""
+    """Everything that defines one study. The defaults are study v4 (docs/results.md): 8 data draws x 4 model
+    seeds of the main arms, the untrained head and the untrained encoder on model seed 0 of every draw,
+    about 112 jobs of 4-5 worker-minutes on a 2-core CPU."""
 
-    seeds: list[int] = field(default_factory=lambda: list(range(30)))
-    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    control_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    data_seeds: list[int] = field(default_factory=lambda: list(range(8)))  # one scenes draw each, crossed with the model seeds
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    ablation_seeds: list[int] = field(default_factory=lambda: [0])
+    control_seeds: list[int] = field(default_factory=lambda: [0])
     arms: list[str] = field(default_factory=lambda: list(MAIN_ARMS))
-    ablations: list[str] = field(default_factory=lambda: [a for a in ABLATIONS if a not in MAIN_ARMS])
+    ablations: list[str] = field(default_factory=lambda: ["dmt-jepa-no-context"])
     controls: list[str] = field(default_factory=lambda: ["random"])
-    steps: int = 800
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps with a linear lr warm-up
@@ -153,13 +156,12 @@ class StudyConfig:
     # patches (docs/method.md), so they are a different budget and need a study of their own.
     static_masks: bool = False
     crop_scale: tuple[float, float] = (0.3, 1.0)
-    train_scenes: int = 3000
+    train_scenes: int = 6000
     val_scenes: int = 600  # the first held-out scenes; the rest are the test split
     test_scenes: int = 2400
-    data_seeds: list[int] = field(default_factory=lambda: [0])  # one scenes draw per data seed, crossed with the model seeds
-    scenes: str = "digits"  # the kind of objects in the scenes: digits or shapes (dmt_jepa.scenes.KINDS)
-    background: str = "photo"  # behind them: a photo crop or a plain colour (dmt_jepa.scenes.BACKGROUNDS)
-    palette: str = "colour"  # random hues, or black and white on grey (dmt_jepa.scenes.PALETTES)
+    scenes: str = "textures"  # the kind of objects in the scenes (dmt_jepa.scenes.KINDS)
+    background: str = "plain"  # behind them: a photo crop or a plain colour (dmt_jepa.scenes.BACKGROUNDS)
+    palette: str = "mono"  # random hues, or black and white on grey (dmt_jepa.scenes.PALETTES)
     bootstrap: int = 1000
     locality_every: int = 100
     locality_images: int = 64  # validation scenes on which target locality is measured
@@ -659,6 +661,30 @@ def ablation_table(cfg: StudyConfig, results: dict[str, list[dict]]) -> dict:
     return table
 
 
+def make_draw(cfg: StudyConfig, out: Path, data_seed: int) -> None:
+    """The scenes of one data seed, written aside and renamed when complete."""
+    data = data_dir(out, data_seed)
+    print(f"making the scenes of data seed {data_seed} in {data}", file=sys.stderr, flush=True)
+    partial = data.with_name(data.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_scene_shards(partial, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes, seed=data_seed,
+                       image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background, palette=cfg.palette)
+    os.replace(partial, data)
+
+
+def beside(report: Path, files: list[str]) -> list[Path]:
+    """A job's pictures in the report's results folder, copied there if the job drew them elsewhere."""
+    folder = report.parent / "results"
+    placed = []
+    for file in map(Path, files):
+        target = folder / file.name
+        if not target.exists() or not file.samefile(target):
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        placed.append(target)
+    return placed
+
+
 def selection_path(report: Path) -> Path:
     """Where a complete study leaves its rule's output, beside its report: the shipped default must follow it."""
     return report.parent / "results" / "selection.json"
@@ -679,17 +705,13 @@ def run_study(
         raise SystemExit(f"unknown arm {unknown[0]!r}; the arms are {', '.join(ARMS)}.")
     start = time.perf_counter()
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    if run:
-        for data_seed in cfg.data_seeds:
-            data = data_dir(out, data_seed)
-            if not (data / "scenes.json").exists():
-                print(f"making the scenes of data seed {data_seed} in {data}", file=sys.stderr, flush=True)
-                partial = data.with_name(data.name + ".partial")
-                shutil.rmtree(partial, ignore_errors=True)
-                write_scene_shards(partial, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes,
-                                   seed=data_seed, image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background,
-                                   palette=cfg.palette)
-                os.replace(partial, data)
+    draws = [(cfg, out, d) for d in cfg.data_seeds if not (data_dir(out, d) / "scenes.json").exists()] if run else []
+    if cfg.workers > 1 and len(draws) > 1:
+        with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
+            pool.starmap(make_draw, draws, chunksize=1)
+    else:
+        for draw in draws:
+            make_draw(*draw)
     picture_dir = report.parent / "results" if report is not None else out / "pictures"
     done = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
     todo = [job for job in cfg.jobs() if job_name(*job) not in done]
@@ -734,7 +756,7 @@ def run_study(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if report is not None:
-        pictures = {r["arm"]: [Path(p) for p in r["pictures"]] for r in finished if "pictures" in r}
+        pictures = {r["arm"]: beside(report, r["pictures"]) for r in finished if "pictures" in r}
         write_report(report, cfg, summary, command, pictures, reduced)
         if summary["complete"] and not reduced:
             selection = {"arm": summary["selection"]["arm"], "reason": summary["selection"]["reason"],

@@ -134,8 +134,10 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     )
     report = tmp_path / "docs" / "results.md"
     first = StudyConfig(**(asdict(cfg) | {"seeds": [0]}))  # a study cut short after its first model seed
-    run_study(first, tmp_path / "run", report, "first part", reduced=True)
+    run_study(first, tmp_path / "run", None, "first part")  # no report: its pictures stay in the run folder
+    run_study(first, tmp_path / "run", report, "first part", reduced=True, run=False)
     assert "Reduced run" in report.read_text() and not selection_path(report).exists()  # a reduced run chooses nothing
+    assert (report.parent / "results" / "i-jepa-pca.png").is_file()  # copied beside the report
     partial = run_study(cfg, tmp_path / "run", report, "summarise what ran", run=False)
     assert not partial["complete"] and partial["jobs_done"] == 3 * 2 + 2 + 2 and "**Partial**: 10 of the 16 jobs" in report.read_text()
     assert not selection_path(report).exists()  # a partial study chooses nothing
