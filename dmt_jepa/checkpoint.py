@@ -52,6 +52,23 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in `obj` (a tensor, or dicts, lists and tuples holding some): what a save of it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(model: nn.Module, state: dict) -> int:
+    """About the size of the checkpoint `save_checkpoint` writes for `model` and `state`."""
+    modules = [getattr(model, name, None) for name in MODULES]
+    return sum(tensor_bytes(m.state_dict()) for m in modules if m is not None) + tensor_bytes(state)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -75,7 +92,8 @@ def save_checkpoint(
                 weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
                 save_file(weights, str(tmp / f"{name}.safetensors"))
                 as_umask_allows(tmp / f"{name}.safetensors")
-        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:  # a file of ours: a full disk is an OSError, not torch's RuntimeError
+            torch.save(state, f)
         save_config(cfg, tmp / "config.yaml")
     except BaseException:  # a full disk, or a kill: the partial save goes, the checkpoints before it stay
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import nn
 
-from dmt_jepa.checkpoint import CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from dmt_jepa.checkpoint import (
+    CheckpointError, checkpoint_bytes, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint, tensor_bytes,
+)
 from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config, validate_config
 from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
@@ -31,6 +34,21 @@ from dmt_jepa.progress import progress_for
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what is kept and what to do."""
+
+
+_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _out_of_space(err: BaseException) -> str | None:
+    """What ran out when `err` is a full disk or an exceeded quota, in words; None for any other failure."""
+    if isinstance(err, OSError):
+        return _OUT_OF_SPACE.get(err.errno)
+    # safetensors reports the system's error inside its message: "... No space left on device (os error 28)"
+    return next((words for code, words in _OUT_OF_SPACE.items() if f"(os error {code})" in str(err)), None)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 10e6 else f"{n / 1e6:,.0f} MB"
 
 
 @dataclass
@@ -439,10 +457,19 @@ class Trainer:
             "weights_sha256": [s["digest"] for s in shared],
         }
 
-    def _write_failed(self, what: str, err: BaseException) -> TrainingError:
-        """A write that failed (a full disk, most often), as one sentence that says what is kept."""
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    def _write_failed(self, what: str, err: BaseException, needed: int | None = None) -> TrainingError:
+        """A write that failed (a full disk, most often), as one sentence that says what is kept.
+
+        `needed`: bytes the write was to take, said when the disk or the quota is full.
+        """
         kept = f"the checkpoint {self.checkpoint} is intact" if self.checkpoint else "no checkpoint was written yet"
+        full = _out_of_space(err)
+        if full is not None and needed is not None:
+            return TrainingError(
+                f"{full} while writing {what} (about {_megabytes(needed)} needed); {kept}; "
+                f"free space and rerun with --resume {self.run_dir}."
+            )
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         return TrainingError(
             f"cannot write {what} ({reason}); {kept}; free space, then run again with --resume {self.run_dir}."
         )
@@ -454,7 +481,8 @@ class Trainer:
             try:
                 save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg, keep=self.cfg.run.keep_checkpoints)
             except (OSError, SafetensorError) as err:
-                failure = str(self._write_failed(f"checkpoint step {self.step} in {self.run_dir / 'checkpoints'}", err))
+                where = f"checkpoint step {self.step} in {self.run_dir / 'checkpoints'}"
+                failure = str(self._write_failed(where, err, checkpoint_bytes(self.model, state)))
         failures = _gather(self.world, failure)  # a barrier too: every rank learns whether rank 0 saved
         if failures[0] is not None:
             raise TrainingError(failures[0])
@@ -526,7 +554,7 @@ class Trainer:
             try:
                 save_encoder(self.encoder_path, target, info)
             except (OSError, SafetensorError) as err:
-                failure = str(self._write_failed(f"the encoder file {self.encoder_path}", err))
+                failure = str(self._write_failed(f"the encoder file {self.encoder_path}", err, tensor_bytes(target.state_dict())))
         failures = _gather(self.world, failure)
         if failures[0] is not None:
             raise TrainingError(failures[0])

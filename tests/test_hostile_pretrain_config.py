@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,13 +120,42 @@ def _tensors_equal(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   SafetensorError("Error while serializing: No space left on device (os error 28)")])
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(shards, tmp_path, monkeypatch, error):
-    import dmt_jepa.checkpoint as checkpoint
+def _megabytes_said(line: str) -> float:
+    return float(re.search(r"\(about ([\d,.]+) MB needed\)", line).group(1).replace(",", ""))
 
+
+def _folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, patch, words: str) -> str:
+    """Run with the save of step 4 failing as `patch` makes it; check what is left and that resume finishes."""
     full = pretrain_cli(*tiny_overrides(shards, tmp_path / "full", "optimization.epochs=1"))
     assert full.exit_code == 0, full.output
+    with monkeypatch.context() as m:
+        patch(m)
+        line = one_line_error(pretrain_cli(*tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")), code=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert line.startswith(f"error: {words} while writing checkpoint step 4 in {checkpoints} (about "), line
+    assert "step-000000002 is intact" in line and line.endswith(f"--resume {tmp_path / 'run'}."), line
+    # what was to be written is as big as the checkpoint before it, measured on disk
+    assert _megabytes_said(line) == pytest.approx(_folder_bytes(checkpoints / "step-000000002") / 1e6, rel=0.1, abs=0.05)
+    assert [c.name for c in checkpoint_dirs(tmp_path / "run")] == ["step-000000002"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000002"]  # no partial left
+    resumed = pretrain_cli("--resume", str(tmp_path / "run"))
+    assert resumed.exit_code == 0, resumed.output
+    assert _tensors_equal(tmp_path / "run" / "encoder.safetensors", tmp_path / "full" / "encoder.safetensors")
+    return line
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+    (SafetensorError("Error while serializing: No space left on device (os error 28)"), "no space left on device"),
+])
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(shards, tmp_path, monkeypatch, error, words):
+    import dmt_jepa.checkpoint as checkpoint
+
     real = checkpoint.save_file
 
     def disk_full_at_step_4(tensors, filename, metadata=None):
@@ -131,17 +163,23 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finishe
             raise error
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full_at_step_4)
-    overrides = tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")
-    line = one_line_error(pretrain_cli(*overrides), code=1)
-    assert "cannot write checkpoint step 4" in line and "No space left on device" in line
-    assert "step-000000002 is intact" in line and f"--resume {tmp_path / 'run'}" in line
-    assert [c.name for c in checkpoint_dirs(tmp_path / "run")] == ["step-000000002"]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000000002"]  # no partial left
-    monkeypatch.setattr(checkpoint, "save_file", real)
-    resumed = pretrain_cli("--resume", str(tmp_path / "run"))
-    assert resumed.exit_code == 0, resumed.output
-    assert _tensors_equal(tmp_path / "run" / "encoder.safetensors", tmp_path / "full" / "encoder.safetensors")
+    _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, lambda m: m.setattr(checkpoint, "save_file", disk_full_at_step_4), words)
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
+def test_full_disk_writing_the_training_state_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch):
+    real = torch.save
+
+    def state_onto_a_full_disk(obj, f, *args, **kwargs):
+        """At step 4, the bytes go to /dev/full, which refuses every write as a full disk does."""
+        if "step-000000004" not in str(getattr(f, "name", f)):
+            return real(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            return real(obj, "/dev/full", *args, **kwargs)
+        with open("/dev/full", "wb") as full:
+            return real(obj, full, *args, **kwargs)
+
+    _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, lambda m: m.setattr(torch, "save", state_onto_a_full_disk), "no space left on device")
 
 
 def test_full_disk_writing_the_encoder_file_then_resume_writes_it(shards, tmp_path, monkeypatch):
@@ -155,13 +193,16 @@ def test_full_disk_writing_the_encoder_file_then_resume_writes_it(shards, tmp_pa
     monkeypatch.setattr(encoder_file, "save_file", disk_full)
     overrides = tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")
     line = one_line_error(pretrain_cli(*overrides), code=1)
-    assert "cannot write the encoder file" in line and "step-000000004 is intact" in line
+    assert line.startswith(f"error: no space left on device while writing the encoder file {tmp_path / 'run' / 'encoder.safetensors'}"), line
+    assert "step-000000004 is intact" in line
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if "encoder" in p.name) == []  # no half-written file
     monkeypatch.setattr(encoder_file, "save_file", real)
     resumed = pretrain_cli("--resume", str(tmp_path / "run"))
     assert resumed.exit_code == 0 and "already complete" not in resumed.stdout, resumed.output
     target = tmp_path / "run" / "checkpoints" / "step-000000004" / "target_encoder.safetensors"
     assert _tensors_equal(tmp_path / "run" / "encoder.safetensors", target)
+    encoder_bytes = (tmp_path / "run" / "encoder.safetensors").stat().st_size
+    assert _megabytes_said(line) == pytest.approx(encoder_bytes / 1e6, rel=0.1, abs=0.05)
 
 
 def _tree(root) -> dict[str, str]:
