@@ -12,10 +12,22 @@ import threading
 from pathlib import Path
 
 _LOCK = threading.Lock()
+_STATUS = Path("/proc/self/status")
 
 
 def current_umask() -> int:
-    """The process umask (read by setting and restoring it: POSIX offers no other way)."""
+    """The process umask, read from /proc/self/status where Linux offers it.
+
+    Elsewhere it is read by setting and restoring it (POSIX offers no other way), which a file
+    created by another thread in between would see: the lock only orders callers of this function.
+    """
+    try:
+        status = _STATUS.read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split(":", 1)[1], 8)
     with _LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
