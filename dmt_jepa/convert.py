@@ -135,7 +135,13 @@ def convert_checkpoint(
         raise ConvertError(f"checkpoint {src} does not exist.")
     try:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        # torch's own message advises loading with weights_only=False, which runs the file's code: not ours to give.
+        raise ConvertError(
+            f"{src} cannot be read as a tensors-only checkpoint (it holds Python objects other than tensors and plain "
+            "containers, which are never unpickled here); it is not a supported checkpoint."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConvertError(f"{src} cannot be read as a tensors-only checkpoint ({first}); it is not a supported checkpoint.") from err
     if not isinstance(checkpoint, dict) or which not in checkpoint:

@@ -96,6 +96,15 @@ def test_unusable_checkpoints_are_one_sentence(tmp_path, make, message):
     assert not (tmp_path / "enc.safetensors").exists()
 
 
+def test_a_refused_pickle_does_not_pass_on_advice_to_load_it_unsafely(tmp_path):
+    """torch's refusal suggests weights_only=False (running the file's code); ours names the problem and stops there."""
+    (tmp_path / "c.pth.tar").write_bytes(pickle.dumps({"target_encoder": NotATensor()}, protocol=2))
+    with pytest.raises(ConvertError) as err:
+        convert_checkpoint(tmp_path / "c.pth.tar", tmp_path / "enc.safetensors")
+    assert "Python objects other than tensors" in str(err.value)
+    assert "can still be loaded" not in str(err.value) and "weights_only" not in str(err.value)
+
+
 def test_cli_convert_does_not_overwrite(tmp_path):
     from typer.testing import CliRunner
 
