@@ -727,9 +727,10 @@ def run_study(
     finished += [r for r in done.values() if (r["arm"], *unit(r)) in wanted]
     results = {a: sorted((r for r in finished if r["arm"] == a), key=unit) for a in ARMS}
     results = {a: rs for a, rs in results.items() if rs}
-    tests = [splits(cfg, out, d)[2] for d in cfg.data_seeds if (data_dir(out, d) / "scenes.json").exists()]
+    held_out = [read_labelled_shards(str(data_dir(out, d) / "test-*.tar")) for d in cfg.data_seeds
+                if (data_dir(out, d) / "scenes.json").exists()]
     grid = (cfg.image_size // cfg.patch_size,) * 2
-    segs = [s for test in tests for s in test.segs]
+    segs = [s for data in held_out for s in data.segs[cfg.val_scenes:]]  # the test split of every draw
     ceiling = {
         "fg": perfect_patch_miou(figure_ground(segs), grid, num_classes=2),
         "sem": perfect_patch_miou(segs, grid, num_classes=seg_classes(cfg)),
