@@ -91,10 +91,6 @@ DEFAULT_ARM = _default_arm()
 # Main arms, run on every unit: I-JEPA, DMT-JEPA's neighbour targets without its head, the paper's head, and
 # whatever `dmtjepa pretrain` trains.
 MAIN_ARMS = list(dict.fromkeys(["i-jepa", "mean-pool", "dmt-jepa", DEFAULT_ARM]))
-ABLATIONS = [
-    "dmt-jepa-mix", "dmt-jepa-with-self", "mean-pool", "dmt-jepa-no-context", "dmt-jepa-k1", "dmt-jepa-k8",
-    "dmt-jepa-depth1", "dmt-jepa-learned", "dmt-jepa-window5", "dmt-jepa-k2", "dmt-jepa-mean",
-]
 # Report name -> where it sits in a job record. "sem" is the per-pixel probe over every class (background
 # and one per object class), "fg" the same probe with every object merged into one figure class.
 METRICS = {
