@@ -346,8 +346,10 @@ def evaluate_encoder(cfg: StudyConfig, encoder, info, train, val, test, dense: b
     return result, confusions, features
 
 
-def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, picture_dir: Path) -> dict:
-    """Train (or not) one arm from one model seed on one data draw, save its target encoder, evaluate it frozen."""
+def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, picture_dir: Path, jobs: Path) -> dict:
+    """Train (or not) one arm from one model seed on one data draw, save its target encoder, evaluate it frozen.
+
+    The encoder and training log go to `out`; the job's record and test confusions to `jobs`."""
     torch.set_num_threads(cfg.threads)
     tic = time.perf_counter()
     name = job_name(arm, data_seed, seed)
@@ -369,7 +371,7 @@ def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, pi
     path = save_encoder(out / f"{name}.safetensors", encoder.cpu(), info)
     # Image-level semantics of the pooled features: kNN and logistic regression on the dominant object's class.
     result["secondary"] = evaluate_features(("knn", "linear"), train, test, features["train"], features["test"], EvalOptions(seed=seed))
-    np.savez_compressed(out / "jobs" / f"{name}-confusions.npz", **{f"target_{t}": c for t, c in confusions.items()})
+    np.savez_compressed(jobs / f"{name}-confusions.npz", **{f"target_{t}": c for t, c in confusions.items()})
     first = (min(cfg.data_seeds), min(cfg.seeds + cfg.ablation_seeds + cfg.control_seeds))
     if (data_seed, seed) == first and arm in cfg.arms + cfg.controls:
         scene = test.images[cfg.picture_index]
@@ -382,7 +384,7 @@ def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, pi
             result["pictures"].append(str(save_png(curves_picture(log, width=900, height=300), picture_dir / f"{arm}-curves.png")))
     result.update(encoder=str(path), train_s=round(train_s, 1), eval_s=round(time.perf_counter() - tic - train_s, 1))
     line = json.dumps(result)
-    record = out / "jobs" / f"{name}.json"
+    record = jobs / f"{name}.json"
     record.with_suffix(".partial").write_text(line)
     os.replace(record.with_suffix(".partial"), record)  # a rerun of the study skips this job; a cut one redoes it
     print(line, file=sys.stderr, flush=True)
@@ -454,7 +456,7 @@ def _miou_of(confusion: np.ndarray) -> np.ndarray:
     return 100.0 * np.nanmean(iou, axis=-1)
 
 
-def bootstrap_paired_se(out: Path, arm: str, units: list[tuple[int, int]], key: str = "target_dense",
+def bootstrap_paired_se(jobs: Path, arm: str, units: list[tuple[int, int]], key: str = "target_dense",
                         baseline: str | None = "i-jepa", samples: int = 1000) -> float:
     """Bootstrap s.e. (over test scenes, resampled jointly for every unit and both arms) of the mean paired difference.
 
@@ -462,7 +464,7 @@ def bootstrap_paired_se(out: Path, arm: str, units: list[tuple[int, int]], key: 
     so one resample of scene indices serves every draw.
     """
     def load(a):
-        return np.stack([np.load(out / "jobs" / f"{job_name(a, d, s)}-confusions.npz")[key] for d, s in units])  # [U, N, C, C]
+        return np.stack([np.load(jobs / f"{job_name(a, d, s)}-confusions.npz")[key] for d, s in units])  # [U, N, C, C]
 
     arm_conf = load(arm)
     base_conf = load(baseline) if baseline else None
@@ -687,21 +689,25 @@ def selection_path(report: Path) -> Path:
 
 
 def run_study(
-    cfg: StudyConfig, out: Path, report: Path | None, command: str, reduced: bool = False, run: bool = True
+    cfg: StudyConfig, out: Path, report: Path | None, command: str, reduced: bool = False, run: bool = True,
+    jobs_dir: Path | None = None,
 ) -> dict:
     """Data draws, every (arm, data seed, model seed) job not done yet in `out`, evaluation, tables; returns the summary.
 
     Jobs run in `cfg.workers` processes of `cfg.threads` threads each: on a small shared CPU,
     independent single-threaded runs use the cores better than one multi-threaded run. Each finished
-    job leaves out/jobs/ARM-dataD-seedS.json, so a cut study resumes where it stopped; with run=False
-    only the jobs already there are summarised, and a report of fewer jobs than asked for says so.
+    job leaves ARM-dataD-seedS.json and its test confusions in `jobs_dir` (default out/jobs), so a cut
+    study resumes where it stopped; a jobs folder kept apart from `out` (in version control) carries
+    a study across machines, since the data draws are remade from their seeds. With run=False only
+    the jobs already there are summarised, and a report of fewer jobs than asked for says so.
     """
+    jobs_dir = jobs_dir if jobs_dir is not None else out / "jobs"
     unknown = [a for a in cfg.arms + cfg.ablations + cfg.controls if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm {unknown[0]!r}; the arms are {', '.join(ARMS)}.")
     start = time.perf_counter()
-    (out / "jobs").mkdir(parents=True, exist_ok=True)
-    draws = [(cfg, out, d) for d in cfg.data_seeds if not (data_dir(out, d) / "scenes.json").exists()] if run else []
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    draws = [(cfg, out, d) for d in cfg.data_seeds if not (data_dir(out, d) / "scenes.json").exists()]
     if cfg.workers > 1 and len(draws) > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
             pool.starmap(make_draw, draws, chunksize=1)
@@ -709,9 +715,9 @@ def run_study(
         for draw in draws:
             make_draw(*draw)
     picture_dir = report.parent / "results" if report is not None else out / "pictures"
-    done = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
+    done = {p.stem: json.loads(p.read_text()) for p in sorted(jobs_dir.glob("*.json"))}
     todo = [job for job in cfg.jobs() if job_name(*job) not in done]
-    jobs = [(cfg, arm, d, s, out, picture_dir) for arm, d, s in todo] if run else []
+    jobs = [(cfg, arm, d, s, out, picture_dir, jobs_dir) for arm, d, s in todo] if run else []
     if jobs:
         print(f"{len(jobs)} jobs to run, {len(cfg.jobs()) - len(jobs)} already done", file=sys.stderr, flush=True)
     if cfg.workers > 1 and len(jobs) > 1:
@@ -732,7 +738,7 @@ def run_study(
         "sem": perfect_patch_miou(segs, grid, num_classes=seg_classes(cfg)),
     }
     paired = paired_differences(results)
-    test_se = {arm: bootstrap_paired_se(out, arm, d["units"], samples=cfg.bootstrap) for arm, d in paired.items()}
+    test_se = {arm: bootstrap_paired_se(jobs_dir, arm, d["units"], samples=cfg.bootstrap) for arm, d in paired.items()}
     candidates = [a for a in cfg.arms + cfg.ablations if a != "i-jepa" and a in paired]
     summary = {
         "config": asdict(cfg),
@@ -767,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="Directory for data, encoders and logs.")
+    parser.add_argument("--jobs", type=Path, default=None,
+                        help="Folder of the job records and test confusions (default OUT/jobs); keep it to resume elsewhere.")
     parser.add_argument("--report", type=Path, default=None, help="Markdown report to write (e.g. docs/results.md).")
     parser.add_argument("--data-seeds", type=int, nargs="+", default=defaults.data_seeds, help="Data draws (scenes seeds).")
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds, help="Model seeds of the main arms.")
@@ -795,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="Threads of each worker.")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda: where training, features and probes run.")
     parser.add_argument("--reduced", action="store_true", help="Label the report as a reduced run.")
-    parser.add_argument("--report-only", action="store_true", help="Summarise the jobs already in --out; train nothing.")
+    parser.add_argument("--report-only", action="store_true", help="Summarise the jobs already done; train nothing (missing data draws are remade for the ceiling).")
     args = parser.parse_args(argv)
     cfg = StudyConfig(
         seeds=args.seeds, ablation_seeds=args.ablation_seeds, control_seeds=args.control_seeds, arms=args.arms,
@@ -807,7 +815,8 @@ def main(argv: list[str] | None = None) -> None:
         background=args.background, palette=args.palette,
     )
     command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only)
+    summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only,
+                        jobs_dir=args.jobs)
     print(json.dumps({"paired": summary["paired"], "test_set_se": summary["test_set_se"], "selection": summary["selection"],
                       "ceiling": summary["ceiling"], "wall_s": summary["wall_s"]}))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -119,9 +120,10 @@ def test_paired_bootstrap_cancels_what_both_arms_share(tmp_path) -> None:
     for arm, conf in (("a", shared), ("b", shared), ("c", rng.integers(0, 100, size=(2, 300, 2, 2)))):
         for index, (data_seed, seed) in enumerate(units):
             np.savez(tmp_path / "jobs" / f"{job_name(arm, data_seed, seed)}-confusions.npz", target_dense=conf[index])
-    assert bootstrap_paired_se(tmp_path, "a", units, baseline="b", samples=50) == 0.0
-    alone = bootstrap_paired_se(tmp_path, "c", units, baseline=None, samples=200)
-    assert 0.0 < alone < bootstrap_paired_se(tmp_path, "c", units, baseline="b", samples=200) * 2
+    jobs = tmp_path / "jobs"
+    assert bootstrap_paired_se(jobs, "a", units, baseline="b", samples=50) == 0.0
+    alone = bootstrap_paired_se(jobs, "c", units, baseline=None, samples=200)
+    assert 0.0 < alone < bootstrap_paired_se(jobs, "c", units, baseline="b", samples=200) * 2
 
 
 @pytest.mark.slow
@@ -172,3 +174,9 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     # every job left its record: summarising again trains nothing and gives the same tables
     again = run_study(cfg, tmp_path / "run", None, "again", run=False)
     assert json.dumps(again["table"]) == json.dumps(summary["table"]) and json.dumps(again["paired"]) == json.dumps(summary["paired"])
+    # the job records alone carry the study to another machine: the draws are remade from their seeds
+    carried = shutil.copytree(tmp_path / "run" / "jobs", tmp_path / "carried")
+    elsewhere = run_study(cfg, tmp_path / "elsewhere", None, "elsewhere", run=False, jobs_dir=carried)
+    assert not (tmp_path / "elsewhere" / "jobs").exists() and elsewhere["complete"]
+    for key in ("table", "paired", "test_set_se", "ceiling", "selection"):
+        assert json.dumps(elsewhere[key]) == json.dumps(summary[key]), key
