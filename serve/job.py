@@ -41,7 +41,7 @@ from dmt_jepa.serve.pca import PCA_FILE, PcaError, load_or_fit, project
 from dmt_jepa.serve.progress import Progress
 from dmt_jepa.serve.quantize import DTYPES
 from dmt_jepa.serve.remote import RemoteOut, is_url, location
-from dmt_jepa.serve.safe_write import OutputDirError, checked
+from dmt_jepa.serve.safe_write import OutputDirError, checked, remove
 from dmt_jepa.serve.shards import (
     ShardOutput,
     ShardReader,
@@ -514,7 +514,7 @@ def _clear_other_settings(
         if remote is not None:
             remote.remove_shard(name)
     for relative in relatives:
-        (out / relative).unlink(missing_ok=True)
+        remove(out, relative)
         if remote is not None:
             remote.remove(relative)
 

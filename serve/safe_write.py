@@ -5,7 +5,9 @@ the arrays, the embedding-reader folders, pca.npy, and the files aside) takes it
 `writable`: each folder on the way must be missing or a real folder, and the name itself missing
 or a regular file. A link there is refused in one sentence, whether it leads inside OUT_DIR or
 out of it, as is a FIFO, a device or a socket: a write through a link lands wherever the link
-points, which the job does not own, and a FIFO would block it. So nothing the reader
+points, which the job does not own, and a FIFO would block it. What the job deletes there (an
+older shard's files, stats it replaces) takes its path from `remove`, the same check: a folder
+on the way that is a link would make the delete land outside OUT_DIR. So nothing the reader
 (serve/safe_read.py) refuses is ever written through, and the closing summary describes files
 the job really wrote. The names a job writes whatever its shards are called are checked before
 any work (serve/job.py, `prepare_out_dir`).
@@ -48,3 +50,8 @@ def writable(out_dir: Path, relative: str) -> Path:
     if path.parent != out_dir:
         path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remove(out_dir: Path, relative: str) -> None:
+    """Delete out_dir / relative where it exists, checked as `checked` does (OutputDirError before anything is deleted)."""
+    checked(out_dir, relative).unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 from dmt_jepa.serve.images import ImageRejected
 from dmt_jepa.serve.quantize import encode
 from dmt_jepa.serve.safe_read import FileRefused, exists_regular, read_json
-from dmt_jepa.serve.safe_write import checked, writable
+from dmt_jepa.serve.safe_write import checked, remove, writable
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
@@ -546,13 +546,20 @@ def shard_files(name: str, record: object = None) -> list[str]:
 
 
 def remove_shard_files(out_dir: Path, name: str) -> None:
-    """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile."""
+    """Delete shard NAME's files in every layout, NAME.json first, so that it is never seen done meanwhile.
+
+    Every path is checked before any is deleted (serve/safe_write.py): a link planted on the way is
+    refused in one sentence rather than followed out of OUT_DIR.
+    """
     try:
         record = read_json(out_dir, f"{name}.json")
     except FileRefused:
         record = None
-    for file in shard_files(name, record):
-        (out_dir / file).unlink(missing_ok=True)
+    files = shard_files(name, record)
+    for file in files:
+        checked(out_dir, file)
+    for file in files:
+        remove(out_dir, file)
 
 
 def record_problem(record: dict, name: str) -> str | None:

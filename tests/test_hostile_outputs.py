@@ -119,6 +119,25 @@ def test_every_path_the_job_writes_is_checked_on_the_way(tmp_path):
     assert not list(elsewhere.iterdir()) and not list((out / "inside").iterdir())
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("folder", ["img_emb", "metadata"])
+def test_a_link_where_the_job_deletes_an_older_shard_is_refused_not_followed(tmp_path, encoder_file, folder, overwrite):
+    write_shard(tmp_path / "in" / "a.tar", photo_samples("a", 2))
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for theirs in ("img_emb_a.npy", "metadata_a.parquet"):  # the names shard a has in those folders
+        (elsewhere / theirs).write_text("theirs")
+    if overwrite:  # a done shard in other settings, which --overwrite clears
+        embed_shards(str(tmp_path / "in"), out, encoder_file, workers=0, dtype="int8")
+    (out / folder).parent.mkdir(parents=True, exist_ok=True)
+    (out / folder).symlink_to(elsewhere)
+    before, kept = files_under(elsewhere), files_under(out)
+    result = embed(tmp_path / "in", out, "--model", encoder_file, *(["--overwrite"] if overwrite else []))
+    one_sentence_refusal(result, f"{out / folder} is a link, where `dmtjepa embed` writes a folder")
+    assert files_under(elsewhere) == before  # nothing deleted through the link
+    assert files_under(out) == kept  # nor anything of the older shard: its files are checked before any goes
+
+
 def test_an_out_dir_beside_or_inside_the_input_folder_is_accepted(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 2))
     embed_shards(str(tmp_path / "in"), tmp_path / "beside", encoder_file, workers=0)
