@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 
+from dmt_jepa.cli.choices import Backend, Decode, Dtype, Engine, Layout, Precision, Resize
+from dmt_jepa.cli.preflight import fail, need_path
+
 BACKEND_HELP = (
     "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda, openvino or tensorrt (auto: fastest for the "
     "model here; on a CPU measured once and cached, see docs/embed.md)."
@@ -50,14 +53,14 @@ def embed(
     model: Path = typer.Option(
         ..., "--model", help="Encoder file (.safetensors), ONNX model (.onnx) or TensorRT engine (.engine)."
     ),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    precision: str = typer.Option(
+    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
+    precision: Precision | None = typer.Option(
         None,
         help="fp32, bf16, fp16, int8 or int8-static where the backend supports it (default: the model's own); "
         "int8 is dynamic on onnxruntime-cpu and calibrated on openvino, int8-static calibrated on onnxruntime-cpu.",
     ),
     size: str = typer.Option(None, help="Model input HxW, multiples of the patch size (default: the training size)."),
-    resize: str = typer.Option(
+    resize: Resize = typer.Option(
         "crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."
     ),
     batch_size: int = typer.Option(32, min=1, help="Images per inference batch."),
@@ -65,12 +68,12 @@ def embed(
         None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
     ),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
-    layout: str = typer.Option(
+    layout: Layout = typer.Option(
         "tar",
         help="tar: a WebDataset tar per shard; array: .npy arrays (memmap-able) and a Parquet table per shard; "
         "embedding-reader: pooled vectors in img_emb/ and tables in metadata/ (clip-retrieval's folders).",
     ),
-    dtype: str = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
+    dtype: Dtype = typer.Option("float16", help="float32, float16, or int8 (with a float32 scale per vector)."),
     pooled_only: bool = typer.Option(False, "--pooled-only", help="Write pooled vectors only, no patch grids."),
     pca: int = typer.Option(
         None, help="Store vectors projected on this many principal axes, fitted on the job's first images (OUT/pca.npy)."
@@ -100,7 +103,7 @@ def embed(
         60.0, min=0.1, help="Seconds after which a shard claimed by a process that stopped is taken over."
     ),
     layers: str = typer.Option(None, help=LAYERS_HELP + " Written as KEY.layer_<i>.npy (tar) or NAME.layer_<i>.npy (array)."),
-    engine: str = typer.Option(
+    engine: Engine = typer.Option(
         "local", help="local: this process and its decode workers; ray: a Ray cluster (pip install 'dmt-jepa[ray]')."
     ),
     address: str = typer.Option(
@@ -111,24 +114,40 @@ def embed(
     ),
     model_workers: int = typer.Option(1, min=1, help="--engine ray: model actors, each loading the model once."),
     gpus_per_worker: float = typer.Option(0.0, min=0, help="--engine ray: GPUs per model actor (0: CPU)."),
-    decode: str = typer.Option(
+    decode: Decode = typer.Option(
         "cpu", help="cpu: decode workers decode; gpu: JPEGs are decoded on the GPU that runs the model (nvJPEG, "
         "needs --backend torch-cuda), workers only check their headers."
     ),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
-    from dmt_jepa.encoder_file import EncoderFileError
+    from dmt_jepa.serve.inputs import InputError, resolve_inputs
+    from dmt_jepa.serve.remote import location
+
+    if decode == "gpu" and backend != "torch-cuda":
+        raise typer.BadParameter(f"--decode gpu decodes on the GPU that runs the model: use --backend torch-cuda, not {backend}.")
+    chosen_size, chosen_layers = parse_size(size), parse_layers(layers)
+    try:
+        resolve_inputs(input)
+    except InputError as err:
+        fail(str(err))
+    need_path(model, "model file", "pass an encoder file (.safetensors), an ONNX model (.onnx) or a TensorRT engine (.engine)")
+    if location(out_dir)[0] == "memory":
+        fail(
+            f"OUT_DIR {out_dir} lives in this process's memory, so the outputs would vanish when the command "
+            "ends; choose a folder or a persistent store (file://, s3://, ...)."
+        )
+
     from dmt_jepa.serve.backends import BackendError
     from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS
-    from dmt_jepa.serve.inputs import InputError
     from dmt_jepa.serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
-    from dmt_jepa.serve.remote import location
+
+    from dmt_jepa.encoder_file import EncoderFileError
 
     try:
         options = EmbedOptions(
             backend=backend,
             precision=precision,
-            size=parse_size(size),
+            size=chosen_size,
             resize=resize,
             batch_size=batch_size,
             workers=workers,
@@ -144,7 +163,7 @@ def embed(
             progress=sys.stderr.isatty() if progress is None else progress,
             progress_every=progress_every if progress is None else 0.0,
             overwrite=overwrite,
-            layers=tuple(chosen) if (chosen := parse_layers(layers)) else None,
+            layers=tuple(chosen_layers) if chosen_layers else None,
             lease_seconds=lease,
             engine=engine,
             address=address,
@@ -153,17 +172,8 @@ def embed(
             gpus_per_worker=gpus_per_worker,
             decode=decode,
         )
-        if decode == "gpu" and backend != "torch-cuda":
-            raise ValueError(f"--decode gpu decodes on the GPU that runs the model: use --backend torch-cuda, not {backend}.")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    if location(out_dir)[0] == "memory":
-        typer.echo(
-            f"error: OUT_DIR {out_dir} lives in this process's memory, so the outputs would vanish when the command "
-            "ends; choose a folder or a persistent store (file://, s3://, ...).",
-            err=True,
-        )
-        raise typer.Exit(2)
     try:
         summary = embed_shards(input, out_dir, model, options)
     except (InputError, BackendError, OutputDirError, EncoderFileError, EngineError) as err:

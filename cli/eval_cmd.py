@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dmt_jepa.cli.preflight import fail, need_encoder, need_folder
+
 app = typer.Typer(help="Evaluate an encoder file on labelled shards (cls and, for dense, seg.png).", no_args_is_help=True)
 
 ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
@@ -19,27 +21,35 @@ BATCH = typer.Option(64, "--batch-size", help="Images per forward pass.")
 
 def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | None, test: str | None, **options) -> None:
     """Resolve the shards, evaluate, print one JSON line and a table; user errors exit with one sentence."""
+    from dmt_jepa.evaluation.data import EvalDataError, resolve_shards
+
+    if (train is None or test is None) and data is None:
+        fail("give a DATA directory or both --train and --test shard patterns.")
+    need_encoder(encoder)
+    if train is None or test is None:
+        need_folder(data, "DATA", "give the folder `dmtjepa data scenes` wrote, or --train and --test shard patterns")
+    train = train or str(data / "train-*.tar")
+    test = test or str(data / "test-*.tar")
+    try:
+        resolve_shards(train), resolve_shards(test)
+    except EvalDataError as error:
+        fail(str(error))
+
     from rich.console import Console
     from rich.table import Table
 
     from dmt_jepa.encoder_file import EncoderFileError
-    from dmt_jepa.evaluation import DetectOptions, EvalDataError, EvalOptions, evaluate_detection, evaluate_encoder
+    from dmt_jepa.evaluation import DetectOptions, EvalOptions, evaluate_detection, evaluate_encoder
     from dmt_jepa.evaluation.run import result_rows
     from dmt_jepa.optional import ExtraMissing
 
-    if (train is None or test is None) and data is None:
-        typer.echo("error: give a DATA directory or both --train and --test shard patterns.", err=True)
-        raise typer.Exit(code=2)
-    train = train or str(data / "train-*.tar")
-    test = test or str(data / "test-*.tar")
     try:
         if tasks == ("detect",):
             result = evaluate_detection(encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True))
         else:
             result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
     except (EncoderFileError, EvalDataError, ExtraMissing) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        fail(str(error))
     typer.echo(json.dumps(result))
     table = Table(title=f"dmtjepa eval {' + '.join(tasks)}")
     table.add_column("metric")

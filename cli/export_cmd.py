@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
+from dmt_jepa.cli.choices import ExportFormat, IoNames
 from dmt_jepa.cli.embed_cmd import LAYERS_HELP, parse_layers
+from dmt_jepa.cli.preflight import fail, need_encoder
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -23,7 +25,7 @@ def export(
     encoder: Annotated[Path, typer.Argument(help="Encoder file (.safetensors) written by training.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for encoder.onnx and the other outputs.")],
     format: Annotated[
-        str,
+        ExportFormat,
         typer.Option(
             "--format",
             help="onnx (and TensorRT), triton (Triton model repository), hf (Hugging Face model directory) "
@@ -46,7 +48,7 @@ def export(
         str | None, typer.Option(help=LAYERS_HELP + " Adds outputs hidden_states_<i> (legacy: layer_<i>).")
     ] = None,
     io_names: Annotated[
-        str,
+        IoNames,
         typer.Option(
             "--io-names",
             help="optimum: pixel_values -> last_hidden_state [B, N, D], pooler_output; "
@@ -71,18 +73,22 @@ def export(
 ) -> None:
     """Export the target encoder to ONNX (and TensorRT), a Triton model repository, a Hugging Face directory or a
     timm checkpoint; each is checked against the encoder before it is kept."""
-    from dmt_jepa.encoder_file import EncoderFileError
+    engine = [flag for flag, used in [("--fp16", fp16), ("--trt", trt)] if used]
+    if format != "onnx" and (engine or min_shape or opt_shape or max_shape):
+        fail(f"{', '.join(engine) or 'engine shapes'} only apply to --format onnx; drop them.")
+    if format in ("hf", "timm") and (layers or io_names != "optimum"):
+        fail("--layers and --io-names apply to --format onnx and triton; drop them.")
+    if format not in ("hf", "timm") and (license or eval_results):
+        fail(f"--license and --eval-results apply to --format hf and timm; drop them for {format}.")
+    chosen_layers = parse_layers(layers)
+    need_encoder(encoder)
+
     from dmt_jepa.export.errors import ExportError
     from dmt_jepa.export.pipeline import export_encoder
 
-    if format not in ("onnx", "triton", "hf", "timm"):
-        raise _fail(ExportError(f"unknown --format {format!r}; choose onnx, triton, hf or timm."))
-    engine = [flag for flag, used in [("--fp16", fp16), ("--trt", trt)] if used]
-    if format != "onnx" and (engine or min_shape or opt_shape or max_shape):
-        raise _fail(ExportError(f"{', '.join(engine) or 'engine shapes'} only apply to --format onnx; drop them."))
+    from dmt_jepa.encoder_file import EncoderFileError
+
     if format in ("hf", "timm"):
-        if layers or io_names != "optimum":
-            raise _fail(ExportError("--layers and --io-names apply to --format onnx and triton; drop them."))
         from dmt_jepa.export.out_dir import replacing
         from dmt_jepa.export.weights import export_weights
 
@@ -92,20 +98,18 @@ def export(
         except (EncoderFileError, ExportError) as err:
             raise _fail(err) from err
         return
-    if license or eval_results:
-        raise _fail(ExportError(f"--license and --eval-results apply to --format hf and timm; drop them for {format}."))
     try:
         if format == "triton":
             from dmt_jepa.export.triton import export_triton
 
             export_triton(
                 encoder, out, model_name=model_name, max_batch_size=max_batch_size, opset=opset,
-                layers=parse_layers(layers), io_style=io_names, overwrite=overwrite, log=typer.echo,
+                layers=chosen_layers, io_style=io_names, overwrite=overwrite, log=typer.echo,
             )  # fmt: skip
             return
         export_encoder(
             encoder, out, fp16=fp16, trt=trt, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-            opset=opset, layers=parse_layers(layers), io_style=io_names, overwrite=overwrite, log=typer.echo,
+            opset=opset, layers=chosen_layers, io_style=io_names, overwrite=overwrite, log=typer.echo,
         )
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
@@ -122,12 +126,14 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
 ) -> None:
     """Print what an encoder file, ONNX model, TensorRT engine or model directory says about itself, or summarise an embed OUT_DIR."""
-    from dmt_jepa.encoder_file import EncoderFileError
+    file = _local(file)
+    if not file.exists():
+        fail(f"{file} does not exist; give an encoder file, a model file or folder, or an embed OUT_DIR.")
     from dmt_jepa.export.errors import ExportError
     from dmt_jepa.export.info import describe, describe_model_directory, format_description, is_model_directory
-
-    file = _local(file)
     from dmt_jepa.export.triton import describe_triton_model, is_triton_model
+
+    from dmt_jepa.encoder_file import EncoderFileError
 
     if is_triton_model(file):
         try:
@@ -162,12 +168,11 @@ def info(
 
 def _local(location: str) -> Path:
     """The path of a local file or folder, also when given as a file:// URL."""
-    from dmt_jepa.export.errors import ExportError
     from dmt_jepa.serve.safe_read import local_folder
 
     path = local_folder(location)
     if path is None:
-        raise _fail(ExportError(f"info reads local files only, not {location}; copy it down (or mount it) first."))
+        fail(f"info reads local files only, not {location}; copy it down (or mount it) first.")
     return path
 
 

@@ -9,6 +9,8 @@ from typing import NoReturn, Optional
 
 import typer
 
+from dmt_jepa.cli.preflight import need_file
+
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
 
 
@@ -33,31 +35,32 @@ def pretrain(
     ),
 ) -> None:
     """Pretrain DMT-JEPA on WebDataset shards; with no arguments, a tiny model on built-in scenes (CPU, minutes)."""
+    from dmt_jepa.checkpoint_paths import CheckpointError, find_checkpoint
     from dmt_jepa.config import ConfigError, builtin_config_path, load_config
+    from dmt_jepa.data.shards import DataError, expand_shards
 
     is_main = os.environ.get("RANK", "0") == "0"
-    try:  # dmt_jepa.config alone does not import torch: a mistyped override is answered at once
+    try:  # none of these imports torch: a mistyped override or path is answered at once
+        checkpoint = find_checkpoint(resume) if resume is not None else None
         if config is not None:
             path = builtin_config_path(config) or Path(config)
-        elif resume is not None:
-            from dmt_jepa.checkpoint import find_checkpoint
-
-            path = find_checkpoint(resume) / "config.yaml"
+        elif checkpoint is not None:
+            path = checkpoint / "config.yaml"
         else:
             path = builtin_config_path("demo")
         cfg = load_config(path, [*(overrides or []), *(["optimization.compile=true"] if compile_step else [])])
-    except ValueError as err:  # ConfigError, CheckpointError: what the user wrote or pointed at
+        if cfg.data.train:  # built-in scenes are made by the run itself
+            expand_shards(cfg.data.train)
+    except ValueError as err:  # ConfigError, CheckpointError, DataError: what the user wrote or pointed at
         # Under torchrun every rank parses the same line and says so once: whichever rank exits first
         # makes torchrun stop the others, so a rank left silent could leave no line at all.
         _fail(err)
 
-    from dmt_jepa.checkpoint import CheckpointError, find_checkpoint
-    from dmt_jepa.data import DataError
     from dmt_jepa.train import TrainingError, pretrain as run_pretrain
 
     try:
         if is_main:
-            where = find_checkpoint(resume).parent.parent if resume is not None else Path(cfg.run.out_dir)
+            where = checkpoint.parent.parent if checkpoint is not None else Path(cfg.run.out_dir)
             typer.echo(f"training in {where} (log: {where / 'log.jsonl'})")
         result = run_pretrain(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as err:
@@ -81,7 +84,8 @@ def pack(
     max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
 ) -> None:
     """Pack a folder of images into WebDataset tar shards."""
-    from dmt_jepa.data import DataError, pack_images
+    from dmt_jepa.data.pack import pack_images  # checks both folders before it imports torch
+    from dmt_jepa.data.shards import DataError
 
     if max_shard_mb <= 0 or max_shard_count < 1:
         _fail(ValueError("--max-shard-mb and --max-shard-count must be positive."))
@@ -109,10 +113,11 @@ def convert(
     ),
 ) -> None:
     """Convert a public I-JEPA / DMT-JEPA checkpoint into an encoder file that export and serve take."""
-    from dmt_jepa.convert import ConvertError, convert_checkpoint
-
+    need_file(checkpoint, "checkpoint", "pass the .pth.tar file that the public I-JEPA / DMT-JEPA code saved")
     if out.exists() and not force:
         _fail(ValueError(f"{out} already exists; pass --force to overwrite it or choose another path."))
+    from dmt_jepa.convert import ConvertError, convert_checkpoint
+
     try:
         info = convert_checkpoint(checkpoint, out, which=which, arch=arch, license=license)
     except ConvertError as err:

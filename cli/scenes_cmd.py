@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dmt_jepa.cli.choices import SceneBackground, SceneKind, ScenePalette
+
 
 def scenes(
     out_dir: Path = typer.Argument(..., help="Directory to write train-*.tar, test-*.tar and scenes.json into."),
@@ -15,9 +17,9 @@ def scenes(
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same scenes."),
     size: int = typer.Option(96, "--size", help="Side of the square scenes in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Scenes per shard."),
-    kind: str = typer.Option("digits", "--kind", help="Objects: digits (handwritten), shapes (outlines) or textures."),
-    background: str = typer.Option("photo", "--background", help="Behind the objects: photo (bundled photos) or plain."),
-    palette: str = typer.Option("colour", "--palette", help="colour (random hues) or mono (black and white on grey)."),
+    kind: SceneKind = typer.Option("digits", "--kind", help="Objects: digits (handwritten), shapes (outlines) or textures."),
+    background: SceneBackground = typer.Option("photo", "--background", help="Behind the objects: photo (bundled photos) or plain."),
+    palette: ScenePalette = typer.Option("colour", "--palette", help="colour (random hues) or mono (black and white on grey)."),
 ) -> None:
     """Make scenes of objects (digits, shapes or textures) on bundled photos, with image and per-pixel labels."""
     from dmt_jepa.scenes import ScenesError, write_scene_shards

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import typer
 
+from dmt_jepa.cli.preflight import need_encoder, need_file
+
 from dmt_jepa.optional import ExtraMissing
 
 app = typer.Typer(help="Draw PNG pictures: PCA of patch embeddings, last-layer attention, training curves.", no_args_is_help=True)
 
 ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
 IMAGE = typer.Argument(..., help="An image file, or a .tar shard (see --index).")
+IMAGE_HINT = "give an image file or a .tar shard"
 INDEX = typer.Option(0, "--index", help="Which sample of a .tar shard to draw.")
 SIZE = typer.Option(None, "--image-size", help="Resize the image to this side first; default the encoder's training size.")
 
@@ -31,6 +34,8 @@ def pca(
     side: int = typer.Option(256, "--side", help="Side of each panel in pixels."),
 ) -> None:
     """The image beside the first three principal components of its patch embeddings as RGB."""
+    need_encoder(encoder)
+    need_file(image, "image", IMAGE_HINT)
     from dmt_jepa.encoder_file import EncoderFileError, load_encoder
     from dmt_jepa.viz import VizError, pca_picture, read_image, save_png
 
@@ -53,6 +58,8 @@ def attention(
     side: int = typer.Option(160, "--side", help="Side of each panel in pixels."),
 ) -> None:
     """Last-layer attention of one query patch: per head and averaged over heads."""
+    need_encoder(encoder)
+    need_file(image, "image", IMAGE_HINT)
     from dmt_jepa.encoder_file import EncoderFileError, load_encoder
     from dmt_jepa.viz import VizError, attention_picture, read_image, save_png
 
@@ -76,6 +83,7 @@ def curves(
     out: Path = typer.Option(None, "--out", "-o", help="PNG file to write; default RUN_DIR/curves.png."),
 ) -> None:
     """Training loss and learning rate against step."""
+    need_file(run_dir / "log.jsonl" if run_dir.is_dir() else run_dir, "training log", "point at a run directory that holds log.jsonl")
     from dmt_jepa.viz import VizError, curves_picture, read_log, save_png
 
     try:

@@ -1,6 +1,21 @@
-"""Image shards: packing folders into WebDataset tars, and the training pipeline that reads them."""
+"""Image shards: packing folders into WebDataset tars, and the training pipeline that reads them.
 
-from dmt_jepa.data.pack import PackSummary, pack_images
-from dmt_jepa.data.pipeline import DataError, expand_shards, micro_batches
+Names are imported on first use: `pack_images` and `expand_shards` check their paths before
+torch is imported, so that a mistyped path is answered at once.
+"""
 
-__all__ = ["DataError", "PackSummary", "expand_shards", "micro_batches", "pack_images"]
+from __future__ import annotations
+
+from dmt_jepa.lazy import lazy_attributes
+
+_EXPORTS = {
+    "DataError": "dmt_jepa.data.shards",
+    "expand_shards": "dmt_jepa.data.shards",
+    "PackSummary": "dmt_jepa.data.pack",
+    "pack_images": "dmt_jepa.data.pack",
+    "micro_batches": "dmt_jepa.data.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -7,10 +7,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from dmt_jepa.data.pipeline import DataError
+from dmt_jepa.data.shards import DataError
 
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -57,6 +56,8 @@ def pack_images(
         raise DataError(f"{image_dir} holds no .jpg, .jpeg, .png or .webp files; point it at a folder of images.")
     if out_dir.exists() and any(out_dir.glob("shard-*.tar")):
         raise DataError(f"{out_dir} already holds shards; choose an empty output folder so nothing is overwritten.")
+    import webdataset as wds  # imports torch: only once the paths are known to be good
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     relative = [p.relative_to(image_dir) for p in paths]

@@ -14,7 +14,6 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dmt_jepa.config import DataConfig, MaskConfig
+from dmt_jepa.data.shards import DataError, expand_shards  # noqa: F401  (expand_shards: train imports it from here)
 from dmt_jepa.masks import MultiBlockMaskSampler
 
 log = logging.getLogger(__name__)
@@ -30,30 +30,6 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_FAILED_IN_A_ROW = 100  # beyond this the shards are not image shards, not a few corrupt files
 
-
-class DataError(ValueError):
-    """Input data the user pointed at that cannot be used; the message is one sentence."""
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Expand a WebDataset brace pattern ("a-{000..009}.tar", "::"-separated lists) into shard URLs.
-
-    Local paths must all exist; remote URLs (http://, s3://, pipe:) are passed on unchecked.
-    """
-    urls = wds.shardlists.expand_urls(pattern)
-    missing = [u for u in urls if not _is_remote(u) and not Path(u).is_file()]
-    if not urls or len(missing) == len(urls):
-        raise DataError(f"shard pattern {pattern!r} matches no file; check the path and the brace range.")
-    if missing:
-        raise DataError(
-            f"{len(missing)} of the {len(urls)} shards of {pattern!r} do not exist (first: {missing[0]}); "
-            "fix the brace range."
-        )
-    return urls
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random):
