@@ -6,8 +6,9 @@ the arrays, the embedding-reader folders, pca.npy, and the files aside) takes it
 or a regular file. A link there is refused in one sentence, whether it leads inside OUT_DIR or
 out of it, as is a FIFO, a device or a socket: a write through a link lands wherever the link
 points, which the job does not own, and a FIFO would block it. What the job deletes there (an
-older shard's files, stats it replaces) takes its path from `remove`, the same check: a folder
-on the way that is a link would make the delete land outside OUT_DIR. So nothing the reader
+older shard's files, stats it replaces) takes its path from `removable`: each folder on the way
+is checked the same way, since a link there would make the delete land outside OUT_DIR; the
+entry itself may be a link or a FIFO, which deleting removes without following. So nothing the reader
 (serve/safe_read.py) refuses is ever written through, and the closing summary describes files
 the job really wrote. The names a job writes whatever its shards are called are checked before
 any work (serve/job.py, `prepare_out_dir`).
@@ -52,6 +53,21 @@ def writable(out_dir: Path, relative: str) -> Path:
     return path
 
 
+def removable(out_dir: Path, relative: str) -> Path:
+    """out_dir / relative, to delete: every folder on the way checked as `checked` does; the entry itself may be
+    anything but a folder (deleting a link or a FIFO removes that entry, never what a link leads to)."""
+    parent = PurePosixPath(relative).parent
+    if parent != PurePosixPath("."):
+        checked(out_dir, str(parent), folder=True)
+    path = out_dir / relative
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            checked(out_dir, relative)  # refused in its words
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return path
+
+
 def remove(out_dir: Path, relative: str) -> None:
-    """Delete out_dir / relative where it exists, checked as `checked` does (OutputDirError before anything is deleted)."""
-    checked(out_dir, relative).unlink(missing_ok=True)
+    """Delete out_dir / relative where it exists, checked as `removable` says (OutputDirError, nothing deleted)."""
+    removable(out_dir, relative).unlink(missing_ok=True)

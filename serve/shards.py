@@ -23,7 +23,7 @@ import numpy as np
 from dmt_jepa.serve.images import ImageRejected
 from dmt_jepa.serve.quantize import encode
 from dmt_jepa.serve.safe_read import FileRefused, exists_regular, read_json
-from dmt_jepa.serve.safe_write import checked, remove, writable
+from dmt_jepa.serve.safe_write import checked, removable, writable
 
 BLOCK = 512
 # A member larger than this is refused unread: no image a camera makes is near it, and reading one
@@ -555,11 +555,8 @@ def remove_shard_files(out_dir: Path, name: str) -> None:
         record = read_json(out_dir, f"{name}.json")
     except FileRefused:
         record = None
-    files = shard_files(name, record)
-    for file in files:
-        checked(out_dir, file)
-    for file in files:
-        remove(out_dir, file)
+    for path in [removable(out_dir, file) for file in shard_files(name, record)]:
+        path.unlink(missing_ok=True)
 
 
 def record_problem(record: dict, name: str) -> str | None:

@@ -138,6 +138,26 @@ def test_a_link_where_the_job_deletes_an_older_shard_is_refused_not_followed(tmp
     assert files_under(out) == kept  # nor anything of the older shard: its files are checked before any goes
 
 
+def test_a_delete_removes_the_entry_itself_and_never_goes_through_a_folder_link(tmp_path):
+    from dmt_jepa.serve.safe_write import OutputDirError, remove
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "metadata_real").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "theirs.npy").write_text("theirs")
+    (out / "a.pooled.npy").symlink_to(elsewhere / "theirs.npy")
+    os.mkfifo(out / "a.json")
+    (out / "img_emb").symlink_to(elsewhere)
+    remove(out, "a.pooled.npy")  # the link goes, not what it leads to
+    remove(out, "a.json")  # a FIFO is removed without being opened
+    remove(out, "missing.npy")
+    for relative, kind in (("img_emb/theirs.npy", "link"), ("metadata_real", "folder")):
+        with pytest.raises(OutputDirError, match=f"{out / relative.split('/')[0]} is a {kind}, where"):
+            remove(out, relative)
+    assert sorted(p.name for p in out.iterdir()) == ["img_emb", "metadata_real"]
+    assert files_under(elsewhere) == {"theirs.npy": b"theirs"}
+
+
 def test_an_out_dir_beside_or_inside_the_input_folder_is_accepted(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 2))
     embed_shards(str(tmp_path / "in"), tmp_path / "beside", encoder_file, workers=0)
