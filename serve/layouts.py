@@ -19,6 +19,12 @@ with no embedded sample therefore writes neither file. Every table carries, in i
 metadata under the key `dmt_jepa`, what its arrays are (`table_metadata`): a reader needs no
 other file to know the dtype, width, grid, model and how to get float32 back.
 
+A table is bound to its own arrays, not only to their row count: its `crc32` column holds, per
+row, the CRC-32 of that row's stored bytes in each array, so arrays of equal length swapped
+between shards (a sync tool, a manual merge of two runs) or damaged are told apart from the
+ones written with the table (serve/reader.py checks them); NAME.json records each array's size
+(`sizes`), not the table's, which a tool may rewrite in another order.
+
 Rows are streamed to files aside as batches arrive, so memory does not grow with the shard: array
 rows at once, table rows (with the carried members) as Parquet row groups of bounded size. The
 .npy header, whose shape needs the final count, is written into a fixed reserved block at commit.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +127,10 @@ def table_metadata(spec: OutputSpec, name: str, grid: tuple[int, int], dim: int,
         "layers": list(spec.layers),
         "arrays": arrays,
         "rows": "row i of every array is the table row whose `row` column is i",
+        "row_crc32": (
+            "the crc32 column maps each array part to the CRC-32 (zlib) of its row's stored bytes, C order, "
+            "as the .npy file holds them after its header"
+        ),
         "dequantize": dequantisation_rule(spec.dtype),
         **{k: about[k] for k in ("model", "backend", "precision", "input_size", "resize", "identity") if k in about},
     }
@@ -151,14 +162,17 @@ class _RowFile:
         self.row_shape: tuple[int, ...] | None = None
         self.dtype: np.dtype | None = None
 
-    def append(self, row: np.ndarray) -> None:
+    def append(self, row: np.ndarray) -> int:
+        """Write one row; its CRC-32, which the table keeps."""
         if self.file is None:
             self.file = open(self.partial, "wb")
             self.file.write(bytes(_HEADER_BYTES))
             self.row_shape, self.dtype = row.shape, row.dtype
         assert row.shape == self.row_shape and row.dtype == self.dtype
-        self.file.write(np.ascontiguousarray(row).tobytes())
+        data = np.ascontiguousarray(row).tobytes()
+        self.file.write(data)
         self.rows += 1
+        return zlib.crc32(data)
 
     def finish(self, row_shape: tuple[int, ...], dtype: np.dtype) -> None:
         """Write the header (an empty array where no row came) and flush; not yet renamed."""
@@ -207,13 +221,15 @@ class ArrayShardOutput(ShardOutput):
     def add(self, key, embedding, record, pooled=None, carried=None, layers=None) -> None:
         stems = [("patches", embedding), ("pooled", pooled)]
         stems += [(f"layer_{index}", grid) for index, grid in (layers or {}).items()]
+        crc32 = {}
         for stem, vectors in stems:
             if stem in self.arrays:
                 values, scale = encode(vectors, self.spec.dtype)
-                self.arrays[stem].append(values)
+                crc32[stem] = self.arrays[stem].append(values)
                 if scale is not None:
-                    self.arrays[f"{stem}_scale"].append(scale)
-        self.table.append({"key": key, "row": self.embedded, "record": record, "members": carried or {}})
+                    crc32[f"{stem}_scale"] = self.arrays[f"{stem}_scale"].append(scale)
+        row = {"key": key, "row": self.embedded, "record": record, "members": carried or {}, "crc32": crc32}
+        self.table.append(row)
         self.embedded += 1
 
     def _row_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -232,6 +248,8 @@ class ArrayShardOutput(ShardOutput):
             # embedding-reader skips an empty .npy but not its table, so the folders would pair wrongly: none is kept.
             keep = self.spec.layout != "embedding-reader" or self.embedded > 0
             files = [*self.files.values(), self.spec.table_file(self.name)] if keep else []
+            # the arrays' sizes; not the table's, which tools may rewrite (in another order, recompressed)
+            sizes = {file: os.path.getsize(rows.partial) for file, rows in zip(files, self.arrays.values())}
             if keep:
                 for file in files:
                     writable(self.out_dir, file)  # its folder made, and checked again: it may have been replaced since
@@ -239,7 +257,8 @@ class ArrayShardOutput(ShardOutput):
                     os.replace(rows.partial, rows.final)
                 os.replace(self.table_partial, self.table_path)
             self._discard_partials()
-            write_done_record(self.json_partial, self.json_path, {**record, "files": files}, self.embedded, self.failures)
+            record = {**record, "files": files, "sizes": sizes}
+            write_done_record(self.json_partial, self.json_path, record, self.embedded, self.failures)
         except BaseException:
             self.abort()
             raise
@@ -275,7 +294,7 @@ class _TableFile:
     def _write(self) -> None:
         import pyarrow.parquet as pq
 
-        table = metadata_table(self.held)
+        table = metadata_table(self.held, crc32=True)
         table = table.replace_schema_metadata(self.metadata)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd")
@@ -293,13 +312,19 @@ class _TableFile:
         close_quietly(self.writer)
 
 
-def metadata_table(rows: list[dict]):
-    """One row per embedded sample, in row order: key, row, geometry, carried members by extension."""
+def metadata_table(rows: list[dict], crc32: bool = False):
+    """One row per embedded sample, in row order: key, row, geometry, carried members by extension;
+    with `crc32`, each row's CRC-32 per array part (the array layouts' binding to their arrays)."""
     import pyarrow as pa
 
     def column(name: str) -> list:
         return [row["record"].get(name) for row in rows]
 
+    digests = (
+        {"crc32": pa.array([sorted(row["crc32"].items()) for row in rows], pa.map_(pa.string(), pa.uint32()))}
+        if crc32
+        else {}
+    )
     return pa.table(
         {
             "key": pa.array([row["key"] for row in rows], pa.string()),
@@ -313,6 +338,7 @@ def metadata_table(rows: list[dict]):
                 [sorted(row["members"].items()) for row in rows], pa.map_(pa.string(), pa.binary())
             ),
             "not_carried": pa.array([row["record"].get("not_carried", []) for row in rows], pa.list_(pa.string())),
+            **digests,
         }
     )
 

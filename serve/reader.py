@@ -10,6 +10,12 @@ bounded reads); an array shard's keys are paired with vectors by its table's `ro
 every array's row count, rank and dtype are checked against the table and NAME.json at open; an
 OUT_DIR whose shards come from different models or settings is refused. Each refusal is one
 EmbeddingsError sentence naming the file.
+
+A table is bound to its arrays by its `crc32` column (each row's CRC-32 per array, serve/layouts.py),
+and NAME.json to its data files by their sizes: the sizes and the first and last row of every
+array are checked at open, which costs two rows per file whatever the size, and every row read
+later is checked as it is read. So arrays of equal length swapped between shards are refused, not
+paired with another shard's keys. Tables written before the column existed are read unchecked.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,11 +131,16 @@ class _ArrayShard:
         table, parts = _shard_files(name, record, files)
         arrays: dict[str, np.ndarray] = {"pooled": np.empty((0, 0), np.float32)}
         self.table, self.keys = metadata_table([]), []
+        self.crc32: dict[str, np.ndarray] = {}  # part -> uint32 [N], by row; empty for a table without the column
+        self.files = {part: out_dir / file for part, file in parts.items()}
+        self.arrays, self.table_path = arrays, out_dir / f"{name}.parquet"
         if table is not None:
-            self.table = _in_row_order(read_parquet(out_dir, table, remedy), out_dir / table, remedy)
+            self.table, self.crc32 = _in_row_order(read_parquet(out_dir, table, remedy), out_dir / table, remedy)
             self.keys = self.table.column("key").to_pylist()
             arrays = {part: load_npy(out_dir, file, remedy) for part, file in parts.items()}
             _check_arrays(arrays, len(self.keys), out_dir, name, remedy, parts)
+            self.arrays, self.table_path = arrays, out_dir / table
+            self._check_bound(remedy)
         elif not (record.get("layout") == "embedding-reader" and record["embedded"] == 0 and not files):
             # (an embedding-reader shard with no sample is the one that writes no file: serve/layouts.py)
             raise EmbeddingsError(f"{out_dir / name}.json lists no table ({name}.parquet or its metadata file); {remedy}.")
@@ -143,25 +155,54 @@ class _ArrayShard:
         self.patch_values, self.patch_scale = arrays.get("patches"), arrays.get("patches_scale")
         self.pooled_values, self.pooled_scale = arrays.get("pooled"), arrays.get("pooled_scale")
 
-    def patches(self, rows: slice) -> np.ndarray | None:
-        if self.patch_values is None:
+    def _check_bound(self, remedy: str) -> None:
+        """The crc32 column names every array, and the first and last row of each match it."""
+        if self.crc32 and set(self.crc32) != set(self.arrays):
+            raise EmbeddingsError(
+                f"{self.table_path}'s crc32 column covers {sorted(self.crc32)}, the shard's arrays are "
+                f"{sorted(self.arrays)}; {remedy}."
+            )
+        for part in self.arrays:
+            self._rows(part, slice(0, 1))
+            self._rows(part, slice(len(self.keys) - 1, len(self.keys)))
+
+    def _rows(self, part: str, rows: slice) -> np.ndarray | None:
+        """Rows of one array part as stored, each checked against its CRC-32 in the table; None where absent."""
+        array = self.arrays.get(part)
+        if array is None:
             return None
-        return decode(self.patch_values[rows], None if self.patch_scale is None else self.patch_scale[rows])
+        values, digests = array[rows], self.crc32.get(part)
+        if digests is not None:
+            for row, stored in zip(range(*rows.indices(len(self.keys))), values):
+                if zlib.crc32(np.ascontiguousarray(stored)) != digests[row]:
+                    raise EmbeddingsError(
+                        f"{self.files[part]} row {row} is not the data {self.table_path.name} was written with (its "
+                        f"CRC-32 differs: the file was swapped with another shard's, replaced or damaged); {_remedy(self.name)}."
+                    )
+        return values
+
+    def _decoded(self, stem: str, rows: slice) -> np.ndarray | None:
+        values = self._rows(stem, rows)
+        return None if values is None else decode(values, self._rows(f"{stem}_scale", rows))
+
+    def patches(self, rows: slice) -> np.ndarray | None:
+        return self._decoded("patches", rows)
 
     def pooled(self, rows: slice) -> np.ndarray:
         if self.pooled_values is None:
             return self.patches(rows).mean(axis=(1, 2))
-        return decode(self.pooled_values[rows], None if self.pooled_scale is None else self.pooled_scale[rows])
+        return self._decoded("pooled", rows)
 
     def layer_maps(self, rows: slice) -> dict[int, np.ndarray]:
-        return {i: decode(values[rows], None if scale is None else scale[rows]) for i, (values, scale) in self.layers.items()}
+        return {i: self._decoded(f"layer_{i}", rows) for i in self.layers}
 
     def metadata(self):
         return self.table
 
 
-def _in_row_order(table, path: Path, remedy: str):
-    """The Parquet table sorted by its `row` column, which must number the arrays' rows 0..N-1 once each.
+def _in_row_order(table, path: Path, remedy: str) -> tuple:
+    """The Parquet table sorted by its `row` column, which must number the arrays' rows 0..N-1 once each,
+    and its crc32 column in that order (part -> uint32 [N]; empty where the table has none).
 
     A table in another order (rewritten by some tool) still pairs every key with its own vectors;
     a row missing or repeated cannot be paired at all, and is refused.
@@ -181,8 +222,28 @@ def _in_row_order(table, path: Path, remedy: str):
             f"{path}'s row column does not number its {len(rows)} rows 0 to {len(rows) - 1} once each (a row is "
             f"missing, repeated or out of range), so keys cannot be paired with vectors; {remedy}."
         )
-    table = table.select(list(METADATA_COLUMNS[1:]))
-    return table if (rows == np.arange(len(rows))).all() else table.take(np.argsort(rows))
+    if not (rows == np.arange(len(rows))).all():
+        table = table.take(np.argsort(rows))
+    crc32 = _row_digests(table, path, remedy) if "crc32" in table.column_names else {}
+    return table.select(list(METADATA_COLUMNS[1:])), crc32
+
+
+def _row_digests(table, path: Path, remedy: str) -> dict[str, np.ndarray]:
+    """The crc32 column (array part -> CRC-32 per row) as part -> uint32 [N]; every row must name every part."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.column("crc32").combine_chunks()
+    if not (pa.types.is_map(column.type) and pa.types.is_integer(column.type.item_type)) or column.null_count:
+        raise EmbeddingsError(f"{path}'s crc32 column is not a map of array part to CRC-32 on every row; {remedy}.")
+    parts = set(pc.unique(column.keys).to_pylist())
+    digests = {}
+    for part in sorted(parts):
+        values = pc.map_lookup(column, pa.scalar(part), "first")
+        if values.null_count:
+            raise EmbeddingsError(f"{path}'s crc32 column lacks the part {part} on some rows; {remedy}.")
+        digests[part] = values.to_numpy().astype(np.int64)
+    return digests
 
 
 def _check_arrays(
@@ -377,6 +438,8 @@ class Embeddings:
             self.shards: list[_ArrayShard | _TarShard] = [
                 (_ArrayShard if "files" in record else _TarShard)(self.out_dir, name, record) for name, record in records.items()
             ]
+            for name, record in records.items():  # after each shard's own checks, which say more where they apply
+                _check_sizes(self.out_dir, name, record)
         self.starts = [0]
         for shard in self.shards:
             self.starts.append(self.starts[-1] + len(shard.keys))
@@ -475,6 +538,17 @@ class Embeddings:
     def dataset(self):
         """A torch Dataset of (patch grid float32 [h, w, D], metadata dict), for heads on frozen features."""
         return EmbeddingDataset(self)
+
+
+def _check_sizes(out_dir: Path, name: str, record: dict) -> None:
+    """Each data file's size must be the one its NAME.json records (`sizes`; older records have none)."""
+    for file, size in (record.get("sizes") or {}).items():
+        found = os.stat(out_dir / file).st_size  # a regular file inside OUT_DIR: load_record checked it
+        if found != size:
+            raise EmbeddingsError(
+                f"{out_dir / file} is {found} bytes, {name}.json records {size} (the file was replaced, cut off or "
+                f"grown since); {_remedy(name)}."
+            )
 
 
 def _check_one_identity(out_dir: Path, records: dict[str, dict]) -> None:

@@ -429,7 +429,9 @@ class ShardOutput:
                 self._tar = tarfile.open(self.partial, "w", format=tarfile.PAX_FORMAT)
             self._tar.close()
             _fsync(self.partial)
+            sizes = {self.tar_path.name: os.path.getsize(self.partial)}
             os.replace(self.partial, self.tar_path)
+            record = {**record, "sizes": sizes}
             write_done_record(self.json_partial, self.json_path, record, self.embedded, self.failures)
         except BaseException:
             self.abort()
@@ -568,6 +570,7 @@ def record_problem(record: dict, name: str) -> str | None:
     failures = record.get("failures", [])
     files = record.get("files")
     size = record.get("input_size")
+    sizes = record.get("sizes")
     checks = [
         (count(record.get("embedded")), "embedded is not a count"),
         (count(record.get("failed", 0)), "failed is not a count"),
@@ -580,6 +583,11 @@ def record_problem(record: dict, name: str) -> str | None:
         (
             files is None or (isinstance(files, list) and all(isinstance(f, str) and is_data_file(name, f) for f in files)),
             f"files names others than {name}'s",
+        ),
+        (
+            sizes is None
+            or (isinstance(sizes, dict) and all(f in data_files(record, name) and count(n) for f, n in sizes.items())),
+            "sizes is not a byte count per data file",
         ),
         (isinstance(record.get("identity", {}), dict), "identity is not an object"),
         (isinstance(record.get("model") or {}, dict), "model is not an object"),

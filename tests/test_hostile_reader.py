@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tarfile
+import zlib
 from functools import partial
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from embed_helpers import tiny_encoder
+from embed_helpers import photo_samples, tiny_encoder, write_shard
 from hostile_helpers import damaged_copy, two_models, within
 from typer.testing import CliRunner
 
@@ -125,6 +126,85 @@ def test_a_garbage_parquet_is_refused(made, tmp_path):
     out = damaged_copy(made / "array", tmp_path)
     (out / "part-0.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
     refused(out, "part-0.parquet", "not a readable Parquet")
+
+
+# Tables bound to their own arrays: equal row counts are not enough
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory, made):
+    """OUT_DIRs (array with int8 and pooled vectors, embedding-reader) of two 4-image shards of one model."""
+    root = tmp_path_factory.mktemp("two-shards")
+    write_shard(root / "in" / "part-0.tar", photo_samples("a", 4))
+    write_shard(root / "in" / "part-2.tar", photo_samples("c", 4, seed=2))
+    for layout, dtype in (("array", "int8"), ("embedding-reader", "float32")):
+        embed_shards(str(root / "in"), root / layout, made / "a.safetensors", layout=layout, **{**SETTINGS, "dtype": dtype})
+    return root
+
+
+def test_each_row_carries_the_crc32_of_its_stored_bytes_in_every_array(two_shards):
+    out = two_shards / "array"
+    table = pq.read_table(out / "part-2.parquet")
+    record = json.loads((out / "part-2.json").read_text())
+    parts = ("patches", "patches_scale", "pooled", "pooled_scale")
+    for row, digests in zip(table["row"].to_pylist(), table["crc32"].to_pylist()):
+        assert sorted(dict(digests)) == sorted(parts)
+        for part in parts:  # computed here from np.load, apart from the writer's running sums
+            assert dict(digests)[part] == zlib.crc32(np.load(out / f"part-2.{part}.npy")[row].tobytes())
+    arrays = [file for file in record["files"] if file.endswith(".npy")]  # the table may be rewritten: no size
+    assert record["sizes"] == {file: (out / file).stat().st_size for file in arrays} and len(arrays) == 4
+
+
+@pytest.mark.parametrize(
+    "layout, files",
+    [
+        ("embedding-reader", ["img_emb/img_emb_part-0.npy", "img_emb/img_emb_part-2.npy"]),
+        ("array", ["part-0.pooled.npy", "part-2.pooled.npy"]),
+        ("array", ["part-0.patches.npy", "part-2.patches.npy"]),
+        ("array", ["part-0.pooled_scale.npy", "part-2.pooled_scale.npy"]),
+    ],
+)
+def test_arrays_of_equal_length_swapped_between_shards_are_refused_at_open(two_shards, tmp_path, layout, files):
+    out = damaged_copy(two_shards / layout, tmp_path)
+    first, second = (out / f for f in files)
+    assert first.stat().st_size == second.stat().st_size  # equal length: row counts and sizes agree
+    swapped = tmp_path / "swap"
+    first.rename(swapped), second.rename(first), swapped.rename(second)
+    with pytest.raises(EmbeddingsError) as caught:
+        open_embeddings(out)  # at open: no row need be read for the swap to show
+    message = str(caught.value)
+    assert f"{first} row 0 is not the data" in message and "swapped" in message and "\n" not in message, message
+
+
+def test_a_damaged_middle_row_is_refused_when_read_and_the_other_rows_still_read(two_shards, tmp_path):
+    out = damaged_copy(two_shards / "array", tmp_path)
+    path = out / "part-2.patches.npy"
+    values = np.load(path, mmap_mode="r")
+    row_bytes, header = values[0].nbytes, path.stat().st_size - values.nbytes
+    with open(path, "r+b") as f:  # one byte of row 2 of 4 changed in place: sizes and row counts unchanged
+        f.seek(header + 2 * row_bytes + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    emb = open_embeddings(out)  # the first and last rows are intact
+    good = open_embeddings(two_shards / "array")
+    start = emb.keys.index("c0000")
+    for row in (0, 1, 3):
+        np.testing.assert_array_equal(emb[start + row].patches, good[start + row].patches)
+    refused(out, f"{path} row 2 is not the data part-2.parquet was written with")
+
+
+@pytest.mark.parametrize("layout, file", [("array", "part-2.pooled.npy"), ("tar", "part-0.tar")])
+def test_a_data_file_grown_since_it_was_written_is_refused(two_shards, made, tmp_path, layout, file):
+    out = damaged_copy((two_shards if layout == "array" else made) / layout, tmp_path)
+    with open(out / file, "ab") as f:
+        f.write(bytes(1024))  # appended by a sync tool: every row and sample still reads
+    refused(out, f"{file} is", "bytes")  # an .npy is also refused by its own header's size, before NAME.json's
+
+
+def test_tables_with_their_crc32_column_still_read_elsewhere(two_shards):
+    table = pq.read_table(two_shards / "embedding-reader" / "metadata")  # a folder of tables, as pyarrow reads it
+    assert table.num_rows == 8 and table.schema.field("crc32").type == pa.map_(pa.string(), pa.uint32())
 
 
 @pytest.mark.parametrize("cut", ["inside the last member", "between two samples", "inside a header"])
