@@ -6,19 +6,25 @@ parse and validate, then call one function of `dmt_jepa`, `export` or `serve`.
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
+from pathlib import Path
 
 import typer
+from typer import completion
 
 from dmt_jepa.cli import embed_cmd, eval_cmd, export_cmd, pretrain_cmd, scenes_cmd, viz_cmd
+from dmt_jepa.cli.preflight import fail
 
 app = typer.Typer(
     name="dmtjepa",
     help="DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,  # ours below: Typer's own ends in a traceback where HOME cannot be written
 )
+completion.completion_init()  # the completion scripts Typer writes call back in Typer's format
 
 
 def installed_version() -> str:
@@ -37,11 +43,33 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _install_completion(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
+    """Typer's installer (a script under HOME and a line in the shell's rc file), once HOME is known to take them."""
+    if not value or ctx.resilient_parsing:
+        return
+    home = Path(os.environ.get("HOME") or "~").expanduser()
+    advice = "set HOME to your home folder, or run `dmtjepa --show-completion` and save its output where your shell reads it"
+    if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
+        fail(f"cannot install shell completion: HOME ({home}) is not a folder this user can write; {advice}.")
+    try:
+        completion.install_callback(ctx, param, value)
+    except OSError as err:
+        fail(f"cannot install shell completion under {home} ({err.strerror or err}); {advice}.")
+
+
 @app.callback()
 def _root(
     show_version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the installed dmt-jepa version and exit."
     ),
+    install_completion: bool = typer.Option(
+        None, "--install-completion", callback=_install_completion, expose_value=False,
+        help="Install completion for the current shell.",
+    ),  # fmt: skip
+    show_completion: bool = typer.Option(
+        None, "--show-completion", callback=completion.show_callback, expose_value=False,
+        help="Show completion for the current shell, to copy it or customize the installation.",
+    ),  # fmt: skip
 ) -> None:
     """DMT-JEPA: pretrain a ViT on image shards, export it, and embed images densely."""
 

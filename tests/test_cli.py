@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -58,12 +59,16 @@ def complete(words: str) -> set[str]:
     return set(result.stdout.split())
 
 
+def under_bash(args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m dmt_jepa.cli.main ARGS` as a child of bash: Typer finds the shell in the process tree."""
+    command = f"{shlex.quote(sys.executable)} -m dmt_jepa.cli.main {args}; exit $?"  # two commands: bash does not exec
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT), **env}
+    )
+
+
 def test_show_completion_prints_a_bash_script_for_dmtjepa():
-    # Typer detects the shell from the process tree; its own switch turns detection off so that the
-    # shell can be named (read when the app is built, hence a process of its own).
-    env = dict(os.environ, PYTHONPATH=str(ROOT), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
-    cmd = [sys.executable, "-m", "dmt_jepa.cli.main", "--show-completion", "bash"]
-    script = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    script = under_bash("--show-completion")
     assert script.returncode == 0, script.stderr
     assert "complete -o default -F _dmtjepa_completion dmtjepa" in script.stdout
     assert "_DMTJEPA_COMPLETE=complete_bash" in script.stdout
@@ -75,3 +80,22 @@ def test_completion_names_the_commands_their_subcommands_and_options():
     assert complete("dmtjepa eval ") == {"knn", "linear", "dense", "detect", "all"}
     assert {"--config", "--resume", "--help"} <= complete("dmtjepa pretrain --")
     assert complete("dmtjepa ex") == {"export"}
+
+
+def test_install_completion_into_an_unusable_home_is_one_sentence_and_writes_nothing(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "rc-is-a-folder" / ".bashrc").mkdir(parents=True)
+    for home in (tmp_path / "a-file", tmp_path / "missing", tmp_path / "rc-is-a-folder"):
+        run = under_bash("--install-completion", HOME=str(home))
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot install shell completion"), run
+        assert "--show-completion" in lines[0] and "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".bashrc", "a-file", "rc-is-a-folder"]
+
+
+def test_install_completion_into_a_usable_home_writes_the_script_and_the_line_that_reads_it(tmp_path):
+    run = under_bash("--install-completion", HOME=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    script = tmp_path / ".bash_completions" / "dmtjepa.sh"
+    assert "_DMTJEPA_COMPLETE=complete_bash" in script.read_text()
+    assert f"source '{script}'" in (tmp_path / ".bashrc").read_text()
