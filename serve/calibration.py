@@ -18,9 +18,14 @@ Calibrating takes ~10 s for ViT-S on 2 cores, at every job start, on every machi
 so `calibrated_int8` keeps each calibrated model in the user's cache folder (the one
 serve/backends/choice.py uses, subfolder `int8/`), named by a hash of everything it is made from:
 the fp32 graph's bytes, the calibration pixels, the quantiser's settings and the onnx and
-onnxruntime versions. A cached file is used only when its bytes still hash to the content hash in
-its name, and it is copied out before use, so a file changed, truncated or evicted meanwhile is
-calibrated again, never run. A cache folder that cannot be read or written only costs the time.
+onnxruntime versions. Every calibrated model also carries that key in its own metadata
+(CALIBRATION_KEY_PROP), so an entry is bound to what it was made from by its content, not only by
+its name. A cached file is used only when its bytes still hash to the content hash in its name
+and the key inside is this one; it is copied out before use. An entry that fails (changed,
+truncated, another model's graph copied or renamed in, one made before keys were stamped) is
+deleted and the model calibrated again, with one line saying so among the backend's notices,
+rather than run or left to fail every later run. A cache folder that cannot be read or written
+only costs the time.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ QUANTISER_SETTINGS = "QDQ u8 activations, s8 per-channel symmetric weights, MinM
 CACHE_FOLDER = "int8"
 CACHE_ENTRIES = 8  # calibrated models kept (the least recently used go first); ViT-S's is ~22 MB
 CACHE_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{32}\.onnx")  # calibration key, content hash
+CALIBRATION_KEY_PROP = "dmt_jepa.calibration_key"  # the metadata entry of a calibrated model naming what made it
 
 
 def scene_pixels(count: int, size: tuple[int, int], *, seed: int = 0) -> np.ndarray:
@@ -99,8 +105,11 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def quantize_static_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path) -> Path:
-    """Write the QDQ int8 form of the fp32 ONNX model at `model_path`, calibrated on uint8 `pixels` [N, H, W, 3]."""
+def quantize_static_int8(
+    model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path, key: str | None = None
+) -> Path:
+    """Write the QDQ int8 form of the fp32 ONNX model at `model_path`, calibrated on uint8 `pixels` [N, H, W, 3];
+    `key` (its `calibration_key`) is stamped into its metadata."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -131,6 +140,8 @@ def quantize_static_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo
     quantised = onnx.load(str(out_path))
     quantised.metadata_props.clear()
     quantised.metadata_props.extend(model.metadata_props)  # the contract's metadata survives quantisation
+    if key is not None:
+        quantised.metadata_props.add(key=CALIBRATION_KEY_PROP, value=key)
     onnx.save(quantised, str(out_path))
     return out_path
 
@@ -164,16 +175,39 @@ def _cached_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda entry: entry.stat().st_mtime, reverse=True)
 
 
-def _read_cached(folder: Path, key: str, limit: int) -> bytes | None:
-    """The cached model for `key` whose bytes match the content hash in its name, else None."""
+def stamped_key(data: bytes) -> str | None:
+    """The calibration key a calibrated model's bytes carry in their metadata; None where they carry none."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # onnx raises DecodeError or its own types for bytes that are not a model
+        return None
+    return next((prop.value for prop in model.metadata_props if prop.key == CALIBRATION_KEY_PROP), None)
+
+
+def _entry_problem(entry: Path, key: str, limit: int) -> tuple[bytes | None, str | None]:
+    """(the entry's bytes, None) where it is the model calibrated for `key`, else (None, what is wrong, in words)."""
+    if entry.stat().st_size > limit:
+        return None, "is larger than any model calibrated from this one"
+    data = entry.read_bytes()
+    if entry.name != f"{key}-{_content_hash(data)}.onnx":
+        return None, "is damaged (its bytes do not match the hash in its name)"
+    if stamped_key(data) != key:
+        return None, "was not calibrated from this model with these settings (another model's, or an older form)"
+    return data, None
+
+
+def _read_cached(folder: Path, key: str, limit: int, notices: list[str]) -> bytes | None:
+    """The cached model for `key`, verified; each entry under `key` that fails is deleted, and said in `notices`."""
     try:
         for entry in _cached_files(folder):
-            if not entry.name.startswith(f"{key}-") or entry.stat().st_size > limit:
+            if not entry.name.startswith(f"{key}-"):
                 continue
-            data = entry.read_bytes()
-            if entry.name == f"{key}-{_content_hash(data)}.onnx":
+            data, problem = _entry_problem(entry, key, limit)
+            if problem is None:
                 os.utime(entry)  # recently used: evicted last
                 return data
+            entry.unlink(missing_ok=True)
+            notices.append(f"the cached int8 model {entry} {problem}; it was deleted and the model calibrated again")
     except OSError:
         return None
     return None
@@ -198,16 +232,25 @@ def _write_cached(folder: Path, key: str, data: bytes) -> None:
             partial.unlink(missing_ok=True)
 
 
-def calibrated_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path, *, cache: Path | None) -> Path:
-    """quantize_static_int8's model at `out_path`, taken from the `cache` folder when made there before (None: no cache)."""
-    if cache is None:
-        return quantize_static_int8(model_path, pixels, info, out_path)
-    folder = cache / CACHE_FOLDER
+def calibrated_int8(
+    model_path: Path,
+    pixels: np.ndarray,
+    info: EncoderInfo,
+    out_path: Path,
+    *,
+    cache: Path | None,
+    notices: list[str] | None = None,
+) -> Path:
+    """quantize_static_int8's model at `out_path`, stamped with its key, taken from the `cache` folder when made
+    there before (None: no cache); a cached entry that fails its checks is replaced, one line in `notices` each."""
     key = calibration_key(model_path, pixels)
+    if cache is None:
+        return quantize_static_int8(model_path, pixels, info, out_path, key)
+    folder = cache / CACHE_FOLDER
     # int8 weights make the QDQ model smaller than its fp32 source; a larger file is not one of ours.
-    data = _read_cached(folder, key, limit=model_path.stat().st_size + (1 << 20))
+    data = _read_cached(folder, key, model_path.stat().st_size + (1 << 20), [] if notices is None else notices)
     if data is None:
-        data = quantize_static_int8(model_path, pixels, info, out_path).read_bytes()
+        data = quantize_static_int8(model_path, pixels, info, out_path, key).read_bytes()
         _write_cached(folder, key, data)
     else:
         out_path.write_bytes(data)

@@ -19,8 +19,9 @@ def onnx_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh(onnx_model, tmp_path_factory):
-    """The model calibration makes without any cache, and its bytes."""
-    out = calibration.quantize_static_int8(onnx_model, pixels(), info(), tmp_path_factory.mktemp("fresh") / "int8.onnx")
+    """The model calibration makes without any cache, stamped with its key, and its bytes."""
+    key = calibration_key(onnx_model, pixels())
+    out = calibration.quantize_static_int8(onnx_model, pixels(), info(), tmp_path_factory.mktemp("fresh") / "int8.onnx", key)
     return out.read_bytes()
 
 
@@ -105,6 +106,76 @@ def test_a_damaged_entry_is_calibrated_again_never_run(onnx_model, fresh, tmp_pa
     assert len(made) == 1 and out.read_bytes() == fresh
     if damage != "folder":  # a folder in the way is left alone, and the cache simply not kept
         assert entry.is_file() and not entry.is_symlink() and entry.read_bytes() == fresh
+
+
+def test_every_calibrated_model_carries_the_key_of_what_made_it(onnx_model, fresh, tmp_path):
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load_from_string(fresh).metadata_props}
+    source = {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}
+    assert props == {**source, calibration.CALIBRATION_KEY_PROP: calibration_key(onnx_model, pixels())}
+    uncached = calibrated_int8(onnx_model, pixels(), info(), tmp_path / "a.onnx", cache=None)
+    assert uncached.read_bytes() == fresh  # with or without a cache, the same bytes
+
+
+def poison(cache, onnx_model, tmp_path, kind) -> str:
+    """Leave under the key of pixels() an entry whose name checks out but whose model is not the one for that key."""
+    folder = cache / CACHE_FOLDER
+    key = calibration_key(onnx_model, pixels())
+    if kind == "another calibration renamed":  # another pixel set's model, under this key and its own content hash
+        calibrated_int8(onnx_model, pixels(seed=1), info(), tmp_path / "other.onnx", cache=cache)
+        [other] = entries(cache)
+        data = (folder / other).read_bytes()
+        (folder / other).unlink()
+    else:  # a model made before entries carried their key
+        data = calibration.quantize_static_int8(onnx_model, pixels(), info(), tmp_path / "old.onnx").read_bytes()
+        folder.mkdir(parents=True)
+    name = f"{key}-{calibration._content_hash(data)}.onnx"
+    (folder / name).write_bytes(data)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["another calibration renamed", "made before keys were stamped"])
+def test_a_poisoned_or_stale_entry_is_deleted_and_calibrated_again_with_one_notice(
+    onnx_model, fresh, tmp_path, monkeypatch, kind
+):
+    cache = tmp_path / "cache"
+    bad = poison(cache, onnx_model, tmp_path, kind)
+    made, notices = calibrations(monkeypatch), []
+    out = calibrated_int8(onnx_model, pixels(), info(), tmp_path / "a.onnx", cache=cache, notices=notices)
+    assert len(made) == 1 and out.read_bytes() == fresh  # calibrated again, never the entry's model
+    [notice] = notices
+    assert bad in notice and "deleted and the model calibrated again" in notice and "\n" not in notice
+    [kept] = entries(cache)
+    assert kept != bad and (cache / CACHE_FOLDER / kept).read_bytes() == fresh
+    later = []
+    assert calibrated_int8(onnx_model, pixels(), info(), tmp_path / "b.onnx", cache=cache, notices=later).read_bytes() == fresh
+    assert len(made) == 1 and later == []  # the next run takes the good entry, silently
+
+
+def test_a_poisoned_entry_reaches_the_user_as_one_backend_notice(onnx_model, tmp_path, monkeypatch):
+    from dmt_jepa.serve.backends import load_backend
+
+    monkeypatch.setenv("DMT_JEPA_CACHE_DIR", str(tmp_path))
+    bad = poison_for_backend(onnx_model, tmp_path)
+    backend = load_backend(onnx_model, "onnxruntime-cpu", "int8-static")
+    [notice] = backend.notices
+    assert bad in notice and "calibrated again" in notice
+    assert entries(tmp_path) and bad not in entries(tmp_path)
+
+
+def poison_for_backend(onnx_model, tmp_path) -> str:
+    """An entry under the key the onnxruntime backend computes (the default calibration set) holding a model
+    calibrated on other images."""
+    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES
+
+    folder = tmp_path / CACHE_FOLDER
+    folder.mkdir(parents=True)
+    key = calibration_key(onnx_model, scene_pixels(DEFAULT_CALIBRATION_IMAGES, (TRAIN_SIZE, TRAIN_SIZE)))
+    data = calibration.quantize_static_int8(onnx_model, pixels(), info(), tmp_path / "other.onnx", "0" * 64).read_bytes()
+    name = f"{key}-{calibration._content_hash(data)}.onnx"
+    (folder / name).write_bytes(data)
+    return name
 
 
 def test_a_cache_that_cannot_be_written_costs_only_the_time(onnx_model, fresh, tmp_path, monkeypatch):

@@ -113,14 +113,15 @@ def read_contract(onnx_path: Path, shown: Path) -> tuple[EncoderInfo, IoNames, l
     return info, names, outputs, stored
 
 
-def _calibrated(path: Path, info: EncoderInfo) -> bytes:
-    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py), cached."""
+def _calibrated(path: Path, info: EncoderInfo, notices: list[str]) -> bytes:
+    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py), cached;
+    a cache entry replaced is said in `notices`."""
     from dmt_jepa.serve.backends.choice import cache_dir
     from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
 
     with tempfile.TemporaryDirectory() as tmp:
         pixels = scene_pixels(DEFAULT_CALIBRATION_IMAGES, info.img_size)
-        return calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir()).read_bytes()
+        return calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir(), notices=notices).read_bytes()
 
 
 # A fused graph is kept only where every output is this close to the original's on a test batch.
@@ -198,7 +199,9 @@ class OnnxRuntimeBackend(Backend):
         if precision == "int8":
             self.session = _session(_quantized(fused[0] if fused else path), device)  # Attention -> QAttention
         elif precision == "int8-static":
-            self.session = _session(_calibrated(path, self.info), device)
+            notices: list[str] = []
+            self.session = _session(_calibrated(path, self.info, notices), device)
+            self.notices = tuple(notices)
         elif fused:
             self.session = fused[1]
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32

@@ -123,9 +123,11 @@ class OpenVinoBackend(Backend):
             from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
 
             pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
+            notices: list[str] = []
             graph = calibrated_int8(
-                self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx", cache=cache_dir()
+                self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx", cache=cache_dir(), notices=notices
             )
+            self.notices = tuple(notices)
         self._core, self._graph = ov.Core(), graph
         # The job's model: uint8 pixels in, normalised inside. Compiled now, so that a bad model fails here;
         # the float-input model (`run`: tests, benchmarks, the Python API) only when first asked for.
