@@ -228,7 +228,9 @@ def export_triton(
     with replacing(final, overwrite=overwrite, sources=(encoder_path,)):
         scratch = fresh_scratch(out_dir, f"{model_name}.triton")
         try:
-            export_onnx(encoder_path, scratch / "onnx", opset=opset, layers=layers, io_style=io_style, log=log)
+            # export_onnx's parity lines are passed on; its "wrote" lines name the scratch folder, which the user never sees
+            onnx_log = lambda line: None if line.startswith(f"wrote {scratch}") else log(line)  # noqa: E731
+            export_onnx(encoder_path, scratch / "onnx", opset=opset, layers=layers, io_style=io_style, log=onnx_log)
             model_dir = scratch / model_name
             (model_dir / "1").mkdir(parents=True)
             for item in (scratch / "onnx").iterdir():  # the graph and, for large models, its external data

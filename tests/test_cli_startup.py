@@ -160,3 +160,16 @@ def test_a_value_outside_a_choice_is_refused_with_the_choices(tmp_path):
     run = CliRunner().invoke(app, ["embed", "in", "out", "--model", "m.onnx", "--dtype", "bfloat16"])
     words = " ".join(run.output.replace("│", " ").split())  # the message as one line, out of its box
     assert run.exit_code == 2 and "'bfloat16' is not one of 'float32', 'float16', 'int8'" in words
+
+
+def test_triton_export_names_only_paths_that_exist_when_it_is_done(tmp_path):
+    from embed_helpers import write_encoder_file
+
+    from dmt_jepa.export.triton import export_triton
+
+    encoder = write_encoder_file(tmp_path / "enc.safetensors")
+    lines: list[str] = []
+    export_triton(encoder, tmp_path / "models", model_name="m", log=lines.append)
+    named = [word.strip("(),;:") for line in lines for word in line.split() if word.startswith(str(tmp_path))]
+    assert named and all(Path(path).exists() for path in named), lines
+    assert any(line.startswith("wrote the Triton model repository") for line in lines), lines
