@@ -75,6 +75,10 @@ def pretrain(
     typer.echo(f"checkpoint:    {result.checkpoint}")
     loss = f", loss {result.loss:.4f}" if math.isfinite(result.loss) else ""
     typer.echo(f"encoder file:  {result.encoder}  (the target encoder after {result.steps} steps{loss})")
+    if result.held_out is not None:
+        from dmt_jepa.evaluation.closing import closing_line
+
+        typer.echo(f"probe:         {closing_line(result.held_out)}")
 
 
 def pack(

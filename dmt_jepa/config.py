@@ -109,7 +109,10 @@ class DataConfig:
     num_workers: int = 8
     decode: str = "cpu"  # cpu: workers decode; gpu: workers ship JPEG bytes, the GPU decodes (nvJPEG), crops, resizes
     scenes_train: int = 2000  # built-in scenes for training, made when `train` is ""
-    scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval`
+    scenes_test: int = 0  # held-out built-in scenes written beside them, for `dmtjepa eval` and the closing probe
+    scenes_kind: str = "digits"  # the built-in scenes' objects: digits, shapes or textures (dmt_jepa.scenes.KINDS)
+    scenes_background: str = "photo"  # behind them: photo (a crop of a bundled photo) or plain
+    scenes_palette: str = "colour"  # colour, or mono (black and white objects on grey; shapes and textures only)
 
     def __post_init__(self) -> None:
         if self.samples_per_epoch < 1:
@@ -402,6 +405,10 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         (_ordered_range(d.crop_ratio, 1e-9, None), f"data.crop_ratio must satisfy 0 < low <= high, got {list(d.crop_ratio)}"),
         (d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}"),
     ]
+    if not d.train:  # the built-in scenes are made by this run: their settings are checked before it starts
+        from dmt_jepa.scenes import scenes_problems
+
+        checks += [(False, problem) for problem in scenes_problems(d.scenes_kind, d.scenes_background, d.scenes_palette, "data.scenes_")]
     problems = [message for ok, message in checks if not ok]
     if not problems:  # the mask settings against the patch grid, once every size and range is valid
         from dmt_jepa.masks import mask_problems

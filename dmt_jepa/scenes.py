@@ -397,6 +397,17 @@ class ScenesError(ValueError):
     """A request for scene shards that cannot be honoured; the message says what to do."""
 
 
+def scenes_problems(kind: str, background: str, palette: str, prefix: str = "--") -> list[str]:
+    """What is wrong with a look of the scenes, each a phrase naming its option: `prefix` + kind|background|palette."""
+    problems = []
+    for name, value, allowed in (("kind", kind, tuple(KINDS)), ("background", background, BACKGROUNDS), ("palette", palette, PALETTES)):
+        if value not in allowed:
+            problems.append(f"{prefix}{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if kind == "digits" and palette != "colour":
+        problems.append(f"digit scenes come in colour only: set {prefix}kind to shapes or textures for {prefix}palette mono")
+    return problems
+
+
 def write_scene_shards(
     out_dir: str | os.PathLike,
     *,
@@ -414,14 +425,9 @@ def write_scene_shards(
         raise ScenesError(f"ask for at least one scene (got --train {n_train} --test {n_test}).")
     if shard_size < 1:
         raise ScenesError(f"shard size must be at least 1, got {shard_size}.")
-    if kind not in KINDS:
-        raise ScenesError(f"unknown kind of scenes {kind!r}; choose one of {', '.join(KINDS)}.")
-    if background not in BACKGROUNDS:
-        raise ScenesError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}.")
-    if palette not in PALETTES:
-        raise ScenesError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}.")
-    if kind == "digits" and palette != "colour":
-        raise ScenesError("digit scenes come in colour only; choose --kind shapes or textures for --palette mono.")
+    problems = scenes_problems(kind, background, palette)
+    if problems:
+        raise ScenesError(f"{problems[0]}.")
     if image_size < 16:
         raise ScenesError(f"image size must be at least 16 pixels, got {image_size}.")
     out = Path(out_dir)

@@ -62,6 +62,9 @@ class PretrainResult:
     loss: float
     is_main: bool = True  # rank 0, the process that wrote the outputs
     already_complete: bool = False  # resumed after its last step: nothing was trained and nothing written
+    # On the built-in scenes with held-out scenes: the trained encoder against its random init
+    # (dmt_jepa.evaluation.closing), also the log's last line.
+    held_out: dict | None = None
 
 
 @dataclass
@@ -209,6 +212,9 @@ def builtin_shards(run_dir: Path, cfg: TrainConfig, world: World) -> str:
                 n_test=cfg.data.scenes_test,
                 seed=cfg.run.seed,
                 image_size=cfg.model.img_size,
+                kind=cfg.data.scenes_kind,
+                background=cfg.data.scenes_background,
+                palette=cfg.data.scenes_palette,
             )
         except ScenesError as err:
             raise ConfigError(f"the built-in scenes (data.scenes_train, data.scenes_test) cannot be made: {err}") from err
@@ -558,6 +564,13 @@ class Trainer:
         failures = _gather(self.world, failure)
         if failures[0] is not None:
             raise TrainingError(failures[0])
+        held_out = None
+        scenes = self.run_dir / "data"
+        if self.world.is_main and not cfg.data.train and cfg.data.scenes_test > 0 and (scenes / "scenes.json").is_file():
+            from dmt_jepa.evaluation.closing import compare_with_init
+
+            held_out = compare_with_init(self.model.target_encoder, info, scenes, seed=cfg.run.seed)
+            self._log({"step": self.step, "held_out": held_out})
         return PretrainResult(
             run_dir=self.run_dir,
             encoder=self.encoder_path,
@@ -565,4 +578,5 @@ class Trainer:
             steps=self.step,
             loss=loss,
             is_main=self.world.is_main,
+            held_out=held_out,
         )

@@ -67,7 +67,11 @@ def test_sizes_past_the_bounds_are_refused_before_anything_is_built(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
-# The demo config trains on a 6x6 patch grid (96 px, 16 px patches) with mask.min_keep 4.
+# A 6x6 patch grid (96 px, 16 px patches) with mask.min_keep 4, whatever the demo trains on; each case's own
+# overrides come after these and win.
+SIX_BY_SIX = ["model.img_size=96", "model.patch_size=16", "mask.min_keep=4"]
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
@@ -79,7 +83,7 @@ def test_sizes_past_the_bounds_are_refused_before_anything_is_built(tmp_path, mo
     ],
 )
 def test_mask_settings_the_grid_cannot_hold_are_refused_before_anything_is_made(tmp_path, overrides, words):
-    result = pretrain_cli(*overrides, f"run.out_dir={tmp_path / 'run'}")
+    result = pretrain_cli(*SIX_BY_SIX, *overrides, f"run.out_dir={tmp_path / 'run'}")
     assert words in one_line_error(result)
     assert not (tmp_path / "run").exists()
 

@@ -71,7 +71,7 @@ def test_paper_configs_carry_the_paper_values():
         ("optimization.ema=[1.0,0.9]", "optimization.ema must satisfy 0 <= start <= end <= 1"),
         ("model.arch=bogus", "model.arch must be one of vit_nano"),
         ("mask.num_targets=0", "mask.num_targets must be at least 1"),
-        ("model.img_size=100", "model.img_size 100 must be a positive multiple of model.patch_size 16"),
+        ("model.img_size=100", "model.img_size 100 must be a positive multiple of model.patch_size 8"),
         ("model.patch_size=0", "model.patch_size must be positive"),
         ("mask.target_scale=[0.3,0.2]", "mask.target_scale must satisfy"),
         ("model.pred_heads=5", "model.pred_width 64 must be divisible by the predictor's 5 heads"),

@@ -117,9 +117,9 @@ def test_write_scene_shards_records_kind_and_class_names(tmp_path) -> None:
     assert written["kind"] == "textures" and written["background"] == "plain"
     assert written["class_names"] == list(TEXTURES) and written["num_seg_classes"] == len(TEXTURES) + 1
     assert sum(summary["train"]["class_counts"]) == 6 and len(summary["train"]["pixel_class_counts"]) == len(TEXTURES) + 1
-    with pytest.raises(ScenesError, match="unknown kind of scenes 'letters'; choose one of digits, shapes, textures"):
+    with pytest.raises(ScenesError, match="--kind must be one of digits, shapes, textures, got 'letters'"):
         write_scene_shards(tmp_path / "t", n_train=1, n_test=1, kind="letters")
-    with pytest.raises(ScenesError, match="unknown background 'sky'"):
+    with pytest.raises(ScenesError, match="--background must be one of photo, plain, got 'sky'"):
         write_scene_shards(tmp_path / "t", n_train=1, n_test=1, background="sky")
 
 
@@ -134,7 +134,7 @@ def test_cli_makes_texture_scenes_and_names_the_kinds_on_a_typo(tmp_path) -> Non
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "scenes.json").read_text())["class_names"] == list(TEXTURES)
     result = runner.invoke(app, ["data", "scenes", str(tmp_path / "bad"), "--kind", "letters"])
-    assert result.exit_code == 2 and "choose one of digits, shapes, textures" in result.output
+    assert result.exit_code == 2 and "--kind must be one of digits, shapes, textures" in result.output
     assert not (tmp_path / "bad").exists()
 
 
@@ -152,5 +152,5 @@ def test_mono_palette_is_black_and_white_on_one_grey(kind: str) -> None:
 def test_mono_is_refused_for_digits(tmp_path) -> None:
     with pytest.raises(ScenesError, match="digit scenes come in colour only"):
         write_scene_shards(tmp_path / "d", n_train=1, n_test=1, palette="mono")
-    with pytest.raises(ScenesError, match="unknown palette 'sepia'"):
+    with pytest.raises(ScenesError, match="--palette must be one of colour, mono, got 'sepia'"):
         write_scene_shards(tmp_path / "d", n_train=1, n_test=1, kind="shapes", palette="sepia")
