@@ -35,12 +35,11 @@ from dmt_jepa.export.onnx_export import fresh_scratch
 from dmt_jepa.export.out_dir import make_readable
 from dmt_jepa.hub import CONFIG_FILENAME, WEIGHTS_FILENAME, PretrainedEncoder, from_pretrained, write_model_directory
 from dmt_jepa.model_card import model_card
-from dmt_jepa.models import VisionTransformer, sincos_2d
+from dmt_jepa.models import VARIANTS, VisionTransformer, sincos_2d
 
 WEIGHT_FORMATS = ("hf", "timm")
 TIMM_TOLERANCE = 1e-5  # max abs difference of the patch tokens at the training size
 TRANSFORMERS_TOLERANCE = 1e-5  # the same bound for transformers' IJepaModel
-TIMM_FALLBACK_ARCHITECTURE = "vit_base_patch16_224"  # model_args carry the real shape whatever the name
 
 
 def resolve_license(info: EncoderInfo, license: str | None) -> EncoderInfo:
@@ -224,11 +223,20 @@ def _check_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo, lo
 
 
 def timm_architecture(info: EncoderInfo) -> str:
-    """timm's registered name for this size, else a ViT name whose model_args are then overridden in full."""
+    """timm's preset for this encoder's own size (vit_small_patch16_224), else the preset nearest it in width.
+
+    timm builds registered names only, and has none for some sizes (vit_nano, vit_large at patch 8):
+    those get the nearest preset at their patch size, or at patch 16 where timm has none at theirs;
+    model_args then set every dimension, so the weights load the same either way.
+    """
     import timm
 
-    name = f"{info.arch}_patch{info.patch_size}_224"
-    return name if timm.is_model(name) else TIMM_FALLBACK_ARCHITECTURE
+    for patch in (info.patch_size, 16):
+        presets = [arch for arch in VARIANTS if timm.is_model(f"{arch}_patch{patch}_224")]
+        if presets:
+            nearest = min(presets, key=lambda arch: (arch != info.arch, abs(VARIANTS[arch].embed_dim - info.embed_dim)))
+            return f"{nearest}_patch{patch}_224"
+    raise AssertionError("timm registers ViT presets at patch 16")
 
 
 def timm_config(info: EncoderInfo) -> dict:

@@ -18,7 +18,7 @@ from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, load_encoder, save_encoder
 from dmt_jepa.export.onnx_export import export_onnx
 from dmt_jepa.export.out_dir import MANIFEST_FILENAME
-from dmt_jepa.models import VisionTransformer, sincos_2d
+from dmt_jepa.models import VisionTransformer, create_encoder, sincos_2d
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +154,36 @@ def test_weight_formats_refuse_onnx_only_flags(converted, tmp_path):
     result = CliRunner().invoke(app, ["export", str(converted), "--out", str(tmp_path / "o"), "--format", "keras"])
     words = " ".join(result.output.replace("│", " ").split())  # the message as one line, out of its box
     assert result.exit_code == 2 and "'keras' is not one of 'onnx', 'triton', 'hf', 'timm'" in words
+
+
+@pytest.mark.parametrize(
+    "arch, patch, width, name",
+    [
+        ("vit_small", 16, 384, "vit_small_patch16_224"),  # timm's own preset
+        ("vit_large", 14, 1024, "vit_large_patch14_224"),
+        ("vit_nano", 8, 64, "vit_small_patch8_224"),  # no 64-wide preset: the narrowest at patch 8
+        ("vit_large", 8, 1024, "vit_base_patch8_224"),  # no large at patch 8: the widest there
+        ("vit_nano", 12, 64, "vit_tiny_patch16_224"),  # no preset at patch 12: patch 16's narrowest
+    ],
+)
+def test_timm_config_names_the_preset_of_the_encoders_own_size_or_the_nearest(arch, patch, width, name):
+    info = info_from_encoder(create_encoder(arch, patch_size=patch, img_size=patch * 2), arch)
+    assert info.embed_dim == width and weights.timm_config(info)["architecture"] == name
+
+
+def test_a_size_timm_has_no_preset_for_loads_both_ways(tmp_path):
+    encoder = create_encoder("vit_nano", patch_size=8, img_size=32).eval()
+    path = save_encoder(tmp_path / "nano.safetensors", encoder, info_from_encoder(encoder, "vit_nano"))
+    _export(path, tmp_path / "timm", "--format", "timm")
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch8_224" and config["model_args"]["embed_dim"] == 64
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = encoder(images)
+        local = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+        overlay = timm.create_model(
+            config["architecture"], pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "timm" / "model.safetensors")},
+            **config["model_args"],
+        ).eval()  # fmt: skip
+        for model in (local, overlay):
+            assert (model.forward_features(images) - ours).abs().max() <= 1e-5
