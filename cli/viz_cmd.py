@@ -79,16 +79,21 @@ def attention(
 
 @app.command()
 def curves(
-    run_dir: Path = typer.Argument(..., help="Run directory holding log.jsonl (or the log file itself)."),
+    run_dir: Path = typer.Argument(
+        ..., help="Run directory holding log.jsonl (or the log file itself), or its TensorBoard folder RUN_DIR/tensorboard."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="PNG file to write; default RUN_DIR/curves.png."),
 ) -> None:
     """Training loss and learning rate against step."""
-    need_file(run_dir / "log.jsonl" if run_dir.is_dir() else run_dir, "training log", "point at a run directory that holds log.jsonl")
+    events = any(run_dir.glob("events.out.tfevents*")) if run_dir.is_dir() else run_dir.name.startswith("events.out.tfevents")
+    if not events:
+        need_file(run_dir / "log.jsonl" if run_dir.is_dir() else run_dir, "training log", "point at a run directory that holds log.jsonl")
     from dmt_jepa.viz import VizError, curves_picture, read_log, save_png
 
     try:
         picture = curves_picture(read_log(run_dir))
     except (VizError, ExtraMissing) as error:
         _fail(error)
-    target = out or (run_dir / "curves.png" if run_dir.is_dir() else run_dir.with_suffix(".png"))
+    beside = run_dir.parent if events and run_dir.is_dir() else run_dir  # RUN_DIR/tensorboard: the picture in RUN_DIR
+    target = out or (beside / "curves.png" if beside.is_dir() else beside.with_suffix(".png"))
     typer.echo(str(save_png(picture, target)))

@@ -165,6 +165,9 @@ class RunConfig:
     progress_every_s: float = 30.0  # seconds between plain progress lines when stdout is not a terminal; 0: every step
     locality_every: int = 100  # optimizer steps between target-locality records in log.jsonl; 0: never
     log_every: int = 10  # optimizer steps between loss reads (each waits for the device) and log.jsonl records
+    # Where each log.jsonl record also goes (dmt_jepa.tracking): jsonl (log.jsonl, always written), tensorboard,
+    # mlflow, wandb; all local (RUN_DIR/tensorboard, RUN_DIR/mlruns, an offline RUN_DIR/wandb).
+    loggers: tuple[str, ...] = ("jsonl",)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -370,6 +373,7 @@ def _ordered_range(value: tuple[float, float], low: float, high: float | None) -
 def config_problems(cfg: TrainConfig) -> list[str]:
     """Every value of `cfg` that cannot train, each as a phrase naming its key."""
     from dmt_jepa.models import VARIANTS  # the architectures by name; torch is imported by training anyway
+    from dmt_jepa.tracking import logger_problems
 
     m, k, o, d = cfg.model, cfg.mask, cfg.optimization, cfg.data
     checks = [
@@ -405,6 +409,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         (_ordered_range(d.crop_ratio, 1e-9, None), f"data.crop_ratio must satisfy 0 < low <= high, got {list(d.crop_ratio)}"),
         (d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}"),
     ]
+    checks += [(False, problem) for problem in logger_problems(list(cfg.run.loggers))]
     if not d.train:  # the built-in scenes are made by this run: their settings are checked before it starts
         from dmt_jepa.scenes import scenes_problems
 

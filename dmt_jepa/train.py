@@ -30,6 +30,7 @@ from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
 from dmt_jepa.precision import device_has_bf16, effective_precision
 from dmt_jepa.progress import progress_for
+from dmt_jepa.tracking import Trackers
 
 
 class TrainingError(RuntimeError):
@@ -264,9 +265,13 @@ def pretrain(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Pr
     checkpoint stopped (same world size and data.num_workers required).
     """
     world = _init_world(cfg)
+    trainer = None
     try:
-        return Trainer(cfg, world, resume).run()
+        trainer = Trainer(cfg, world, resume)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -347,8 +352,11 @@ class Trainer:
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=world.device)
         self.first_bad_loss = torch.zeros((), device=world.device)
         self.log_path = self.run_dir / "log.jsonl"
+        self.trackers = None
         if world.is_main and not self.already_complete:
             _trim_log(self.log_path, self.step)
+            self.trackers = Trackers(list(cfg.run.loggers), self.run_dir, config_to_dict(cfg),
+                                     resumed_at=self.step if checkpoint is not None else None)
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.model, self.cfg)
@@ -502,6 +510,14 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             except OSError as err:
                 raise self._write_failed(f"the log {self.log_path}", err) from err
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def close(self) -> None:
+        """Finish the trackers' runs (TensorBoard's last events, MLflow's run status, W&B's offline files)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def run(self) -> PretrainResult:
         cfg = self.cfg

@@ -100,9 +100,41 @@ def attention_picture(
     return _row(panels)
 
 
+def _event_files(path: Path) -> list[Path]:
+    """TensorBoard event files at `path`: the file itself, or those in the folder (RUN_DIR/tensorboard)."""
+    if path.is_file():
+        return [path] if path.name.startswith("events.out.tfevents") else []
+    return sorted(path.glob("events.out.tfevents*")) if path.is_dir() else []
+
+
+def read_tensorboard(path: str | os.PathLike) -> list[dict]:
+    """The records a run's TensorBoard events hold (run.loggers tensorboard), shaped like log.jsonl's: one dict
+    per step with the last part of each scalar's tag as its key (train/loss -> loss)."""
+    files = _event_files(Path(path))
+    if not files:
+        raise VizError(f"no TensorBoard event files at {path}; point at RUN_DIR/tensorboard or one events.out.tfevents file.")
+    event_accumulator = import_extra("tensorboard.backend.event_processing.event_accumulator", "track", "reading TensorBoard events")
+    by_step: dict[int, dict] = {}
+    for file in files:
+        events = event_accumulator.EventAccumulator(str(file), size_guidance={event_accumulator.SCALARS: 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.count("/") != 1:  # nested figures (held_out/trained/...) are not curves
+                continue
+            for event in events.Scalars(tag):
+                by_step.setdefault(event.step, {"step": event.step})[tag.split("/")[1]] = event.value
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """The per-step records of a run's JSON-lines log (RUN_DIR/log.jsonl, or the file itself)."""
+    """The per-step records of a run: its JSON-lines log (RUN_DIR/log.jsonl, or the file itself), or its
+    TensorBoard events (RUN_DIR/tensorboard, or one event file) where that is what `path` names."""
     path = Path(path)
+    if _event_files(path):
+        records = read_tensorboard(path)
+        if not any("loss" in r for r in records):
+            raise VizError(f"the TensorBoard events at {path} hold no train/loss; are they a dmtjepa run's?")
+        return records
     log = path / "log.jsonl" if path.is_dir() else path
     if not log.is_file():
         raise VizError(f"no training log at {log}; point at a run directory that holds log.jsonl.")
