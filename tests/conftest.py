@@ -1,6 +1,8 @@
-"""Session-wide test settings: measured backend choices go to a scratch cache, never the user's own."""
+"""Session-wide test settings: measured backend choices go to a scratch cache, never the user's own;
+tests marked `own_process` run in a pytest process of their own (tests/own_process.py)."""
 
 import pytest
+from own_process import pytest_runtest_logreport, pytest_runtest_protocol  # noqa: F401  (hooks, found here by pytest)
 
 
 @pytest.fixture(autouse=True, scope="session")

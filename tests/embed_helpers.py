@@ -109,16 +109,3 @@ def huge_png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
-
-def pytest_in_own_process(test_file: str, select: str, flag: str, timeout: float = 1500):
-    """Run the tests of `test_file` matching `-k select` in a fresh pytest process with `flag=1` set;
-    the module's tests that need a process of their own run only where that flag is set."""
-    import os
-    import subprocess
-    import sys
-
-    here = Path(test_file).resolve()
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(here), "-k", select],
-        cwd=here.parents[1], env={**os.environ, flag: "1"}, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip

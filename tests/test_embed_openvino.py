@@ -2,14 +2,12 @@
 
 import importlib.util
 import json
-import os
-import re
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from embed_helpers import TRAIN_SIZE, pytest_in_own_process, tiny_dense, tiny_encoder, tiny_model_files
+from embed_helpers import TRAIN_SIZE, tiny_dense, tiny_encoder, tiny_model_files
 
 from dmt_jepa.encoder_file import info_from_encoder
 from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend, patch_cosine
@@ -20,26 +18,10 @@ needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="needs OpenVINO (pip install 'dmt-jepa[openvino]')"
 )
 
-# This module's tests run in a pytest process of their own, started by the first test below:
-# OpenVINO's CPU plugin starts stream threads of its own in the process that compiles a model, and
-# the suite's process, with them in it, was seen to die of a silent segmentation fault minutes later.
-IN_OWN_PROCESS = "DMTJEPA_OPENVINO_TESTS_HERE"
-WRAPPER = "test_openvino_tests_pass_in_a_process_of_their_own"
-
-
-def test_openvino_tests_pass_in_a_process_of_their_own():
-    if os.environ.get(IN_OWN_PROCESS) == "1":
-        pytest.skip("this is that process")
-    run = pytest_in_own_process(__file__, f"not {WRAPPER}", IN_OWN_PROCESS)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary
-
-
-@pytest.fixture(autouse=True)
-def _in_own_process(request):
-    if request.node.name != WRAPPER and os.environ.get(IN_OWN_PROCESS) != "1":
-        pytest.skip(f"runs in a process of its own: {WRAPPER}")
+# This module's tests run in a pytest process of their own (tests/own_process.py): OpenVINO's CPU
+# plugin starts stream threads of its own in the process that compiles a model, and the suite's
+# process, with them in it, was seen to die of a silent segmentation fault minutes later.
+pytestmark = pytest.mark.own_process
 
 
 @pytest.fixture(scope="module")

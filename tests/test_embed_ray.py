@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from embed_helpers import image_bytes, photo_samples, pytest_in_own_process, read_output, write_encoder_file, write_shard
+from embed_helpers import image_bytes, photo_samples, read_output, write_encoder_file, write_shard
 from typer.testing import CliRunner
 
 from dmt_jepa.cli.main import app
@@ -20,28 +20,16 @@ from dmt_jepa.serve.stats import STATS_DIR
 BATCH = 3
 
 
-# The tests that start a Ray instance run in a pytest process of their own (the test below starts
-# it): ray.init replaces the process's SIGSEGV handler (Python's faulthandler) and ray.shutdown
-# leaves it at the default and some of Ray's native threads running, so that a crash later in the
-# suite would print no trace.
-IN_OWN_PROCESS = "DMTJEPA_RAY_TESTS_HERE"
-
-
-def test_the_ray_instance_tests_pass_in_a_process_of_their_own():
-    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-    if os.environ.get(IN_OWN_PROCESS) == "1":
-        pytest.skip("this is that process")
-    run = pytest_in_own_process(__file__, "test_on_ray_", IN_OWN_PROCESS, timeout=1200)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "3 passed" in run.stdout, run.stdout[-2000:]
+# The tests that start a Ray instance (test_on_ray_*) run in a pytest process of their own
+# (tests/own_process.py): ray.init replaces the process's SIGSEGV handler (Python's faulthandler)
+# and ray.shutdown leaves it at the default and some of Ray's native threads running, so that a
+# crash later in the suite would print no trace.
 
 
 @pytest.fixture(scope="module")
 def ray_instance():
     """One Ray instance for the module: 2 CPUs, no dashboard, no usage report; shut down at the end."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-    if os.environ.get(IN_OWN_PROCESS) != "1":
-        pytest.skip("runs in a process of its own: test_the_ray_instance_tests_pass_in_a_process_of_their_own")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_worker_niceness"] = "0"  # as serve.ray_engine does for an instance it starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -83,6 +71,7 @@ def local_out(tmp_path_factory, inputs, encoder_file) -> Path:
     return out
 
 
+@pytest.mark.own_process
 def test_on_ray_writes_the_local_engines_bytes_and_accounts_for_every_key_once(
     ray_instance, tmp_path, inputs, encoder_file, local_out
 ):
@@ -110,6 +99,7 @@ def test_on_ray_writes_the_local_engines_bytes_and_accounts_for_every_key_once(
 
 
 @pytest.mark.slow  # four Ray runs, each starting a model actor: about 2 minutes on 2 busy cores
+@pytest.mark.own_process
 def test_on_ray_reruns_skip_done_shards_and_refuse_other_settings(ray_instance, tmp_path, inputs, encoder_file, local_out):
     out = tmp_path / "out"
     args = ["embed", str(inputs[0]), str(out), "--model", str(encoder_file), "--batch-size", str(BATCH), "--pooled"]
@@ -149,6 +139,7 @@ def _model_actor_pids() -> list[tuple[int, str]]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process through /proc")
+@pytest.mark.own_process
 def test_on_ray_a_model_actor_killed_mid_shard_is_restarted_and_the_output_is_whole(
     ray_instance, tmp_path, inputs, encoder_file, local_out
 ):
@@ -187,13 +178,13 @@ def test_on_ray_a_model_actor_killed_mid_shard_is_restarted_and_the_output_is_wh
     assert snapshot(out) == snapshot(local_out)
 
 
-def test_ray_only_settings_need_the_ray_engine(tmp_path, encoder_file):
+def test_ray_only_settings_need_the_ray_engine(tmp_path, inputs, encoder_file):
     with pytest.raises(ValueError, match="only apply to --engine ray"):
         EmbedOptions(model_workers=2)
     with pytest.raises(ValueError, match="unknown engine"):
         EmbedOptions(engine="spark")
     result = CliRunner().invoke(
-        app, ["embed", str(tmp_path), str(tmp_path / "out"), "--model", str(encoder_file), "--address", "auto"]
+        app, ["embed", str(inputs[0]), str(tmp_path / "out"), "--model", str(encoder_file), "--address", "auto"]
     )
     assert result.exit_code == 2 and "--engine ray" in result.output
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,13 +26,10 @@ from dmt_jepa.models.transformers_layout import from_transformers
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'dmt-jepa[hf]')")
 
-# This module's tests run in a pytest process of their own, started by
-# tests/test_hf_transformers_process.py: the suite's process died of a silent segmentation fault
-# at this module's first tests in 3 of 14 full runs, never in a run of this module alone.
-IN_OWN_PROCESS = "DMTJEPA_HF_TESTS_HERE"
-pytestmark = pytest.mark.skipif(
-    os.environ.get(IN_OWN_PROCESS) != "1", reason="runs in a process of its own: tests/test_hf_transformers_process.py"
-)
+# This module's tests run in a pytest process of their own (tests/own_process.py): the suite's
+# process died of a silent segmentation fault at this module's first tests in 3 of 14 full runs,
+# never in a run of this module alone.
+pytestmark = pytest.mark.own_process
 
 # Run in a fresh interpreter where importing dmt-jepa's packages fails: transformers must do it all.
 ALONE = r"""
