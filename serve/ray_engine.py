@@ -12,11 +12,23 @@ waiting, and reads no further until the oldest comes back, so decoded pixels in 
 stay bounded whichever stage is slow. Ray runs a decode task again when its worker dies, and
 restarts a model actor whose process dies and runs its unfinished batches again; a chunk that keeps
 killing its workers is decoded image by image, so that only the image that crashes becomes a failure.
+
+No wait on Ray is open-ended: an --address that does not answer, model actors the cluster cannot
+place (more than its CPUs, a GPU it does not have), a model that does not load, or a result that
+does not come back each end in one EngineError sentence naming what is missing, after the
+deadlines below. A local instance that cannot hold the actors is refused before any is made.
+The actors' CPUs and GPUs are reserved as one placement group first, so that a cluster short of
+them is told apart from a model that is slow to load. A local Ray this driver starts is watched
+by a small process of its own, which kills what Ray left behind should the driver die (kill -9):
+Ray stops most of its processes with their parent, not all.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +58,10 @@ from dmt_jepa.serve.job import (
 from dmt_jepa.serve.progress import Progress
 
 TASK_RETRIES = 3  # a decode task, or a model actor's process, lost this many times in a row fails the job
+CONNECT_SECONDS = 10  # for an --address to answer at all
+PLACEMENT_SECONDS = 60  # for the cluster to reserve the model actors' CPUs and GPUs
+LOAD_SECONDS = 600  # for the placed actors to load the model (a busy machine took minutes to import torch)
+RESULT_SECONDS = 600  # for one decode task or one model batch to come back
 MODEL_ACTOR = "ModelWorker"  # the actors' class name, which Ray also shows in their process titles
 
 
@@ -113,10 +129,10 @@ class ActorBackend(Backend):
         self._actor, self._ray = actor, ray
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return self._ray.get(self._actor.run.remote(images))
+        return wait_for(self._ray, self._actor.run.remote(images), RESULT_SECONDS, "a batch from a model actor")
 
     def check_size(self, size: tuple[int, int]) -> None:
-        problem = self._ray.get(self._actor.check_size.remote(size))
+        problem = wait_for(self._ray, self._actor.check_size.remote(size), RESULT_SECONDS, "a model actor's size check")
         if problem is not None:
             raise BackendError(problem)
 
@@ -134,11 +150,28 @@ def _same_model(facts: list[dict]) -> None:
             )
 
 
+def _probe(address: str) -> None:
+    """EngineError where a HOST:PORT (or ray://HOST:PORT) --address does not accept a connection within CONNECT_SECONDS;
+    Ray itself retries such an address for minutes, silently."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto` and other forms Ray resolves itself, at once
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise EngineError(
+            f"the Ray cluster at {address} does not answer ({err.strerror or err}, within {CONNECT_SECONDS} s); "
+            "check --address and that the cluster is up (`ray status` on its head node)."
+        ) from err
+
+
 def _connect(ray, address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a job never reports usage unless its user asks
     # Ray runs its workers at niceness 15 to keep its own daemons responsive; here the workers are the
     # job, and on a busy machine at 15 they starve (a model actor took minutes to import torch).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    if address is not None:
+        _probe(address)
     try:
         if address is None:
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -162,21 +195,34 @@ def session(model, options: EmbedOptions) -> Iterator[tuple[Backend, Callable[[S
         raise EngineError("--engine ray loads the model in its actors from a model file; pass the file's path.")
     path = Path(model).resolve()
     started = not ray.is_initialized()
+    watchdog = None
     if started:
-        _connect(ray, options.address)
+        watchdog = _watch_driver() if options.address is None else None
+        try:
+            _connect(ray, options.address)
+        except BaseException:
+            _stop_watching(watchdog)
+            raise
     actors: list = []
+    group = None
     try:
+        if started and options.address is None:
+            _check_local_resources(ray, options)
+        group = _reserve(ray, options)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         worker = ray.remote(ModelWorker).options(
             num_cpus=1,
             num_gpus=options.gpus_per_worker,  # Ray sets CUDA_VISIBLE_DEVICES, so `auto` picks the GPU it was given
             max_restarts=TASK_RETRIES,
             max_task_retries=TASK_RETRIES,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group),
         )
         actors = [
             worker.remote(str(path), options.backend, options.precision, options.layers)
             for _ in range(options.model_workers)
         ]
-        facts = ray.get([actor.facts.remote() for actor in actors])
+        facts = wait_for(ray, [actor.facts.remote() for actor in actors], LOAD_SECONDS, "the model actors to load the model")
         for fact in facts:
             if isinstance(fact, str):
                 raise BackendError(fact)
@@ -189,8 +235,125 @@ def session(model, options: EmbedOptions) -> Iterator[tuple[Backend, Callable[[S
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        if group is not None:
+            ray.util.remove_placement_group(group)
         if started:
             ray.shutdown()
+            _stop_watching(watchdog)
+
+
+def _needs(options: EmbedOptions) -> str:
+    gpus = options.gpus_per_worker * options.model_workers
+    return f"{options.model_workers + 1} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+
+
+def _check_local_resources(ray, options: EmbedOptions) -> None:
+    """A local instance cannot grow: refuse at once what it cannot hold (each actor holds a CPU for the whole
+    job, and the decode tasks need at least one more)."""
+    have = ray.cluster_resources()
+    cpus, gpus = int(have.get("CPU", 0)), have.get("GPU", 0)
+    if options.model_workers + 1 > cpus or options.gpus_per_worker * options.model_workers > gpus:
+        raise EngineError(
+            f"--model-workers {options.model_workers} with --gpus-per-worker {options.gpus_per_worker:g} needs "
+            f"{_needs(options)} (one CPU per model worker and one to decode), and this machine's Ray has {cpus} CPUs "
+            f"and {gpus:g} GPUs; lower --model-workers or --gpus-per-worker, or join a larger cluster with --address."
+        )
+
+
+def _reserve(ray, options: EmbedOptions):
+    """A placement group holding each model actor's CPU and GPUs, ready; EngineError naming what the cluster
+    lacks where it is not ready within PLACEMENT_SECONDS."""
+    bundle = {"CPU": 1, **({"GPU": options.gpus_per_worker} if options.gpus_per_worker else {})}
+    group = ray.util.placement_group([bundle] * options.model_workers)
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_SECONDS)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        have = ray.cluster_resources()
+        raise EngineError(
+            f"the Ray cluster could not place {options.model_workers} model workers within {PLACEMENT_SECONDS} s: "
+            f"the job needs {_needs(options)}, the cluster has {int(have.get('CPU', 0))} CPUs and "
+            f"{have.get('GPU', 0):g} GPUs in all; lower --model-workers or --gpus-per-worker, or add nodes."
+        ) from None
+    return group
+
+
+def wait_for(ray, refs, seconds: float, what: str):
+    """ray.get(refs) within `seconds`; EngineError naming `what` did not come back, and the cluster's free share."""
+    try:
+        return ray.get(refs, timeout=seconds)
+    except ray.exceptions.GetTimeoutError:
+        free = ray.available_resources()
+        raise EngineError(
+            f"waited {seconds:g} s for {what} in vain (the Ray cluster has {int(free.get('CPU', 0))} CPUs and "
+            f"{free.get('GPU', 0):g} GPUs free); check its nodes with `ray status`, then rerun: finished shards are kept."
+        ) from None
+
+
+# The watchdog: polls the driver's descendants that are Ray's, and kills them where the driver dies
+# without saying goodbye (stdin ends without a byte). A pid is killed only with the start time it had.
+_WATCHDOG = r"""
+import os, select, signal, sys
+driver, me = int(sys.argv[1]), os.getpid()
+def stat(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+def ray_descendants():
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents.setdefault(int(stat(name)[1]), []).append(int(name))
+            except (OSError, IndexError):
+                pass
+    found, todo = {}, [driver]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    line = f.read()
+                if child != me and (line.startswith(b"ray::") or b"/ray/" in line):
+                    found[child] = stat(child)[19]
+            except (OSError, IndexError):
+                pass
+    return found
+seen = {}
+while True:
+    ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+    if ready:
+        said = os.read(sys.stdin.fileno(), 1)
+        if said:
+            sys.exit(0)
+        break
+    seen.update(ray_descendants())
+for pid, started in seen.items():
+    try:
+        if stat(pid)[19] == started:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+"""
+
+
+def _watch_driver() -> subprocess.Popen | None:
+    """The watchdog over the Ray this driver is about to start (Linux: it reads /proc); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True
+    )
+
+
+def _stop_watching(watchdog: subprocess.Popen | None) -> None:
+    """Ray was shut down in order: the watchdog leaves without killing anything."""
+    if watchdog is not None:
+        try:
+            watchdog.stdin.write(b"x")
+            watchdog.stdin.close()
+        except OSError:
+            pass
+        watchdog.wait(timeout=10)
 
 
 class _Chunk(NamedTuple):
@@ -277,7 +440,7 @@ class _RayRun:
     def _parts(self, meta, pixels, datas: list[bytes], prep: Preprocess) -> list[tuple[dict | str, object]]:
         """(record or reason, pixels ref, index) per image; a chunk whose worker keeps dying is decoded alone per image."""
         try:
-            records = self.ray.get(meta)
+            records = wait_for(self.ray, meta, RESULT_SECONDS, "a decode task")
             return [(record, pixels) for record in records]
         except self.ray.exceptions.WorkerCrashedError:
             pass
@@ -286,7 +449,7 @@ class _RayRun:
         for data in datas:
             one_meta, one_pixels = alone.remote([data], prep)
             try:
-                parts.append((self.ray.get(one_meta)[0], one_pixels))
+                parts.append((wait_for(self.ray, one_meta, RESULT_SECONDS, "a decode task")[0], one_pixels))
             except self.ray.exceptions.WorkerCrashedError:
                 parts.append(("the image crashed the decoder process", None))
         return parts
@@ -350,7 +513,7 @@ class _RayRun:
     def _get(self, ref):
         """A model result; an error the user can act on (a precision too far from fp32) comes back as itself."""
         try:
-            return self.ray.get(ref)
+            return wait_for(self.ray, ref, RESULT_SECONDS, "a batch from a model actor")
         except self.ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, BackendError):
                 raise err.cause from None

@@ -219,3 +219,117 @@ def test_a_stalled_stage_stops_the_reading_before_it():
         assert len(started) - len(handed) <= 3
         handed.append(result)
     assert handed == [i * 10 for i in range(20)] and started == list(range(20))
+
+
+# Every wait on Ray ends: what the cluster lacks is said in one sentence, in bounded time
+
+
+def test_an_address_that_does_not_answer_is_refused_in_one_sentence_at_once(tmp_path, inputs, encoder_file):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on once this block ends
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=f"the Ray cluster at 127.0.0.1:{port} does not answer") as caught:
+        embed_shards(str(inputs[0]), tmp_path / "out", encoder_file, engine="ray", address=f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 15 and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def dmtjepa(*args: str, timeout: float) -> tuple[int, str, float]:
+    """The CLI in a process of its own (Ray starts there, not here): exit code, stderr, seconds taken."""
+    import subprocess
+
+    start = time.monotonic()
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "dmtjepa"), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    return run.returncode, run.stderr, time.monotonic() - start
+
+
+@pytest.mark.skipif(os.cpu_count() is None or os.cpu_count() > 8, reason="asks for more CPUs than this machine has")
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--model-workers", "12"], "--model-workers 12 with --gpus-per-worker 0 needs 13 CPUs"),
+        (["--gpus-per-worker", "64"], "needs 2 CPUs and 64 GPUs"),
+    ],
+)
+def test_actors_a_local_ray_cannot_hold_are_refused_in_one_sentence_not_waited_for(tmp_path, inputs, encoder_file, extra, words):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    code, stderr, seconds = dmtjepa(
+        "embed", str(inputs[0]), str(tmp_path / "out"), "--model", str(encoder_file), "--engine", "ray", *extra, timeout=120
+    )
+    [error] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and words in error and "lower --model-workers" in error, stderr[-2000:]
+    assert seconds < 90  # Ray's own start, then the refusal at once
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+DRIVER = """
+import sys, time
+from dmt_jepa.serve import ray_engine
+from dmt_jepa.serve.job import EmbedOptions
+with ray_engine.session(sys.argv[1], EmbedOptions(engine="ray")):
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every live process below `pid`, from /proc."""
+    parents: dict[int, list[int]] = {}
+    starts = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(name))
+        starts[int(name)] = fields[19]
+    found, todo = {}, [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def alive(processes: dict[int, str]) -> list[int]:
+    left = []
+    for pid, started in processes.items():
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == started:
+                left.append(pid)
+        except OSError:
+            pass
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the driver's processes through /proc")
+def test_the_local_ray_a_driver_started_goes_when_the_driver_is_killed(encoder_file):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    import subprocess
+
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(encoder_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    started = {}
+    try:
+        assert driver.stdout.readline() == b"ready\n"  # Ray up, the model actor loaded
+        started = descendants(driver.pid)
+        assert any(pid for pid in started if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")), started
+        driver.kill()  # SIGKILL: no finally, no atexit
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive(started) == []
+    finally:
+        driver.kill()
+        for pid in alive(started):  # only what this test's driver started, by pid and start time
+            os.kill(pid, signal.SIGKILL)
