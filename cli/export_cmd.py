@@ -21,6 +21,15 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(1 if isinstance(err, ParityError) else 2)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """"224" or "224x320" -> (224, 224) or (224, 320); anything else is one sentence."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        fail(f"--image-size takes H or HxW in pixels (e.g. 224 or 224x320), got {text!r}.")
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
+
+
 def export(
     encoder: Annotated[Path, typer.Argument(help="Encoder file (.safetensors) written by training.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for encoder.onnx and the other outputs.")],
@@ -70,6 +79,14 @@ def export(
     eval_results: Annotated[
         list[Path] | None, typer.Option("--eval-results", help="hf/timm: JSON printed by `dmtjepa eval`, for the model card.")
     ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="hf/timm: H or HxW to deploy at (default: the training size); the stored position table is "
+            "that grid's, so transformers and timm are exact there.",
+        ),
+    ] = None,
 ) -> None:
     """Export the target encoder to ONNX (and TensorRT), a Triton model repository, a Hugging Face directory or a
     timm checkpoint; each is checked against the encoder before it is kept."""
@@ -78,8 +95,9 @@ def export(
         fail(f"{', '.join(engine) or 'engine shapes'} only apply to --format onnx; drop them.")
     if format in ("hf", "timm") and (layers or io_names != "optimum"):
         fail("--layers and --io-names apply to --format onnx and triton; drop them.")
-    if format not in ("hf", "timm") and (license or eval_results):
-        fail(f"--license and --eval-results apply to --format hf and timm; drop them for {format}.")
+    if format not in ("hf", "timm") and (license or eval_results or image_size):
+        fail(f"--license, --eval-results and --image-size apply to --format hf and timm; drop them for {format}.")
+    size = parse_image_size(image_size) if image_size else None
     chosen_layers = parse_layers(layers)
     need_encoder(encoder)
 
@@ -94,7 +112,9 @@ def export(
 
         try:
             with replacing(out, overwrite=overwrite, sources=(encoder,)):
-                export_weights(encoder, out, format, license=license, evaluation=eval_results or (), log=typer.echo)
+                export_weights(
+                    encoder, out, format, license=license, evaluation=eval_results or (), image_size=size, log=typer.echo
+                )
         except (EncoderFileError, ExportError) as err:
             raise _fail(err) from err
         return

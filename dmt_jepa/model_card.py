@@ -66,7 +66,7 @@ def model_card(info: EncoderInfo, *, parity: list[dict] = (), library: str = "tr
         f"| architecture | {info.arch}, no class token, fixed 2-D sin-cos position embedding computed for any grid |",
         f"| patch size | {info.patch_size} |",
         f"| width / depth / heads | {info.embed_dim} / {info.depth} / {info.num_heads} (MLP ratio {info.mlp_ratio:g}) |",
-        f"| trained at | {height} x {width} px ({height // info.patch_size} x {width // info.patch_size} patches) |",
+        *_size_rows(info),
         f"| pixel mean / std | {list(info.pixel_mean)} / {list(info.pixel_std)} |",
         "| outputs | patch tokens after the final LayerNorm, [B, h*w, D] row-major; pooled = their mean |",
         "",
@@ -129,6 +129,21 @@ def transformers_usage(info: EncoderInfo) -> list[str]:
         "Other sizes: `model(pixel_values, interpolate_pos_encoding=True)` resizes the stored position table "
         "(bicubic), which is not what the encoder was trained with; the table below says how far that lands.",
     ]
+
+
+def _size_rows(info: EncoderInfo) -> list[str]:
+    """The size trained at, and where an export was made for another size, the size its position table is for."""
+    p = info.patch_size
+
+    def size(h: int, w: int) -> str:
+        return f"{h} x {w} px ({h // p} x {w // p} patches)"
+
+    trained = info.provenance.get("trained_img_size")
+    if not trained or tuple(trained) == tuple(info.img_size):
+        return [f"| trained at | {size(*info.img_size)} |"]
+    return [f"| trained at | {size(*trained)} |",
+            f"| exported for | {size(*info.img_size)}: the stored position table is the sin-cos table of this grid, "
+            "so loaders are exact at this size |"]
 
 
 def timm_usage(info: EncoderInfo) -> list[str]:

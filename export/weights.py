@@ -12,7 +12,9 @@ with the encoder file, and only then moved into place (as the ONNX export does):
         `timm.create_model("local-dir:OUT", pretrained=True)`, whose patch tokens must equal ours
         at the training size within 1e-5 (and are measured at two other sizes).
 Away from the training size both libraries resize the stored table where dmt-jepa computes sin-cos
-again: the measured differences go into the model card (and, for hf, config.json).
+again: the measured differences go into the model card (and, for hf, config.json). `--image-size`
+stores the table of another grid instead, so the libraries are exact at the size people deploy;
+"training size" below is then that size (the size trained at stays in the provenance and the card).
 The licence in the encoder's provenance goes into both configs and the card; an export cannot
 change a licence the file already records.
 """
@@ -94,6 +96,22 @@ def _prepare(encoder_path, license, evaluation) -> tuple[VisionTransformer, Enco
     return encoder, replace(info, provenance={**info.provenance, **extra})
 
 
+def at_size(encoder: VisionTransformer, info: EncoderInfo, size: tuple[int, int], format: str) -> EncoderInfo:
+    """`info` (and `encoder`, in place) set to deploy at `size`: the stored position table becomes the sin-cos
+    table of that grid, so the other library is exact there; the size trained at stays in the provenance."""
+    height, width = size
+    p = info.patch_size
+    if height < p or width < p or height % p or width % p:
+        raise ExportError(f"--image-size {height}x{width} must be a multiple of the patch size {p} on both sides.")
+    if format == "hf" and height != width:
+        raise ExportError(f"transformers' I-JEPA takes square images only; give --image-size {height} or {width} for --format hf.")
+    if (height, width) == tuple(info.img_size):
+        return info
+    encoder.img_size = (height, width)  # what grid_size, and so the stored table, follow
+    trained = {"trained_img_size": list(info.provenance.get("trained_img_size", info.img_size))}
+    return replace(info, img_size=(height, width), provenance={**info.provenance, **trained})
+
+
 def export_weights(
     encoder_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -101,12 +119,17 @@ def export_weights(
     *,
     license: str | None = None,
     evaluation: Sequence[str | os.PathLike] = (),
+    image_size: tuple[int, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write the `format` ("hf" or "timm") directory into `out_dir`: into a scratch folder first,
-    loaded back and compared there, then moved into place (an older export survives a failure)."""
+    loaded back and compared there, then moved into place (an older export survives a failure).
+
+    `image_size` (H, W), default the training size: the size the other library is to be exact at."""
     assert format in WEIGHT_FORMATS, format
     encoder, info = _prepare(encoder_path, license, evaluation)
+    if image_size is not None:
+        info = at_size(encoder, info, image_size, format)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +197,7 @@ def _require_exact(rows: list[dict], tolerance: float, library: str, log: Callab
     for line in lines:
         log(line)
     if not rows[0]["max_abs"] <= tolerance:
-        raise ParityError(f"{library} does not reproduce the encoder at its training size; the directory was not kept.", lines)
+        raise ParityError(f"{library} does not reproduce the encoder at the size it was exported for; the directory was not kept.", lines)
 
 
 def _write_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:
