@@ -416,7 +416,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         checks += [(False, problem) for problem in scenes_problems(d.scenes_kind, d.scenes_background, d.scenes_palette, "data.scenes_")]
     problems = [message for ok, message in checks if not ok]
     if not problems:  # the mask settings against the patch grid, once every size and range is valid
-        from dmt_jepa.masks import mask_problems
+        from dmt_jepa.mask_geometry import mask_problems  # numpy only: a config is checked before torch is imported
 
         problems += mask_problems(m.img_size // m.patch_size, k)
     if m.arch in VARIANTS and m.pred_width >= 1:

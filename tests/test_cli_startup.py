@@ -62,6 +62,8 @@ def test_wrong_paths_are_one_sentence_before_any_heavy_import(tmp_path):
         "pretrain --resume runs/nope": "runs/nope does not exist",
         "pretrain --resume no-shards": "no-shards holds no checkpoint",
         "pretrain --config nope.yaml": "nope.yaml does not exist",
+        "pretrain data.train=NOPE.tar": "shard pattern 'NOPE.tar' matches no file",
+        "pretrain model.arch=vit_gigantic": "model.arch must be one of",
         "export NOPE --out x": "encoder file NOPE does not exist",
         "export NOPE --out x --format triton": "encoder file NOPE does not exist",
         "export NOPE --out x --format timm": "encoder file NOPE does not exist",

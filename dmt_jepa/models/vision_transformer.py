@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -17,26 +16,7 @@ from torch import nn
 
 from dmt_jepa.limits import MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.pos_embed import sincos_2d
-
-
-@dataclass(frozen=True)
-class Variant:
-    """Width, depth and heads of one ViT size."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-
-
-VARIANTS: dict[str, Variant] = {
-    # vit_nano is not a paper size: it exists for CPU demos and tests.
-    "vit_nano": Variant(64, 4, 2),
-    "vit_tiny": Variant(192, 12, 3),
-    "vit_small": Variant(384, 12, 6),
-    "vit_base": Variant(768, 12, 12),
-    "vit_large": Variant(1024, 24, 16),
-    "vit_huge": Variant(1280, 32, 16),
-}
+from dmt_jepa.models.variants import VARIANTS, Variant  # noqa: F401  (imported from here too)
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
