@@ -23,11 +23,12 @@ def scenes(
 ) -> None:
     """Make scenes of objects (digits, shapes or textures) on bundled photos, with image and per-pixel labels."""
     from dmt_jepa.scenes import ScenesError, write_scene_shards
+    from dmt_jepa.scenes_cache import progress_lines
 
     try:
         summary = write_scene_shards(
             out_dir, n_train=train, n_test=test, seed=seed, image_size=size, shard_size=shard_size, kind=kind,
-            background=background, palette=palette,
+            background=background, palette=palette, progress=progress_lines(lambda line: typer.echo(line, err=True)),
         )
     except (ScenesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -18,6 +18,7 @@ import colorsys
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ BACKGROUNDS = ("photo", "plain")  # a crop of a bundled photo, or a plain colour
 # colour: objects in random contrasting hues (a plain background a random colour); mono: objects in black and
 # white (a texture's two colours are both), a plain background one grey: nothing but outline and texture varies.
 PALETTES = ("colour", "mono")
+Progress = Callable[[str, int, int], None]  # (split, scenes made, scenes in the split)
 
 # Bundled photos, split once and for all so that no test scene shares a source image with train.
 # Every name loads from the installed wheel without a download.
@@ -358,8 +360,10 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int, look: dict) -> dict:
-    """Write one split's shards, each aside then renamed, and return its summary."""
+def _write_split(
+    out_dir: Path, split: str, count: int, seed: int, image_size: int, shard_size: int, look: dict, progress: Progress
+) -> dict:
+    """Write one split's shards, each aside then renamed, and return its summary; `progress(split, made, count)` after each scene."""
     import webdataset as wds
 
     paths = []
@@ -383,6 +387,7 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: i
                         "boxes.json": json.dumps(scene.boxes).encode(),
                     }
                 )
+                progress(split, index + 1, count)
         os.replace(partial, path)
         paths.append(str(path))
     return {
@@ -419,8 +424,13 @@ def write_scene_shards(
     kind: str = "digits",
     background: str = "photo",
     palette: str = "colour",
+    progress: Progress | None = None,
 ) -> dict:
-    """Write `train-NNNNNN.tar` and `test-NNNNNN.tar` scene shards and `scenes.json`; return the summary."""
+    """Write `train-NNNNNN.tar` and `test-NNNNNN.tar` scene shards and `scenes.json`; return the summary.
+
+    `progress(split, made, count)` is called after each scene (the drawing itself does not depend on it).
+    """
+    progress = progress or (lambda split, made, count: None)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ScenesError(f"ask for at least one scene (got --train {n_train} --test {n_test}).")
     if shard_size < 1:
@@ -449,8 +459,8 @@ def write_scene_shards(
         "num_classes": len(KINDS[kind]),
         "num_seg_classes": len(KINDS[kind]) + 1,
         "photos": {"train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)},
-        "train": _write_split(out, "train", n_train, seed, image_size, shard_size, look),
-        "test": _write_split(out, "test", n_test, seed, image_size, shard_size, look),
+        "train": _write_split(out, "train", n_train, seed, image_size, shard_size, look, progress),
+        "test": _write_split(out, "test", n_test, seed, image_size, shard_size, look, progress),
     }
     (out / "scenes.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

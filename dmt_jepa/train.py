@@ -199,16 +199,20 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def builtin_shards(run_dir: Path, cfg: TrainConfig, world: World) -> str:
     """The built-in scenes data set (made once inside the run directory): its train shard pattern."""
-    from dmt_jepa.scenes import ScenesError, write_scene_shards
+    from dmt_jepa.scenes import ScenesError
+    from dmt_jepa.scenes_cache import cached_scene_shards, progress_lines
 
     out = run_dir / "data"
     if world.is_main and not (out / "scenes.json").is_file():
         partial = run_dir / "data.partial"
         if partial.exists():
             shutil.rmtree(partial)
+        say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         try:
-            write_scene_shards(
+            cached_scene_shards(
                 partial,
+                progress=progress_lines(say),
+                log=say,
                 n_train=cfg.data.scenes_train,
                 n_test=cfg.data.scenes_test,
                 seed=cfg.run.seed,
