@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -26,6 +25,7 @@ from dmt_jepa.checkpoint import (
 from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config, validate_config
 from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import StreamSpec, expand_shards, micro_batches
+from dmt_jepa.disk_space import out_of_space
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
 from dmt_jepa.objective import DMTJEPA
 from dmt_jepa.precision import device_has_bf16, effective_precision
@@ -35,17 +35,6 @@ from dmt_jepa.tracking import Trackers
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what is kept and what to do."""
-
-
-_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-
-
-def _out_of_space(err: BaseException) -> str | None:
-    """What ran out when `err` is a full disk or an exceeded quota, in words; None for any other failure."""
-    if isinstance(err, OSError):
-        return _OUT_OF_SPACE.get(err.errno)
-    # safetensors reports the system's error inside its message: "... No space left on device (os error 28)"
-    return next((words for code, words in _OUT_OF_SPACE.items() if f"(os error {code})" in str(err)), None)
 
 
 def _megabytes(n: int) -> str:
@@ -481,7 +470,7 @@ class Trainer:
         `needed`: bytes the write was to take, said when the disk or the quota is full.
         """
         kept = f"the checkpoint {self.checkpoint} is intact" if self.checkpoint else "no checkpoint was written yet"
-        full = _out_of_space(err)
+        full = out_of_space(err)
         if full is not None and needed is not None:
             return TrainingError(
                 f"{full} while writing {what} (about {_megabytes(needed)} needed); {kept}; "

@@ -14,6 +14,9 @@ folders they leave empty), and the manifest then lists exactly what this export 
 manifest never listed stay. A failed export removes nothing, and its manifest lists what it did
 write beside the earlier files still intact, so that a later `--overwrite` can clear them. What
 was written is told apart by identity (device, inode, mtime): a renamed-in file is a new inode.
+A full disk or quota during the export ends in one ExportError sentence naming the folder, the
+space free there and about how much each model file needs; every export writes aside and renames,
+so nothing half-written is left.
 Every file written, the manifest included, gets the mode the umask allows. For `--format triton`
 the folder guarded is the model's own, OUT/NAME, so the models beside it are never touched.
 """
@@ -27,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from dmt_jepa.disk_space import free_space, out_of_space, size_in_words
 from dmt_jepa.encoder_file import EncoderFileError, file_sha256, read_json_file
 from dmt_jepa.export.errors import ExportError
 from dmt_jepa.file_modes import as_umask_allows
@@ -244,8 +248,21 @@ def replacing(out_dir: str | os.PathLike, *, overwrite: bool, sources: tuple[str
     before = _files(out_dir)
     try:
         yield out_dir
-    except BaseException:
+    except BaseException as err:
+        full = out_of_space(err)
         if out_dir.is_dir():
-            _settle(out_dir, listed, before, remove=False)
-        raise
+            try:
+                _settle(out_dir, listed, before, remove=False)
+            except OSError:
+                if full is None:
+                    raise
+                (out_dir / f"{MANIFEST_FILENAME}.partial").unlink(missing_ok=True)
+        if full is None:
+            raise
+        weights = sum(Path(source).stat().st_size for source in sources if Path(source).is_file())
+        raise ExportError(
+            f"{full} while exporting into {out_dir} ({free_space(out_dir)} free there); each model file it writes "
+            f"holds at least about {size_in_words(weights)} (the encoder's weights), so free that much per file and export "
+            "again: nothing half-written was kept."
+        ) from err
     _settle(out_dir, listed, before, remove=overwrite)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 import dmt_jepa
+from dmt_jepa.disk_space import free_space, out_of_space, size_in_words
 from dmt_jepa.serve.api import preprocess_for
 from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend
 from dmt_jepa.serve.claims import DEFAULT_LEASE_SECONDS, Claims, owner_token
@@ -480,10 +481,8 @@ def _embed_into(
             names = [s.name for s in shards]
             run(ShardRun(pending, names, out, runner, prep, identity, projection, options, summary, publish))
         except OSError as err:
-            raise OutputWriteError(
-                f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); the shards finished before are kept "
-                "and nothing half-written is left: fix the cause (free space?) and rerun the same command."
-            ) from err
+            dim = runner.info.embed_dim if projection is None else options.pca
+            raise OutputWriteError(_write_failure(out_dir, out, err, options, runner.layers, prep.grid, dim)) from err
     summary.seconds = time.perf_counter() - start
     names = [s.name for s in shards]
     if (summary.completed or read_summary(out) is None) and all(done(n) for n in names):
@@ -496,6 +495,26 @@ def _embed_into(
         except OSError as err:
             summary.notices.append(f"the job summary could not be written to {out_dir} ({err.strerror or err})")
     return summary
+
+
+def _write_failure(
+    out_dir: str | os.PathLike, out: Path, err: OSError, options: EmbedOptions, layers, grid: tuple[int, int], dim: int
+) -> str:
+    """The sentence for a write into OUT_DIR that failed mid-job; for a full disk or quota, with the space free
+    there and about how much each image's embeddings take (OutputSpec.bytes_per_image)."""
+    kept = "the shards finished before are kept and nothing half-written is left"
+    full = out_of_space(err)
+    if full is None:
+        return (
+            f"writing into OUT_DIR {out_dir} failed ({err.strerror or err}); {kept}: fix the cause (free space?) "
+            "and rerun the same command."
+        )
+    per_image = replace(options.output, layers=tuple(layers)).bytes_per_image(grid, dim)
+    return (
+        f"{full} while writing into OUT_DIR {out_dir} ({free_space(out)} free there); the embeddings take about "
+        f"{size_in_words(per_image)} per image ({size_in_words(1000 * per_image)} per 1,000), plus the members "
+        f"carried, so free that much for the images still to embed and rerun the same command: {kept}."
+    )
 
 
 def _clear_other_settings(

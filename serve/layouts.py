@@ -89,6 +89,20 @@ class OutputSpec:
         parts = [p for stem in stems for p in ((stem, f"{stem}_scale") if self.dtype == "int8" else (stem,))]
         return {part: f"{name}.{part}.npy" for part in parts}
 
+    def bytes_per_image(self, grid: tuple[int, int], dim: int) -> int:
+        """About what one embedded image takes on disk in this layout (its arrays; in a tar, with the member
+        headers), not counting the members it carries."""
+        itemsize = np.dtype(self.dtype).itemsize
+        cells = grid[0] * grid[1]
+        parts = self.array_files("_")
+        total = 0
+        for part in parts:
+            per_vector = 4 if part.endswith("_scale") else dim * itemsize
+            total += per_vector * (1 if part.startswith("pooled") else cells)
+        if self.layout == "tar":  # each member: a 512-byte header, a 128-byte .npy header, padding to 512; and the json
+            total += (len(parts) + 1) * 1024
+        return total
+
     def table_file(self, name: str) -> str:
         return embedding_reader_files(name)[1] if self.layout == "embedding-reader" else f"{name}.parquet"
 
@@ -186,7 +200,7 @@ class _RowFile:
 
     def close(self) -> None:
         if self.file is not None and not self.file.closed:
-            self.file.close()
+            close_quietly(self.file)  # the disk that failed a write fails the flush too: the file goes anyway
 
 
 class ArrayShardOutput(ShardOutput):

@@ -175,3 +175,49 @@ def test_triton_adds_a_model_beside_others_and_replaces_one_alone(encoder_file, 
     assert [t.name for t in config.output][-1] == "hidden_states_1"
     assert (repo / "first" / "labels.txt").read_text() == "mine"
     assert listed(repo / "first") == ["1/model.onnx", "config.pbtxt"]
+
+
+# A full disk while exporting: one sentence with the space it needs, nothing half-written
+
+
+def full_disk_export(encoder_file: Path, out: Path, monkeypatch, fmt: str, extra: tuple[str, ...] = ()):
+    """Export where the model file named `fmt` fails as on a full disk: "onnx": the fp16 graph goes to /dev/full,
+    which refuses every write; "timm": the weights meet the error safetensors gives on a full tmpfs (it writes
+    through a memory map, which /dev/full does not refuse)."""
+    if fmt == "onnx":
+        from dmt_jepa.export import onnx_export
+
+        real = onnx_export.export_graph
+
+        def graph_onto_a_full_disk(encoder, info, path, *args, fp16=False, **kwargs):
+            return real(encoder, info, Path("/dev/full") if fp16 else path, *args, fp16=fp16, **kwargs)
+
+        monkeypatch.setattr(onnx_export, "export_graph", graph_onto_a_full_disk)
+    else:
+        from safetensors import SafetensorError
+
+        from dmt_jepa.export import weights
+
+        def weights_onto_a_full_disk(tensors, path, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(weights, "save_file", weights_onto_a_full_disk)
+    return export(encoder_file, out, "--format", fmt, *extra)
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
+@pytest.mark.parametrize("fmt, extra, kept", [("onnx", ("--fp16",), ["encoder.onnx"]), ("timm", (), [])])
+def test_a_full_disk_while_exporting_is_one_sentence_and_keeps_only_whole_files(
+    encoder_file, tmp_path, monkeypatch, fmt, extra, kept
+):
+    out = tmp_path / "out"
+    result = full_disk_export(encoder_file, out, monkeypatch, fmt, extra)
+    one_sentence_refusal(result, f"error: no space left on device while exporting into {out} (")
+    said = result.stderr.split("holds at least about ")[1].split(" KB")[0]
+    assert float(said) == pytest.approx(encoder_file.stat().st_size / 1e3, abs=0.1)  # the encoder's weights
+    assert sorted(files_under(out)) == sorted([*kept, *([MANIFEST_FILENAME] if kept else [])])  # no partial file
+    if kept:
+        assert listed(out) == kept  # the whole file is recorded, so a later --overwrite may replace it
+    monkeypatch.undo()
+    again = export(encoder_file, out, "--format", fmt, *extra, "--overwrite")
+    assert again.exit_code == 0, again.output

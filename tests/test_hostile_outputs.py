@@ -158,6 +158,40 @@ def test_a_delete_removes_the_entry_itself_and_never_goes_through_a_folder_link(
     assert files_under(elsewhere) == {"theirs.npy": b"theirs"}
 
 
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
+@pytest.mark.parametrize("layout", ["array", "embedding-reader"])
+def test_a_full_disk_mid_job_is_one_sentence_with_the_space_an_image_takes(tmp_path, encoder_file, monkeypatch, layout):
+    import builtins
+    import re
+
+    from dmt_jepa.serve import layouts
+
+    write_shard(tmp_path / "in" / "a.tar", photo_samples("a", 3))
+    write_shard(tmp_path / "in" / "b.tar", photo_samples("b", 3, seed=1))
+    out = tmp_path / "out"
+
+    def b_onto_a_full_disk(path, mode="r", *args, **kwargs):
+        """Shard b's vectors go to /dev/full, which refuses every write as a full disk does."""
+        full = "w" in mode and re.fullmatch(r"\.b\.(patches|pooled)\.npy\..*\.partial", Path(path).name)
+        return builtins.open("/dev/full" if full else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(layouts, "open", b_onto_a_full_disk, raising=False)
+    result = embed(tmp_path / "in", out, "--model", encoder_file, "--layout", layout, "--dtype", "float32")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert result.stderr.startswith(f"error: no space left on device while writing into OUT_DIR {out} ("), result.stderr
+    assert "rerun the same command: the shards finished before are kept and nothing half-written is left." in result.stderr
+    # what a finished shard's vectors take per image, from its file: the figure said must agree
+    vectors = out / ("a.patches.npy" if layout == "array" else "img_emb/img_emb_a.npy")
+    per_image = (vectors.stat().st_size - 128) / 3  # the .npy header is 128 bytes
+    said = float(result.stderr.split("take about ")[1].split(" KB per image")[0])
+    assert said == pytest.approx(per_image / 1e3, abs=0.05)
+    left = sorted(p.name for p in out.rglob("*") if p.is_file() and p.parent.name != "_stats")
+    assert "a.json" in left and not [name for name in left if name.startswith((".b", "b.")) or "_b." in name], left
+    monkeypatch.undo()
+    again = embed(tmp_path / "in", out, "--model", encoder_file, "--layout", layout, "--dtype", "float32")
+    assert again.exit_code == 0 and "1 shards embedded, 1 already done" in again.output, again.output
+
+
 def test_an_out_dir_beside_or_inside_the_input_folder_is_accepted(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "s.tar", photo_samples("k", 2))
     embed_shards(str(tmp_path / "in"), tmp_path / "beside", encoder_file, workers=0)
