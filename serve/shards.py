@@ -31,6 +31,10 @@ BLOCK = 512
 DEFAULT_MAX_MEMBER_BYTES = 256 << 20
 # A pax or GNU long-name header is a few hundred bytes; one far larger is hostile, and is not read.
 MAX_EXTENSION_HEADER_BYTES = 1 << 20
+# With carrying on, a sample's carried members in all are held to this many times the bound on one,
+# so that the memory a sample costs does not grow with its member count (6,000 carried members of
+# 60 KiB once took ~1 GB); members beyond are dropped and listed as not carried.
+CARRIED_MEMBERS_BUDGET = 16
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
@@ -55,6 +59,7 @@ class Sample:
     error: str | None = None
     names: list[str] = field(default_factory=list)  # extensions of every member, kept or not
     not_carried: list[str] = field(default_factory=list)  # safe extensions of members neither embedded nor carried
+    carried_bytes: int = 0  # the non-image member bytes kept so far
 
     def image(self) -> tuple[str, bytes]:
         """The member holding the image: the first extension in IMAGE_EXTENSIONS order."""
@@ -270,9 +275,10 @@ class ShardReader:
         refused whole, with the reason: which of two `KEY.jpg` members was meant is unknowable.
         With `images_only`, only the highest-ranked image member's bytes are kept, so that a sample
         of many large members costs the memory of one, and beside it the non-image members of at
-        most `max_carried_bytes` each. Where carrying is on, every member neither embedded nor carried
-        (too large, an empty extension, an image member beside a higher-ranked one) is named, by its
-        safe extension, in `Sample.not_carried`.
+        most `max_carried_bytes` each and CARRIED_MEMBERS_BUDGET times that in all. Where carrying is
+        on, every member neither embedded nor carried (too large, beyond the sample's budget, an empty
+        extension, an image member beside a higher-ranked one) is named, by its safe extension, in
+        `Sample.not_carried`.
         """
         seen: set[str] = set()
         current: Sample | None = None
@@ -310,7 +316,9 @@ class ShardReader:
         if not self.images_only:
             return True
         if ext.lower() not in IMAGE_EXTENSIONS:
-            if self.max_carried_bytes and ext and size <= self.max_carried_bytes:
+            budget = CARRIED_MEMBERS_BUDGET * self.max_carried_bytes - sample.carried_bytes
+            if self.max_carried_bytes and ext and size <= min(self.max_carried_bytes, budget):
+                sample.carried_bytes += size
                 return True
             self._not_carried(sample, ext)
             return False

@@ -322,6 +322,32 @@ def test_carried_members_are_spilled_to_the_file_aside_as_they_arrive(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.parquet", "s.patches.npy"]
 
 
+def test_a_sample_of_many_members_holds_a_bounded_share_of_them_in_memory(tmp_path, encoder_file):
+    from dmt_jepa.serve.shards import CARRIED_MEMBERS_BUDGET, ShardReader
+
+    member, count, bound = 60_000, 100, 64 << 10
+    members = {"png": image_bytes(32, 32), **{f"m{i:03d}": bytes([i]) * member for i in range(count)}}
+    shard = write_shard(tmp_path / "in" / "s.tar", [("k", members), ("next", {"png": image_bytes(32, 32)})])
+    fits = CARRIED_MEMBERS_BUDGET * bound // member  # 17: the members whose bytes fit the sample's budget, in order
+    tracemalloc.start()
+    try:
+        with open(shard, "rb") as stream:
+            first, second = ShardReader(stream, images_only=True, max_carried_bytes=bound)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sorted(first.carried()) == [f"m{i:03d}" for i in range(fits)]
+    assert first.not_carried == [f"m{i:03d}" for i in range(fits, count)]  # every member dropped is named
+    assert sum(map(len, first.carried().values())) <= CARRIED_MEMBERS_BUDGET * bound
+    assert peak < (fits + 8) * member < count * member / 3, peak  # never near the sample's 6 MB of members
+    assert second.key == "next" and second.carried() == {}  # the budget is per sample
+    embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0)
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:
+        carried = sorted(name for name in tar.getnames() if name.startswith("k.in."))
+        record = json.loads(tar.extractfile("k.json").read())
+    assert carried == [f"k.in.m{i:03d}" for i in range(fits)] and record["not_carried"] == first.not_carried
+
+
 # Carried member extensions
 
 
