@@ -15,7 +15,8 @@ A table is bound to its arrays by its `crc32` column (each row's CRC-32 per arra
 and NAME.json to its data files by their sizes: the sizes and the first and last row of every
 array are checked at open, which costs two rows per file whatever the size, and every row read
 later is checked as it is read. So arrays of equal length swapped between shards are refused, not
-paired with another shard's keys. Tables written before the column existed are read unchecked.
+paired with another shard's keys. Tables written before the column existed (whose schema metadata
+does not describe it) are read unchecked.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from dmt_jepa.serve.layouts import OutputSpec, metadata_table
+from dmt_jepa.serve.layouts import SCHEMA_METADATA_KEY, OutputSpec, metadata_table
 from dmt_jepa.serve.pca import PCA_FILE, PcaError, read_projection
 from dmt_jepa.serve.quantize import decode
 from dmt_jepa.serve.safe_read import (
@@ -224,7 +225,12 @@ def _in_row_order(table, path: Path, remedy: str) -> tuple:
         )
     if not (rows == np.arange(len(rows))).all():
         table = table.take(np.argsort(rows))
-    crc32 = _row_digests(table, path, remedy) if "crc32" in table.column_names else {}
+    if "crc32" in table.column_names:
+        crc32 = _row_digests(table, path, remedy)
+    elif b'"row_crc32"' in (table.schema.metadata or {}).get(SCHEMA_METADATA_KEY, b""):
+        raise EmbeddingsError(f"{path} lacks the crc32 column its schema metadata describes; {remedy}.")
+    else:  # a table written before the column existed
+        crc32 = {}
     return table.select(list(METADATA_COLUMNS[1:])), crc32
 
 

@@ -176,6 +176,19 @@ def test_arrays_of_equal_length_swapped_between_shards_are_refused_at_open(two_s
     assert f"{first} row 0 is not the data" in message and "swapped" in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("damage", ["column dropped", "column of text"])
+def test_a_table_whose_crc32_column_was_dropped_or_replaced_is_refused(two_shards, tmp_path, damage):
+    out = damaged_copy(two_shards / "array", tmp_path)
+    table = pq.read_table(out / "part-2.parquet")  # the schema metadata, which describes the column, is kept
+    index = table.column_names.index("crc32")
+    if damage == "column dropped":
+        table = table.remove_column(index)
+    else:
+        table = table.set_column(index, "crc32", pa.array(["0"] * table.num_rows))
+    pq.write_table(table, out / "part-2.parquet")
+    refused(out, "part-2.parquet", "crc32 column")
+
+
 def test_a_damaged_middle_row_is_refused_when_read_and_the_other_rows_still_read(two_shards, tmp_path):
     out = damaged_copy(two_shards / "array", tmp_path)
     path = out / "part-2.patches.npy"
