@@ -232,6 +232,21 @@ def _write_cached(folder: Path, key: str, data: bytes) -> None:
             partial.unlink(missing_ok=True)
 
 
+def drop_cached(cache: Path | None, key: str) -> bool:
+    """Delete the cache's entries for `key` (a model that failed its first-batch check); True where one was deleted."""
+    if cache is None:
+        return False
+    dropped = False
+    try:
+        for entry in _cached_files(cache / CACHE_FOLDER):
+            if entry.name.startswith(f"{key}-"):
+                entry.unlink(missing_ok=True)
+                dropped = True
+    except OSError:
+        pass
+    return dropped
+
+
 def calibrated_int8(
     model_path: Path,
     pixels: np.ndarray,

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from embed_helpers import TRAIN_SIZE, tiny_encoder, tiny_model_files
+from embed_helpers import TRAIN_SIZE, tiny_encoder, tiny_model_files, write_onnx_model
 
 from dmt_jepa.encoder_file import info_from_encoder
 from dmt_jepa.serve import calibration
@@ -162,6 +162,29 @@ def test_a_poisoned_entry_reaches_the_user_as_one_backend_notice(onnx_model, tmp
     [notice] = backend.notices
     assert bad in notice and "calibrated again" in notice
     assert entries(tmp_path) and bad not in entries(tmp_path)
+
+
+def test_a_cached_model_that_fails_the_first_batch_check_is_deleted_so_the_next_run_calibrates(
+    onnx_model, tmp_path, tmp_path_factory, monkeypatch
+):
+    from dmt_jepa.serve.backends import BackendError, checked_run, load_backend
+    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES
+
+    # Another model's calibrated graph under this model's key, stamped with it too (a stale entry no check can
+    # tell from a good one): only the first batch, compared with fp32, shows it.
+    other_weights = write_onnx_model(tmp_path_factory.mktemp("other-model") / "other.onnx", tiny_encoder(seed=5))
+    key = calibration_key(onnx_model, scene_pixels(DEFAULT_CALIBRATION_IMAGES, (TRAIN_SIZE, TRAIN_SIZE)))
+    data = calibration.quantize_static_int8(other_weights, pixels(), info(), tmp_path / "stale.onnx", key).read_bytes()
+    (tmp_path / CACHE_FOLDER).mkdir()
+    (tmp_path / CACHE_FOLDER / f"{key}-{calibration._content_hash(data)}.onnx").write_bytes(data)
+    monkeypatch.setenv("DMT_JEPA_CACHE_DIR", str(tmp_path))
+    batch = pixels(count=2, seed=3)
+    with pytest.raises(BackendError, match="the cached calibrated model it ran was deleted") as caught:
+        checked_run(load_backend(onnx_model, "onnxruntime-cpu", "int8-static"), batch)
+    assert "\n" not in str(caught.value) and entries(tmp_path) == []
+    made = calibrations(monkeypatch)
+    _, worst = checked_run(load_backend(onnx_model, "onnxruntime-cpu", "int8-static"), batch)  # calibrated again
+    assert len(made) == 1 and worst is not None and len(entries(tmp_path)) == 1
 
 
 def poison_for_backend(onnx_model, tmp_path) -> str:

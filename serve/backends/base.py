@@ -46,6 +46,11 @@ class Backend(ABC):
         """The same model in fp32 for the precision check, or None where this backend has none."""
         return None
 
+    def discard_cached(self) -> bool:
+        """Delete the cached model this backend runs (a calibrated int8 one, serve/calibration.py) once it failed
+        the first-batch check, so that the next run makes it again; True where one was deleted."""
+        return False
+
     def check_size(self, size: tuple[int, int]) -> None:
         """Raise BackendError if this backend cannot run images of [H, W] = size."""
         patch = self.info.patch_size
@@ -85,8 +90,10 @@ def checked_run(backend: Backend, pixels: np.ndarray) -> tuple[tuple[np.ndarray,
         return outputs, None
     worst = float(patch_cosine(outputs[0], reference.run_pixels(pixels)[0]).min())
     if worst < MIN_PATCH_COSINE:
+        dropped = " (the cached calibrated model it ran was deleted: the next run calibrates again)"
         raise BackendError(
             f"{backend.precision} on {backend.name} is too far from fp32 on the first batch (worst patch cosine "
-            f"{worst:.4f} < {MIN_PATCH_COSINE}); use --precision fp32 or another backend."
+            f"{worst:.4f} < {MIN_PATCH_COSINE}){dropped if backend.discard_cached() else ''}; use --precision fp32 "
+            "or another backend."
         )
     return outputs, worst

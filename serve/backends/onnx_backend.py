@@ -113,15 +113,16 @@ def read_contract(onnx_path: Path, shown: Path) -> tuple[EncoderInfo, IoNames, l
     return info, names, outputs, stored
 
 
-def _calibrated(path: Path, info: EncoderInfo, notices: list[str]) -> bytes:
-    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py), cached;
-    a cache entry replaced is said in `notices`."""
+def _calibrated(path: Path, info: EncoderInfo, notices: list[str]) -> tuple[bytes, str]:
+    """int8 weights and activations with ranges calibrated on the scenes set (serve/calibration.py), cached, and
+    its calibration key; a cache entry replaced is said in `notices`."""
     from dmt_jepa.serve.backends.choice import cache_dir
-    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
+    from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, calibration_key, scene_pixels
 
     with tempfile.TemporaryDirectory() as tmp:
         pixels = scene_pixels(DEFAULT_CALIBRATION_IMAGES, info.img_size)
-        return calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir(), notices=notices).read_bytes()
+        out = calibrated_int8(path, pixels, info, Path(tmp) / "int8.onnx", cache=cache_dir(), notices=notices)
+        return out.read_bytes(), calibration_key(path, pixels)
 
 
 # A fused graph is kept only where every output is this close to the original's on a test batch.
@@ -193,6 +194,7 @@ class OnnxRuntimeBackend(Backend):
                 f"not {precision}; export the model in that precision or pick another backend."
             )
         self.precision, self._stored = precision, stored
+        self._calibration_key: str | None = None  # int8-static: what its cached calibrated model was made from
         fusable = device == "cpu" and precision in ("fp32", "int8")
         fused = _fused_attention(path, self.session, self.info) if fusable else None
         self.fused_attention = fused[2] if fused else 0  # attention blocks running as ONNX Runtime's fused kernel
@@ -200,11 +202,18 @@ class OnnxRuntimeBackend(Backend):
             self.session = _session(_quantized(fused[0] if fused else path), device)  # Attention -> QAttention
         elif precision == "int8-static":
             notices: list[str] = []
-            self.session = _session(_calibrated(path, self.info, notices), device)
+            calibrated, self._calibration_key = _calibrated(path, self.info, notices)
+            self.session = _session(calibrated, device)
             self.notices = tuple(notices)
         elif fused:
             self.session = fused[1]
         self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    def discard_cached(self) -> bool:
+        from dmt_jepa.serve.backends.choice import cache_dir
+        from dmt_jepa.serve.calibration import drop_cached
+
+        return self._calibration_key is not None and drop_cached(cache_dir(), self._calibration_key)
 
     @staticmethod
     def _read_contract(session, path: Path) -> tuple[EncoderInfo, IoNames]:
