@@ -12,15 +12,19 @@ from dmt_jepa.cli.preflight import fail, need_encoder, need_folder
 app = typer.Typer(help="Evaluate an encoder file on labelled shards (cls and, for dense, seg.png).", no_args_is_help=True)
 
 ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
-DATA = typer.Argument(None, help="Directory holding train-*.tar and test-*.tar (as `dmtjepa data scenes` writes).")
+DATA = typer.Argument(None, help="Directory holding train-*.tar and test-*.tar (as `dmtjepa data scenes` or `data pack --format` writes).")
 TRAIN = typer.Option(None, "--train", help="Training shards: directory, glob or brace pattern (overrides DATA).")
 TEST = typer.Option(None, "--test", help="Test shards: directory, glob or brace pattern (overrides DATA).")
 SIZE = typer.Option(None, "--image-size", help="Resize images to this side; default the encoder's training size.")
 BATCH = typer.Option(64, "--batch-size", help="Images per forward pass.")
+JSON_OUT = typer.Option(None, "--json-out", help="Also write the result (per-class figures included) to this JSON file.")
 
 
-def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | None, test: str | None, **options) -> None:
-    """Resolve the shards, evaluate, print one JSON line and a table; user errors exit with one sentence."""
+def _run(
+    tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | None, test: str | None,
+    json_out: Path | None = None, save_head: Path | None = None, **options,
+) -> None:  # fmt: skip
+    """Resolve the shards, evaluate, print one JSON line and the tables; user errors exit with one sentence."""
     from dmt_jepa.evaluation.data import EvalDataError, resolve_shards
 
     if (train is None or test is None) and data is None:
@@ -34,29 +38,44 @@ def _run(tasks: tuple[str, ...], encoder: Path, data: Path | None, train: str | 
         resolve_shards(train), resolve_shards(test)
     except EvalDataError as error:
         fail(str(error))
+    for path, flag in ((json_out, "--json-out"), (save_head, "--save-head")):
+        if path is not None and not path.parent.is_dir():
+            fail(f"{flag} {path}: the folder {path.parent} does not exist; create it or choose another path.")
+    if save_head is not None and save_head.exists():
+        fail(f"--save-head {save_head} already exists; choose another path or move that file away.")
 
     from rich.console import Console
     from rich.table import Table
 
     from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.evaluation import DetectOptions, EvalOptions, evaluate_detection, evaluate_encoder
-    from dmt_jepa.evaluation.run import result_rows
+    from dmt_jepa.evaluation.run import per_class_rows, result_rows
     from dmt_jepa.optional import ExtraMissing
 
     try:
         if tasks == ("detect",):
             result = evaluate_detection(encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True))
         else:
-            result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options))
+            result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options), save_head=save_head)
     except (EncoderFileError, EvalDataError, ExtraMissing) as error:
         fail(str(error))
     typer.echo(json.dumps(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
     table = Table(title=f"dmtjepa eval {' + '.join(tasks)}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for metric, value in result_rows(result):
         table.add_row(metric, value)
     Console().print(table)
+    columns, rows = per_class_rows(result)
+    if rows:
+        per_class = Table(title=f"per class ({result['inference']})")
+        for i, column in enumerate(columns):
+            per_class.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            per_class.add_row(*row)
+        Console().print(per_class)
 
 
 @app.command()
@@ -99,9 +118,16 @@ def dense(
     seed: int = typer.Option(0, "--seed", help="Seed of the classifier's data order."),
     image_size: int = SIZE,
     batch_size: int = BATCH,
+    json_out: Path = JSON_OUT,
+    save_head: Path = typer.Option(
+        None, "--save-head", help="Keep the trained linear head (class names, normalisation) as a .safetensors file for export --head."
+    ),
 ) -> None:
-    """Linear segmentation: a linear classifier on frozen patch embeddings, logits upsampled, mIoU."""
-    _run(("dense",), encoder, data, train, test, dense_epochs=epochs, dense_lr=lr, seed=seed, image_size=image_size, batch_size=batch_size)
+    """Linear segmentation: a linear classifier on frozen patch embeddings, logits upsampled, mIoU per class."""
+    _run(
+        ("dense",), encoder, data, train, test, json_out, save_head,
+        dense_epochs=epochs, dense_lr=lr, seed=seed, image_size=image_size, batch_size=batch_size,
+    )  # fmt: skip
 
 
 @app.command()
@@ -120,13 +146,14 @@ def detect(
     finetune: bool = typer.Option(False, "--finetune", help="Train the encoder too (default: frozen)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the heads' initialisation and the data order."),
     image_size: int = SIZE,
+    json_out: Path = JSON_OUT,
 ) -> None:
-    """Faster R-CNN on the encoder's simple feature pyramid (boxes.json); COCO box AP, AP50, AP75 on test."""
+    """Faster R-CNN on the encoder's simple feature pyramid (boxes.json); COCO box AP, AP50, AP75 and AP per class on test."""
     from dmt_jepa.cli.embed_cmd import parse_layers
 
     chosen = parse_layers(layers)
     _run(
-        ("detect",), encoder, data, train, test, epochs=epochs, lr=lr, batch_size=batch_size, out_channels=out_channels,
+        ("detect",), encoder, data, train, test, json_out, epochs=epochs, lr=lr, batch_size=batch_size, out_channels=out_channels,
         layers=tuple(chosen) if chosen else None, finetune=finetune, seed=seed, image_size=image_size,
     )
 

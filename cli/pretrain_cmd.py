@@ -9,6 +9,7 @@ from typing import NoReturn, Optional
 
 import typer
 
+from dmt_jepa.cli.choices import LabelledFormat
 from dmt_jepa.cli.preflight import need_file
 
 data_app = typer.Typer(help="Prepare image shards for training and evaluation.", no_args_is_help=True)
@@ -82,12 +83,28 @@ def pretrain(
 
 
 def pack(
-    image_dir: Path = typer.Argument(..., help="Folder of JPEG/PNG/WebP images; first-level subfolders are class labels."),
-    out_dir: Path = typer.Argument(..., help="Empty folder for shard-000000.tar, shard-000001.tar, ..."),
+    image_dir: Path = typer.Argument(
+        ..., help="Folder of JPEG/PNG/WebP images (first-level subfolders are class labels), or with --format a labelled dataset's root."
+    ),
+    out_dir: Path = typer.Argument(..., help="Empty folder for shard-000000.tar, ... (with --format: train-*.tar, test-*.tar, dataset.json)."),
     max_shard_mb: float = typer.Option(500.0, help="Start a new shard after this many megabytes."),
     max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
+    format: Optional[LabelledFormat] = typer.Option(
+        None, "--format", help="A labelled dataset: voc, ade20k, masks (images/ + masks/) or coco; written as labelled shards."
+    ),
+    annotations: Optional[list[Path]] = typer.Option(
+        None, "--annotations", help="coco: an instances JSON, once per split (default SRC/annotations/instances_*.json)."
+    ),
+    strict: bool = typer.Option(False, "--strict", help="With --format: refuse the whole run if any record has a problem."),
+    ignore_index: int = typer.Option(255, "--ignore-index", help="masks: the mask value of pixels that are not scored."),
 ) -> None:
-    """Pack a folder of images into WebDataset tar shards."""
+    """Pack a folder of images, or with --format a labelled dataset, into WebDataset tar shards."""
+    if format is not None:
+        from dmt_jepa.cli.pack_labelled_cmd import pack_labelled_command
+
+        return pack_labelled_command(image_dir, out_dir, format, annotations or [], strict, ignore_index, max_shard_count)
+    if annotations or strict or ignore_index != 255:
+        _fail(ValueError("--annotations, --strict and --ignore-index apply with --format only; add --format or drop them."))
     from dmt_jepa.data.pack import pack_images  # checks both folders before it imports torch
     from dmt_jepa.data.shards import DataError
 

@@ -125,6 +125,7 @@ def _completions(path: tuple[str, ...], name: str) -> tuple[str, ...]:
 def _accepted() -> dict[tuple[tuple[str, ...], str], tuple[str, ...]]:
     """Each choice option and the values its package accepts, read from the package itself."""
     from dmt_jepa import scenes
+    from dmt_jepa.data import labelled_formats
     from dmt_jepa.export.io_names import IO_STYLES
     from dmt_jepa.export.weights import WEIGHT_FORMATS
     from dmt_jepa.serve import backends, images, job, layouts, quantize
@@ -143,6 +144,7 @@ def _accepted() -> dict[tuple[tuple[str, ...], str], tuple[str, ...]]:
         (("data", "scenes"), "--kind"): tuple(scenes.KINDS),
         (("data", "scenes"), "--background"): scenes.BACKGROUNDS,
         (("data", "scenes"), "--palette"): scenes.PALETTES,
+        (("data", "pack"), "--format"): labelled_formats.FORMATS,
     }
 
 

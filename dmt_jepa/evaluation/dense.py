@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,11 +50,23 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
         return np.where(union > 0, true_positive / union, np.nan)
 
 
-def dense_miou(
+@dataclass
+class DenseProbe:
+    """A trained linear pixel classifier and the feature normalisation it was trained under."""
+
+    linear: nn.Linear  # D -> C
+    mean: torch.Tensor  # [D] of the training patch embeddings
+    std: torch.Tensor  # [D]
+
+    @torch.no_grad()
+    def logits(self, patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B, h, w, D] patch embeddings -> [B, C, H, W] logits at the label size."""
+        return _pixel_logits(self.linear, (patches - self.mean) / self.std, size)
+
+
+def train_dense_probe(
     train_patches: torch.Tensor,
     train_segs: list[np.ndarray],
-    test_patches: torch.Tensor,
-    test_segs: list[np.ndarray],
     *,
     num_classes: int,
     epochs: int = 10,
@@ -61,11 +74,11 @@ def dense_miou(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
-) -> dict:
-    """Train a linear pixel classifier on frozen patch embeddings; return mIoU (%) and per-class IoU on test."""
+) -> DenseProbe:
+    """AdamW on a zero-initialised linear pixel classifier over standardised frozen patch embeddings."""
     generator = torch.Generator().manual_seed(seed)
     dim = train_patches.shape[-1]
-    train_patches, test_patches = train_patches.to(device), test_patches.to(device)
+    train_patches = train_patches.to(device)
     mean = train_patches.reshape(-1, dim).mean(0)
     std = train_patches.reshape(-1, dim).std(0).clamp_min(1e-6)  # constant channels stay finite
     probe = nn.Linear(dim, num_classes).to(device)
@@ -81,14 +94,39 @@ def dense_miou(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return DenseProbe(probe, mean, std)
+
+
+def score_dense_probe(probe: DenseProbe, test_patches: torch.Tensor, test_segs: list[np.ndarray], *, batch_size: int = 64) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (%) of a probe on test images, scored at each label map's own size."""
+    num_classes = probe.linear.out_features
+    test_patches = test_patches.to(probe.mean.device)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    with torch.no_grad():
-        for batch in _by_label_size(test_segs, batch_size, None):
-            x = (test_patches[batch] - mean) / std
-            truth = np.stack([test_segs[i] for i in batch])
-            predicted = _pixel_logits(probe, x, truth.shape[-2:]).argmax(1).cpu().numpy()
-            confusion += confusion_matrix(predicted, truth, num_classes)
+    for batch in _by_label_size(test_segs, batch_size, None):
+        truth = np.stack([test_segs[i] for i in batch])
+        predicted = probe.logits(test_patches[batch], truth.shape[-2:]).argmax(1).cpu().numpy()
+        confusion += confusion_matrix(predicted, truth, num_classes)
     return scores(confusion)
+
+
+def dense_miou(
+    train_patches: torch.Tensor,
+    train_segs: list[np.ndarray],
+    test_patches: torch.Tensor,
+    test_segs: list[np.ndarray],
+    *,
+    num_classes: int,
+    epochs: int = 10,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train a linear pixel classifier on frozen patch embeddings; return mIoU (%) and per-class IoU on test."""
+    probe = train_dense_probe(
+        train_patches, train_segs, num_classes=num_classes, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+    )
+    return score_dense_probe(probe, test_patches, test_segs, batch_size=batch_size)
 
 
 def scores(confusion: np.ndarray) -> dict:

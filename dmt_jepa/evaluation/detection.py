@@ -30,7 +30,7 @@ from dmt_jepa.models import VisionTransformer
 from dmt_jepa.models.pyramid import EncoderBackbone
 from dmt_jepa.optional import import_extra
 
-Boxes = list[dict]  # per image: {"box": [x0, y0, x1, y1] in pixels, "digit": class}
+Boxes = list[dict]  # per image: {"box": [x0, y0, x1, y1] in pixels, "digit": class, optional "iscrowd": 1 = ignore}
 
 
 @dataclass
@@ -87,7 +87,8 @@ def detection_batch(
 ) -> tuple[list[torch.Tensor], list[dict] | None]:
     """uint8 [H, W, 3] images -> float [3, S, S] in [0, 1] (the detector normalises), and targets scaled alike.
 
-    Target labels are digit + 1: torchvision keeps 0 for the background.
+    Target labels are digit + 1: torchvision keeps 0 for the background. Crowd boxes are not
+    training targets; COCOeval only uses them to ignore detections that fall on them.
     """
     inputs, targets = [], []
     for i, image in enumerate(images):
@@ -98,8 +99,9 @@ def detection_batch(
         inputs.append(x[0])
         if boxes is not None:
             scale = torch.tensor([size / width, size / height, size / width, size / height])
-            xyxy = torch.tensor([b["box"] for b in boxes[i]], dtype=torch.float32).reshape(-1, 4) * scale
-            labels = torch.tensor([b["digit"] + 1 for b in boxes[i]], dtype=torch.int64)
+            kept = [b for b in boxes[i] if not b.get("iscrowd")]
+            xyxy = torch.tensor([b["box"] for b in kept], dtype=torch.float32).reshape(-1, 4) * scale
+            labels = torch.tensor([b["digit"] + 1 for b in kept], dtype=torch.int64)
             targets.append({"boxes": xyxy, "labels": labels})
     return inputs, targets if boxes is not None else None
 
@@ -166,9 +168,11 @@ def predict(model: FasterRCNN, images: Sequence[np.ndarray], size: int, batch_si
 def coco_box_ap(
     truth: Sequence[Boxes], predictions: Sequence[dict], sizes: Sequence[tuple[int, int]], num_classes: int
 ) -> dict:
-    """COCO box AP, AP50 and AP75 (in %) from pycocotools' COCOeval on in-memory ground truth and detections.
+    """COCO box AP, AP50 and AP75 (in %) and AP of each class from pycocotools' COCOeval on in-memory ground truth
+    and detections.
 
-    `sizes` are the images' [height, width]; classes are 0 .. num_classes - 1 (COCO ids 1 .. num_classes).
+    `sizes` are the images' [height, width]; classes are 0 .. num_classes - 1 (COCO ids 1 .. num_classes);
+    a class with no ground truth has AP None.
     """
     COCO = import_extra("pycocotools.coco", "detect", "COCO box AP").COCO
     COCOeval = import_extra("pycocotools.cocoeval", "detect", "COCO box AP").COCOeval
@@ -185,7 +189,7 @@ def coco_box_ap(
                     "category_id": int(record["digit"]) + 1,
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
+                    "iscrowd": int(bool(record.get("iscrowd", 0))),
                 }
             )
         for (x0, y0, x1, y1), score, label in zip(predicted["boxes"], predicted["scores"], predicted["labels"]):
@@ -200,7 +204,9 @@ def coco_box_ap(
     if not annotations:
         raise ValueError("no ground-truth boxes to score against")
     if not detections:  # COCO.loadRes refuses an empty list; no detection means zero precision
-        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "detections": 0}
+        present = {a["category_id"] - 1 for a in annotations if not a["iscrowd"]}
+        per_class = [0.0 if c in present else None for c in range(num_classes)]
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "detections": 0, "ap_per_class": per_class}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and its table
         ground = COCO()
         ground.dataset = {
@@ -214,4 +220,15 @@ def coco_box_ap(
         evaluation.accumulate()
         evaluation.summarize()
     ap, ap50, ap75 = (100.0 * max(float(v), 0.0) for v in evaluation.stats[:3])  # -1 marks "undefined"
-    return {"ap": ap, "ap50": ap50, "ap75": ap75, "detections": len(detections)}
+    return {"ap": ap, "ap50": ap50, "ap75": ap75, "detections": len(detections), "ap_per_class": _ap_per_class(evaluation)}
+
+
+def _ap_per_class(evaluation) -> list[float | None]:
+    """AP (%) of each category over IoU 0.50:0.95, all areas, 100 detections, as COCOeval.summarize averages it."""
+    precision = evaluation.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max detections]
+    out = []
+    for k in range(precision.shape[2]):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]  # -1: the category has no ground truth
+        out.append(round(100.0 * float(values.mean()), 3) if values.size else None)
+    return out

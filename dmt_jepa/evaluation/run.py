@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from dmt_jepa.evaluation.balanced import balanced_miou
+from dmt_jepa.evaluation.class_names import ClassNames, class_names_for
 from dmt_jepa.evaluation.data import IGNORE_INDEX, EvalDataError, LabelledSet, read_labelled_shards
-from dmt_jepa.evaluation.dense import dense_miou
+from dmt_jepa.evaluation.dense import DenseProbe, score_dense_probe, train_dense_probe
 from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_box_ap, predict, train_detector
 from dmt_jepa.evaluation.features import Features, extract_features
 from dmt_jepa.evaluation.knn import knn_top1
@@ -36,10 +37,12 @@ class EvalOptions:
     seed: int = 0
 
 
-def _seg_classes(*sets: LabelledSet) -> int:
-    """Number of pixel classes: one more than the largest label that is not ignored."""
+def _seg_classes(*sets: LabelledSet, names: list[str] | None = None) -> int:
+    """Number of pixel classes: as many as are named, else one more than the largest label that is not ignored."""
     largest = max(int(np.max(np.where(s == IGNORE_INDEX, 0, s))) for data in sets for s in data.segs)
-    return largest + 1
+    if names is not None and largest >= len(names):
+        raise EvalDataError(f"the shards hold pixel label {largest}, outside the {len(names)} classes named beside them.")
+    return len(names) if names is not None else largest + 1
 
 
 def evaluate_features(
@@ -49,8 +52,15 @@ def evaluate_features(
     train_features: Features,
     test_features: Features,
     options: EvalOptions,
+    *,
+    seg_names: list[str] | None = None,
+    probes: dict[str, DenseProbe] | None = None,
 ) -> dict:
-    """Run the requested protocols on already extracted features; one result dict per task."""
+    """Run the requested protocols on already extracted features; one result dict per task.
+
+    `seg_names` name the pixel classes (and fix their number); where `probes` is given, the trained
+    dense probe is left in it under "dense".
+    """
     results = {}
     if "knn" in tasks:
         top1 = knn_top1(
@@ -68,20 +78,23 @@ def evaluate_features(
         )
         results["linear"] = {"top1": top1, "c": options.c}
     if "dense" in tasks:
-        results["dense"] = dense_miou(
+        num_classes = _seg_classes(train, test, names=seg_names)
+        probe = train_dense_probe(
             train_features.patches,
             train.segs,
-            test_features.patches,
-            test.segs,
-            num_classes=_seg_classes(train, test),
+            num_classes=num_classes,
             epochs=options.dense_epochs,
             lr=options.dense_lr,
             seed=options.seed,
         )
+        results["dense"] = score_dense_probe(probe, test_features.patches, test.segs)
+        if probes is not None:
+            probes["dense"] = probe
         # The class-balanced closed-form probe: deterministic, and a constant predictor cannot move it.
         results["dense_balanced"] = balanced_miou(
-            train_features.patches, train.segs, test_features.patches, test.segs, num_classes=_seg_classes(train, test)
+            train_features.patches, train.segs, test_features.patches, test.segs, num_classes=num_classes
         )
+        results["class_names"] = seg_names or [str(c) for c in range(num_classes)]
     return results
 
 
@@ -91,9 +104,15 @@ def evaluate_encoder(
     test_shards: str,
     tasks: tuple[str, ...] = TASKS,
     options: EvalOptions | None = None,
+    save_head: str | os.PathLike | None = None,
 ) -> dict:
-    """Load an encoder file and labelled shards, extract frozen features once, and run the protocols."""
-    from dmt_jepa.encoder_file import load_encoder
+    """Load an encoder file and labelled shards, extract frozen features once, and run the protocols.
+
+    Images are resized to one size (`options.image_size`, default the encoder's); dense logits are
+    upsampled to each label map's own size and scored there. `save_head` keeps the dense probe as a
+    head file (dmt_jepa.evaluation.head) beside its class names and normalisation.
+    """
+    from dmt_jepa.encoder_file import file_sha256, load_encoder
 
     options = options or EvalOptions()
     unknown = set(tasks) - set(TASKS)
@@ -105,17 +124,33 @@ def evaluate_encoder(
         raise EvalDataError(f"the training shards {train_shards} hold fewer than two classes; a probe needs at least two.")
     if "dense" in tasks and (train.segs is None or test.segs is None):
         raise EvalDataError("dense evaluation needs a seg.png label map in every sample of both train and test shards.")
+    assert save_head is None or "dense" in tasks, "a head is the dense probe"
+    names = class_names_for(train_shards)
     size = options.image_size or info.img_size
+    size = [size, size] if isinstance(size, int) else list(size)
     train_features = extract_features(encoder, info, train.images, image_size=size, batch_size=options.batch_size)
     test_features = extract_features(encoder, info, test.images, image_size=size, batch_size=options.batch_size)
-    results = evaluate_features(tasks, train, test, train_features, test_features, options)
+    probes: dict[str, DenseProbe] = {}
+    results = evaluate_features(tasks, train, test, train_features, test_features, options, seg_names=names.seg, probes=probes)
+    if save_head is not None:
+        from dmt_jepa.evaluation.head import DenseHead, save_head as write_head
+
+        probe = probes["dense"]
+        head = DenseHead(
+            probe.linear.weight.detach(), probe.linear.bias.detach(), probe.mean, probe.std, results["class_names"],
+            file_sha256(encoder_path), info.patch_size, info.pixel_mean, info.pixel_std, tuple(size),
+            miou=results["dense"]["miou"],
+        )  # fmt: skip
+        write_head(save_head, head)
     return {
         "encoder": str(encoder_path),
         "arch": info.arch,
         "train": len(train),
         "test": len(test),
-        "image_size": list(size) if not isinstance(size, int) else [size, size],
+        "image_size": size,
+        "inference": f"resize to {size[0]}x{size[1]}; dense logits upsampled to each label map's own size and scored there",
         **results,
+        **({"head": str(save_head)} if save_head is not None else {}),
         "options": asdict(options),
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -145,7 +180,11 @@ def evaluate_detection(
     digits = [b["digit"] for data in (train, test) for boxes in data.boxes for b in boxes]
     if not digits:
         raise EvalDataError("the shards hold no boxes at all; detection needs labelled objects.")
-    num_classes = max(digits) + 1
+    names = class_names_for(train_shards).boxes
+    if names is not None and max(digits) >= len(names):
+        raise EvalDataError(f"the shards hold box class {max(digits)}, outside the {len(names)} classes named beside them.")
+    num_classes = len(names) if names is not None else max(digits) + 1
+    names = names or [str(c) for c in range(num_classes)]
     size = options.image_size or info.img_size[0]
     try:
         model = build_detector(encoder, info, num_classes, options)
@@ -160,6 +199,8 @@ def evaluate_detection(
         "train": len(train),
         "test": len(test),
         "image_size": [size, size],
+        "inference": f"resize to {size}x{size}; boxes mapped back to each image's own pixels and scored there",
+        "class_names": names,
         "detect": {**scores, "final_loss": losses[-1], "steps": len(losses)},
         "options": asdict(options),
         "seconds": round(time.perf_counter() - start, 2),
@@ -185,3 +226,25 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("detection box AP75", f"{result['detect']['ap75']:.2f}"))
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     return rows
+
+
+def per_class_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(columns, one row per class named by its class name) of the per-class figures; no rows where there are none."""
+    names = result.get("class_names")
+    if names is None:
+        return [], []
+
+    def cell(values: list | None, i: int) -> str:
+        value = values[i] if values is not None and i < len(values) else None
+        return "-" if value is None else f"{value:.2f}"
+
+    if "detect" in result:
+        ap = result["detect"].get("ap_per_class")
+        return ["class", "box AP"], [[name, cell(ap, i)] for i, name in enumerate(names)]
+    if "dense" in result:
+        iou = result["dense"]["iou_per_class"]
+        balanced = result.get("dense_balanced", {}).get("iou_per_class")
+        return ["class", "IoU %", "IoU %, class-balanced probe"], [
+            [name, cell(iou, i), cell(balanced, i)] for i, name in enumerate(names)
+        ]
+    return [], []

@@ -1,0 +1,158 @@
+"""Scene shards rewritten in the layouts real labelled datasets use: Pascal VOC, ADE20K (mmseg), images/ + masks/, COCO.
+
+Each writer takes the folder `write_scene_shards` wrote and lays out the same scenes, in the same
+order, exactly as that dataset's own tools expect (palette PNGs, split lists, mmseg's shifted
+labels, a COCO instances JSON with RLE masks that pycocotools reads). The JPEG layouts (VOC,
+ADE20K) also get `reference`: the scene shards with each image replaced by the very JPEG bytes
+the dataset holds, so that packed and reference shards hold the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dmt_jepa.evaluation.data import _samples, read_labelled_shards
+from dmt_jepa.scenes import write_scene_shards
+
+SPLIT_NAMES = {"voc": ("train", "val"), "ade20k": ("training", "validation"), "masks": ("train", "val")}
+VOC_PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
+
+
+def scenes(root: Path, n_train: int, n_test: int, image_size: int, seed: int = 0) -> Path:
+    write_scene_shards(root, n_train=n_train, n_test=n_test, seed=seed, image_size=image_size, shard_size=max(n_train, n_test))
+    return root
+
+
+def seg_names(scene_dir: Path) -> list[str]:
+    return ["background", *json.loads((scene_dir / "scenes.json").read_text())["class_names"]]
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
+    image = Image.fromarray(array)
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _splits(scene_dir: Path):
+    for split in ("train", "test"):
+        yield split, read_labelled_shards(str(scene_dir / f"{split}-*.tar"))
+
+
+def _write_reference(scene_dir: Path, reference: Path, jpegs: dict[str, bytes]) -> None:
+    """The scene shards with each sample's PNG replaced by the JPEG bytes given for its key."""
+    import webdataset as wds
+
+    reference.mkdir(parents=True)
+    shutil.copy(scene_dir / "scenes.json", reference / "scenes.json")
+    for shard in sorted(scene_dir.glob("*.tar")):
+        with wds.TarWriter(str(reference / shard.name)) as sink:
+            for key, fields in _samples(shard):
+                sample = {"__key__": key, **{ext: data for ext, data in fields.items() if ext != "png"}}
+                sink.write({**sample, "jpg": jpegs[key]})
+
+
+def write_voc(scene_dir: Path, root: Path, reference: Path) -> Path:
+    """VOC2012 layout: JPEGImages/ID.jpg, SegmentationClass/ID.png (palette), ImageSets/Segmentation/{train,val}.txt."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    jpegs = {}
+    for split, data in _splits(scene_dir):
+        ids = [f"2007_{split}_{i:06d}" for i in range(len(data))]
+        for image_id, key, image, seg in zip(ids, data.keys, data.images, data.segs):
+            jpegs[key] = _jpeg(image)
+            (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpegs[key])
+            (root / "SegmentationClass" / f"{image_id}.png").write_bytes(_png(seg, VOC_PALETTE))
+        list_name = "train" if split == "train" else "val"
+        (root / "ImageSets/Segmentation" / f"{list_name}.txt").write_text("\n".join(ids) + "\n")
+    lines = ["# label:color_rgb:parts:actions"] + [f"{name}:{i},{i},{i}::" for i, name in enumerate(seg_names(scene_dir))]
+    (root / "labelmap.txt").write_text("\n".join(lines) + "\n")
+    _write_reference(scene_dir, reference, jpegs)
+    return root
+
+
+def write_ade20k(scene_dir: Path, root: Path, reference: Path) -> Path:
+    """mmseg's ADEChallengeData2016 layout: labels stored one higher, 0 = other; objectInfo150.txt names them."""
+    jpegs = {}
+    for (split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["ade20k"]):
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for i, (key, image, seg) in enumerate(zip(data.keys, data.images, data.segs)):
+            stem = f"ADE_{folder[:5]}_{i:08d}"
+            jpegs[key] = _jpeg(image)
+            (root / "images" / folder / f"{stem}.jpg").write_bytes(jpegs[key])
+            (root / "annotations" / folder / f"{stem}.png").write_bytes(_png(seg + 1))
+    rows = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i + 1}\t0.01\t1\t1\t{name}" for i, name in enumerate(seg_names(scene_dir))]
+    (root / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
+    _write_reference(scene_dir, reference, jpegs)
+    return root
+
+
+def write_masks(scene_dir: Path, root: Path) -> Path:
+    """images/{train,val}/NAME.png + masks/{train,val}/NAME.png (greyscale labels), classes.txt."""
+    for (split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["masks"]):
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "masks" / folder).mkdir(parents=True)
+        for i, (image, seg) in enumerate(zip(data.images, data.segs)):
+            (root / "images" / folder / f"scene_{i:05d}.png").write_bytes(_png(image))
+            (root / "masks" / folder / f"scene_{i:05d}.png").write_bytes(_png(seg))
+    (root / "classes.txt").write_text("\n".join(seg_names(scene_dir)) + "\n")
+    return root
+
+
+def category_id(digit: int) -> int:
+    """COCO category ids need not be contiguous: the writer spaces them out to test the remapping."""
+    return 10 + 3 * digit
+
+
+def coco_json(data, split: str, names: list[str], *, masks: bool = True) -> dict:
+    """An instances JSON of one split: one annotation per scene box, with an RLE mask of its visible pixels."""
+    from pycocotools import mask as mask_utils
+
+    images, annotations = [], []
+    for i, (image, seg, boxes) in enumerate(zip(data.images, data.segs, data.boxes)):
+        height, width = seg.shape
+        images.append({"id": 1000 + i, "file_name": f"{split}_{i:06d}.png", "height": height, "width": width})
+        for box in boxes:
+            x0, y0, x1, y1 = box["box"]
+            annotation = {
+                "id": len(annotations) + 1, "image_id": 1000 + i, "category_id": category_id(box["digit"]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            }  # fmt: skip
+            if masks:
+                inside = np.zeros_like(seg, dtype=bool)
+                inside[y0:y1, x0:x1] = True
+                rle = mask_utils.encode(np.asfortranarray((inside & (seg == 1 + box["digit"])).astype(np.uint8)))
+                annotation["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+            annotations.append(annotation)
+    categories = [{"id": category_id(d), "name": name, "supercategory": "digit"} for d, name in enumerate(names)]
+    return {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+
+
+def write_coco(scene_dir: Path, root: Path, *, masks: bool = True) -> Path:
+    """COCO layout: annotations/instances_{train,val}2017.json, images in train2017/ and val2017/ (PNG here)."""
+    names = json.loads((scene_dir / "scenes.json").read_text())["class_names"]
+    (root / "annotations").mkdir(parents=True)
+    for split, data in _splits(scene_dir):
+        folder = root / ("train2017" if split == "train" else "val2017")
+        folder.mkdir()
+        for i, image in enumerate(data.images):
+            (folder / f"{split}_{i:06d}.png").write_bytes(_png(image))
+        record = coco_json(data, split, names, masks=masks)
+        (root / "annotations" / f"instances_{folder.name}.json").write_text(json.dumps(record))
+    return root
