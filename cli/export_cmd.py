@@ -87,6 +87,16 @@ def export(
             "that grid's, so transformers and timm are exact there.",
         ),
     ] = None,
+    head: Annotated[
+        Path | None,
+        typer.Option(
+            "--head",
+            help="A head file from `eval dense --save-head`: write segmenter.onnx, pixel_values -> logits [B, C, H/p, W/p].",
+        ),
+    ] = None,
+    labels: Annotated[
+        bool, typer.Option("--labels", help="With --head: also output labels [B, H, W], the argmax of the upsampled logits.")
+    ] = False,
 ) -> None:
     """Export the target encoder to ONNX (and TensorRT), a Triton model repository, a Hugging Face directory or a
     timm checkpoint; each is checked against the encoder before it is kept."""
@@ -100,6 +110,8 @@ def export(
     size = parse_image_size(image_size) if image_size else None
     chosen_layers = parse_layers(layers)
     need_encoder(encoder)
+    if head is not None or labels:
+        return _export_segmenter(encoder, out, head, labels, format, opset, overwrite, [fp16, trt, bool(layers), io_names != "optimum"])
 
     from dmt_jepa.export.errors import ExportError
     from dmt_jepa.export.pipeline import export_encoder
@@ -131,6 +143,24 @@ def export(
             encoder, out, fp16=fp16, trt=trt, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
             opset=opset, layers=chosen_layers, io_style=io_names, overwrite=overwrite, log=typer.echo,
         )
+    except (EncoderFileError, ExportError) as err:
+        raise _fail(err) from err
+
+
+def _export_segmenter(
+    encoder: Path, out: Path, head: Path | None, labels: bool, format: str, opset: int, overwrite: bool, engine_flags: list[bool]
+) -> None:
+    """`export ENCODER --out DIR --head HEAD [--labels]`: the one-graph segmentation model."""
+    if head is None:
+        fail("--labels applies with --head only; add --head HEAD.safetensors or drop --labels.")
+    if format != "onnx" or any(engine_flags):
+        fail("--head writes one fp32 ONNX graph; drop --format, --fp16, --trt, --layers and --io-names.")
+    from dmt_jepa.encoder_file import EncoderFileError
+    from dmt_jepa.export.errors import ExportError
+    from dmt_jepa.export.head import export_segmenter
+
+    try:
+        export_segmenter(encoder, head, out, labels=labels, opset=opset, overwrite=overwrite, log=typer.echo)
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
 
