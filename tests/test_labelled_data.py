@@ -180,6 +180,11 @@ def test_ade20k_labels_are_reduced_and_masks_take_an_ignore_index(tmp_path):
     with_seven = pack_labelled(masks, tmp_path / "masks-255", "masks")  # 7 is then a label, and undeclared
     assert with_seven.counts == {"train": 0, "test": 0}
     assert {p.sentence for p in with_seven.skipped} == {"its mask holds label(s) [7] outside the 3 declared classes"}
+    Image.fromarray(np.array([[0, 255], [7, 2]], np.uint8)).save(masks / "masks/val/b.png")
+    with_255 = pack_labelled(masks, tmp_path / "masks-reserved", "masks", ignore_index=7)
+    assert [p.sentence for p in with_255.skipped] == [
+        "its mask holds label 255, which the shards keep for ignored pixels; relabel it or pass --ignore-index 255"
+    ]
 
 
 def test_dominant_class_by_hand():

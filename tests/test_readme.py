@@ -103,6 +103,9 @@ def make_placeholders(folder: Path) -> None:
         (folder / "data" / "shards" / shard.name).write_bytes(shard.read_bytes())
     (folder / "shards.txt").write_text("data/train-0000.tar\ndata/train-0001.tar\n")
     public_checkpoint(folder / "ijepa.pth.tar")
+    from labelled_datasets import scenes, write_voc
+
+    write_voc(scenes(folder / "voc-scenes", 8, 4, 32), folder / "VOC2012", folder / "voc-reference")
 
 
 @pytest.mark.slow
@@ -136,6 +139,7 @@ def test_readme_commands_work_in_the_order_written(tmp_path, monkeypatch):
     assert (tmp_path / "shards" / "shard-000000.tar").is_file() and (tmp_path / "encoder.safetensors").is_file()
     made_files = ("deploy/encoder.onnx", "deploy-layers/encoder.onnx", "models/dmt_jepa/config.pbtxt", "hf/config.json",
                   "pca.png", "att.png", "curves.png")
+    made_files += ("voc/dataset.json", "head.safetensors", "seg/segmenter.onnx")
     for made in made_files:
         assert (tmp_path / made).is_file(), made
     assert any((tmp_path / "timm").iterdir())

@@ -158,9 +158,12 @@ def _image_for(folder: Path, stem: str) -> Path | None:
 
 
 def _paired(
-    split: str, images: list[tuple[str, Path | None]], mask_for: Callable[[str], Path], to_labels: Callable[[np.ndarray], np.ndarray]
+    split: str,
+    images: list[tuple[str, Path | None]],
+    mask_for: Callable[[str], Path],
+    to_labels: Callable[[np.ndarray], np.ndarray | str],
 ) -> Iterator[Record | Problem]:
-    """Records of (name, image) pairs whose mask is `mask_for(name)`, labels mapped by `to_labels`."""
+    """Records of (name, image) pairs whose mask is `mask_for(name)`, labels mapped by `to_labels` (or why not)."""
     for name, image in images:
         if image is None:
             yield Problem(split, name, "it is listed but has no image")
@@ -170,10 +173,11 @@ def _paired(
             yield Problem(split, name, f"its image has no mask ({mask_path.name} is missing)")
             continue
         mask = _index_mask(mask_path)
-        if isinstance(mask, str):
-            yield Problem(split, name, mask)
+        labels = to_labels(mask) if not isinstance(mask, str) else mask
+        if isinstance(labels, str):
+            yield Problem(split, name, labels)
             continue
-        yield Record(split, name, image, seg=to_labels(mask))
+        yield Record(split, name, image, seg=labels)
 
 
 def read_voc(src: Path) -> Dataset:
@@ -242,10 +246,11 @@ def read_masks(src: Path, ignore_index: int) -> Dataset:
         notes.append("no images/train and images/val folders: every image is training data (give eval --test shards)")
     splits = {s: f for s, f in splits.items() if f is not None}
 
-    def to_labels(mask: np.ndarray) -> np.ndarray:
+    def to_labels(mask: np.ndarray) -> np.ndarray | str:
         if ignore_index == IGNORE:
             return mask
-        # A label 255 that is not the ignore index cannot be stored; check_record reports it as undeclared.
+        if (mask == IGNORE).any():  # the shards keep 255 for ignored pixels: a class 255 cannot be stored
+            return f"its mask holds label {IGNORE}, which the shards keep for ignored pixels; relabel it or pass --ignore-index {IGNORE}"
         out = mask.copy()
         out[mask == ignore_index] = IGNORE
         return out
