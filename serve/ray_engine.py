@@ -4,7 +4,7 @@
   decode tasks  a chunk -> the pixels of its usable images (one object-store object) and a record per sample
   driver        usable images -> batches of object-store slices, never across shards, as the local engine cuts them
   model actors  a batch -> embeddings; each actor loads the model once (on a GPU of its own with gpus_per_worker)
-  driver        writes and commits each shard with serve.job's ShardWriting, NAME.json last
+  driver        writes and commits each shard with serve.job.write's ShardWriting, NAME.json last
 The invariant: results come back in the order they were asked for, so each batch holds the same
 images as in the local engine and the bytes written are the same. Back-pressure follows from it:
 the driver keeps at most 2 chunks per decode worker being decoded and 2 batches per model actor
@@ -43,18 +43,9 @@ from dmt_jepa.serve.claims import Claims, owner_token
 from dmt_jepa.serve.decode import decode_chunk
 from dmt_jepa.serve.images import Preprocess
 from dmt_jepa.serve.inputs import ShardSource
-from dmt_jepa.serve.job import (
-    Embedded,
-    EmbedOptions,
-    EngineError,
-    ReadSample,
-    ShardEnd,
-    ShardRun,
-    ShardWriting,
-    claimed_shards,
-    embed_batch,
-    read_shard,
-)
+from dmt_jepa.serve.job.options import EmbedOptions, EngineError, ShardRun
+from dmt_jepa.serve.job.read import ReadSample, ShardEnd, claimed_shards, read_shard
+from dmt_jepa.serve.job.write import Embedded, ShardWriting, embed_batch
 from dmt_jepa.serve.progress import Progress
 
 TASK_RETRIES = 3  # a decode task, or a model actor's process, lost this many times in a row fails the job
@@ -418,7 +409,7 @@ def in_order(items: Iterable, start: Callable[[object], Callable[[], object]], d
 
 
 class _RayRun:
-    """The Ray engine's pipeline over the shards still to do (serve.job._run's counterpart)."""
+    """The Ray engine's pipeline over the shards still to do (serve.job.loop.run_local's counterpart)."""
 
     def __init__(self, ray, actors: list, decode_workers: int):
         self.ray, self.actors, self.decode_workers = ray, actors, decode_workers
