@@ -94,6 +94,6 @@ def test_scene_settings_are_checked_before_the_run_directory_is_made(tmp_path) -
     out = tmp_path / "never"
     result = CliRunner().invoke(app, ["pretrain", "data.scenes_kind=letters", f"run.out_dir={out}"])
     assert result.exit_code == 2 and "data.scenes_kind must be one of digits, shapes, textures, got 'letters'" in result.output
-    result = CliRunner().invoke(app, ["pretrain", "data.scenes_palette=mono", f"run.out_dir={out}"])
+    result = CliRunner().invoke(app, ["pretrain", "data.scenes_kind=digits", "data.scenes_palette=mono", f"run.out_dir={out}"])
     assert result.exit_code == 2 and "set data.scenes_kind to shapes or textures for data.scenes_palette mono" in result.output
     assert not out.exists()
