@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmt_jepa.serve.backends.cpu import cpu_info  # noqa: E402
+from dmt_jepa.serve.backends.cpu import cpu_info
 
 
 def cpu_description() -> dict:

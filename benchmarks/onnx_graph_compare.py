@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def profile_by_op(path: Path, batch: np.ndarray) -> dict[str, float]:
     return {op: round(ms, 2) for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
-def alternating(runs: list[tuple[str, callable]], batch: np.ndarray, repeats: int) -> list[float]:
+def alternating(runs: list[tuple[str, Callable]], batch: np.ndarray, repeats: int) -> list[float]:
     """Median images/s of each runner, measured in turn `repeats` times, the order reversed every other round."""
     for _, run in runs:
         run(batch)
@@ -146,7 +147,8 @@ def compare(arch: str, size: int, batch_size: int, repeats: int, sessions: int, 
     runs = []
     for name in names:
         sess = session(paths[name])
-        runs.append((name, lambda x, s=sess, i=sess.get_inputs()[0].name: s.run(None, {i: x})))
+        input_name = sess.get_inputs()[0].name
+        runs.append((name, lambda x, s=sess, i=input_name: s.run(None, {i: x})))
     medians = alternating(runs, batch, repeats)
     per_session = {name: [m for n, m in zip(names, medians, strict=True) if n == name] for name in paths}
     rates = {name: round(statistics.mean(m), 2) for name, m in per_session.items()}

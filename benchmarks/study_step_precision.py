@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402
+import study
 
-from dmt_jepa.masks import MultiBlockMaskSampler  # noqa: E402
-from dmt_jepa.objective import DMTJEPA, train_step  # noqa: E402
-from dmt_jepa.precision import device_has_bf16  # noqa: E402
+from dmt_jepa.masks import MultiBlockMaskSampler
+from dmt_jepa.objective import DMTJEPA, train_step
+from dmt_jepa.precision import device_has_bf16
 
 
 def ms_per_step(arm: str, dtype: torch.dtype | None, steps: int, warmup: int = 5) -> float:

@@ -137,11 +137,10 @@ def embed(
             "ends; choose a folder or a persistent store (file://, s3://, ...)."
         )
 
+    from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.serve.backends import BackendError
     from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS
     from dmt_jepa.serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
-
-    from dmt_jepa.encoder_file import EncoderFileError
 
     try:
         options = EmbedOptions(

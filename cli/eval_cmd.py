@@ -31,9 +31,10 @@ def _run(
         fail("give a DATA directory or both --train and --test shard patterns.")
     need_encoder(encoder)
     if train is None or test is None:
+        assert data is not None  # refused above without it
         need_folder(data, "DATA", "give the folder `dmtjepa data scenes` wrote, or --train and --test shard patterns")
-    train = train or str(data / "train-*.tar")
-    test = test or str(data / "test-*.tar")
+        train = train or str(data / "train-*.tar")
+        test = test or str(data / "test-*.tar")
     try:
         resolve_shards(train), resolve_shards(test)
     except EvalDataError as error:

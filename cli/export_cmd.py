@@ -113,10 +113,9 @@ def export(
     if head is not None or labels:
         return _export_segmenter(encoder, out, head, labels, format, opset, overwrite, [fp16, trt, bool(layers), io_names != "optimum"])
 
+    from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.export.errors import ExportError
     from dmt_jepa.export.pipeline import export_encoder
-
-    from dmt_jepa.encoder_file import EncoderFileError
 
     if format in ("hf", "timm"):
         from dmt_jepa.export.out_dir import replacing
@@ -176,41 +175,40 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of indented text.")] = False,
 ) -> None:
     """Print what an encoder file, ONNX model, TensorRT engine or model directory says about itself, or summarise an embed OUT_DIR."""
-    file = _local(file)
-    if not file.exists():
-        fail(f"{file} does not exist; give an encoder file, a model file or folder, or an embed OUT_DIR.")
+    path = _local(file)
+    if not path.exists():
+        fail(f"{path} does not exist; give an encoder file, a model file or folder, or an embed OUT_DIR.")
+    from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.export.errors import ExportError
     from dmt_jepa.export.info import describe, describe_model_directory, format_description, is_model_directory
     from dmt_jepa.export.triton import describe_triton_model, is_triton_model
 
-    from dmt_jepa.encoder_file import EncoderFileError
-
-    if is_triton_model(file):
+    if is_triton_model(path):
         try:
-            description = describe_triton_model(file)
+            description = describe_triton_model(path)
         except ExportError as err:
             raise _fail(err) from err
         typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
         return
-    if is_model_directory(file):
+    if is_model_directory(path):
         try:
-            description = describe_model_directory(file)
+            description = describe_model_directory(path)
         except EncoderFileError as err:
             raise _fail(err) from err
         typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))
         return
-    if file.is_dir():
+    if path.is_dir():
         from dmt_jepa.serve.stats import describe_out_dir
 
         try:
-            description = describe_out_dir(file)
+            description = describe_out_dir(path)
         except OSError as err:
-            raise _fail(ExportError(f"cannot read OUT_DIR {file} ({err.strerror or err}); check its permissions.")) from err
+            raise _fail(ExportError(f"cannot read OUT_DIR {path} ({err.strerror or err}); check its permissions.")) from err
         typer.echo(json.dumps(description, indent=2) if as_json else format_out_dir(description))
         return
 
     try:
-        description = describe(file)
+        description = describe(path)
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
     typer.echo(json.dumps(description, indent=2) if as_json else format_description(description))

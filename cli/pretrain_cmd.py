@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import typer
 
@@ -22,13 +22,13 @@ def _fail(err: Exception, code: int = 2) -> NoReturn:
 
 
 def pretrain(
-    overrides: Optional[list[str]] = typer.Argument(
+    overrides: list[str] | None = typer.Argument(
         None, help="Config overrides as section.key=value, e.g. optimization.lr=5e-4 data.train='shards/{000..009}.tar'."
     ),
-    config: Optional[str] = typer.Option(
+    config: str | None = typer.Option(
         None, "--config", "-c", help="YAML config file, or a built-in name: demo, vit_b16, vit_l16, vit_h14 (default: demo)."
     ),
-    resume: Optional[Path] = typer.Option(
+    resume: Path | None = typer.Option(
         None, "--resume", help="Continue a run: its directory (newest checkpoint) or one checkpoint folder."
     ),
     compile_step: bool = typer.Option(
@@ -43,12 +43,14 @@ def pretrain(
     is_main = os.environ.get("RANK", "0") == "0"
     try:  # none of these imports torch: a mistyped override or path is answered at once
         checkpoint = find_checkpoint(resume) if resume is not None else None
+        path: Path | None
         if config is not None:
             path = builtin_config_path(config) or Path(config)
         elif checkpoint is not None:
             path = checkpoint / "config.yaml"
         else:
             path = builtin_config_path("demo")
+            assert path is not None  # demo.yaml ships with the package
         cfg = load_config(path, [*(overrides or []), *(["optimization.compile=true"] if compile_step else [])])
         if cfg.data.train:  # built-in scenes are made by the run itself
             expand_shards(cfg.data.train)
@@ -57,7 +59,8 @@ def pretrain(
         # makes torchrun stop the others, so a rank left silent could leave no line at all.
         _fail(err)
 
-    from dmt_jepa.train import TrainingError, pretrain as run_pretrain
+    from dmt_jepa.train import TrainingError
+    from dmt_jepa.train import pretrain as run_pretrain
 
     try:
         if is_main:
@@ -89,10 +92,10 @@ def pack(
     out_dir: Path = typer.Argument(..., help="Empty folder for shard-000000.tar, ... (with --format: train-*.tar, test-*.tar, dataset.json)."),
     max_shard_mb: float = typer.Option(500.0, help="Start a new shard after this many megabytes."),
     max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
-    format: Optional[LabelledFormat] = typer.Option(
+    format: LabelledFormat | None = typer.Option(
         None, "--format", help="A labelled dataset: voc, ade20k, masks (images/ + masks/) or coco; written as labelled shards."
     ),
-    annotations: Optional[list[Path]] = typer.Option(
+    annotations: list[Path] | None = typer.Option(
         None, "--annotations", help="coco: an instances JSON, once per split (default SRC/annotations/instances_*.json)."
     ),
     strict: bool = typer.Option(False, "--strict", help="With --format: refuse the whole run if any record has a problem."),
@@ -127,7 +130,7 @@ def convert(
     checkpoint: Path = typer.Argument(..., help="I-JEPA / DMT-JEPA checkpoint (.pth.tar) of the public code."),
     out: Path = typer.Argument(..., help="Encoder file to write (*.safetensors)."),
     which: str = typer.Option("target_encoder", help="Which state dict to convert: target_encoder or encoder."),
-    arch: Optional[str] = typer.Option(None, help="Architecture name; default: inferred from the width."),
+    arch: str | None = typer.Option(None, help="Architecture name; default: inferred from the width."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     license: str = typer.Option(
         "cc-by-nc-4.0", "--license", help="Licence of the weights, recorded in the file (the public I-JEPA weights': CC-BY-NC 4.0)."

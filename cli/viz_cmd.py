@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 from dmt_jepa.cli.preflight import need_encoder, need_file
-
 from dmt_jepa.optional import ExtraMissing
 
 app = typer.Typer(help="Draw PNG pictures: PCA of patch embeddings, last-layer attention, training curves.", no_args_is_help=True)
@@ -19,7 +19,7 @@ INDEX = typer.Option(0, "--index", help="Which sample of a .tar shard to draw.")
 SIZE = typer.Option(None, "--image-size", help="Resize the image to this side first; default the encoder's training size.")
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception) -> NoReturn:
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(code=2)
 

@@ -20,7 +20,6 @@ import torch
 from dmt_jepa.encoder_file import EncoderInfo, info_from_encoder, save_encoder
 from dmt_jepa.models import VARIANTS, VisionTransformer, sincos_2d
 
-
 # The public I-JEPA weights are released under CC-BY-NC 4.0; converted weights keep their terms, and
 # the provenance carries them on into every export and the model card.
 PUBLIC_LICENSE = "cc-by-nc-4.0"

@@ -18,7 +18,7 @@ _OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk qu
 def out_of_space(err: BaseException) -> str | None:
     """What ran out when `err` is a full disk or an exceeded quota, in words; None for any other failure."""
     if isinstance(err, OSError):
-        return _OUT_OF_SPACE.get(err.errno)
+        return None if err.errno is None else _OUT_OF_SPACE.get(err.errno)
     return next((words for code, words in _OUT_OF_SPACE.items() if f"(os error {code})" in str(err)), None)
 
 

@@ -16,6 +16,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,8 @@ from safetensors.torch import save_file
 from dmt_jepa.file_modes import as_umask_allows
 from dmt_jepa.limits import MAX_DEPTH, MAX_EMBED_DIM, MAX_HEADS, MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.vision_transformer import VisionTransformer
+
+Floats3 = tuple[float, float, float]  # [R, G, B]
 
 FORMAT_NAME = "dmt-jepa-encoder"
 FORMAT_VERSION = 1
@@ -74,7 +77,7 @@ class EncoderInfo:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str = "file") -> "EncoderInfo":
+    def from_metadata(cls, meta: dict[str, str], source: str = "file") -> EncoderInfo:
         """The description in safetensors / ONNX metadata (str -> str, values JSON but `arch`)."""
         if meta.get("format") != FORMAT_NAME:
             raise EncoderFileError(f"{source} is not a dmt-jepa encoder file (no '{FORMAT_NAME}' metadata).")
@@ -85,7 +88,7 @@ class EncoderInfo:
         return cls.from_values(values, source)
 
     @classmethod
-    def from_values(cls, values: dict, source: str = "file") -> "EncoderInfo":
+    def from_values(cls, values: dict, source: str = "file") -> EncoderInfo:
         """The description from decoded values (a model directory's config.json), each checked for type and bounds."""
         version = values.get("format_version", 0)
         if isinstance(version, int) and version > FORMAT_VERSION:
@@ -103,9 +106,9 @@ class EncoderInfo:
                 depth=_integer(values, "depth"),
                 num_heads=_integer(values, "num_heads"),
                 mlp_ratio=_number(values["mlp_ratio"], "mlp_ratio"),
-                img_size=tuple(_integer(values, "img_size", i) for i in range(2)),
-                pixel_mean=tuple(_number(v, "pixel_mean") for v in _triple(values, "pixel_mean")),
-                pixel_std=tuple(_number(v, "pixel_std") for v in _triple(values, "pixel_std")),
+                img_size=(_integer(values, "img_size", 0), _integer(values, "img_size", 1)),
+                pixel_mean=cast(Floats3, tuple(_number(v, "pixel_mean") for v in _triple(values, "pixel_mean"))),
+                pixel_std=cast(Floats3, tuple(_number(v, "pixel_std") for v in _triple(values, "pixel_std"))),
                 provenance=values.get("provenance", {}),
                 format_version=version,
             )
@@ -173,7 +176,7 @@ def info_from_encoder(encoder: VisionTransformer, arch: str, provenance: dict | 
         depth=encoder.depth,
         num_heads=encoder.num_heads,
         mlp_ratio=encoder.mlp_ratio,
-        img_size=tuple(encoder.img_size),
+        img_size=cast("tuple[int, int]", tuple(encoder.img_size)),  # timm keeps [H, W]
         provenance=dict(provenance or {}),
     )
 

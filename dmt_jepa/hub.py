@@ -18,10 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
-import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 
 from dmt_jepa.encoder_file import (
@@ -43,10 +47,6 @@ from dmt_jepa.model_card import PAPER, TAGS, model_card
 from dmt_jepa.models.pos_embed import sincos_2d
 from dmt_jepa.models.transformers_layout import from_transformers, to_transformers, transformers_shapes
 from dmt_jepa.models.vision_transformer import LayerNorm, VisionTransformer
-
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 WEIGHTS_FILENAME = "model.safetensors"  # the name huggingface_hub's mixin writes and reads
 CONFIG_FILENAME = "config.json"
@@ -86,7 +86,7 @@ class PretrainedEncoder(
         format_version: int = FORMAT_VERSION,
     ):
         super().__init__(
-            img_size=tuple(img_size),
+            img_size=cast("tuple[int, int]", tuple(img_size)),
             patch_size=patch_size,
             embed_dim=embed_dim,
             depth=depth,
@@ -100,9 +100,9 @@ class PretrainedEncoder(
             depth=depth,
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
-            img_size=tuple(img_size),
-            pixel_mean=tuple(pixel_mean),
-            pixel_std=tuple(pixel_std),
+            img_size=cast("tuple[int, int]", tuple(img_size)),
+            pixel_mean=cast("tuple[float, float, float]", tuple(pixel_mean)),
+            pixel_std=cast("tuple[float, float, float]", tuple(pixel_std)),
             provenance=dict(provenance or {}),
             format_version=format_version,
         )
@@ -162,7 +162,7 @@ class PretrainedEncoder(
 TRANSFORMERS_MARK = "layernorm.weight"  # a tensor name only the transformers layout has
 
 
-def transformers_config(info: EncoderInfo, parity: list[dict] = ()) -> dict:
+def transformers_config(info: EncoderInfo, parity: Sequence[dict] = ()) -> dict:
     """config.json: IJepaConfig's fields for this encoder, plus our metadata and the measured parity."""
     assert LayerNorm.keywords["eps"] == 1e-6  # the eps written below; a change must change both
     return {

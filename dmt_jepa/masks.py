@@ -25,7 +25,7 @@ class Masks:
     context_idx: torch.Tensor  # [B, Nc] long, sorted
     target_idx: torch.Tensor  # [B, M, T] long, each block sorted
 
-    def to(self, device, non_blocking: bool = False) -> "Masks":
+    def to(self, device, non_blocking: bool = False) -> Masks:
         return Masks(
             self.context_idx.to(device, non_blocking=non_blocking), self.target_idx.to(device, non_blocking=non_blocking)
         )

@@ -7,6 +7,8 @@ path is replaced, and the loader differences are rows an export measured, never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from huggingface_hub import ModelCard, ModelCardData
 
 from dmt_jepa.encoder_file import EncoderInfo
@@ -28,7 +30,7 @@ def _license(info: EncoderInfo) -> str:
     return str(info.provenance.get("license") or UNSPECIFIED_LICENSE)
 
 
-def model_card(info: EncoderInfo, *, parity: list[dict] = (), library: str = "transformers") -> ModelCard:
+def model_card(info: EncoderInfo, *, parity: Sequence[dict] = (), library: str = "transformers") -> ModelCard:
     """A model card from what the encoder's metadata records; nothing it does not record is claimed.
 
     `library` is the directory's loader ("transformers" or "timm"): it sets the Hub metadata and
@@ -180,7 +182,7 @@ def dmt_jepa_usage(info: EncoderInfo) -> list[str]:
     ]
 
 
-def _parity_lines(parity: list[dict], library: str) -> list[str]:
+def _parity_lines(parity: Sequence[dict], library: str) -> list[str]:
     if not parity:
         return []
     lines = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,10 @@ from dmt_jepa.models import Predictor, create_encoder
 from dmt_jepa.neighbours import semantic_neighbours, window_candidates
 from dmt_jepa.precision import device_has_bf16, effective_precision
 
+M = TypeVar("M", bound=nn.Module)
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+
+def _frozen_copy(module: M) -> M:
     target = copy.deepcopy(module)
     for p in target.parameters():
         p.requires_grad_(False)
@@ -44,6 +47,8 @@ class DMTJEPA(nn.Module):
         self.predictor = Predictor(
             embed_dim=dim, predictor_dim=m.pred_width, depth=m.pred_depth, num_heads=m.pred_heads or heads
         )
+        self.online_head: LocalAggregationHead | None = None
+        self.target_head: LocalAggregationHead | None = None
         if cfg.target.aggregation in ("cross_attention", "self_attention"):
             t = cfg.target
             self.online_head = LocalAggregationHead(
@@ -52,9 +57,6 @@ class DMTJEPA(nn.Module):
             self.target_head = _frozen_copy(self.online_head)
             if t.context == "none":  # targets only: the head is never trained and stays at its init
                 self.online_head.requires_grad_(False)
-        else:
-            self.online_head = None
-            self.target_head = None
         self.train_grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
         if cfg.target.aggregation != "none":
             # The training grid's neighbour windows live on the model's device: no host copy per step.

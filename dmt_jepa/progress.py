@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable, Protocol, TextIO
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
 
 
 class Progress(Protocol):
     """A context manager told after every optimizer step where the run stands."""
 
-    def __enter__(self) -> "Progress": ...
+    def __enter__(self) -> Progress: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
@@ -28,7 +29,7 @@ class Progress(Protocol):
 class NoProgress:
     """Shows nothing (run.progress false, or a rank other than 0)."""
 
-    def __enter__(self) -> "NoProgress":
+    def __enter__(self) -> NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -56,7 +57,7 @@ class LineProgress:
         self.total, self.start, self.batch_size, self.every_s = total, start, batch_size, every_s
         self.stream, self.clock = stream, clock
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         self.began = self.clock()
         self.last_time, self.last_step, self.printed, self.gone = self.began, self.start, False, False
         return self
@@ -98,11 +99,11 @@ class BarProgress:
         )
         self.task = self.bar.add_task("pretrain", total=total, completed=start, loss=float("nan"), lr=0.0, ips=0.0)
 
-    def __enter__(self) -> "BarProgress":
+    def __enter__(self) -> BarProgress:
         self.bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
     def update(self, step: int, *, loss: float, lr: float, images_per_s: float) -> None:

@@ -18,9 +18,9 @@ import colorsys
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,7 @@ class Placement:
 
     def alpha(self) -> np.ndarray:
         """Opacity [size, size]: the bilinearly upscaled ink, its faint fringe dropped and strong ink made opaque."""
-        ink = np.asarray(Image.fromarray(digits()[0][self.sample]).resize((self.size, self.size), Image.BILINEAR))
+        ink = np.asarray(Image.fromarray(digits()[0][self.sample]).resize((self.size, self.size), Image.Resampling.BILINEAR))
         # No square outline shows; alpha crosses 1/2 exactly where the ink crosses INK_THRESHOLD.
         return np.clip((ink - INK_THRESHOLD) * 2.0 + 0.5, 0.0, 1.0)
 
@@ -163,7 +163,7 @@ def _load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(photo[:, :, :3].astype(np.uint8))
 
 
-@lru_cache(maxsize=None)
+@cache
 def photos(split: str) -> tuple[np.ndarray, ...]:
     """The background photos of a split."""
     return tuple(_load_photo(name) for name in (TRAIN_PHOTOS if split == "train" else TEST_PHOTOS))
@@ -185,7 +185,7 @@ def digit_samples(split: str) -> np.ndarray:
     return np.flatnonzero(held_out if split == "test" else ~held_out)
 
 
-def compose(background: np.ndarray, placements: list[Placement] | list[ShapePlacement] | list[TexturePlacement]) -> Scene:
+def compose(background: np.ndarray, placements: Sequence[Placement | ShapePlacement | TexturePlacement]) -> Scene:
     """Paste objects on a background in order (later ones on top) and derive both labels."""
     image = background.astype(np.float32)
     seg = np.zeros(background.shape[:2], dtype=np.uint8)
@@ -226,8 +226,8 @@ def _crop_background(photo: np.ndarray, size: int, rng: np.random.Generator) -> 
     side = int(rng.integers(max(short // 4, min(size, short)), short + 1))
     top = int(rng.integers(0, photo.shape[0] - side + 1))
     left = int(rng.integers(0, photo.shape[1] - side + 1))
-    crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
-    crop = np.asarray(crop)
+    picture = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BILINEAR)
+    crop = np.asarray(picture)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 

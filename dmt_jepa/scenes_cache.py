@@ -30,7 +30,7 @@ def draw_key(settings: dict) -> str:
     """The key of a draw: a digest of its settings, the generator's source and the libraries' versions."""
     here = Path(__file__).parent
     sources = {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in GENERATOR_SOURCES}
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)

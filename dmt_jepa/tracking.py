@@ -63,7 +63,7 @@ class Trackers:
     """The trackers of one run, on the process that writes (rank 0)."""
 
     def __init__(self, names: list[str], run_dir: Path, config: dict, *, resumed_at: int | None = None):
-        self.writers = []
+        self.writers: list[_TensorBoard | _MLflow | _WandB] = []
         run_dir = Path(run_dir)
         for name in dict.fromkeys(names):
             if name == "tensorboard":
@@ -113,7 +113,7 @@ class _TensorBoard:
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for key, value in config.items():
         if isinstance(value, dict):
             out |= _flat(value, f"{prefix}{key}.")

@@ -11,8 +11,10 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from dmt_jepa.checkpoint import (
-    CheckpointError, checkpoint_bytes, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint, tensor_bytes,
+    CheckpointError,
+    checkpoint_bytes,
+    checkpoint_dirs,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tensor_bytes,
 )
 from dmt_jepa.config import ConfigError, OptimizationConfig, TrainConfig, config_to_dict, save_config, validate_config
 from dmt_jepa.data.device import Normaliser, decode_on_device
@@ -71,7 +79,7 @@ class Schedule:
     ema: tuple[float, float]
 
     @classmethod
-    def from_config(cls, opt: OptimizationConfig, steps_per_epoch: int) -> "Schedule":
+    def from_config(cls, opt: OptimizationConfig, steps_per_epoch: int) -> Schedule:
         return cls(
             total_steps=opt.epochs * steps_per_epoch,
             warmup_steps=round(opt.warmup_epochs * steps_per_epoch),
@@ -104,10 +112,7 @@ class Schedule:
 
 def param_groups(model: DMTJEPA) -> list[dict]:
     """AdamW groups: (encoder, predictor + online head) x (decayed, not decayed: biases and 1-D)."""
-    groups = {
-        name: {"name": name, "params": [], "apply_wd": not name.endswith("no_wd")}
-        for name in ("encoder", "encoder_no_wd", "predictor", "predictor_no_wd")
-    }
+    params: dict[str, list[nn.Parameter]] = {name: [] for name in ("encoder", "encoder_no_wd", "predictor", "predictor_no_wd")}
     for module_name in ("context_encoder", "predictor", "online_head"):
         module = getattr(model, module_name)
         if module is None:
@@ -116,8 +121,8 @@ def param_groups(model: DMTJEPA) -> list[dict]:
         for pname, p in module.named_parameters():
             if p.requires_grad:
                 no_wd = p.ndim == 1 or pname.endswith(".bias")
-                groups[side + ("_no_wd" if no_wd else "")]["params"].append(p)
-    return [g for g in groups.values() if g["params"]]
+                params[side + ("_no_wd" if no_wd else "")].append(p)
+    return [{"name": name, "params": ps, "apply_wd": not name.endswith("no_wd")} for name, ps in params.items() if ps]
 
 
 @dataclass
@@ -149,11 +154,14 @@ def _init_world(cfg: TrainConfig) -> World:
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
 
 
-def _gather(world: World, obj):
+T = TypeVar("T")
+
+
+def _gather(world: World, obj: T) -> list[T]:
     """Every rank's `obj`, in rank order."""
     if world.size == 1:
         return [obj]
-    out = [None] * world.size
+    out: list[Any] = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
 
@@ -339,7 +347,7 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         # The forward and loss, compiled as one graph (static mask shapes: compiled once); the
         # optimizer (one fused kernel) and the EMA stay eager.
-        self.forward: nn.Module = torch.compile(self.ddp) if opt.compile else self.ddp
+        self.forward: Callable[..., torch.Tensor] = torch.compile(self.ddp) if opt.compile else self.ddp
         self.loss = torch.zeros((), device=world.device)
         # Step (1-based) and loss of the first non-finite loss; 0: none so far. Kept on the device.
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=world.device)
@@ -364,7 +372,7 @@ class Trainer:
         self.position.skipped_before = state["skipped"]
         _set_rng_state(state["rng"][self.world.rank], self.world.device)
 
-    def _batches(self, epoch: int, in_epoch: int):
+    def _batches(self, epoch: int, in_epoch: int) -> Iterator[dict]:
         """This rank's micro-batches from optimizer step `in_epoch` of `epoch` to the end of training (one loader)."""
         cfg = self.cfg
         spec = StreamSpec(
@@ -385,7 +393,7 @@ class Trainer:
         )
         return micro_batches(spec, cfg.data.num_workers, pin_memory=self.world.device.type == "cuda")
 
-    def train_step(self, batches) -> tuple[float, float, float]:
+    def train_step(self, batches: Iterator[dict]) -> tuple[float, float, float]:
         """One optimizer step over `accumulation` micro-batches; returns lr, weight decay, momentum.
 
         Nothing here waits for the device: the loss stays on it (`read_loss` fetches it), and a
@@ -407,7 +415,8 @@ class Trainer:
             images = self.normalise(decode_on_device(batch, device))
             context_idx, target_idx = (batch[k].to(device, non_blocking=True) for k in ("context_idx", "target_idx"))
             last = micro == opt.accumulation - 1
-            with contextlib.nullcontext() if last or self.world.size == 1 else self.ddp.no_sync():
+            ddp = self.ddp  # wrapped in DistributedDataParallel exactly when the world has several ranks
+            with contextlib.nullcontext() if last or not isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     # targets (no grad) -> context -> predictor -> loss, inside the objective's forward
                     loss = self.forward(images, context_idx, target_idx) / opt.accumulation
@@ -445,7 +454,7 @@ class Trainer:
 
     def state(self) -> dict:
         """Training state for the checkpoint, with every rank's data position and RNG states."""
-        mine = {
+        mine: dict[str, Any] = {
             "emitted": list(self.position.emitted),
             "skipped": sum(self.position.skipped),
             "rng": _rng_state(self.world.device),
@@ -516,6 +525,7 @@ class Trainer:
         cfg = self.cfg
         loss = float("nan")
         if self.already_complete:
+            assert self.checkpoint is not None  # a complete run was resumed from its last checkpoint
             return PretrainResult(self.run_dir, self.encoder_path, self.checkpoint, self.step, loss, self.world.is_main, True)
         progress = progress_for(
             cfg.run.progress and self.world.is_main,
@@ -565,7 +575,9 @@ class Trainer:
             target = self.model.target_encoder
             provenance = {"source": "dmtjepa pretrain", "steps": self.step, "config": config_to_dict(cfg)}
             info = info_from_encoder(target, cfg.model.arch, provenance=provenance)
-            info.pixel_mean, info.pixel_std = tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)
+            # YAML gives lists; the encoder file's fields are triples
+            info.pixel_mean = cast("tuple[float, float, float]", tuple(cfg.data.pixel_mean))
+            info.pixel_std = cast("tuple[float, float, float]", tuple(cfg.data.pixel_std))
             try:
                 save_encoder(self.encoder_path, target, info)
             except (OSError, SafetensorError) as err:
@@ -580,6 +592,7 @@ class Trainer:
 
             held_out = compare_with_init(self.model.target_encoder, info, scenes, seed=cfg.run.seed)
             self._log({"step": self.step, "held_out": held_out})
+        assert self.checkpoint is not None  # saved above
         return PretrainResult(
             run_dir=self.run_dir,
             encoder=self.encoder_path,

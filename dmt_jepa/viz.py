@@ -20,7 +20,7 @@ class VizError(ValueError):
     """Input a picture cannot be made from; the message is one sentence for the user."""
 
 
-def _panel(array: np.ndarray, side: int, resample: int = Image.NEAREST) -> Image.Image:
+def _panel(array: np.ndarray, side: int, resample: Image.Resampling = Image.Resampling.NEAREST) -> Image.Image:
     """A float [h, w] or [h, w, 3] array in [0, 1] (or uint8 image) as a side x side RGB panel."""
     if array.dtype != np.uint8:
         array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
@@ -61,7 +61,7 @@ def pca_picture(
     size = image_size or info.img_size
     x = to_input([image], info, size)
     patches, _ = encoder.dense(x)  # [1, h, w, D]
-    shown = Image.fromarray(image).convert("RGB").resize((side, side), Image.BILINEAR)
+    shown = Image.fromarray(image).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
     return _row([shown, _panel(pca_rgb(patches[0].float()), side)])
 
 
@@ -89,7 +89,7 @@ def attention_picture(
     maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # heads then their mean
     colormap = colormaps["viridis"]
     panels = []
-    shown = Image.fromarray(image).convert("RGB").resize((side, side), Image.BILINEAR)
+    shown = Image.fromarray(image).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(shown)
     cell_h, cell_w = side / h, side / w
     draw.rectangle([col * cell_w, row * cell_h, (col + 1) * cell_w - 1, (row + 1) * cell_h - 1], outline=(255, 0, 0), width=2)
@@ -157,7 +157,7 @@ def curves_picture(records: list[dict], *, width: int = 1000, height: int = 400)
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = [("training loss", ("loss",)), ("learning rate", ("lr",))]
+    panels: list[tuple[str, tuple[str, ...]]] = [("training loss", ("loss",)), ("learning rate", ("lr",))]
     if any("within_image_share" in r for r in records):
         panels.append(("target locality", ("within_image_share", "cos_to_image_mean")))
     dpi = 100

@@ -48,6 +48,7 @@ class Segmenter(nn.Module):
         self.classify = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=1)
         with torch.no_grad():
             self.classify.weight.copy_(weight[:, :, None, None])
+            assert self.classify.bias is not None  # nn.Conv2d has one unless bias=False
             self.classify.bias.copy_(bias)
         self.labels = labels
 
@@ -148,6 +149,7 @@ def _write_graph(
             dynamo=True,
             verbose=False,
         )
+    assert program is not None  # dynamo=True returns the program
     program.model.metadata_props.update(metadata)
     program.model.doc_string = f"dmt-jepa {info.arch}/{info.patch_size} target encoder with a {len(outputs)}-output dense head"
     program.save(str(path))

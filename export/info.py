@@ -67,7 +67,9 @@ def describe_model_directory(path: str | os.PathLike) -> dict[str, Any]:
 
 def _describe_timm_directory(path: Path, config: dict) -> dict[str, Any]:
     args = config["model_args"]
-    pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    pretrained = config.get("pretrained_cfg")
+    if not isinstance(pretrained, dict):
+        pretrained = {}
     weights = path / WEIGHTS_FILENAME
     return {
         "kind": "timm model directory",

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -58,7 +59,7 @@ class DenseEncoder(nn.Module):
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: VisionTransformer,
         compute_dtype: torch.dtype = torch.float32,
         layers: Sequence[int] = (),
         names: IoNames = OPTIMUM,
@@ -102,7 +103,7 @@ class FusableGelu(nn.Module):
 SQRT2 = 1.4142135623730951
 
 
-def with_fusable_gelu(encoder: nn.Module) -> nn.Module:
+def with_fusable_gelu(encoder: VisionTransformer) -> VisionTransformer:
     """A copy of `encoder` whose exact nn.GELU activations are FusableGelu (the graph's values are unchanged)."""
     encoder = copy.deepcopy(encoder)
     names = [name for name, m in encoder.named_modules() if isinstance(m, nn.GELU) and m.approximate == "none"]
@@ -119,7 +120,7 @@ def half_encoder(encoder: VisionTransformer) -> VisionTransformer:
     for name in norm_names:
         parent_name, _, child = name.rpartition(".")
         parent = half.get_submodule(parent_name) if parent_name else half
-        setattr(parent, child, Float32LayerNorm(copy.deepcopy(encoder.get_submodule(name))))
+        setattr(parent, child, Float32LayerNorm(copy.deepcopy(cast(nn.LayerNorm, encoder.get_submodule(name)))))
     return half.eval()
 
 
@@ -195,6 +196,7 @@ def export_graph(
             dynamo=True,
             verbose=False,
         )
+    assert program is not None  # dynamo=True returns the program
     program.model.metadata_props.update({**metadata, IO_NAMES_METADATA: names.style})
     program.model.doc_string = f"dmt-jepa {info.arch}/{info.patch_size} target encoder, {'fp16' if fp16 else 'fp32'}"
     program.save(str(path))
@@ -240,13 +242,25 @@ def fresh_scratch(out_dir: Path, name: str) -> Path:
     return scratch
 
 
+class _Checked(Protocol):
+    """What `_write_verified` reads of a check's report (ParityReport, export.head's SegmenterParity)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def lines(self) -> list[str]: ...
+
+
+Report = TypeVar("Report", bound=_Checked)
+
+
 def _write_verified(
     out_dir: Path,
     filename: str,
     write: Callable[[Path], None],
-    verify: Callable[[Path], ParityReport],
+    verify: Callable[[Path], Report],
     log: Callable[[str], None],
-) -> ParityReport:
+) -> Report:
     """Write into a scratch folder, check, and only then move into `out_dir` (an older file survives a failure)."""
     scratch = fresh_scratch(out_dir, filename)
     try:

@@ -189,7 +189,7 @@ class TensorRTRunner:
         if not self.context.execute_async_v3(self._stream.cuda_stream):
             raise ExportError("TensorRT failed to run the engine; check the TensorRT log above.")
         self._stream.synchronize()
-        return tuple(outputs[name].float().cpu().numpy() for name in self._names.outputs())  # type: ignore[return-value]
+        return tuple(outputs[name].float().cpu().numpy() for name in self._names.outputs())
 
 
 def _reference_providers() -> list:

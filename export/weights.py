@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -90,7 +91,7 @@ def _as_json(info: EncoderInfo) -> dict:
 def _prepare(encoder_path, license, evaluation) -> tuple[VisionTransformer, EncoderInfo]:
     encoder, info = load_encoder(encoder_path)
     info = resolve_license(info, license)
-    extra = {"exported_from": {"file": Path(encoder_path).name, "sha256": file_sha256(encoder_path)}}
+    extra: dict[str, object] = {"exported_from": {"file": Path(encoder_path).name, "sha256": file_sha256(encoder_path)}}
     if evaluation:
         extra["evaluation"] = evaluation_records(evaluation)
     return encoder, replace(info, provenance={**info.provenance, **extra})
@@ -313,7 +314,7 @@ def _check_timm(directory: Path, encoder: VisionTransformer, info: EncoderInfo, 
     """Plain timm, loading the folder its own way, must give our patch tokens at the training size; other sizes measured."""
     import timm
 
-    model = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    model: Any = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()  # timm's ViT, not typed as one
     rows = measure_loader(f"timm {timm.__version__}", lambda images, _: model.forward_features(images), encoder, info)
     _require_exact(rows, TIMM_TOLERANCE, "timm", log)
     return rows

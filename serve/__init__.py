@@ -8,6 +8,15 @@ decode worker processes, which import `dmt_jepa.serve.images`, do not pay for to
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names as the type checker sees them; at run time, __getattr__ imports them
+    from dmt_jepa.serve.api import embed_images
+    from dmt_jepa.serve.backends import Backend, BackendError, load_backend
+    from dmt_jepa.serve.images import ImageRejected
+    from dmt_jepa.serve.inputs import InputError
+    from dmt_jepa.serve.job import EmbedOptions, EngineError, JobSummary, OutputDirError, OutputWriteError, embed_shards
+    from dmt_jepa.serve.reader import Embeddings, EmbeddingsError, open_embeddings
 
 _EXPORTS = {
     "embed_shards": "dmt_jepa.serve.job",
@@ -30,7 +39,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dmt_jepa.serve' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

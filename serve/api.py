@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -22,13 +23,13 @@ def preprocess_for(
     if resize not in RESIZE_POLICIES:
         raise BackendError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}.")
     info = backend.info
-    size = tuple(size) if size is not None else tuple(info.img_size)
+    size = cast("tuple[int, int]", tuple(size if size is not None else info.img_size))
     backend.check_size(size)
     return Preprocess(
         size=size,
         patch_size=info.patch_size,
-        pixel_mean=tuple(info.pixel_mean),
-        pixel_std=tuple(info.pixel_std),
+        pixel_mean=cast("tuple[float, float, float]", tuple(info.pixel_mean)),  # lists where the info came from JSON
+        pixel_std=cast("tuple[float, float, float]", tuple(info.pixel_std)),
         resize=resize,
         max_pixels=max_pixels,
     )

@@ -69,7 +69,7 @@ def scene_pixels(count: int, size: tuple[int, int], *, seed: int = 0) -> np.ndar
     for index in range(count):
         image = make_scene("train", index, seed=seed, image_size=side).image
         if size[0] != size[1]:
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
         images.append(image)
     return np.stack(images)
 

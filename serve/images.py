@@ -191,7 +191,7 @@ def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
     if prep.resize == "crop":
         _, _, top, left, whole = crop_plan(image.height, image.width, prep)
         if whole:
-            scaled = image.resize((new_w, new_h), Image.BICUBIC)
+            scaled = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
             pixels = np.asarray(scaled.crop((left, top, left + out_w, top + out_h)))
         else:
             # An extreme aspect ratio (1,000,000 x 16 -> 64 x 4,000,000 at 64 px) would make the
@@ -199,9 +199,9 @@ def resize(image: Image.Image, prep: Preprocess) -> tuple[np.ndarray, dict]:
             # geometry; Pillow may then run its two passes in the other order, a few grey levels apart.
             sy, sx = image.height / new_h, image.width / new_w
             box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-            pixels = np.asarray(image.resize((out_w, out_h), Image.BICUBIC, box=box))
+            pixels = np.asarray(image.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box))
     else:
-        scaled = image.resize((new_w, new_h), Image.BICUBIC)  # fits inside the target: never larger than it
+        scaled = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # fits inside the target: never larger than it
         fill = tuple(round(m * 255) for m in prep.pixel_mean)
         canvas = Image.new("RGB", (out_w, out_h), fill)
         canvas.paste(scaled, (0, 0))

@@ -38,6 +38,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -171,7 +172,7 @@ class _RowFile:
 
     def __init__(self, partial: Path, final: Path):
         self.partial, self.final = partial, final
-        self.file = None
+        self.file: BinaryIO | None = None
         self.rows = 0
         self.row_shape: tuple[int, ...] | None = None
         self.dtype: np.dtype | None = None
@@ -297,7 +298,7 @@ class _TableFile:
         self.metadata = {SCHEMA_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
         self.held: list[dict] = []
         self.held_bytes = 0
-        self.writer = None
+        self.writer: Any = None  # a pyarrow ParquetWriter once the first rows come
 
     def append(self, row: dict) -> None:
         self.held.append(row)

@@ -410,7 +410,7 @@ class _TarShard:
                     try:
                         record = json.loads(self._read(f, row, "json"))
                     except (ValueError, RecursionError) as err:
-                        raise EmbeddingsError(f"{self.path} member {key}.json is not valid JSON ({err}); {self.remedy}.")
+                        raise EmbeddingsError(f"{self.path} member {key}.json is not valid JSON ({err}); {self.remedy}.") from err
                     if not isinstance(record, dict):
                         raise EmbeddingsError(f"{self.path} member {key}.json is not a JSON object; {self.remedy}.")
                     carried = {ext[3:]: self._read(f, row, ext) for ext in self.members[row] if ext.startswith("in.")}
@@ -561,13 +561,13 @@ def _check_one_identity(out_dir: Path, records: dict[str, dict]) -> None:
     """Refuse an OUT_DIR whose shards were made by different models or settings."""
     (first, record), *others = records.items()
     for name, other in others:
-        for field in VECTOR_IDENTITY:
-            had, has = record.get("identity", {}).get(field), other.get("identity", {}).get(field)
+        for setting in VECTOR_IDENTITY:
+            had, has = record.get("identity", {}).get(setting), other.get("identity", {}).get(setting)
             if had != has:
-                if field.endswith("sha256"):
+                if setting.endswith("sha256"):
                     had, has = str(had)[:12], str(has)[:12]
                 raise EmbeddingsError(
-                    f"{out_dir} mixes shards made with other models or settings ({first} has {field} {had!r}, {name} "
+                    f"{out_dir} mixes shards made with other models or settings ({first} has {setting} {had!r}, {name} "
                     f"{has!r}), whose vectors do not compare; move each set of shards to a folder of its own and open that."
                 )
 

@@ -11,7 +11,7 @@ is checked the same way, since a link there would make the delete land outside O
 entry itself may be a link or a FIFO, which deleting removes without following. So nothing the reader
 (serve/safe_read.py) refuses is ever written through, and the closing summary describes files
 the job really wrote. The names a job writes whatever its shards are called are checked before
-any work (serve/job.py, `prepare_out_dir`).
+any work (serve/job/out_dir.py, `prepare_out_dir`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from dmt_jepa.serve.safe_read import kind_of
+
 
 class OutputDirError(ValueError):
     """OUT_DIR cannot hold the outputs; the message is one sentence for the user."""

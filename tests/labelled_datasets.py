@@ -89,7 +89,7 @@ def write_voc(scene_dir: Path, root: Path, reference: Path) -> Path:
 def write_ade20k(scene_dir: Path, root: Path, reference: Path) -> Path:
     """mmseg's ADEChallengeData2016 layout: labels stored one higher, 0 = other; objectInfo150.txt names them."""
     jpegs = {}
-    for (split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["ade20k"]):
+    for (_split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["ade20k"]):
         (root / "images" / folder).mkdir(parents=True)
         (root / "annotations" / folder).mkdir(parents=True)
         for i, (key, image, seg) in enumerate(zip(data.keys, data.images, data.segs)):
@@ -105,7 +105,7 @@ def write_ade20k(scene_dir: Path, root: Path, reference: Path) -> Path:
 
 def write_masks(scene_dir: Path, root: Path) -> Path:
     """images/{train,val}/NAME.png + masks/{train,val}/NAME.png (greyscale labels), classes.txt."""
-    for (split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["masks"]):
+    for (_split, data), folder in zip(_splits(scene_dir), SPLIT_NAMES["masks"]):
         (root / "images" / folder).mkdir(parents=True)
         (root / "masks" / folder).mkdir(parents=True)
         for i, (image, seg) in enumerate(zip(data.images, data.segs)):
@@ -125,7 +125,7 @@ def coco_json(data, split: str, names: list[str], *, masks: bool = True) -> dict
     from pycocotools import mask as mask_utils
 
     images, annotations = [], []
-    for i, (image, seg, boxes) in enumerate(zip(data.images, data.segs, data.boxes)):
+    for i, (_image, seg, boxes) in enumerate(zip(data.images, data.segs, data.boxes)):
         height, width = seg.shape
         images.append({"id": 1000 + i, "file_name": f"{split}_{i:06d}.png", "height": height, "width": width})
         for box in boxes:

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_objective import batch, tiny_cfg
 
 from dmt_jepa.config import TargetConfig
 from dmt_jepa.heads import gather_rows
 from dmt_jepa.neighbours import semantic_neighbours
 from dmt_jepa.objective import DMTJEPA, block_major, train_step
-from tests.test_objective import batch, tiny_cfg
 
 
 @pytest.mark.parametrize("border", ["clip", "wrap"])

@@ -6,7 +6,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
@@ -15,6 +14,11 @@ from typer.testing import CliRunner
 import dmt_jepa
 import dmt_jepa.cli.main as cli_main
 from dmt_jepa.cli.main import app
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, which the package supports, has no tomllib; pytest itself depends on tomli there
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"version", "export", "info", "embed", "pretrain", "convert", "eval", "viz", "data"}

@@ -45,7 +45,7 @@ def _compiles_over_ten_steps(static: bool) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = MultiBlockMaskSampler((4, 4), model.cfg.mask)
     generator = torch.Generator().manual_seed(1)
-    for step in range(10):
+    for _ in range(10):
         images = torch.randn(3, 3, 64, 64, generator=generator)
         loss = step_without_sync(compiled, images, sampler(3, generator), optimizer, 0.99)
         assert torch.isfinite(loss)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pretrain_fixtures import make_images, png_bytes, write_shard
 
 from dmt_jepa.config import DataConfig, MaskConfig
 from dmt_jepa.data import DataError, expand_shards, micro_batches, pack_images
 from dmt_jepa.data.device import Normaliser, decode_on_device
 from dmt_jepa.data.pipeline import Augment, ShardStream, StreamSpec, crop_box
-from pretrain_fixtures import make_images, png_bytes, write_shard
 
 
 def _spec(urls, **kw) -> StreamSpec:
@@ -120,7 +120,7 @@ def test_reduced_jpeg_decode_matches_a_full_decode():
         # reference: full decode, the same crop box (same draws), resize, normalise
         left, top, w, h = crop_box(800, 600, cfg.crop_scale, cfg.crop_ratio, random.Random(seed))
         full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        ref = np.asarray(full.resize((32, 32), Image.BICUBIC, box=(left, top, left + w, top + h)), np.float32) / 255
+        ref = np.asarray(full.resize((32, 32), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)), np.float32) / 255
         ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(cfg.pixel_mean)[:, None, None]) / torch.tensor(
             cfg.pixel_std)[:, None, None]
         assert (out - ref).abs().mean() < 0.05 and (out - ref).abs().max() < 1.0
@@ -291,9 +291,10 @@ def test_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
 
 
 def test_decode_setting_is_checked_before_a_run_starts(shards, tmp_path):
+    from pretrain_fixtures import tiny_overrides
+
     from dmt_jepa.config import ConfigError, load_config
     from dmt_jepa.train import pretrain
-    from pretrain_fixtures import tiny_overrides
 
     with pytest.raises(ConfigError, match="data.decode must be cpu or gpu"):
         load_config(None, tiny_overrides(shards, tmp_path / "a", "data.decode=nvjpeg"))

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from labelled_datasets import scenes
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -21,7 +22,6 @@ from dmt_jepa.evaluation.features import to_input
 from dmt_jepa.evaluation.head import HeadFileError, load_head
 from dmt_jepa.export.out_dir import read_manifest
 from dmt_jepa.models import VisionTransformer
-from labelled_datasets import scenes
 
 
 @pytest.fixture(scope="module")

@@ -259,3 +259,26 @@ def test_embed_images_api_accepts_every_image_kind(models, tmp_path):
         serve.embed_images(models["encoder"], [data, b"not an image"])
     with pytest.raises(BackendError, match="not a multiple of the patch size"):
         serve.embed_images(models["encoder"], [data], size=(50, 64))
+
+
+@pytest.mark.parametrize("named", [["fast"], {"fast": 1}, 3, None])
+def test_a_cached_choice_that_is_not_a_backend_name_is_measured_again(tmp_path, named):
+    """A cache entry is JSON someone may have edited: a "backend" that is no name is ignored, not a crash."""
+    from dmt_jepa.encoder_file import EncoderInfo
+    from dmt_jepa.serve.backends.choice import CACHE_FILE, cache_key, measured_choice, read_cache
+
+    class Fake:
+        def __init__(self, name: str, seconds: float):
+            self.name, self.seconds = name, seconds
+
+        def run(self, images):
+            import time
+
+            time.sleep(self.seconds)
+
+    info = EncoderInfo("vit_nano", 8, 32, 2, 2, 4.0, (16, 16))
+    (tmp_path / CACHE_FILE).write_text(json.dumps({cache_key("onnx", info, "fp32"): {"backend": named}}))
+    build = {"slow": lambda: Fake("slow", 0.02), "fast": lambda: Fake("fast", 0.0)}
+    name, backend = measured_choice("onnx", info, "fp32", build, cache=tmp_path)
+    assert name == "fast" and backend.name == "fast"
+    assert read_cache(tmp_path / CACHE_FILE)[cache_key("onnx", info, "fp32")]["backend"] == "fast"

@@ -37,14 +37,14 @@ def by_hand(pixels: np.ndarray) -> np.ndarray:
 def test_crop_policy_matches_hand_computation():
     image = random_rgb(50, 100)  # H=50, W=100: shorter side 50 -> 32, so 64 wide, crop 16 off each side
     x, record = prepare(encode(image), prep())
-    np.testing.assert_array_equal(x, np.asarray(image.resize((64, 32), Image.BICUBIC))[:, 16:48])
+    np.testing.assert_array_equal(x, np.asarray(image.resize((64, 32), Image.Resampling.BICUBIC))[:, 16:48])
     assert record == {"original_size": [50, 100], "input_size": [32, 32], "grid": [2, 2], "resize": "crop"}
 
 
 def test_pad_policy_keeps_whole_image_top_left():
     image = random_rgb(50, 100)  # fits as 16 x 32
     x, record = prepare(encode(image), prep(resize="pad"))
-    np.testing.assert_array_equal(x[:16], np.asarray(image.resize((32, 16), Image.BICUBIC)))
+    np.testing.assert_array_equal(x[:16], np.asarray(image.resize((32, 16), Image.Resampling.BICUBIC)))
     assert (x[16:] == [124, 116, 104]).all()  # the pixel mean in 8 bits
     np.testing.assert_allclose(normalise(x[16:], MEAN, STD), 0, atol=0.01)  # about zero for the model
     assert record["content"] == [16, 32] and record["original_size"] == [50, 100]
@@ -153,6 +153,6 @@ def test_extreme_aspect_ratio_crop_resamples_only_what_it_keeps():
     pixels = np.stack([np.tile(ramp, (20, 1)), np.tile(ramp[::-1], (20, 1)), np.full((20, 4000), 90.0)], axis=-1)
     image = Image.fromarray(pixels.astype(np.uint8))  # 20 x 4000: scaled whole, 32 x 6400 (200 x the target)
     x, record = prepare(encode(image), prep())
-    want = np.asarray(image.resize((6400, 32), Image.BICUBIC))[:, 3184:3216]
+    want = np.asarray(image.resize((6400, 32), Image.Resampling.BICUBIC))[:, 3184:3216]
     assert x.shape == (32, 32, 3) and record["original_size"] == [20, 4000]
     assert np.abs(x.astype(int) - want.astype(int)).max() <= 2

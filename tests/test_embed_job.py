@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 import dmt_jepa
 from dmt_jepa.cli.main import app
-from dmt_jepa.encoder_file import file_sha256, model_identity
+from dmt_jepa.encoder_file import model_identity
 from dmt_jepa.serve import embed_shards
 from dmt_jepa.serve.images import prepare
 from dmt_jepa.serve.stats import STATS_DIR
@@ -52,7 +52,7 @@ def reference_embedding(data: bytes) -> tuple[np.ndarray, list[int]]:
     scale = TRAIN_SIZE / min(height, width)
     new_h, new_w = max(TRAIN_SIZE, round(height * scale)), max(TRAIN_SIZE, round(width * scale))
     top, left = (new_h - TRAIN_SIZE) // 2, (new_w - TRAIN_SIZE) // 2
-    pixels = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))[top : top + TRAIN_SIZE, left : left + TRAIN_SIZE]
+    pixels = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))[top : top + TRAIN_SIZE, left : left + TRAIN_SIZE]
     x = ((pixels / 255.0 - MEAN) / STD).transpose(2, 0, 1)[None].astype(np.float32)
     with torch.no_grad():
         grid, _ = tiny_encoder().dense(torch.from_numpy(x))

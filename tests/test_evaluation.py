@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dmt_jepa.encoder_file import info_from_encoder, save_encoder
-from dmt_jepa.evaluation import EvalDataError, EvalOptions, dense_miou, evaluate_encoder, knn_top1, linear_top1
+from dmt_jepa.evaluation import EvalDataError, dense_miou, evaluate_encoder, knn_top1, linear_top1
 from dmt_jepa.evaluation.dense import confusion_matrix, iou_per_class
 from dmt_jepa.models import VisionTransformer
 from dmt_jepa.scenes import write_scene_shards
@@ -130,7 +130,7 @@ def test_cli_eval_prints_json_line_and_table(shards, tmp_path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "dense", str(tmp_path / "r.safetensors"), str(shards), "--epochs", "2"])
     assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.startswith("{"))
+    line = next(out for out in result.output.splitlines() if out.startswith("{"))
     record = json.loads(line)
     assert 0.0 <= record["dense"]["miou"] <= 100.0 and "knn" not in record
     assert "dense mIoU" in result.output and "class-balanced probe" in result.output

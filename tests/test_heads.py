@@ -15,7 +15,10 @@ def naive_attention(block, x, tokens):
     """Attention output (after proj) for ONE query x [D] over tokens [k, D], head by head."""
     dim = x.shape[0]
     heads, hd = block.num_heads, dim // block.num_heads
-    ln = lambda v: F.layer_norm(v, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+
+    def ln(v):
+        return F.layer_norm(v, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+
     q = F.linear(ln(x), block.q.weight, block.q.bias)
     w_k, w_v = block.kv.weight[:dim], block.kv.weight[dim:]
     b_k, b_v = block.kv.bias[:dim], block.kv.bias[dim:]

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from labelled_datasets import coco_json, scenes, write_ade20k, write_coco, write_masks, write_voc
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,7 +20,6 @@ from dmt_jepa.evaluation import EvalOptions, evaluate_encoder, read_labelled_sha
 from dmt_jepa.evaluation.data import _samples
 from dmt_jepa.evaluation.detection import coco_box_ap
 from dmt_jepa.models import VisionTransformer
-from labelled_datasets import category_id, coco_json, scenes, write_ade20k, write_coco, write_masks, write_voc
 
 OPTIONS = EvalOptions(dense_epochs=20, dense_lr=0.05)
 

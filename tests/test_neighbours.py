@@ -28,7 +28,7 @@ def brute_force(features, h, w, k, k_size, border):
                 fi = feats[i].tolist()
                 ni = math.sqrt(sum(v * v for v in fi))
 
-                def cos(j):
+                def cos(j, feats=feats, fi=fi, ni=ni):
                     fj = feats[j].tolist()
                     return sum(a * b for a, b in zip(fi, fj)) / (ni * math.sqrt(sum(v * v for v in fj)))
 

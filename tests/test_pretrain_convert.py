@@ -5,7 +5,6 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 from dmt_jepa.convert import ConvertError, convert_checkpoint
 from dmt_jepa.encoder_file import load_encoder

@@ -66,7 +66,7 @@ def test_later_digit_covers_earlier_and_clipping_at_border(monkeypatch: pytest.M
     assert np.array_equal(scene.seg, expected)
     # A real digit pasted on top takes over exactly the pixels where its ink reaches half strength.
     on_top = compose(background, [Placement(sample, 0, 0, 16, (255, 0, 0)), Placement(other, 0, 0, 16, (0, 0, 255))])
-    ink = np.asarray(Image.fromarray(scenes.digits()[0][other]).resize((16, 16), Image.BILINEAR))
+    ink = np.asarray(Image.fromarray(scenes.digits()[0][other]).resize((16, 16), Image.Resampling.BILINEAR))
     assert np.array_equal(on_top.seg == 6, ink >= scenes.INK_THRESHOLD)
     assert ((on_top.seg == 3) == (ink < scenes.INK_THRESHOLD)).all()
 

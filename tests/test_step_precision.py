@@ -4,11 +4,11 @@ streams in bf16 from their first add, and one norm1 per context-side head block.
 import torch
 import torch.nn.functional as F
 
+from dmt_jepa.config import MaskConfig, MethodConfig, ModelConfig, TargetConfig
 from dmt_jepa.heads import LocalAggregationHead
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.neighbours import semantic_neighbours, window_candidates
 from dmt_jepa.objective import DMTJEPA
-from dmt_jepa.config import MaskConfig, MethodConfig, ModelConfig, TargetConfig
 
 
 def test_neighbours_under_bf16_autocast_are_the_fp32_neighbours():

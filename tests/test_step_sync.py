@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
+from pretrain_fixtures import small_shards, tiny_overrides
 from torch.profiler import ProfilerActivity, profile
 
 from dmt_jepa.config import load_config
 from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.objective import train_step
 from dmt_jepa.train import Trainer, TrainingError, _init_world, pretrain
-from pretrain_fixtures import small_shards, tiny_overrides
 
 READS = {"aten::item", "aten::_local_scalar_dense"}
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-
-import numpy as np
-import pytest
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.study import (

@@ -22,7 +22,6 @@ live in `check_record`, so that no format can skip one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +224,7 @@ def read_ade20k(src: Path) -> Dataset:
             files = sorted(p for p in (src / "images" / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             images = [(p.stem, p) for p in files]
             masks = src / "annotations" / folder
-            yield from _paired(split, images, lambda stem: masks / f"{stem}.png", _reduce_zero_label)
+            yield from _paired(split, images, lambda stem, masks=masks: masks / f"{stem}.png", _reduce_zero_label)
 
     return Dataset(classes, None, {s: f"images/{f}" for s, f in present.items()}, records(), notes)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def pack_labelled(
     out_dir: str | os.PathLike,
     fmt: str,
     *,
-    annotations: list[str | os.PathLike] = (),
+    annotations: Sequence[str | os.PathLike] = (),
     strict: bool = False,
     ignore_index: int = IGNORE,
     shard_size: int = 1000,

@@ -82,7 +82,7 @@ class Augment:
                 image.draft("RGB", (math.ceil(width * self.width / w), math.ceil(height * self.height / h)))
             sx, sy = image.size[0] / width, image.size[1] / height  # 1, or the DCT scale draft chose
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            rgb = image.convert("RGB").resize((self.width, self.height), Image.BICUBIC, box=box)
+            rgb = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC, box=box)
         return torch.from_numpy(np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1)))  # [3, H, W] uint8
 
 
@@ -201,7 +201,8 @@ class ShardStream(IterableDataset):
             next(samples)
         counters["skipped"] = 0  # what the replay met was counted before the checkpoint
         for index in mine:
-            images, encoded = [], []
+            images: list[torch.Tensor] = []
+            encoded: list[tuple] = []  # (index in the batch, JPEG bytes, crop box)
             while len(images) < spec.batch_size:
                 sample = next(samples)
                 emitted += 1

@@ -6,7 +6,18 @@ can check a command's paths before the evaluations themselves are imported.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dmt_jepa.lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the names as the type checker sees them; at run time, __getattr__ imports them
+    from dmt_jepa.evaluation.data import EvalDataError, LabelledSet, read_labelled_shards
+    from dmt_jepa.evaluation.dense import dense_miou, perfect_patch_miou
+    from dmt_jepa.evaluation.detection import DetectOptions, coco_box_ap
+    from dmt_jepa.evaluation.features import Features, extract_features
+    from dmt_jepa.evaluation.knn import knn_top1
+    from dmt_jepa.evaluation.linear import linear_top1
+    from dmt_jepa.evaluation.run import TASKS, EvalOptions, evaluate_detection, evaluate_encoder, evaluate_features
 
 _EXPORTS = {
     "EvalDataError": "dmt_jepa.evaluation.data",

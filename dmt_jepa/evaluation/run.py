@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dmt_jepa.evaluation.balanced import balanced_miou
-from dmt_jepa.evaluation.class_names import ClassNames, class_names_for
+from dmt_jepa.evaluation.class_names import class_names_for
 from dmt_jepa.evaluation.data import IGNORE_INDEX, EvalDataError, LabelledSet, read_labelled_shards
 from dmt_jepa.evaluation.dense import DenseProbe, score_dense_probe, train_dense_probe
 from dmt_jepa.evaluation.detection import DetectOptions, build_detector, coco_box_ap, predict, train_detector
@@ -133,7 +133,8 @@ def evaluate_encoder(
     probes: dict[str, DenseProbe] = {}
     results = evaluate_features(tasks, train, test, train_features, test_features, options, seg_names=names.seg, probes=probes)
     if save_head is not None:
-        from dmt_jepa.evaluation.head import DenseHead, save_head as write_head
+        from dmt_jepa.evaluation.head import DenseHead
+        from dmt_jepa.evaluation.head import save_head as write_head
 
         probe = probes["dense"]
         head = DenseHead(

@@ -5,7 +5,15 @@ Names are imported on first use, so that the sizes (VARIANTS) can be read withou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dmt_jepa.lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the names as the type checker sees them; at run time, __getattr__ imports them
+    from dmt_jepa.models.pos_embed import sincos_2d
+    from dmt_jepa.models.predictor import Predictor
+    from dmt_jepa.models.variants import VARIANTS
+    from dmt_jepa.models.vision_transformer import LayerFeatures, VisionTransformer, create_encoder, resolve_layers
 
 _EXPORTS = {
     "VARIANTS": "dmt_jepa.models.variants",

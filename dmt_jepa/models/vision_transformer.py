@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dmt_jepa.limits import MAX_IMG_SIZE, MAX_PATCH_SIZE
 from dmt_jepa.models.pos_embed import sincos_2d

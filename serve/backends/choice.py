@@ -115,7 +115,7 @@ def measured_choice(
     key = cache_key(kind, info, precision)
     entries = read_cache(path)
     cached = entries.get(key, {}).get("backend")
-    if cached in build:
+    if isinstance(cached, str) and cached in build:  # a list or object there is not a name (and not hashable)
         return cached, None
     built = {name: make() for name, make in build.items()}
     images = np.random.default_rng(0).standard_normal((MEASURE_BATCH, 3, *info.img_size)).astype(np.float32)
