@@ -29,7 +29,10 @@ def write_photo_shards(out: Path, count: int, per_shard: int = 256) -> str:
     """`count` 500x375 JPEGs (quality 90) cut at random from scikit-image's bundled photos."""
     from skimage import data as photos
 
-    sources = [np.asarray(Image.fromarray(f()).convert("RGB").resize((1000, 750))) for f in (photos.astronaut, photos.coffee, photos.chelsea, photos.rocket)]
+    sources = [
+        np.asarray(Image.fromarray(f()).convert("RGB").resize((1000, 750)))
+        for f in (photos.astronaut, photos.coffee, photos.chelsea, photos.rocket)
+    ]
     rng = np.random.default_rng(0)
     with wds.ShardWriter(str(out / "bench-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in range(count):
@@ -58,9 +61,17 @@ def main() -> None:
         grid = (args.img_size // args.patch_size,) * 2
         for workers in (int(w) for w in args.workers.split(",")):
             spec = StreamSpec(
-                urls=urls, cfg=DataConfig(shuffle_buffer=256, num_workers=workers), mask_cfg=MaskConfig(),
-                img_size=(args.img_size, args.img_size), grid=grid, batch_size=args.batch, seed=0, epoch=0,
-                rank=0, world_size=1, batches_per_epoch=args.batches + 1,
+                urls=urls,
+                cfg=DataConfig(shuffle_buffer=256, num_workers=workers),
+                mask_cfg=MaskConfig(),
+                img_size=(args.img_size, args.img_size),
+                grid=grid,
+                batch_size=args.batch,
+                seed=0,
+                epoch=0,
+                rank=0,
+                world_size=1,
+                batches_per_epoch=args.batches + 1,
             )
             batches = micro_batches(spec, workers)
             next(batches)  # workers started, shuffle buffer filled
@@ -71,10 +82,19 @@ def main() -> None:
             results[str(workers)] = {"images_per_s": round(args.batch * args.batches / seconds, 1)}
             if workers == 0:  # all decoding in this process: images per CPU-second = per core, whatever else runs
                 results[str(workers)]["images_per_cpu_s"] = round(args.batch * args.batches / cpu_seconds, 1)
-    print(json.dumps({
-        "benchmark": "data_pipeline", "img_size": args.img_size, "batch": args.batch, "source": "500x375 JPEG q90",
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "workers": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_pipeline",
+                "img_size": args.img_size,
+                "batch": args.batch,
+                "source": "500x375 JPEG q90",
+                "cpu": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "workers": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -295,8 +295,12 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--layouts", action="store_true", help="also run end to end per output layout and dtype")
     parser.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: end to end on both engines")
-    parser.add_argument("--e2e-rounds", type=int, default=3,
-                        help="end-to-end runs, each after a model-only timing (with --engine ray: runs per engine, alternated)")
+    parser.add_argument(
+        "--e2e-rounds",
+        type=int,
+        default=3,
+        help="end-to-end runs, each after a model-only timing (with --engine ray: runs per engine, alternated)",
+    )
     parser.add_argument("--e2e-only", action="store_true", help="model-only torch-cpu fp32 alone, no baseline")
     parser.add_argument("--per-shard", type=int, default=64, help="images per generated shard")
     args = parser.parse_args()
@@ -359,18 +363,41 @@ def main() -> None:
     e2e_runs, alone = [], []
     for round_ in range(args.e2e_rounds):
         alone.append(args.batch / statistics.median(seconds_per_run(best_run, batch) for _ in range(3)))
-        e2e_runs.append(end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images,
-                                   out=f"out-{round_}", per_shard=args.per_shard))
+        e2e_runs.append(
+            end_to_end(
+                work,
+                best_path,
+                best["backend"],
+                best["precision"],
+                args.batch,
+                args.images,
+                out=f"out-{round_}",
+                per_shard=args.per_shard,
+            )
+        )
     e2e = dict(e2e_runs[-1])
     e2e["images_per_s_after_check"] = statistics.median(r["images_per_s_after_check"] for r in e2e_runs)
-    e2e["rounds"] = [{"model_only": round(m, 2), "end_to_end_after_check": round(r["images_per_s_after_check"], 2)}
-                     for m, r in zip(alone, e2e_runs, strict=True)]
+    e2e["rounds"] = [
+        {"model_only": round(m, 2), "end_to_end_after_check": round(r["images_per_s_after_check"], 2)}
+        for m, r in zip(alone, e2e_runs, strict=True)
+    ]
     e2e["model_only_same_rounds"] = statistics.median(alone)
     # Peak memory from one more run, sampled: its rate is slowed by the sampling and kept apart.
-    sampled = end_to_end(work, best_path, best["backend"], best["precision"], args.batch, args.images,
-                         out="out-memory", per_shard=args.per_shard, memory=True)
+    sampled = end_to_end(
+        work,
+        best_path,
+        best["backend"],
+        best["precision"],
+        args.batch,
+        args.images,
+        out="out-memory",
+        per_shard=args.per_shard,
+        memory=True,
+    )
     e2e["memory_run"] = {k: round(sampled[k], 2) for k in ("peak_pss_mib", "peak_rss_sum_mib", "images_per_s_after_check")}
-    ours_onnx = next((e["images_per_s"] for e in model_only if e["backend"] == "onnxruntime-cpu" and e["precision"] == "fp32"), None)
+    ours_onnx = next(
+        (e["images_per_s"] for e in model_only if e["backend"] == "onnxruntime-cpu" and e["precision"] == "fp32"), None
+    )
     timm_onnx = baseline_rates.get("timm onnxruntime fp32")
     result = {
         "cpu": cpu_description(),

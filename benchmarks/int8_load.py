@@ -41,7 +41,11 @@ def load_once(model: Path, backend: str, precision: str, size: int, cache: Path)
     env = {**os.environ, "DMT_JEPA_CACHE_DIR": str(cache)}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(model), backend, precision, str(size)],
-        env=env, cwd=ROOT, capture_output=True, text=True, check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

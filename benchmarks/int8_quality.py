@@ -88,12 +88,13 @@ def main() -> None:
         train = embed(backend, train_pixels)
         reference = test if reference is None else reference
         cosine = patch_cosine(test, reference)
-        probe = balanced_miou(
-            torch.from_numpy(train), train_segs, torch.from_numpy(test), test_segs, num_classes=NUM_SEG_CLASSES
-        )
+        probe = balanced_miou(torch.from_numpy(train), train_segs, torch.from_numpy(test), test_segs, num_classes=NUM_SEG_CLASSES)
         # Figure-ground (digit vs background): the study's primary figure, docs/results.md.
         fg = balanced_miou(
-            torch.from_numpy(train), [s > 0 for s in train_segs], torch.from_numpy(test), [s > 0 for s in test_segs],
+            torch.from_numpy(train),
+            [s > 0 for s in train_segs],
+            torch.from_numpy(test),
+            [s > 0 for s in test_segs],
             num_classes=2,
         )
         results.append(

@@ -51,9 +51,9 @@ def main() -> None:
         training = tuple(info.img_size)
         loaders = {
             "dmt_jepa.from_pretrained(hf dir)": lambda x: ours_hf(x),
-            f"transformers {transformers.__version__} AutoModel(hf dir)": lambda x: hf(
-                pixel_values=x, interpolate_pos_encoding=tuple(x.shape[-2:]) != training
-            ).last_hidden_state,
+            f"transformers {transformers.__version__} AutoModel(hf dir)": lambda x: (
+                hf(pixel_values=x, interpolate_pos_encoding=tuple(x.shape[-2:]) != training).last_hidden_state
+            ),
             f"timm {timm.__version__} local-dir (timm dir)": lambda x: timm_model.forward_features(x),
         }
         sizes = [*parity_sizes(info), (2 * info.img_size[0], 2 * info.img_size[1])]
@@ -68,8 +68,10 @@ def main() -> None:
                         rows.append({"loader": loader, "size": f"{size[0]} x {size[1]}", "max_abs": None, "cosine_min": None})
     cell = lambda r: "-" if r["max_abs"] is None else f"{r['max_abs']:.2e} ({r['cosine_min']:.3f})"  # noqa: E731
     names = [f"{h} x {w}" + (" (training)" if (h, w) == training else "") for h, w in sizes]
-    print(f"{info.arch}/{info.patch_size}, trained at {training[0]} x {training[1]}: max abs difference of the patch tokens "
-          "to the encoder file (lowest per-patch cosine)\n")
+    print(
+        f"{info.arch}/{info.patch_size}, trained at {training[0]} x {training[1]}: max abs difference of the patch tokens "
+        "to the encoder file (lowest per-patch cosine)\n"
+    )
     print("| loader | " + " | ".join(names) + " |")
     print("| --- |" + " --- |" * len(sizes))
     for loader in loaders:

@@ -55,8 +55,16 @@ def main() -> None:
             times["fp32"].append(ms_per_step(arm, None, args.steps))
             times["bf16"].append(ms_per_step(arm, torch.bfloat16, args.steps))
         best = {name: min(values) for name, values in times.items()}
-        print(json.dumps({"arm": arm, "ms_per_step": {k: [round(v, 1) for v in vs] for k, vs in times.items()},
-                          "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "arm": arm,
+                    "ms_per_step": {k: [round(v, 1) for v in vs] for k, vs in times.items()},
+                    "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,11 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
 def method_config(args, static: bool) -> MethodConfig:
     return MethodConfig(
         model=ModelConfig(
-            arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,
-            pred_width=args.pred_width, pred_depth=args.pred_depth,
+            arch=args.arch,
+            patch_size=args.patch_size,
+            img_size=args.img_size,
+            pred_width=args.pred_width,
+            pred_depth=args.pred_depth,
         ),
         mask=MaskConfig(num_targets=args.num_targets, static=static),
         target=TargetConfig(aggregation=args.aggregation, loss=args.loss),
@@ -178,11 +181,24 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     child = None
     if args.against:
-        child_args = [f"arch={args.arch}", f"patch={args.patch_size}", f"img={args.img_size}", f"pw={args.pred_width}",
-                      f"pd={args.pred_depth}", f"agg={args.aggregation}", f"batch={args.batch}"]
+        child_args = [
+            f"arch={args.arch}",
+            f"patch={args.patch_size}",
+            f"img={args.img_size}",
+            f"pw={args.pred_width}",
+            f"pd={args.pred_depth}",
+            f"agg={args.aggregation}",
+            f"batch={args.batch}",
+        ]
         env = {**os.environ, "PYTHONPATH": str(Path(args.against).resolve())}
-        child = subprocess.Popen([sys.executable, "-c", CHILD, *child_args], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env, cwd=args.against)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *child_args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=args.against,
+        )
     child_times: list[float] = []
     child_flops: list[int] = []
     flop_cache: dict = {}
@@ -236,23 +252,39 @@ def main() -> None:
     busy = busy_share(variants[-1], images, dtype, device)
     if args.data:
         results[f"{variants[-1].name}+data"] = time_on_data(args, variants[-1], dtype, device, peak)
-    print(json.dumps({
-        "benchmark": "train_step",
-        "arch": args.arch, "patch_size": args.patch_size, "batch": args.batch, "img_size": args.img_size,
-        "pred_width": args.pred_width, "pred_depth": args.pred_depth, "num_targets": args.num_targets,
-        "aggregation": args.aggregation, "loss": args.loss, "precision": args.precision,
-        "device": name, "peak_tflops_used": peak / 1e12 if peak else None, "threads": torch.get_num_threads(),
-        "warmup": args.warmup, "steps": args.steps,
-        "gpu_busy_share": {variants[-1].name: busy} if busy is not None else None,
-        "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "results": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "arch": args.arch,
+                "patch_size": args.patch_size,
+                "batch": args.batch,
+                "img_size": args.img_size,
+                "pred_width": args.pred_width,
+                "pred_depth": args.pred_depth,
+                "num_targets": args.num_targets,
+                "aggregation": args.aggregation,
+                "loss": args.loss,
+                "precision": args.precision,
+                "device": name,
+                "peak_tflops_used": peak / 1e12 if peak else None,
+                "threads": torch.get_num_threads(),
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "gpu_busy_share": {variants[-1].name: busy} if busy is not None else None,
+                "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                "results": results,
+            }
+        )
+    )
 
 
 def _masks_of(batch: int, n_ctx: int, n_blocks: int, n_tgt: int, device) -> Masks:
     """Index tensors of the given shapes (FLOPs depend on shapes only)."""
-    return Masks(torch.zeros(batch, n_ctx, dtype=torch.long, device=device),
-                 torch.zeros(batch, n_blocks, n_tgt, dtype=torch.long, device=device))
+    return Masks(
+        torch.zeros(batch, n_ctx, dtype=torch.long, device=device),
+        torch.zeros(batch, n_blocks, n_tgt, dtype=torch.long, device=device),
+    )
 
 
 def summary(batch: int, times: list[float], flops: list[int], peak: float | None) -> dict:
@@ -275,9 +307,16 @@ def time_on_data(args, variant: Variant, dtype, device, peak) -> dict:
 
     cfg = DataConfig(train=args.data, num_workers=args.workers, decode=args.decode)
     spec = StreamSpec(
-        urls=expand_shards(args.data), cfg=cfg, mask_cfg=variant.sampler.cfg,
-        img_size=(args.img_size, args.img_size), grid=(args.img_size // args.patch_size,) * 2,
-        batch_size=args.batch, seed=args.seed, epoch=0, rank=0, world_size=1,
+        urls=expand_shards(args.data),
+        cfg=cfg,
+        mask_cfg=variant.sampler.cfg,
+        img_size=(args.img_size, args.img_size),
+        grid=(args.img_size // args.patch_size,) * 2,
+        batch_size=args.batch,
+        seed=args.seed,
+        epoch=0,
+        rank=0,
+        world_size=1,
         batches_per_epoch=args.warmup + args.steps,
     )
     normalise = Normaliser(cfg, device)

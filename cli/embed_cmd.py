@@ -60,13 +60,9 @@ def embed(
         "int8 is dynamic on onnxruntime-cpu and calibrated on openvino, int8-static calibrated on onnxruntime-cpu.",
     ),
     size: str = typer.Option(None, help="Model input HxW, multiples of the patch size (default: the training size)."),
-    resize: Resize = typer.Option(
-        "crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."
-    ),
+    resize: Resize = typer.Option("crop", help="crop: shorter side to size, centre crop; pad: fit inside, pad with the mean."),
     batch_size: int = typer.Option(32, min=1, help="Images per inference batch."),
-    workers: int = typer.Option(
-        None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."
-    ),
+    workers: int = typer.Option(None, min=0, help="Decode worker processes (default: half the CPUs; 0 decodes in a thread)."),
     pooled: bool = typer.Option(False, "--pooled", help="Also write pooled.npy, the mean patch embedding."),
     layout: Layout = typer.Option(
         "tar",
@@ -85,9 +81,7 @@ def embed(
     world_size: int = typer.Option(
         None, help="Number of processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)."
     ),
-    max_pixels: int = typer.Option(
-        None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."
-    ),
+    max_pixels: int = typer.Option(None, min=1, help="Refuse images declaring more pixels than this (decompression bombs)."),
     progress: bool = typer.Option(
         None,
         "--progress/--no-progress",
@@ -115,8 +109,9 @@ def embed(
     model_workers: int = typer.Option(1, min=1, help="--engine ray: model actors, each loading the model once."),
     gpus_per_worker: float = typer.Option(0.0, min=0, help="--engine ray: GPUs per model actor (0: CPU)."),
     decode: Decode = typer.Option(
-        "cpu", help="cpu: decode workers decode; gpu: JPEGs are decoded on the GPU that runs the model (nvJPEG, "
-        "needs --backend torch-cuda), workers only check their headers."
+        "cpu",
+        help="cpu: decode workers decode; gpu: JPEGs are decoded on the GPU that runs the model (nvJPEG, "
+        "needs --backend torch-cuda), workers only check their headers.",
     ),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""

@@ -12,7 +12,9 @@ from dmt_jepa.cli.preflight import fail, need_encoder, need_folder
 app = typer.Typer(help="Evaluate an encoder file on labelled shards (cls and, for dense, seg.png).", no_args_is_help=True)
 
 ENCODER = typer.Argument(..., help="Encoder file (.safetensors).")
-DATA = typer.Argument(None, help="Directory holding train-*.tar and test-*.tar (as `dmtjepa data scenes` or `data pack --format` writes).")
+DATA = typer.Argument(
+    None, help="Directory holding train-*.tar and test-*.tar (as `dmtjepa data scenes` or `data pack --format` writes)."
+)
 TRAIN = typer.Option(None, "--train", help="Training shards: directory, glob or brace pattern (overrides DATA).")
 TEST = typer.Option(None, "--test", help="Test shards: directory, glob or brace pattern (overrides DATA).")
 SIZE = typer.Option(None, "--image-size", help="Resize images to this side; default the encoder's training size.")
@@ -55,7 +57,9 @@ def _run(
 
     try:
         if tasks == ("detect",):
-            result = evaluate_detection(encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True))
+            result = evaluate_detection(
+                encoder, train, test, DetectOptions(**options), log=lambda line: typer.echo(line, err=True)
+            )
         else:
             result = evaluate_encoder(encoder, train, test, tasks, EvalOptions(**options), save_head=save_head)
     except (EncoderFileError, EvalDataError, ExtraMissing) as error:
@@ -121,7 +125,9 @@ def dense(
     batch_size: int = BATCH,
     json_out: Path = JSON_OUT,
     save_head: Path = typer.Option(
-        None, "--save-head", help="Keep the trained linear head (class names, normalisation) as a .safetensors file for export --head."
+        None,
+        "--save-head",
+        help="Keep the trained linear head (class names, normalisation) as a .safetensors file for export --head.",
     ),
 ) -> None:
     """Linear segmentation: a linear classifier on frozen patch embeddings, logits upsampled, mIoU per class."""
@@ -154,8 +160,20 @@ def detect(
 
     chosen = parse_layers(layers)
     _run(
-        ("detect",), encoder, data, train, test, json_out, epochs=epochs, lr=lr, batch_size=batch_size, out_channels=out_channels,
-        layers=tuple(chosen) if chosen else None, finetune=finetune, seed=seed, image_size=image_size,
+        ("detect",),
+        encoder,
+        data,
+        train,
+        test,
+        json_out,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        out_channels=out_channels,
+        layers=tuple(chosen) if chosen else None,
+        finetune=finetune,
+        seed=seed,
+        image_size=image_size,
     )
 
 

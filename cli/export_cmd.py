@@ -22,7 +22,7 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """"224" or "224x320" -> (224, 224) or (224, 320); anything else is one sentence."""
+    """ "224" or "224x320" -> (224, 224) or (224, 320); anything else is one sentence."""
     parts = text.lower().split("x")
     if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
         fail(f"--image-size takes H or HxW in pixels (e.g. 224 or 224x320), got {text!r}.")
@@ -43,19 +43,11 @@ def export(
     ] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write encoder_fp16.onnx; LayerNorm stays fp32.")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT fp16 engine (TensorRT, GPU).")] = False,
-    min_shape: Annotated[
-        str | None, typer.Option(help="Smallest engine input Bx3xHxW [1 at half the training size].")
-    ] = None,
-    opt_shape: Annotated[
-        str | None, typer.Option(help="Engine input to tune for, Bx3xHxW [32 at the training size].")
-    ] = None,
-    max_shape: Annotated[
-        str | None, typer.Option(help="Largest engine input Bx3xHxW [32 at twice the training size].")
-    ] = None,
+    min_shape: Annotated[str | None, typer.Option(help="Smallest engine input Bx3xHxW [1 at half the training size].")] = None,
+    opt_shape: Annotated[str | None, typer.Option(help="Engine input to tune for, Bx3xHxW [32 at the training size].")] = None,
+    max_shape: Annotated[str | None, typer.Option(help="Largest engine input Bx3xHxW [32 at twice the training size].")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 to 20.")] = 18,
-    layers: Annotated[
-        str | None, typer.Option(help=LAYERS_HELP + " Adds outputs hidden_states_<i> (legacy: layer_<i>).")
-    ] = None,
+    layers: Annotated[str | None, typer.Option(help=LAYERS_HELP + " Adds outputs hidden_states_<i> (legacy: layer_<i>).")] = None,
     io_names: Annotated[
         IoNames,
         typer.Option(
@@ -111,7 +103,9 @@ def export(
     chosen_layers = parse_layers(layers)
     need_encoder(encoder)
     if head is not None or labels:
-        return _export_segmenter(encoder, out, head, labels, format, opset, overwrite, [fp16, trt, bool(layers), io_names != "optimum"])
+        return _export_segmenter(
+            encoder, out, head, labels, format, opset, overwrite, [fp16, trt, bool(layers), io_names != "optimum"]
+        )
 
     from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.export.errors import ExportError
@@ -139,8 +133,18 @@ def export(
             )  # fmt: skip
             return
         export_encoder(
-            encoder, out, fp16=fp16, trt=trt, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-            opset=opset, layers=chosen_layers, io_style=io_names, overwrite=overwrite, log=typer.echo,
+            encoder,
+            out,
+            fp16=fp16,
+            trt=trt,
+            min_shape=min_shape,
+            opt_shape=opt_shape,
+            max_shape=max_shape,
+            opset=opset,
+            layers=chosen_layers,
+            io_style=io_names,
+            overwrite=overwrite,
+            log=typer.echo,
         )
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
@@ -250,9 +254,7 @@ def format_out_dir(d: dict) -> str:
             shown = ", ".join(group["shards"][:10]) + (" ..." if len(group["shards"]) > 10 else "")
             lines.append(f"  shards {shown} ({len(group['shards'])}):")
         if model:
-            lines.append(
-                f"{indent}model: {model.get('file')} ({model.get('arch')}, sha256 {str(model.get('sha256'))[:12]})"
-            )
+            lines.append(f"{indent}model: {model.get('file')} ({model.get('arch')}, sha256 {str(model.get('sha256'))[:12]})")
         settings = ", ".join(f"{k} {v}" for k, v in group["settings"].items())
         lines.append(f"{indent}settings: {settings}, input {group['input_size']}")
     lines.append(f"  images: {d['embedded']} embedded, {d['failed']} failed, {len(d['cut_shards'])} shards cut off")

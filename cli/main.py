@@ -63,11 +63,17 @@ def _root(
         False, "--version", callback=_print_version, is_eager=True, help="Print the installed dmt-jepa version and exit."
     ),
     install_completion: bool = typer.Option(
-        None, "--install-completion", callback=_install_completion, expose_value=False,
+        None,
+        "--install-completion",
+        callback=_install_completion,
+        expose_value=False,
         help="Install completion for the current shell.",
     ),  # fmt: skip
     show_completion: bool = typer.Option(
-        None, "--show-completion", callback=completion.show_callback, expose_value=False,
+        None,
+        "--show-completion",
+        callback=completion.show_callback,
+        expose_value=False,
         help="Show completion for the current shell, to copy it or customize the installation.",
     ),  # fmt: skip
 ) -> None:

@@ -87,9 +87,12 @@ def pretrain(
 
 def pack(
     image_dir: Path = typer.Argument(
-        ..., help="Folder of JPEG/PNG/WebP images (first-level subfolders are class labels), or with --format a labelled dataset's root."
+        ...,
+        help="Folder of JPEG/PNG/WebP images (first-level subfolders are class labels), or with --format a labelled dataset's root.",
     ),
-    out_dir: Path = typer.Argument(..., help="Empty folder for shard-000000.tar, ... (with --format: train-*.tar, test-*.tar, dataset.json)."),
+    out_dir: Path = typer.Argument(
+        ..., help="Empty folder for shard-000000.tar, ... (with --format: train-*.tar, test-*.tar, dataset.json)."
+    ),
     max_shard_mb: float = typer.Option(500.0, help="Start a new shard after this many megabytes."),
     max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
     format: LabelledFormat | None = typer.Option(
@@ -133,7 +136,9 @@ def convert(
     arch: str | None = typer.Option(None, help="Architecture name; default: inferred from the width."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     license: str = typer.Option(
-        "cc-by-nc-4.0", "--license", help="Licence of the weights, recorded in the file (the public I-JEPA weights': CC-BY-NC 4.0)."
+        "cc-by-nc-4.0",
+        "--license",
+        help="Licence of the weights, recorded in the file (the public I-JEPA weights': CC-BY-NC 4.0).",
     ),
 ) -> None:
     """Convert a public I-JEPA / DMT-JEPA checkpoint into an encoder file that export and serve take."""

@@ -18,7 +18,9 @@ def scenes(
     size: int = typer.Option(96, "--size", help="Side of the square scenes in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Scenes per shard."),
     kind: SceneKind = typer.Option("digits", "--kind", help="Objects: digits (handwritten), shapes (outlines) or textures."),
-    background: SceneBackground = typer.Option("photo", "--background", help="Behind the objects: photo (bundled photos) or plain."),
+    background: SceneBackground = typer.Option(
+        "photo", "--background", help="Behind the objects: photo (bundled photos) or plain."
+    ),
     palette: ScenePalette = typer.Option("colour", "--palette", help="colour (random hues) or mono (black and white on grey)."),
 ) -> None:
     """Make scenes of objects (digits, shapes or textures) on bundled photos, with image and per-pixel labels."""
@@ -27,8 +29,16 @@ def scenes(
 
     try:
         summary = write_scene_shards(
-            out_dir, n_train=train, n_test=test, seed=seed, image_size=size, shard_size=shard_size, kind=kind,
-            background=background, palette=palette, progress=progress_lines(lambda line: typer.echo(line, err=True)),
+            out_dir,
+            n_train=train,
+            n_test=test,
+            seed=seed,
+            image_size=size,
+            shard_size=shard_size,
+            kind=kind,
+            background=background,
+            palette=palette,
+            progress=progress_lines(lambda line: typer.echo(line, err=True)),
         )
     except (ScenesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -87,7 +87,11 @@ def curves(
     """Training loss and learning rate against step."""
     events = any(run_dir.glob("events.out.tfevents*")) if run_dir.is_dir() else run_dir.name.startswith("events.out.tfevents")
     if not events:
-        need_file(run_dir / "log.jsonl" if run_dir.is_dir() else run_dir, "training log", "point at a run directory that holds log.jsonl")
+        need_file(
+            run_dir / "log.jsonl" if run_dir.is_dir() else run_dir,
+            "training log",
+            "point at a run directory that holds log.jsonl",
+        )
     from dmt_jepa.viz import VizError, curves_picture, read_log, save_png
 
     try:

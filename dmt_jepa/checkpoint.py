@@ -94,7 +94,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: TrainConfig)
     """Load every module's weights from checkpoint `path` into `model`; return its training state."""
     path = Path(path)
     saved_cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    ours = {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size, "pred_width": cfg.model.pred_width, "pred_depth": cfg.model.pred_depth}
+    ours = {
+        "arch": cfg.model.arch,
+        "patch_size": cfg.model.patch_size,
+        "pred_width": cfg.model.pred_width,
+        "pred_depth": cfg.model.pred_depth,
+    }
     theirs = saved_cfg.get("model", {})
 
     def mismatch(detail: str) -> CheckpointError:
@@ -103,9 +108,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: TrainConfig)
             f"run's ({_architecture(ours)}); resume with the run's own config or start a new run elsewhere."
         )
 
-    if any(theirs.get(k, v) != v for k, v in ours.items()) or saved_cfg.get("target", {}).get(
-        "aggregation", cfg.target.aggregation
-    ) != cfg.target.aggregation:
+    if (
+        any(theirs.get(k, v) != v for k, v in ours.items())
+        or saved_cfg.get("target", {}).get("aggregation", cfg.target.aggregation) != cfg.target.aggregation
+    ):
         raise mismatch("")
     for name in MODULES:
         module = getattr(model, name, None)

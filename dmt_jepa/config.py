@@ -393,11 +393,26 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         (m.pred_heads is None or m.pred_heads <= MAX_HEADS, f"model.pred_heads must be at most {MAX_HEADS}, got {m.pred_heads}"),
         (k.num_targets >= 1, f"mask.num_targets must be at least 1, got {k.num_targets}"),
         (k.min_keep >= 1, f"mask.min_keep must be at least 1, got {k.min_keep}"),
-        (_ordered_range(k.target_scale, 1e-9, 1), f"mask.target_scale must satisfy 0 < low <= high <= 1, got {list(k.target_scale)}"),
-        (_ordered_range(k.context_scale, 1e-9, 1), f"mask.context_scale must satisfy 0 < low <= high <= 1, got {list(k.context_scale)}"),
-        (_ordered_range(k.target_aspect, 1e-9, None), f"mask.target_aspect must satisfy 0 < low <= high, got {list(k.target_aspect)}"),
-        (_ordered_range(k.context_aspect, 1e-9, None), f"mask.context_aspect must satisfy 0 < low <= high, got {list(k.context_aspect)}"),
-        (0 <= cfg.target.head_depth <= MAX_DEPTH, f"target.head_depth must be within [0, {MAX_DEPTH}], got {cfg.target.head_depth}"),
+        (
+            _ordered_range(k.target_scale, 1e-9, 1),
+            f"mask.target_scale must satisfy 0 < low <= high <= 1, got {list(k.target_scale)}",
+        ),
+        (
+            _ordered_range(k.context_scale, 1e-9, 1),
+            f"mask.context_scale must satisfy 0 < low <= high <= 1, got {list(k.context_scale)}",
+        ),
+        (
+            _ordered_range(k.target_aspect, 1e-9, None),
+            f"mask.target_aspect must satisfy 0 < low <= high, got {list(k.target_aspect)}",
+        ),
+        (
+            _ordered_range(k.context_aspect, 1e-9, None),
+            f"mask.context_aspect must satisfy 0 < low <= high, got {list(k.context_aspect)}",
+        ),
+        (
+            0 <= cfg.target.head_depth <= MAX_DEPTH,
+            f"target.head_depth must be within [0, {MAX_DEPTH}], got {cfg.target.head_depth}",
+        ),
         (o.batch_size <= MAX_BATCH_SIZE, f"optimization.batch_size must be at most {MAX_BATCH_SIZE}, got {o.batch_size}"),
         (d.num_workers <= MAX_WORKERS, f"data.num_workers must be at most {MAX_WORKERS}, got {d.num_workers}"),
         (o.lr > 0, f"optimization.lr must be positive, got {o.lr}"),
@@ -413,7 +428,9 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     if not d.train:  # the built-in scenes are made by this run: their settings are checked before it starts
         from dmt_jepa.scenes import scenes_problems
 
-        checks += [(False, problem) for problem in scenes_problems(d.scenes_kind, d.scenes_background, d.scenes_palette, "data.scenes_")]
+        checks += [
+            (False, problem) for problem in scenes_problems(d.scenes_kind, d.scenes_background, d.scenes_palette, "data.scenes_")
+        ]
     problems = [message for ok, message in checks if not ok]
     if not problems:  # the mask settings against the patch grid, once every size and range is valid
         from dmt_jepa.mask_geometry import mask_problems  # numpy only: a config is checked before torch is imported

@@ -112,7 +112,9 @@ def encoder_from_public(state: dict, *, arch: str | None = None, source: str = "
         )
     bad = [k for k, v in weights.items() if v.shape != expected[k].shape]
     if bad:
-        raise ConvertError(f"{source} has tensor {bad[0]} of shape {tuple(weights[bad[0]].shape)}, expected {tuple(expected[bad[0]].shape)}.")
+        raise ConvertError(
+            f"{source} has tensor {bad[0]} of shape {tuple(weights[bad[0]].shape)}, expected {tuple(expected[bad[0]].shape)}."
+        )
     encoder.load_state_dict({k: v.float() for k, v in weights.items()})
     return encoder.eval(), arch
 
@@ -142,7 +144,9 @@ def convert_checkpoint(
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConvertError(f"{src} cannot be read as a tensors-only checkpoint ({first}); it is not a supported checkpoint.") from err
+        raise ConvertError(
+            f"{src} cannot be read as a tensors-only checkpoint ({first}); it is not a supported checkpoint."
+        ) from err
     if not isinstance(checkpoint, dict) or which not in checkpoint:
         keys = ", ".join(sorted(map(str, checkpoint))) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConvertError(f"{src} has no {which!r} state dict (it holds: {keys}); pick one with --which.")

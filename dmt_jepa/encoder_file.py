@@ -34,8 +34,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bytes per element of each safetensors dtype; the floating ones are those weights may have.
 SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_HEADER_BYTES = 16 << 20  # a ViT-22B header is under 1 MB
@@ -298,7 +311,9 @@ def read_json_file(path: str | os.PathLike) -> object:
     except OSError as err:
         raise EncoderFileError(f"cannot read {path} ({err.strerror or err}); check the path and its permissions.") from err
     if not regular:
-        raise EncoderFileError(f"{path} is not a regular file of at most {MAX_JSON_BYTES} bytes; it is damaged or not a model's config.")
+        raise EncoderFileError(
+            f"{path} is not a regular file of at most {MAX_JSON_BYTES} bytes; it is damaged or not a model's config."
+        )
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past Python's stack
@@ -326,9 +341,7 @@ def encoder_shapes(info: EncoderInfo) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
 
 
-def check_weights(
-    info: EncoderInfo, tensors: dict[str, TensorEntry], source: str, described_by: str = "its metadata"
-) -> None:
+def check_weights(info: EncoderInfo, tensors: dict[str, TensorEntry], source: str, described_by: str = "its metadata") -> None:
     """EncoderFileError unless `tensors` are exactly the encoder's that `info` describes, each floating point."""
     expected = encoder_shapes(info)
     held = {name: entry.shape for name, entry in tensors.items()}
@@ -369,7 +382,9 @@ def read_weights(path: str | os.PathLike, names) -> dict[str, torch.Tensor]:
                     raise _not_finite(path, key)
                 state[key] = tensor
     except (SafetensorError, OSError) as err:
-        raise EncoderFileError(f"{path} is not a safetensors encoder file that can be read ({err}); it is damaged or not a model file.") from err
+        raise EncoderFileError(
+            f"{path} is not a safetensors encoder file that can be read ({err}); it is damaged or not a model file."
+        ) from err
     return state
 
 

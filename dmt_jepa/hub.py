@@ -128,9 +128,17 @@ class PretrainedEncoder(
         **config,
     ):
         """The mixin's loader: the repo's config and weights are fetched and read as a local directory is."""
-        directory = Path(model_id) if os.path.isdir(model_id) else download_directory(
-            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
-            local_files_only=local_files_only,
+        directory = (
+            Path(model_id)
+            if os.path.isdir(model_id)
+            else download_directory(
+                model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
         )
         return load_model_directory(directory).to(map_location)
 
@@ -295,9 +303,12 @@ def _parity_rows(rows: object) -> list[dict]:
     if not isinstance(rows, list) or len(rows) > 16:
         return []
     good = all(
-        isinstance(row, dict) and row.keys() == fields.keys()
-        and all(isinstance(row[key], kind) and (kind is str and len(row[key]) < 80 or kind is float and math.isfinite(row[key]))
-                for key, kind in fields.items())
+        isinstance(row, dict)
+        and row.keys() == fields.keys()
+        and all(
+            isinstance(row[key], kind) and (kind is str and len(row[key]) < 80 or kind is float and math.isfinite(row[key]))
+            for key, kind in fields.items()
+        )
         for row in rows
     )
     return [dict(row) for row in rows] if good else []

@@ -116,9 +116,7 @@ class MultiBlockMaskSampler:
         if cfg.static:
             target_idx = _random_subsets(target_idx, self.target_size, generator)  # [B, M, target_size]
         keep = min_keep if cfg.static else min(len(c) for c in contexts)
-        context_idx = torch.stack(
-            [c[torch.randperm(len(c), generator=generator)[:keep]].sort().values for c in contexts]
-        )
+        context_idx = torch.stack([c[torch.randperm(len(c), generator=generator)[:keep]].sort().values for c in contexts])
         return Masks(context_idx=context_idx, target_idx=target_idx)
 
 

@@ -120,7 +120,7 @@ def transformers_usage(info: EncoderInfo) -> list[str]:
         f'model = AutoModel.from_pretrained("{MODEL_PATH}").eval()   # or a Hub repo id',
         f'processor = AutoImageProcessor.from_pretrained("{MODEL_PATH}")',
         f'image = Image.new("RGB", ({2 * info.img_size[1]}, {2 * info.img_size[0]}), (120, 90, 60))   # any RGB image',
-        f"inputs = processor(images=image, return_tensors=\"pt\")    # resized to {info.img_size[0]} x {info.img_size[1]}",
+        f'inputs = processor(images=image, return_tensors="pt")    # resized to {info.img_size[0]} x {info.img_size[1]}',
         "with torch.no_grad():",
         f"    tokens = model(**inputs).last_hidden_state          # [1, {h * w}, {dim}]",
         f"grid = tokens.reshape(1, {h}, {w}, {dim})                  # patch grid, row-major",
@@ -143,9 +143,11 @@ def _size_rows(info: EncoderInfo) -> list[str]:
     trained = info.provenance.get("trained_img_size")
     if not trained or tuple(trained) == tuple(info.img_size):
         return [f"| trained at | {size(*info.img_size)} |"]
-    return [f"| trained at | {size(*trained)} |",
-            f"| exported for | {size(*info.img_size)}: the stored position table is the sin-cos table of this grid, "
-            "so loaders are exact at this size |"]
+    return [
+        f"| trained at | {size(*trained)} |",
+        f"| exported for | {size(*info.img_size)}: the stored position table is the sin-cos table of this grid, "
+        "so loaders are exact at this size |",
+    ]
 
 
 def timm_usage(info: EncoderInfo) -> list[str]:
@@ -210,7 +212,9 @@ def _training_lines(provenance: dict) -> list[str]:
         lines.append(f"- training data: {train}")
     target = config.get("target") or {}
     if target.get("aggregation"):
-        method = "I-JEPA (no aggregation)" if target["aggregation"] == "none" else f"DMT-JEPA, {target['aggregation']} aggregation"
+        method = (
+            "I-JEPA (no aggregation)" if target["aggregation"] == "none" else f"DMT-JEPA, {target['aggregation']} aggregation"
+        )
         lines.append(f"- objective: {method}")
     optimization = config.get("optimization") or {}
     if optimization:

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 
 
 @lru_cache(maxsize=64)
-def window_candidates(
-    h: int, w: int, k_size: int, border: str, include_self: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def window_candidates(h: int, w: int, k_size: int, border: str, include_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate neighbours of every patch: indices [N, W] and validity [N, W], W = k_size^2 - 1.
 
     `clip` keeps only in-image window slots (slots outside the image are invalid and hold the

@@ -44,9 +44,7 @@ class DMTJEPA(nn.Module):
         )
         self.target_encoder = _frozen_copy(self.context_encoder)
         dim, heads = self.context_encoder.embed_dim, self.context_encoder.num_heads
-        self.predictor = Predictor(
-            embed_dim=dim, predictor_dim=m.pred_width, depth=m.pred_depth, num_heads=m.pred_heads or heads
-        )
+        self.predictor = Predictor(embed_dim=dim, predictor_dim=m.pred_width, depth=m.pred_depth, num_heads=m.pred_heads or heads)
         self.online_head: LocalAggregationHead | None = None
         self.target_head: LocalAggregationHead | None = None
         if cfg.target.aggregation in ("cross_attention", "self_attention"):

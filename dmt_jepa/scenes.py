@@ -405,7 +405,11 @@ class ScenesError(ValueError):
 def scenes_problems(kind: str, background: str, palette: str, prefix: str = "--") -> list[str]:
     """What is wrong with a look of the scenes, each a phrase naming its option: `prefix` + kind|background|palette."""
     problems = []
-    for name, value, allowed in (("kind", kind, tuple(KINDS)), ("background", background, BACKGROUNDS), ("palette", palette, PALETTES)):
+    for name, value, allowed in (
+        ("kind", kind, tuple(KINDS)),
+        ("background", background, BACKGROUNDS),
+        ("palette", palette, PALETTES),
+    ):
         if value not in allowed:
             problems.append(f"{prefix}{name} must be one of {', '.join(allowed)}, got {value!r}")
     if kind == "digits" and palette != "colour":

@@ -26,8 +26,17 @@ LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
 # logger -> (module it needs, the extra that installs it)
 NEEDS = {"tensorboard": ("tensorboard", "track"), "mlflow": ("mlflow", "track"), "wandb": ("wandb", "wandb")}
 # log.jsonl keys -> the group of their tag
-GROUPS = {"loss": "train", "lr": "train", "weight_decay": "train", "momentum": "train", "images_per_s": "train",
-          "eta_s": "train", "elapsed_s": "train", "skipped": "train", "epoch": "train"}
+GROUPS = {
+    "loss": "train",
+    "lr": "train",
+    "weight_decay": "train",
+    "momentum": "train",
+    "images_per_s": "train",
+    "eta_s": "train",
+    "elapsed_s": "train",
+    "skipped": "train",
+    "epoch": "train",
+}
 
 
 def logger_problems(names: list[str]) -> list[str]:
@@ -156,8 +165,9 @@ class _WandB:
     def __init__(self, run_dir: Path, config: dict):
         wandb = import_extra("wandb", "wandb", "run.loggers wandb")
         run_id = _run_id(run_dir / "wandb-run-id.txt", lambda: uuid.uuid4().hex[:8])
-        self.run = wandb.init(project="dmtjepa", name=run_dir.name, id=run_id, resume="allow", mode="offline",
-                              dir=str(run_dir), config=config)
+        self.run = wandb.init(
+            project="dmtjepa", name=run_dir.name, id=run_id, resume="allow", mode="offline", dir=str(run_dir), config=config
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

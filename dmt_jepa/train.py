@@ -356,8 +356,9 @@ class Trainer:
         self.trackers = None
         if world.is_main and not self.already_complete:
             _trim_log(self.log_path, self.step)
-            self.trackers = Trackers(list(cfg.run.loggers), self.run_dir, config_to_dict(cfg),
-                                     resumed_at=self.step if checkpoint is not None else None)
+            self.trackers = Trackers(
+                list(cfg.run.loggers), self.run_dir, config_to_dict(cfg), resumed_at=self.step if checkpoint is not None else None
+            )
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.model, self.cfg)
@@ -486,9 +487,7 @@ class Trainer:
                 f"free space and rerun with --resume {self.run_dir}."
             )
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-        return TrainingError(
-            f"cannot write {what} ({reason}); {kept}; free space, then run again with --resume {self.run_dir}."
-        )
+        return TrainingError(f"cannot write {what} ({reason}); {kept}; free space, then run again with --resume {self.run_dir}.")
 
     def save(self) -> None:
         state = self.state()
@@ -553,18 +552,21 @@ class Trainer:
                     elapsed = now - start_time
                     progress.update(self.step, loss=loss, lr=lr, images_per_s=images_per_s)
                     locality = self.model.locality(self.last_images) if locality_due and self.world.is_main else {}
-                    self._log(locality | {
-                        "step": self.step,
-                        "epoch": epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "weight_decay": wd,
-                        "momentum": momentum,
-                        "images_per_s": round(images_per_s, 2),
-                        "elapsed_s": round(elapsed, 3),
-                        "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
-                        "skipped": self.position.skipped_before + sum(self.position.skipped),
-                    })
+                    self._log(
+                        locality
+                        | {
+                            "step": self.step,
+                            "epoch": epoch,
+                            "loss": loss,
+                            "lr": lr,
+                            "weight_decay": wd,
+                            "momentum": momentum,
+                            "images_per_s": round(images_per_s, 2),
+                            "elapsed_s": round(elapsed, 3),
+                            "eta_s": round(elapsed / (self.step - start_step) * (self.total_steps - self.step), 1),
+                            "skipped": self.position.skipped_before + sum(self.position.skipped),
+                        }
+                    )
                 if save_due:
                     self.save()
             del batches  # stops the workers

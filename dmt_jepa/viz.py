@@ -113,7 +113,9 @@ def read_tensorboard(path: str | os.PathLike) -> list[dict]:
     files = _event_files(Path(path))
     if not files:
         raise VizError(f"no TensorBoard event files at {path}; point at RUN_DIR/tensorboard or one events.out.tfevents file.")
-    event_accumulator = import_extra("tensorboard.backend.event_processing.event_accumulator", "track", "reading TensorBoard events")
+    event_accumulator = import_extra(
+        "tensorboard.backend.event_processing.event_accumulator", "track", "reading TensorBoard events"
+    )
     by_step: dict[int, dict] = {}
     for file in files:
         events = event_accumulator.EventAccumulator(str(file), size_guidance={event_accumulator.SCALARS: 0})

@@ -320,9 +320,7 @@ def export_onnx(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ExportError(
-            f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out."
-        ) from err
+        raise ExportError(f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out.") from err
 
     metadata = {**info.to_metadata(), "source_sha256": file_sha256(encoder_path), "opset": str(opset)}
     if layers:

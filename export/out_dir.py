@@ -132,7 +132,13 @@ def _check_listed(out_dir: Path, listed: dict[str, Record]) -> None:
         if path is not None and not os.path.lexists(path):
             continue
         st = os.lstat(path) if path is not None else None
-        if path is None or st is None or not stat.S_ISREG(st.st_mode) or st.st_size != record["size"] or file_sha256(path) != record["sha256"]:
+        if (
+            path is None
+            or st is None
+            or not stat.S_ISREG(st.st_mode)
+            or st.st_size != record["size"]
+            or file_sha256(path) != record["sha256"]
+        ):
             raise ExportError(
                 f"{out_dir / name} is no longer the file an earlier export wrote, so --overwrite will not remove it; "
                 f"move it out of {out_dir}, then export again."

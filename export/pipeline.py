@@ -55,9 +55,7 @@ def export_encoder(
         # The engine, its sidecar and the TensorRT backend bind exactly the contract's two outputs.
         raise ExportError("--layers applies to the ONNX models only; export the engine without --layers.")
     if not trt and (min_shape or opt_shape or max_shape):
-        raise ExportError(
-            "--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them."
-        )
+        raise ExportError("--min-shape, --opt-shape and --max-shape only apply to TensorRT engines; add --trt or drop them.")
     if not trt:
         with replacing(out_dir, overwrite=overwrite, sources=(encoder_path,)):
             exports = export_onnx(encoder_path, out_dir, fp16=fp16, opset=opset, layers=layers, io_style=io_style, log=log)

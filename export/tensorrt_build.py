@@ -68,9 +68,7 @@ def require_gpu() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise ExportError(
-            "no CUDA GPU is visible; build the TensorRT engine on the machine (and GPU model) that will run it."
-        )
+        raise ExportError("no CUDA GPU is visible; build the TensorRT engine on the machine (and GPU model) that will run it.")
     return torch.cuda.get_device_name(0)
 
 

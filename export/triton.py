@@ -218,9 +218,7 @@ def export_triton(
     """Write the model `out_dir/model_name/` (config.pbtxt, 1/model.onnx) of a Triton repository, checked first;
     returns its folder. Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one."""
     if not _MODEL_NAME.fullmatch(model_name):
-        raise ExportError(
-            f"--model-name {model_name!r} is not a plain folder name; use letters, digits, '_', '.' and '-'."
-        )
+        raise ExportError(f"--model-name {model_name!r} is not a plain folder name; use letters, digits, '_', '.' and '-'.")
     if not 1 <= max_batch_size <= 1 << 20:
         raise ExportError(f"--max-batch-size {max_batch_size} is out of range; give a whole number from 1.")
     out_dir = Path(out_dir)

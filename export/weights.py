@@ -52,8 +52,7 @@ def resolve_license(info: EncoderInfo, license: str | None) -> EncoderInfo:
         return info
     if recorded:
         raise ExportError(
-            f"the encoder file records the licence {recorded!r}; an export cannot relicense it as {license!r} "
-            "(drop --license)."
+            f"the encoder file records the licence {recorded!r}; an export cannot relicense it as {license!r} (drop --license)."
         )
     return replace(info, provenance={**info.provenance, "license": license})
 
@@ -71,7 +70,9 @@ def evaluation_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
         try:
             lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip().startswith("{")]
         except (OSError, json.JSONDecodeError) as err:
-            raise ExportError(f"cannot read evaluation results from {path} ({err}); give the JSON printed by dmtjepa eval.") from err
+            raise ExportError(
+                f"cannot read evaluation results from {path} ({err}); give the JSON printed by dmtjepa eval."
+            ) from err
         for result in lines:
             data = f"{result.get('train', '?')} train / {result.get('test', '?')} test images"
             for task, pairs in metrics.items():
@@ -105,7 +106,9 @@ def at_size(encoder: VisionTransformer, info: EncoderInfo, size: tuple[int, int]
     if height < p or width < p or height % p or width % p:
         raise ExportError(f"--image-size {height}x{width} must be a multiple of the patch size {p} on both sides.")
     if format == "hf" and height != width:
-        raise ExportError(f"transformers' I-JEPA takes square images only; give --image-size {height} or {width} for --format hf.")
+        raise ExportError(
+            f"transformers' I-JEPA takes square images only; give --image-size {height} or {width} for --format hf."
+        )
     if (height, width) == tuple(info.img_size):
         return info
     encoder.img_size = (height, width)  # what grid_size, and so the stored table, follow
@@ -192,13 +195,18 @@ def measure_loader(
 
 def _require_exact(rows: list[dict], tolerance: float, library: str, log: Callable[[str], None]) -> None:
     """Log every row; ParityError unless the first (the training size) is within `tolerance`."""
-    lines = [f"{r['loader']} vs dmt-jepa at {r['size']}: max|diff| patch tokens {r['max_abs']:.2e}, "
-             f"cosine per patch min {r['cosine_min']:.6f}" for r in rows]
+    lines = [
+        f"{r['loader']} vs dmt-jepa at {r['size']}: max|diff| patch tokens {r['max_abs']:.2e}, "
+        f"cosine per patch min {r['cosine_min']:.6f}"
+        for r in rows
+    ]
     lines[0] += "  ok" if rows[0]["max_abs"] <= tolerance else f"  FAIL: > {tolerance:.0e}"
     for line in lines:
         log(line)
     if not rows[0]["max_abs"] <= tolerance:
-        raise ParityError(f"{library} does not reproduce the encoder at the size it was exported for; the directory was not kept.", lines)
+        raise ParityError(
+            f"{library} does not reproduce the encoder at the size it was exported for; the directory was not kept.", lines
+        )
 
 
 def _write_hf(directory: Path, encoder: VisionTransformer, info: EncoderInfo, log: Callable[[str], None]) -> None:

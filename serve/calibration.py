@@ -105,9 +105,7 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def quantize_static_int8(
-    model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path, key: str | None = None
-) -> Path:
+def quantize_static_int8(model_path: Path, pixels: np.ndarray, info: EncoderInfo, out_path: Path, key: str | None = None) -> Path:
     """Write the QDQ int8 form of the fp32 ONNX model at `model_path`, calibrated on uint8 `pixels` [N, H, W, 3];
     `key` (its `calibration_key`) is stamped into its metadata."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

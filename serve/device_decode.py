@@ -54,8 +54,9 @@ def resize_on_device(image: torch.Tensor, prep: Preprocess) -> torch.Tensor:
         else:  # an extreme aspect ratio: resample only the source region the crop keeps (whole pixels here)
             sy, sx = height / new_h, width / new_w
             box_top, box_left = round(top * sy), round(left * sx)
-            out = resized_crop(image, box_top, box_left, max(1, round(out_h * sy)), max(1, round(out_w * sx)),
-                               [out_h, out_w], **bicubic)
+            out = resized_crop(
+                image, box_top, box_left, max(1, round(out_h * sy)), max(1, round(out_w * sx)), [out_h, out_w], **bicubic
+            )
     else:
         fill = torch.tensor([round(m * 255) for m in prep.pixel_mean], dtype=torch.uint8, device=image.device)
         out = fill.view(3, 1, 1).repeat(1, out_h, out_w)

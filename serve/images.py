@@ -242,8 +242,6 @@ def prepare_array(image: np.ndarray | Image.Image, prep: Preprocess) -> tuple[np
         image = Image.fromarray(array)
     height, width = image.height, image.width
     if height < prep.patch_size or width < prep.patch_size:
-        raise ImageRejected(
-            f"the image is {width}x{height} pixels, smaller than one {prep.patch_size}x{prep.patch_size} patch"
-        )
+        raise ImageRejected(f"the image is {width}x{height} pixels, smaller than one {prep.patch_size}x{prep.patch_size} patch")
     pixels, geometry = resize(to_rgb(image), prep)
     return pixels, {"original_size": [height, width], **geometry}

@@ -56,9 +56,7 @@ def _from_list_file(path: Path) -> list[str]:
 def _from_directory(path: Path) -> list[str]:
     sources = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
     if not sources:
-        raise InputError(
-            f"the directory {path} holds no .tar shards; pass a directory of shards, a pattern or a list file."
-        )
+        raise InputError(f"the directory {path} holds no .tar shards; pass a directory of shards, a pattern or a list file.")
     return sources
 
 

@@ -336,9 +336,7 @@ def metadata_table(rows: list[dict], crc32: bool = False):
         return [row["record"].get(name) for row in rows]
 
     digests = (
-        {"crc32": pa.array([sorted(row["crc32"].items()) for row in rows], pa.map_(pa.string(), pa.uint32()))}
-        if crc32
-        else {}
+        {"crc32": pa.array([sorted(row["crc32"].items()) for row in rows], pa.map_(pa.string(), pa.uint32()))} if crc32 else {}
     )
     return pa.table(
         {
@@ -349,9 +347,7 @@ def metadata_table(rows: list[dict], crc32: bool = False):
             "grid": pa.array(column("grid"), pa.list_(pa.int32())),
             "resize": pa.array(column("resize"), pa.string()),
             "content": pa.array(column("content"), pa.list_(pa.int32())),
-            "members": pa.array(
-                [sorted(row["members"].items()) for row in rows], pa.map_(pa.string(), pa.binary())
-            ),
+            "members": pa.array([sorted(row["members"].items()) for row in rows], pa.map_(pa.string(), pa.binary())),
             "not_carried": pa.array([row["record"].get("not_carried", []) for row in rows], pa.list_(pa.string())),
             **digests,
         }
@@ -365,4 +361,3 @@ def open_output(
     if spec.layout != "tar":
         return ArrayShardOutput(out_dir, name, owner, spec, grid, dim, about)
     return ShardOutput(out_dir, name, owner, dtype=spec.dtype, patches=spec.patches)
-

@@ -86,9 +86,15 @@ class ModelWorker:
             return self.error or "the model did not load"
         r = self.runner
         return {
-            "name": r.name, "precision": r.precision, "info": r.info, "model_path": r.model_path,
-            "model_sha256": r.model_sha256, "notices": tuple(r.notices), "layers": tuple(r.layers),
-            "describe": r.describe(), "pid": os.getpid(),
+            "name": r.name,
+            "precision": r.precision,
+            "info": r.info,
+            "model_path": r.model_path,
+            "model_sha256": r.model_sha256,
+            "notices": tuple(r.notices),
+            "layers": tuple(r.layers),
+            "describe": r.describe(),
+            "pid": os.getpid(),
         }
 
     def check_size(self, size: tuple[int, int]) -> str | None:
@@ -210,8 +216,7 @@ def session(model, options: EmbedOptions) -> Iterator[tuple[Backend, Callable[[S
             scheduling_strategy=PlacementGroupSchedulingStrategy(group),
         )
         actors = [
-            worker.remote(str(path), options.backend, options.precision, options.layers)
-            for _ in range(options.model_workers)
+            worker.remote(str(path), options.backend, options.precision, options.layers) for _ in range(options.model_workers)
         ]
         facts = wait_for(ray, [actor.facts.remote() for actor in actors], LOAD_SECONDS, "the model actors to load the model")
         for fact in facts:
@@ -331,9 +336,7 @@ def _watch_driver() -> subprocess.Popen | None:
     """The watchdog over the Ray this driver is about to start (Linux: it reads /proc); None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
-    return subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True
-    )
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE, start_new_session=True)
 
 
 def _stop_watching(watchdog: subprocess.Popen | None) -> None:
@@ -477,8 +480,14 @@ class _RayRun:
                     chunks.append(image.pixels)
                     spans.append([len(chunks) - 1, image.index, image.index])
                 spans[-1][2] = image.index + 1
-            made = _Batch(images[0].source, [i.key for i in images], [i.record for i in images],
-                          [i.carried for i in images], [tuple(s) for s in spans], chunks)
+            made = _Batch(
+                images[0].source,
+                [i.key for i in images],
+                [i.record for i in images],
+                [i.carried for i in images],
+                [tuple(s) for s in spans],
+                chunks,
+            )
             images.clear()
             return made
 

@@ -231,9 +231,7 @@ class ShardReader:
                     return
                 data = self._take(size + padded)
                 if len(data) < size + padded:
-                    self.cut = (
-                        f"the shard is cut off inside a tar extension header at byte {self.offset}{self._read_error}"
-                    )
+                    self.cut = f"the shard is cut off inside a tar extension header at byte {self.offset}{self._read_error}"
                     return
                 try:
                     if info.type == tarfile.XHDTYPE:
@@ -261,9 +259,7 @@ class ShardReader:
                 continue
             data = self._take(size + padded)
             if len(data) < size:
-                self.cut = (
-                    f"{cut_inside} (got {len(data)} of {size} bytes){self._read_error}; the samples before it were kept"
-                )
+                self.cut = f"{cut_inside} (got {len(data)} of {size} bytes){self._read_error}; the samples before it were kept"
                 yield name, None, cut_inside
                 return
             yield name, data[:size], None
@@ -511,9 +507,7 @@ def load_record(out_dir: Path, name: str) -> dict | None:
         return None
     problem = record_problem(record, name)
     if problem is not None:
-        raise FileRefused(
-            f"{out_dir / name}.json is not a done record as `dmtjepa embed` writes it ({problem}); {remedy}."
-        )
+        raise FileRefused(f"{out_dir / name}.json is not a done record as `dmtjepa embed` writes it ({problem}); {remedy}.")
     if not all(exists_regular(out_dir, file, remedy) for file in data_files(record, name)):
         return None
     return record
@@ -584,8 +578,7 @@ def record_problem(record: dict, name: str) -> str | None:
         (count(record.get("failed", 0)), "failed is not a count"),
         (
             isinstance(failures, list)
-            and all(isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("reason"), str)
-                    for f in failures),
+            and all(isinstance(f, dict) and isinstance(f.get("key"), str) and isinstance(f.get("reason"), str) for f in failures),
             "failures is not a list of {key, reason}",
         ),
         (

@@ -84,9 +84,7 @@ def photo_samples(prefix: str, count: int, seed: int = 0) -> list[tuple[str, dic
     for i in range(count):
         height, width = (int(v) for v in rng.integers(40, 120, size=2))
         fmt, ext = [("PNG", "png"), ("JPEG", "jpg")][i % 2]
-        samples.append(
-            (f"{prefix}{i:04d}", {ext: image_bytes(height, width, fmt, seed=seed * 1000 + i), "cls": b"%d" % i})
-        )
+        samples.append((f"{prefix}{i:04d}", {ext: image_bytes(height, width, fmt, seed=seed * 1000 + i), "cls": b"%d" % i}))
     return samples
 
 
@@ -108,4 +106,3 @@ def huge_png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-

@@ -48,7 +48,10 @@ def _run_child(item: pytest.Item) -> dict[str, list[dict]]:
     missing = {"when": "call", "outcome": "failed", "duration": 0.0,
                "longrepr": f"the child pytest ended ({ended}) before this test reported; the end of its output:\n{output[-4000:]}"}  # fmt: skip
     # A test is reported in full once its teardown is: one cut short (the child died in it) fails.
-    return {nodeid: records if any(r["when"] == "teardown" for r in records) else [*records, missing] for nodeid, records in found.items()}
+    return {
+        nodeid: records if any(r["when"] == "teardown" for r in records) else [*records, missing]
+        for nodeid, records in found.items()
+    }
 
 
 def _report(item: pytest.Item, record: dict) -> TestReport:

@@ -64,7 +64,6 @@ def tiny_overrides(shards: str, out_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-
 def small_shards(root: Path, count: int = 16) -> str:
     """`count` mixed-format images packed 8 to a shard under root: the shard pattern."""
     from dmt_jepa.data import pack_images

@@ -240,8 +240,7 @@ def _calibrate_into(model, cache, out):
 def test_two_processes_calibrating_into_one_cache_leave_one_whole_entry(onnx_model, fresh, tmp_path):
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_calibrate_into, args=(onnx_model, tmp_path / "cache", tmp_path / f"{i}.onnx"))
-        for i in range(2)
+        context.Process(target=_calibrate_into, args=(onnx_model, tmp_path / "cache", tmp_path / f"{i}.onnx")) for i in range(2)
     ]
     for worker in workers:
         worker.start()

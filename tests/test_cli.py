@@ -34,7 +34,9 @@ def test_source_version_is_the_one_pyproject_declares():
 
 def test_version_flag_prints_the_version_through_the_real_entry_point():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", "--version"], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dmt_jepa.cli.main", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout == source_version() + "\n"
 

@@ -110,7 +110,9 @@ def shards_dir(tmp_path) -> str:
 def entry_point(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dmt_jepa.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("override", ["data.train=[a", "model.depth=abc"])
@@ -124,8 +126,20 @@ def test_real_entry_point_prints_one_sentence_and_no_traceback(tmp_path, overrid
 @pytest.mark.slow
 def test_torchrun_with_a_malformed_override_prints_one_error_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dmt_jepa.cli.main", "pretrain", "data.train=[a", "run.device=cpu", f"run.out_dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dmt_jepa.cli.main",
+        "pretrain",
+        "data.train=[a",
+        "run.device=cpu",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]

@@ -93,7 +93,9 @@ def test_help_imports_nothing_heavy(tmp_path):
 
 
 def test_pretrain_says_where_it_trains_only_once_its_data_is_found(tmp_path):
-    run = CliRunner().invoke(app, ["pretrain", f"data.train={tmp_path}/shards-{{000..002}}.tar", f"run.out_dir={tmp_path / 'run'}"])
+    run = CliRunner().invoke(
+        app, ["pretrain", f"data.train={tmp_path}/shards-{{000..002}}.tar", f"run.out_dir={tmp_path / 'run'}"]
+    )
     assert run.exit_code == 2 and "training in" not in run.output
     assert run.stderr.strip().splitlines() == [
         f"error: shard pattern '{tmp_path}/shards-{{000..002}}.tar' matches no file; check the path and the brace range."

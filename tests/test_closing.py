@@ -70,11 +70,27 @@ def test_pretrain_on_built_in_scenes_ends_with_the_comparison(tmp_path) -> None:
     from dmt_jepa.cli.main import app
 
     out = tmp_path / "run"
-    args = ["pretrain", "model.arch=vit_nano", "model.img_size=32", "model.patch_size=8", "model.pred_width=32",
-            "model.pred_depth=1", "mask.min_keep=2", "data.samples_per_epoch=8", "data.num_workers=0",
-            "data.shuffle_buffer=8", "data.scenes_train=16", "data.scenes_test=8", "data.scenes_kind=shapes",
-            "data.scenes_background=plain", "optimization.epochs=1", "optimization.batch_size=4",
-            "optimization.warmup_epochs=0", "run.checkpoint_every=2", f"run.out_dir={out}"]
+    args = [
+        "pretrain",
+        "model.arch=vit_nano",
+        "model.img_size=32",
+        "model.patch_size=8",
+        "model.pred_width=32",
+        "model.pred_depth=1",
+        "mask.min_keep=2",
+        "data.samples_per_epoch=8",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.scenes_train=16",
+        "data.scenes_test=8",
+        "data.scenes_kind=shapes",
+        "data.scenes_background=plain",
+        "optimization.epochs=1",
+        "optimization.batch_size=4",
+        "optimization.warmup_epochs=0",
+        "run.checkpoint_every=2",
+        f"run.out_dir={out}",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])

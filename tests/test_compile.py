@@ -75,8 +75,9 @@ def _losses(run_dir) -> list[tuple[int, float]]:
 
 @pytest.mark.slow  # inductor compiles the forward and backward on CPU: minutes on 2 cores
 def test_compiled_run_resumes_exactly(shards, tmp_path):
-    overrides = tiny_overrides(shards, tmp_path / "full", "optimization.compile=true", "run.checkpoint_every=3",
-                               "model.drop_path_rate=0.2")
+    overrides = tiny_overrides(
+        shards, tmp_path / "full", "optimization.compile=true", "run.checkpoint_every=3", "model.drop_path_rate=0.2"
+    )
     full = pretrain(load_config(None, overrides))
     cut = tmp_path / "cut"
     shutil.copytree(full.run_dir, cut)

@@ -122,7 +122,8 @@ def test_reduced_jpeg_decode_matches_a_full_decode():
         full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
         ref = np.asarray(full.resize((32, 32), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)), np.float32) / 255
         ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(cfg.pixel_mean)[:, None, None]) / torch.tensor(
-            cfg.pixel_std)[:, None, None]
+            cfg.pixel_std
+        )[:, None, None]
         assert (out - ref).abs().mean() < 0.05 and (out - ref).abs().max() < 1.0
 
 
@@ -253,7 +254,9 @@ def test_device_decode_path_gives_the_cpu_paths_crops(tmp_path):
     identical, JPEG pixels within resize-filter differences."""
     urls = expand_shards(_photo_shards(tmp_path / "shards"))
     on_cpu = list(micro_batches(_spec(urls, batches_per_epoch=3), 0))
-    later = list(micro_batches(_spec(urls, batches_per_epoch=3, cfg=DataConfig(shuffle_buffer=6, num_workers=0, decode="gpu")), 0))
+    later = list(
+        micro_batches(_spec(urls, batches_per_epoch=3, cfg=DataConfig(shuffle_buffer=6, num_workers=0, decode="gpu")), 0)
+    )
     encoded_rows = 0
     for a, b in zip(on_cpu, later):
         assert torch.equal(a["context_idx"], b["context_idx"]) and torch.equal(a["target_idx"], b["target_idx"])
@@ -272,8 +275,10 @@ def test_device_decode_path_gives_the_cpu_paths_crops(tmp_path):
 
 
 def test_device_decode_of_a_corrupt_jpeg_is_one_sentence():
-    batch = {"images": torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
-             "encoded": [(0, torch.tensor([0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3], dtype=torch.uint8), (0, 0, 4, 4))]}
+    batch = {
+        "images": torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+        "encoded": [(0, torch.tensor([0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3], dtype=torch.uint8), (0, 0, 4, 4))],
+    }
     with pytest.raises(DataError, match=r"cannot be decoded on the device .*data.decode=cpu") as err:
         decode_on_device(batch, torch.device("cpu"))
     assert "\n" not in str(err.value)
@@ -307,8 +312,9 @@ def test_device_decode_trusts_the_bytes_not_the_member_name(tmp_path):
     """A `.jpg` member that holds a PNG is decoded by the worker; only real JPEGs are left encoded."""
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     write_shard(tmp_path / "lying.tar", [{"__key__": f"{i:03d}", "jpg": png_bytes(pixels)} for i in range(6)])
-    spec = _spec([str(tmp_path / "lying.tar")], batches_per_epoch=2,
-                 cfg=DataConfig(shuffle_buffer=2, num_workers=0, decode="gpu"))
+    spec = _spec(
+        [str(tmp_path / "lying.tar")], batches_per_epoch=2, cfg=DataConfig(shuffle_buffer=2, num_workers=0, decode="gpu")
+    )
     for batch in micro_batches(spec, 0):
         assert batch["encoded"] == [] and batch["images"].dtype == torch.uint8
         assert batch["images"].float().std() > 10  # decoded pixels, not the zeros left for the device

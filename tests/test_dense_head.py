@@ -33,13 +33,33 @@ def trained(tmp_path_factory):
     encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     path = save_encoder(root / "enc.safetensors", encoder, info_from_encoder(encoder, "custom"))
     runner = CliRunner()
-    args = ["eval", "dense", str(path), str(data), "--epochs", "15", "--lr", "0.05", "--save-head", str(root / "head.safetensors")]
+    args = [
+        "eval",
+        "dense",
+        str(path),
+        str(data),
+        "--epochs",
+        "15",
+        "--lr",
+        "0.05",
+        "--save-head",
+        str(root / "head.safetensors"),
+    ]
     run = runner.invoke(app, args)
     assert run.exit_code == 0, run.output
     result = json.loads(next(line for line in run.output.splitlines() if line.startswith("{")))
-    export = runner.invoke(app, ["export", str(path), "--out", str(root / "out"), "--head", str(root / "head.safetensors"), "--labels"])
+    export = runner.invoke(
+        app, ["export", str(path), "--out", str(root / "out"), "--head", str(root / "head.safetensors"), "--labels"]
+    )
     assert export.exit_code == 0, export.output
-    return {"root": root, "data": data, "encoder": path, "head": root / "head.safetensors", "result": result, "export": export.output}
+    return {
+        "root": root,
+        "data": data,
+        "encoder": path,
+        "head": root / "head.safetensors",
+        "result": result,
+        "export": export.output,
+    }
 
 
 def test_the_head_file_keeps_classes_normalisation_and_its_encoder(trained):
@@ -98,7 +118,11 @@ def test_a_head_is_refused_with_another_encoder_or_as_another_file(trained, tmp_
         load_head(tmp_path / "bare.safetensors")
     run = runner.invoke(app, ["export", str(trained["encoder"]), "--out", str(tmp_path / "o"), "--labels"])
     assert run.exit_code == 2 and "--labels applies with --head only" in run.output
-    run = runner.invoke(app, ["export", str(trained["encoder"]), "--out", str(tmp_path / "o"), "--head", str(trained["head"]), "--fp16"])
+    run = runner.invoke(
+        app, ["export", str(trained["encoder"]), "--out", str(tmp_path / "o"), "--head", str(trained["head"]), "--fp16"]
+    )
     assert run.exit_code == 2 and "--head writes one fp32 ONNX graph" in run.output
-    run = runner.invoke(app, ["eval", "dense", str(trained["encoder"]), str(trained["data"]), "--save-head", str(trained["head"])])
+    run = runner.invoke(
+        app, ["eval", "dense", str(trained["encoder"]), str(trained["data"]), "--save-head", str(trained["head"])]
+    )
     assert run.exit_code == 2 and "already exists" in run.output

@@ -95,8 +95,7 @@ def test_coco_ap_is_100_for_predictions_equal_to_the_ground_truth():
     assert scores["ap"] == pytest.approx(100.0) and scores["ap50"] == pytest.approx(100.0)
     # Shifting every box by a quarter of its size lowers the strict thresholds but not AP50.
     shifted = [
-        {**p, "boxes": p["boxes"] + np.array([1, 0, 1, 0]) * (p["boxes"][:, 2:3] - p["boxes"][:, 0:1]) / 8}
-        for p in predictions
+        {**p, "boxes": p["boxes"] + np.array([1, 0, 1, 0]) * (p["boxes"][:, 2:3] - p["boxes"][:, 0:1]) / 8} for p in predictions
     ]
     partly = coco_box_ap(truth, shifted, [(64, 64)] * 12, num_classes=10)
     assert partly["ap50"] == pytest.approx(100.0) and partly["ap"] < 95.0

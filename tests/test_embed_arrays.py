@@ -82,7 +82,9 @@ def test_array_layers_are_the_backends_blocks_in_every_layout(tmp_path, inputs, 
         np.testing.assert_array_equal(a.layers[1], a.patches)  # the last block after the norm is the grid
         for i in (0, 1):
             np.testing.assert_array_equal(a.layers[i], t.layers[i])
-            cos = (a.layers[i] * q.layers[i]).sum(-1) / np.linalg.norm(a.layers[i], axis=-1) / np.linalg.norm(q.layers[i], axis=-1)
+            cos = (
+                (a.layers[i] * q.layers[i]).sum(-1) / np.linalg.norm(a.layers[i], axis=-1) / np.linalg.norm(q.layers[i], axis=-1)
+            )
             assert cos.min() > 0.99  # int8 against float32, vector by vector
         image = next(v for e, v in members.items() if e in ("png", "jpg"))
         _, _, first = backend.run_pixels(np.array(prepare(image, prep)[0][None]))
@@ -97,7 +99,12 @@ def test_embedding_reader_reads_the_folders(tmp_path, inputs, encoder_file):
     _embed(inputs, out, encoder_file, layout="embedding-reader", dtype="float32")
     _embed(inputs, tmp_path / "array", encoder_file, layout="array", dtype="float32", pooled=True)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if "_stats" not in p.parts) == [
-        "a.json", "b.json", "img_emb", "img_emb/img_emb_a.npy", "metadata", "metadata/metadata_a.parquet",
+        "a.json",
+        "b.json",
+        "img_emb",
+        "img_emb/img_emb_a.npy",
+        "metadata",
+        "metadata/metadata_a.parquet",
     ]  # fmt: skip: shard b embedded nothing, so it has no file the library would pair wrongly
     reader = embedding_reader.EmbeddingReader(
         str(out / "img_emb"), file_format="parquet_npy", meta_columns=["key"], metadata_folder=str(out / "metadata")
@@ -117,7 +124,9 @@ def test_embedding_reader_reads_the_folders(tmp_path, inputs, encoder_file):
     assert meta["layout"] == "embedding-reader" and meta["arrays"]["pooled"]["file"] == "img_emb/img_emb_a.npy"
 
 
-@pytest.mark.parametrize("settings, message", [({"dtype": "int8"}, "float16 or float32"), ({"layers": (0,)}, "pooled vectors only")])
+@pytest.mark.parametrize(
+    "settings, message", [({"dtype": "int8"}, "float16 or float32"), ({"layers": (0,)}, "pooled vectors only")]
+)
 def test_embedding_reader_refuses_what_it_cannot_hold(tmp_path, inputs, encoder_file, settings, message):
     with pytest.raises(ValueError, match=message):
         _embed(inputs, tmp_path / "out", encoder_file, layout="embedding-reader", **settings)

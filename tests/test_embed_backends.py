@@ -247,9 +247,7 @@ def test_embed_images_api_accepts_every_image_kind(models, tmp_path):
     data = image_bytes(70, 90, "PNG", seed=3)
     (tmp_path / "a.png").write_bytes(data)
     pil = Image.open(io.BytesIO(data))
-    out = serve.embed_images(
-        models["encoder"], [data, tmp_path / "a.png", str(tmp_path / "a.png"), pil, np.asarray(pil)]
-    )
+    out = serve.embed_images(models["encoder"], [data, tmp_path / "a.png", str(tmp_path / "a.png"), pil, np.asarray(pil)])
     assert len(out) == 5 and out[0].shape == (4, 4, 32) and out[0].dtype == np.float32
     for other in out[1:]:
         np.testing.assert_array_equal(other, out[0])

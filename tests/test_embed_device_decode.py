@@ -48,9 +48,16 @@ def test_upright_is_what_pillow_does_for_every_exif_orientation(orientation):
 
 
 @pytest.mark.parametrize("resize", ["crop", "pad"])
-@pytest.mark.parametrize(("height", "width", "orientation", "mode"), [
-    (90, 130, 1, "RGB"), (130, 90, 6, "RGB"), (75, 200, 8, "RGB"), (100, 100, 3, "L"), (600, 400, 1, "RGB"),
-])
+@pytest.mark.parametrize(
+    ("height", "width", "orientation", "mode"),
+    [
+        (90, 130, 1, "RGB"),
+        (130, 90, 6, "RGB"),
+        (75, 200, 8, "RGB"),
+        (100, 100, 3, "L"),
+        (600, 400, 1, "RGB"),
+    ],
+)
 def test_jpegs_stay_encoded_and_decode_on_the_device_like_the_cpu_path(resize, height, width, orientation, mode):
     prep = Preprocess((64, 64), 16, PREP.pixel_mean, PREP.pixel_std, resize=resize)
     data = smooth_jpeg(height, width, orientation, mode)
@@ -65,7 +72,9 @@ def test_jpegs_stay_encoded_and_decode_on_the_device_like_the_cpu_path(resize, h
     assert difference.mean() < 3 and np.percentile(difference, 99) < 16
     if resize == "pad":
         content_h, content_w = record["content"]
-        assert np.array_equal(device[content_h:], pixels[content_h:]) and np.array_equal(device[:, content_w:], pixels[:, content_w:])
+        assert np.array_equal(device[content_h:], pixels[content_h:]) and np.array_equal(
+            device[:, content_w:], pixels[:, content_w:]
+        )
 
 
 def test_other_images_are_decoded_by_the_workers_as_before():
@@ -107,8 +116,16 @@ def test_embed_with_device_decode_accounts_for_every_input_and_matches_the_cpu_p
     write_shard(tmp_path / "in" / "part-0.tar", samples)
     runs = {}
     for decode in ("cpu", "gpu"):
-        summary = embed_shards(str(tmp_path / "in" / "part-0.tar"), tmp_path / decode, encoder, backend="torch-cpu",
-                               batch_size=4, workers=1, decode=decode, dtype="float32")
+        summary = embed_shards(
+            str(tmp_path / "in" / "part-0.tar"),
+            tmp_path / decode,
+            encoder,
+            backend="torch-cpu",
+            batch_size=4,
+            workers=1,
+            decode=decode,
+            dtype="float32",
+        )
         assert (summary.embedded, summary.failed) == (4, 2)
         runs[decode] = read_output(tmp_path / decode / "part-0.tar")
         done = json.loads((tmp_path / decode / "part-0.json").read_text())
@@ -130,8 +147,9 @@ def test_embed_with_device_decode_accounts_for_every_input_and_matches_the_cpu_p
 def test_device_decode_needs_the_pytorch_backend_on_a_gpu(tmp_path):
     encoder = write_encoder_file(tmp_path / "enc.safetensors")
     write_shard(tmp_path / "in" / "part-0.tar", [("a", {"jpg": smooth_jpeg(80, 80)})])
-    result = CliRunner().invoke(app, ["embed", str(tmp_path / "in" / "part-0.tar"), str(tmp_path / "out"),
-                                      "--model", str(encoder), "--decode", "gpu"])
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "in" / "part-0.tar"), str(tmp_path / "out"), "--model", str(encoder), "--decode", "gpu"]
+    )
     assert result.exit_code == 2 and "--decode gpu decodes on the GPU that runs the model" in result.output
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--engine local"):
@@ -143,7 +161,9 @@ def test_device_decode_needs_the_pytorch_backend_on_a_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG decode)")
 def test_nvjpeg_decode_and_resize_match_the_cpu_path(tmp_path):
-    items = [smooth_jpeg(h, w, o, seed=i) for i, (h, w, o) in enumerate([(90, 130, 1), (130, 90, 6), (480, 640, 1), (75, 200, 8)])]
+    items = [
+        smooth_jpeg(h, w, o, seed=i) for i, (h, w, o) in enumerate([(90, 130, 1), (130, 90, 6), (480, 640, 1), (75, 200, 8)])
+    ]
     fallbacks = []
     decoded = DeviceDecoder("cuda", PREP, fallbacks.append)([prepare_leaving_jpeg(d, PREP)[0] for d in items])
     assert not fallbacks
@@ -152,6 +172,7 @@ def test_nvjpeg_decode_and_resize_match_the_cpu_path(tmp_path):
         assert difference.mean() < 3 and np.percentile(difference, 99) < 16
     encoder = write_encoder_file(tmp_path / "enc.safetensors")
     write_shard(tmp_path / "in" / "part-0.tar", [(f"k{i}", {"jpg": d}) for i, d in enumerate(items)])
-    summary = embed_shards(str(tmp_path / "in" / "part-0.tar"), tmp_path / "out", encoder, backend="torch-cuda",
-                           workers=1, decode="gpu")
+    summary = embed_shards(
+        str(tmp_path / "in" / "part-0.tar"), tmp_path / "out", encoder, backend="torch-cuda", workers=1, decode="gpu"
+    )
     assert (summary.embedded, summary.failed) == (4, 0)

@@ -86,9 +86,7 @@ def test_colour_modes_become_rgb():
     cmyk = prepare(encode(rgb.convert("CMYK"), "JPEG", quality=95), prep())[0]
     assert cmyk.shape == (32, 32, 3)
     palette = rgb.convert("P")
-    np.testing.assert_array_equal(
-        prepare(encode(palette), prep())[0], prepare(encode(palette.convert("RGB")), prep())[0]
-    )
+    np.testing.assert_array_equal(prepare(encode(palette), prep())[0], prepare(encode(palette.convert("RGB")), prep())[0])
 
 
 def test_large_jpeg_decoded_at_reduced_scale_is_close_to_full_decode():

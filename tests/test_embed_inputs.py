@@ -74,9 +74,7 @@ def test_rank_sources_in_priority_order(flags, env, expected):
     assert resolve_rank(*flags, env=env) == expected
 
 
-@pytest.mark.parametrize(
-    "flags, env", [((2, 2), {}), ((0, None), {}), ((None, None), {"RANK": "a", "WORLD_SIZE": "2"})]
-)
+@pytest.mark.parametrize("flags, env", [((2, 2), {}), ((0, None), {}), ((None, None), {"RANK": "a", "WORLD_SIZE": "2"})])
 def test_bad_rank_settings(flags, env):
     with pytest.raises(InputError):
         resolve_rank(*flags, env=env)
@@ -91,9 +89,7 @@ def test_partition_covers_every_shard_exactly_once(world_size):
     assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize(
-    "env, gpu", [({}, 0), ({"LOCAL_RANK": "3"}, 3), ({"SLURM_LOCALID": "1"}, 1), ({"LOCAL_RANK": "x"}, 0)]
-)
+@pytest.mark.parametrize("env, gpu", [({}, 0), ({"LOCAL_RANK": "3"}, 3), ({"SLURM_LOCALID": "1"}, 1), ({"LOCAL_RANK": "x"}, 0)])
 def test_local_gpu_follows_the_launcher(env, gpu):
     from dmt_jepa.serve.backends import local_gpu
 

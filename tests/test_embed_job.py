@@ -267,11 +267,7 @@ def test_pipe_and_gzip_sources_give_the_same_output(tmp_path, encoder_file):
     (tmp_path / "list.txt").write_text(f"pipe:cat {shard}\n")
     for name, inputs in [("plain", str(shard)), ("pipe", str(tmp_path / "list.txt")), ("gzip", str(tmp_path / "gz"))]:
         embed_shards(inputs, tmp_path / name, encoder_file, workers=0)
-    assert (
-        snapshot(tmp_path / "plain")["a.tar"]
-        == snapshot(tmp_path / "pipe")["a.tar"]
-        == snapshot(tmp_path / "gzip")["a.tar"]
-    )
+    assert snapshot(tmp_path / "plain")["a.tar"] == snapshot(tmp_path / "pipe")["a.tar"] == snapshot(tmp_path / "gzip")["a.tar"]
 
 
 def crash_on_marker(data: bytes, prep):
@@ -422,7 +418,15 @@ def test_peak_memory_of_an_extreme_aspect_ratio_stays_bounded(tmp_path, encoder_
     write_shard(tmp_path / "small" / "a.tar", [("small", {"png": image_bytes(70, 70)})])
     write_shard(tmp_path / "huge" / "b.tar", [("thin", {"png": png})])
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, str(tmp_path / "small"), str(tmp_path / "huge"), str(tmp_path / "out"), str(encoder_file)],
+        [
+            sys.executable,
+            "-c",
+            PEAK_RSS,
+            str(tmp_path / "small"),
+            str(tmp_path / "huge"),
+            str(tmp_path / "out"),
+            str(encoder_file),
+        ],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
@@ -475,7 +479,18 @@ def test_a_write_failure_is_one_sentence_removes_partials_and_marks_nothing_done
     assert len(clean["s0.tar"]) < 20_000 < len(clean["s1.tar"])
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "dmt_jepa.cli.main", "embed", str(tmp_path / "in"), str(out), "--model", str(encoder_file), "--workers", "0"],
+        [
+            sys.executable,
+            "-m",
+            "dmt_jepa.cli.main",
+            "embed",
+            str(tmp_path / "in"),
+            str(out),
+            "--model",
+            str(encoder_file),
+            "--workers",
+            "0",
+        ],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
@@ -495,7 +510,16 @@ def test_name_json_is_the_same_bytes_on_every_run(tmp_path, encoder_file):
     write_shard(tmp_path / "in" / "bad.tar", bad_samples())
     for name in ("one", "two"):
         subprocess.run(
-            [sys.executable, "-m", "dmt_jepa.cli.main", "embed", str(tmp_path / "in"), str(tmp_path / name), "--model", str(encoder_file)],
+            [
+                sys.executable,
+                "-m",
+                "dmt_jepa.cli.main",
+                "embed",
+                str(tmp_path / "in"),
+                str(tmp_path / name),
+                "--model",
+                str(encoder_file),
+            ],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             cwd=ROOT,
             check=True,

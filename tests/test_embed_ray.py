@@ -76,9 +76,7 @@ def test_on_ray_writes_the_local_engines_bytes_and_accounts_for_every_key_once(
     ray_instance, tmp_path, inputs, encoder_file, local_out
 ):
     out = tmp_path / "out"
-    summary = embed_shards(
-        str(inputs[0]), out, encoder_file, batch_size=BATCH, pooled=True, engine="ray", decode_workers=1
-    )
+    summary = embed_shards(str(inputs[0]), out, encoder_file, batch_size=BATCH, pooled=True, engine="ray", decode_workers=1)
     assert snapshot(out) == snapshot(local_out)
     assert sorted(summary.completed) == ["part-0", "part-1", "part-2"] and summary.cut_shards == ["part-2"]
     for name, keys in inputs[1].items():
@@ -163,9 +161,7 @@ def test_on_ray_a_model_actor_killed_mid_shard_is_restarted_and_the_output_is_wh
     killer = threading.Thread(target=kill_once, daemon=True)
     killer.start()
     try:
-        summary = embed_shards(
-            str(inputs[0]), out, encoder_file, batch_size=BATCH, pooled=True, engine="ray", decode_workers=1
-        )
+        summary = embed_shards(str(inputs[0]), out, encoder_file, batch_size=BATCH, pooled=True, engine="ray", decode_workers=1)
     finally:
         job_over.set()
         killer.join()
@@ -244,7 +240,10 @@ def dmtjepa(*args: str, timeout: float) -> tuple[int, str, float]:
 
     start = time.monotonic()
     run = subprocess.run(
-        [str(Path(sys.executable).parent / "dmtjepa"), *args], capture_output=True, text=True, timeout=timeout,
+        [str(Path(sys.executable).parent / "dmtjepa"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     return run.returncode, run.stderr, time.monotonic() - start
@@ -315,7 +314,9 @@ def test_the_local_ray_a_driver_started_goes_when_the_driver_is_killed(encoder_f
     import subprocess
 
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(encoder_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", DRIVER, str(encoder_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     started = {}

@@ -134,7 +134,9 @@ def test_info_names_the_io_set(exports):
 def test_unknown_io_names_is_refused_with_the_choices(encoder_file, tmp_path):
     result = CliRunner().invoke(app, ["export", str(encoder_file[1]), "--out", str(tmp_path / "o"), "--io-names", "hf"])
     words = " ".join(result.output.replace("│", " ").split())  # the option parser's message, out of its box
-    assert result.exit_code == 2 and "Invalid value for '--io-names'" in words and "'hf' is not one of 'optimum', 'legacy'." in words
+    assert (
+        result.exit_code == 2 and "Invalid value for '--io-names'" in words and "'hf' is not one of 'optimum', 'legacy'." in words
+    )
     assert not (tmp_path / "o").exists()
 
 

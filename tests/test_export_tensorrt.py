@@ -41,9 +41,7 @@ def _info(img_size=(224, 224), patch_size=16) -> EncoderInfo:
 
 
 def test_default_profile_is_around_the_training_size():
-    assert default_profile(_info()) == ShapeProfile(
-        min=(1, 3, 112, 112), opt=(32, 3, 224, 224), max=(32, 3, 448, 448)
-    )
+    assert default_profile(_info()) == ShapeProfile(min=(1, 3, 112, 112), opt=(32, 3, 224, 224), max=(32, 3, 448, 448))
     # Half of 224 is 112 = 8 x 14; a 160x288 model at patch 16 halves to 80x144.
     assert default_profile(_info(patch_size=14)).min == (1, 3, 112, 112)
     assert default_profile(_info(img_size=(160, 288))).min == (1, 3, 80, 144)
@@ -167,7 +165,9 @@ def test_sidecar_says_what_the_engine_is(tmp_path):
     assert (sidecar["precision"], sidecar["tensorrt_version"], sidecar["gpu"]) == ("fp16", "11.0.0", "NVIDIA H100")
     assert sidecar["tensorrt_api"] == "strongly-typed"
     assert (sidecar["input"], sidecar["outputs"], sidecar["io_names"]) == (
-        "pixel_values", ["last_hidden_state", "pooler_output"], "optimum"
+        "pixel_values",
+        ["last_hidden_state", "pooler_output"],
+        "optimum",
     )
     assert sidecar["source_sha256"] == "s" * 64 and sidecar["onnx_sha256"] == "o" * 64
     assert sidecar["encoder"] == _info().to_metadata()  # the encoder file's own metadata, nothing else

@@ -198,8 +198,11 @@ def scene_batch(count=8, size=96):
 
 def locality_at_init(query=None, aggregation="cross_attention"):
     target = TargetConfig(aggregation=aggregation) if query is None else TargetConfig(aggregation=aggregation, query=query)
-    cfg = MethodConfig(model=ModelConfig(arch="vit_nano", patch_size=8, img_size=96, pred_width=32, pred_depth=1),
-                       mask=MaskConfig(), target=target)
+    cfg = MethodConfig(
+        model=ModelConfig(arch="vit_nano", patch_size=8, img_size=96, pred_width=32, pred_depth=1),
+        mask=MaskConfig(),
+        target=target,
+    )
     torch.manual_seed(0)
     return DMTJEPA(cfg).locality(scene_batch())
 

@@ -214,8 +214,10 @@ def test_a_hub_repo_id_is_read_as_its_downloaded_folder(converted, hf_dir, tmp_p
     monkeypatch.setattr(hub, "hf_hub_download", download)
     monkeypatch.setattr("huggingface_hub.hub_mixin.hf_hub_download", download)  # the mixin fetches config.json first
     encoder, _ = load_encoder(converted)
-    for loaded in (dmt_jepa.from_pretrained("someone/dmt-jepa-test", revision="v1"),
-                   hub.PretrainedEncoder.from_pretrained("someone/dmt-jepa-test", revision="v1")):
+    for loaded in (
+        dmt_jepa.from_pretrained("someone/dmt-jepa-test", revision="v1"),
+        hub.PretrainedEncoder.from_pretrained("someone/dmt-jepa-test", revision="v1"),
+    ):
         for name, tensor in encoder.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], tensor), name
         assert len(loaded.parity) == 3  # the card's rows came along

@@ -114,8 +114,9 @@ def test_impossible_directory_config_is_one_sentence(hf_dir, nothing_built, chan
     assert words in one_sentence(err.value)
 
 
-@pytest.mark.parametrize("text, words", [("[1, 2, 3]", "is not a mapping of settings"), ("[" * 100_000, "is not JSON"),
-                                         ("\xff\xfe", "is not JSON")])
+@pytest.mark.parametrize(
+    "text, words", [("[1, 2, 3]", "is not a mapping of settings"), ("[" * 100_000, "is not JSON"), ("\xff\xfe", "is not JSON")]
+)
 def test_directory_config_that_is_not_a_json_mapping_is_one_sentence(hf_dir, nothing_built, text, words):
     (hf_dir / "config.json").write_bytes(text.encode("latin-1"))
     nothing_built()
@@ -125,8 +126,9 @@ def test_directory_config_that_is_not_a_json_mapping_is_one_sentence(hf_dir, not
 
 
 def test_encoder_file_with_a_huge_image_size_is_refused(tmp_path, nothing_built):
-    lying = rewrite(write_encoder_file(tmp_path / "enc.safetensors"), tmp_path / "lying.safetensors",
-                    metadata={"img_size": [160000, 160000]})
+    lying = rewrite(
+        write_encoder_file(tmp_path / "enc.safetensors"), tmp_path / "lying.safetensors", metadata={"img_size": [160000, 160000]}
+    )
     nothing_built()
     with pytest.raises(EncoderFileError) as err:
         load_encoder(lying)
@@ -144,8 +146,16 @@ def test_encoder_file_padded_to_the_claimed_count_is_refused_before_building(tmp
     assert "blocks.2." in one_sentence(err.value) and "is missing" in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["./no-such-model", "~/no-such-dmt-jepa-model", "{tmp}/absent/encoder.safetensors",
-                                  "{tmp}/absent/hf", "runs/a/encoder.safetensors"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "./no-such-model",
+        "~/no-such-dmt-jepa-model",
+        "{tmp}/absent/encoder.safetensors",
+        "{tmp}/absent/hf",
+        "runs/a/encoder.safetensors",
+    ],
+)
 def test_missing_local_path_says_it_does_not_exist(tmp_path, text):
     text = text.format(tmp=tmp_path)
     with pytest.raises(EncoderFileError) as err:
@@ -155,8 +165,14 @@ def test_missing_local_path_says_it_does_not_exist(tmp_path, text):
 
 @pytest.mark.parametrize(
     "kwargs, words",
-    [({"img_size": 160000}, "image size"), ({"img_size": "224"}, "image size"), ({"img_size": -16}, "image size"),
-     ({"patch_size": "16"}, "patch size"), ({"patch_size": 0}, "patch size"), ({"arch": "vit_gigantic"}, "unknown architecture")],
+    [
+        ({"img_size": 160000}, "image size"),
+        ({"img_size": "224"}, "image size"),
+        ({"img_size": -16}, "image size"),
+        ({"patch_size": "16"}, "patch size"),
+        ({"patch_size": 0}, "patch size"),
+        ({"arch": "vit_gigantic"}, "unknown architecture"),
+    ],
 )
 def test_torch_hub_untrained_encoder_refuses_impossible_sizes(kwargs, words, nothing_built):
     nothing_built()

@@ -256,9 +256,7 @@ def test_layers_and_no_layers_are_other_settings_both_ways(tmp_path, encoder_fil
     assert snapshot(tmp_path / "layers") == snapshot(tmp_path / "plain")  # the layers are gone: a plain run's bytes
 
 
-def test_overwrite_leaves_exactly_the_files_of_a_clean_run_in_the_new_settings(
-    tmp_path, encoder_file, other_encoder_file
-):
+def test_overwrite_leaves_exactly_the_files_of_a_clean_run_in_the_new_settings(tmp_path, encoder_file, other_encoder_file):
     write_shard(tmp_path / "in" / "s0.tar", photo_samples("k", 2))
     write_shard(tmp_path / "old" / "t0.tar", photo_samples("o", 2, seed=3))
     embed_shards(str(tmp_path / "in"), tmp_path / "out", encoder_file, workers=0, pca=4)

@@ -152,11 +152,14 @@ def _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, patch, words
     return line
 
 
-@pytest.mark.parametrize("error, words", [
-    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
-    (SafetensorError("Error while serializing: No space left on device (os error 28)"), "no space left on device"),
-])
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+        (SafetensorError("Error while serializing: No space left on device (os error 28)"), "no space left on device"),
+    ],
+)
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(shards, tmp_path, monkeypatch, error, words):
     import dmt_jepa.checkpoint as checkpoint
 
@@ -167,7 +170,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finishe
             raise error
         real(tensors, filename, metadata=metadata)
 
-    _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, lambda m: m.setattr(checkpoint, "save_file", disk_full_at_step_4), words)
+    _full_disk_at_step_4_then_resume(
+        shards, tmp_path, monkeypatch, lambda m: m.setattr(checkpoint, "save_file", disk_full_at_step_4), words
+    )
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
@@ -183,7 +188,9 @@ def test_full_disk_writing_the_training_state_keeps_the_previous_checkpoint(shar
         with open("/dev/full", "wb") as full:
             return real(obj, full, *args, **kwargs)
 
-    _full_disk_at_step_4_then_resume(shards, tmp_path, monkeypatch, lambda m: m.setattr(torch, "save", state_onto_a_full_disk), "no space left on device")
+    _full_disk_at_step_4_then_resume(
+        shards, tmp_path, monkeypatch, lambda m: m.setattr(torch, "save", state_onto_a_full_disk), "no space left on device"
+    )
 
 
 def test_full_disk_writing_the_encoder_file_then_resume_writes_it(shards, tmp_path, monkeypatch):
@@ -197,7 +204,9 @@ def test_full_disk_writing_the_encoder_file_then_resume_writes_it(shards, tmp_pa
     monkeypatch.setattr(encoder_file, "save_file", disk_full)
     overrides = tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1")
     line = one_line_error(pretrain_cli(*overrides), code=1)
-    assert line.startswith(f"error: no space left on device while writing the encoder file {tmp_path / 'run' / 'encoder.safetensors'}"), line
+    assert line.startswith(
+        f"error: no space left on device while writing the encoder file {tmp_path / 'run' / 'encoder.safetensors'}"
+    ), line
     assert "step-000000004 is intact" in line
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if "encoder" in p.name) == []  # no half-written file
     monkeypatch.setattr(encoder_file, "save_file", real)

@@ -75,7 +75,11 @@ def test_packed_coco_boxes_score_ap_100_against_the_scene_boxes(world, tmp_path)
     truth = read_labelled_shards(str(world["scenes"] / "test-*.tar"))
     packed = read_labelled_shards(str(tmp_path / "p" / "test-*.tar"))
     predictions = [
-        {"boxes": np.array([b["box"] for b in boxes]).reshape(-1, 4), "scores": np.ones(len(boxes)), "labels": np.array([b["digit"] for b in boxes])}
+        {
+            "boxes": np.array([b["box"] for b in boxes]).reshape(-1, 4),
+            "scores": np.ones(len(boxes)),
+            "labels": np.array([b["digit"] for b in boxes]),
+        }
         for boxes in packed.boxes
     ]
     scores = coco_box_ap(truth.boxes, predictions, [s.shape for s in truth.segs], num_classes=10)
@@ -191,7 +195,11 @@ def test_dominant_class_by_hand():
     seg = np.array([[0, 0, 0, 2], [1, 2, 255, 255]], np.uint8)
     assert dominant_class(seg, None, background=True) == 2  # background left out: 2 twice beats 1 once
     assert dominant_class(seg, None, background=False) == 0
-    boxes = [{"box": [0, 0, 2, 2], "digit": 4}, {"box": [0, 0, 5, 5], "digit": 1, "iscrowd": 1}, {"box": [0, 0, 3, 3], "digit": 6}]
+    boxes = [
+        {"box": [0, 0, 2, 2], "digit": 4},
+        {"box": [0, 0, 5, 5], "digit": 1, "iscrowd": 1},
+        {"box": [0, 0, 3, 3], "digit": 6},
+    ]
     assert dominant_class(None, boxes, background=True) == 6  # the largest box that is not a crowd
 
 

@@ -75,10 +75,38 @@ def test_non_finite_outputs_of_the_first_batch_stop_the_job_writing_nothing(tmp_
 @pytest.mark.parametrize(
     "state, words",
     [
-        ({"patch_embed.proj.weight": torch.tensor(1.0), "pos_embed": torch.zeros(1, 4, 8), "blocks.0.mlp.fc1.weight": torch.zeros(32, 8)}, "not [D, 3, p, p]"),
-        ({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "pos_embed": torch.zeros(4, 8), "blocks.0.mlp.fc1.weight": torch.zeros(32, 8)}, "not [1, N, 8]"),
-        ({"patch_embed.proj.weight": torch.full((8, 3, 16, 16), float("nan")), "pos_embed": torch.zeros(1, 4, 8), "blocks.0.mlp.fc1.weight": torch.zeros(32, 8)}, "non-finite"),
-        ({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16, dtype=torch.int64), "pos_embed": torch.zeros(1, 4, 8), "blocks.0.mlp.fc1.weight": torch.zeros(32, 8)}, "not a floating-point tensor"),
+        (
+            {
+                "patch_embed.proj.weight": torch.tensor(1.0),
+                "pos_embed": torch.zeros(1, 4, 8),
+                "blocks.0.mlp.fc1.weight": torch.zeros(32, 8),
+            },
+            "not [D, 3, p, p]",
+        ),
+        (
+            {
+                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+                "pos_embed": torch.zeros(4, 8),
+                "blocks.0.mlp.fc1.weight": torch.zeros(32, 8),
+            },
+            "not [1, N, 8]",
+        ),
+        (
+            {
+                "patch_embed.proj.weight": torch.full((8, 3, 16, 16), float("nan")),
+                "pos_embed": torch.zeros(1, 4, 8),
+                "blocks.0.mlp.fc1.weight": torch.zeros(32, 8),
+            },
+            "non-finite",
+        ),
+        (
+            {
+                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16, dtype=torch.int64),
+                "pos_embed": torch.zeros(1, 4, 8),
+                "blocks.0.mlp.fc1.weight": torch.zeros(32, 8),
+            },
+            "not a floating-point tensor",
+        ),
     ],
 )
 def test_convert_refuses_malformed_tensors_in_one_sentence(tmp_path, state, words):

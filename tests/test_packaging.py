@@ -30,7 +30,10 @@ def test_the_wheel_installs_only_dmt_jepa_and_every_source_file(tmp_path):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
-        check=True, capture_output=True, timeout=300, cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("dmt_jepa-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -53,7 +56,9 @@ def test_the_installed_environment_has_no_generic_top_level_names(tmp_path):
         "import importlib.util as u, dmt_jepa.cli.main, dmt_jepa.export.pipeline, dmt_jepa.serve.job;"
         "print(sorted(n for n in ('cli', 'export', 'serve') if u.find_spec(n)))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120, env={"PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120, env={"PATH": ""}
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -77,7 +82,9 @@ def test_viz_without_matplotlib_says_which_extra(monkeypatch, encoder_file, tmp_
 
     _without(monkeypatch, "matplotlib", "matplotlib.pyplot")
     Image.fromarray(make_scene("test", 0, image_size=32).image).save(tmp_path / "scene.png")
-    result = CliRunner().invoke(app, ["viz", "attention", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "a.png")])
+    result = CliRunner().invoke(
+        app, ["viz", "attention", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "a.png")]
+    )
     assert result.exit_code == 2 and "pip install 'dmt-jepa[viz]'" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.001}\n')
@@ -85,7 +92,9 @@ def test_viz_without_matplotlib_says_which_extra(monkeypatch, encoder_file, tmp_
     assert result.exit_code == 2 and "pip install 'dmt-jepa[viz]'" in result.output
     assert not (tmp_path / "curves.png").exists()
     # PCA draws without matplotlib.
-    result = CliRunner().invoke(app, ["viz", "pca", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "p.png")])
+    result = CliRunner().invoke(
+        app, ["viz", "pca", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "p.png")]
+    )
     assert result.exit_code == 0, result.output
 
 

@@ -38,8 +38,16 @@ def _losses(run_dir) -> list[tuple[int, float]]:
 
 
 def test_schedule_warms_up_then_decays():
-    s = Schedule(total_steps=100, warmup_steps=20, start_lr=2e-4, lr=1e-3, final_lr=1e-6,
-                 weight_decay=0.04, final_weight_decay=0.4, ema=(0.996, 1.0))
+    s = Schedule(
+        total_steps=100,
+        warmup_steps=20,
+        start_lr=2e-4,
+        lr=1e-3,
+        final_lr=1e-6,
+        weight_decay=0.04,
+        final_weight_decay=0.4,
+        ema=(0.996, 1.0),
+    )
     assert s.learning_rate(0) == pytest.approx(2e-4) and s.learning_rate(10) == pytest.approx(6e-4)
     assert s.learning_rate(20) == pytest.approx(1e-3) and s.learning_rate(100) == pytest.approx(1e-6)
     assert s.learning_rate(60) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
@@ -58,7 +66,9 @@ def test_param_groups_exempt_biases_and_cover_trainables_once():
     ids = [id(p) for g in groups.values() for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(ids) == len(set(ids)) == len(trainable) and set(ids) == {id(p) for p in trainable}
-    assert {id(p) for p in model.online_head.parameters()} <= {id(p) for p in groups["predictor"]["params"] + groups["predictor_no_wd"]["params"]}
+    assert {id(p) for p in model.online_head.parameters()} <= {
+        id(p) for p in groups["predictor"]["params"] + groups["predictor_no_wd"]["params"]
+    }
     for name, g in groups.items():
         assert g["apply_wd"] == (not name.endswith("no_wd"))
         assert all((p.ndim > 1) == g["apply_wd"] for p in g["params"])
@@ -70,12 +80,21 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_p
     loaders = []  # every loader a run opens: one per run, its workers serve every epoch
     opened = dmt_jepa.train.micro_batches
     monkeypatch.setattr(dmt_jepa.train, "micro_batches", lambda spec, *a, **kw: loaders.append(spec) or opened(spec, *a, **kw))
-    overrides = tiny_overrides(shards, tmp_path / "full", "data.num_workers=2", "optimization.accumulation=2",
-                               "run.checkpoint_every=3", "model.drop_path_rate=0.2")
+    overrides = tiny_overrides(
+        shards,
+        tmp_path / "full",
+        "data.num_workers=2",
+        "optimization.accumulation=2",
+        "run.checkpoint_every=3",
+        "model.drop_path_rate=0.2",
+    )
     full = pretrain(load_config(None, overrides))
     assert [(s.epoch, s.start_batch, s.end_epoch) for s in loaders] == [(0, 0, 2)]
     assert full.steps == 8 and [c.name for c in checkpoint_dirs(full.run_dir)] == [
-        "step-000000003", "step-000000006", "step-000000008"]
+        "step-000000003",
+        "step-000000006",
+        "step-000000008",
+    ]
     log = [json.loads(line) for line in (full.run_dir / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped"] >= 1  # the corrupt sample was met and counted, not fatal
     # The interruption: only what was on disk at step 3 (mid-epoch) survives.
@@ -93,14 +112,23 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(shards, tmp_p
 
 
 def test_checkpoint_holds_every_module_and_a_weights_only_state(shards, tmp_path):
-    result = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1", "run.locality_every=2")))
+    result = pretrain(
+        load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=1", "run.locality_every=2"))
+    )
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     with_locality = [r["step"] for r in log if "within_image_share" in r]
     assert with_locality == [r["step"] for r in log if r["step"] % 2 == 0] and with_locality
     assert all(0 <= r["within_image_share"] <= 1 and -1 <= r["cos_to_image_mean"] <= 1 for r in log if "within_image_share" in r)
     files = sorted(p.name for p in result.checkpoint.iterdir())
-    assert files == ["config.yaml", "context_encoder.safetensors", "online_head.safetensors", "predictor.safetensors",
-                     "state.pt", "target_encoder.safetensors", "target_head.safetensors"]
+    assert files == [
+        "config.yaml",
+        "context_encoder.safetensors",
+        "online_head.safetensors",
+        "predictor.safetensors",
+        "state.pt",
+        "target_encoder.safetensors",
+        "target_head.safetensors",
+    ]
     state = torch.load(result.checkpoint / "state.pt", weights_only=True)
     assert state["step"] == 4 and "state" in state["optimizer"]
     # the encoder file is the target encoder, not the context encoder
@@ -113,8 +141,10 @@ def test_checkpoint_holds_every_module_and_a_weights_only_state(shards, tmp_path
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
-    cfg = load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.start_lr=1e30",
-                                            "optimization.lr=1e30", "run.checkpoint_every=1"))
+    cfg = load_config(
+        None,
+        tiny_overrides(shards, tmp_path / "run", "optimization.start_lr=1e30", "optimization.lr=1e30", "run.checkpoint_every=1"),
+    )
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*step-000000001") as err:
         pretrain(cfg)
     assert "\n" not in str(err.value)
@@ -209,7 +239,9 @@ def test_save_killed_midway_leaves_earlier_checkpoints_usable(shards, tmp_path):
     stale.mkdir()
     (stale / "context_encoder.safetensors").write_bytes(b"half written")
     assert find_checkpoint(tmp_path / "run") == result.checkpoint  # the partial save is never picked
-    resumed = pretrain(load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2")), resume=result.run_dir)
+    resumed = pretrain(
+        load_config(None, tiny_overrides(shards, tmp_path / "run", "optimization.epochs=2")), resume=result.run_dir
+    )
     assert resumed.steps == 8 and not stale.exists()
 
 

@@ -6,8 +6,17 @@ from dmt_jepa.config import ConfigError, builtin_config_path, load_config, save_
 
 
 def test_overrides_are_typed_by_the_dataclass():
-    cfg = load_config(None, ["optimization.lr=5e-4", "optimization.grad_clip=1", "data.crop_scale=[0.2, 1]",
-                             "optimization.ema=0.99,1.0", "run.progress=false", "model.pred_heads=none"])
+    cfg = load_config(
+        None,
+        [
+            "optimization.lr=5e-4",
+            "optimization.grad_clip=1",
+            "data.crop_scale=[0.2, 1]",
+            "optimization.ema=0.99,1.0",
+            "run.progress=false",
+            "model.pred_heads=none",
+        ],
+    )
     assert cfg.optimization.lr == 5e-4 and isinstance(cfg.optimization.lr, float)  # YAML alone reads 5e-4 as text
     assert cfg.optimization.grad_clip == 1.0 and cfg.data.crop_scale == (0.2, 1.0)
     assert cfg.optimization.ema == (0.99, 1.0) and cfg.run.progress is False and cfg.model.pred_heads is None
@@ -50,8 +59,11 @@ def test_saved_config_loads_back_equal(tmp_path):
 
 
 def test_paper_configs_carry_the_paper_values():
-    for name, arch, patch, depth, epochs in [("vit_b16", "vit_base", 16, 6, 600), ("vit_l16", "vit_large", 16, 12, 600),
-                                             ("vit_h14", "vit_huge", 14, 12, 300)]:
+    for name, arch, patch, depth, epochs in [
+        ("vit_b16", "vit_base", 16, 6, 600),
+        ("vit_l16", "vit_large", 16, 12, 600),
+        ("vit_h14", "vit_huge", 14, 12, 300),
+    ]:
         cfg = load_config(builtin_config_path(name))
         m, o = cfg.model, cfg.optimization
         assert (m.arch, m.patch_size, m.img_size, m.pred_width, m.pred_depth) == (arch, patch, 224, 384, depth)

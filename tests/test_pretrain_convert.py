@@ -81,7 +81,10 @@ class NotATensor:
     "make, message",
     [
         (lambda p: None, "does not exist"),
-        (lambda p: p.write_bytes(pickle.dumps({"target_encoder": NotATensor()}, protocol=2)), "cannot be read as a tensors-only checkpoint"),
+        (
+            lambda p: p.write_bytes(pickle.dumps({"target_encoder": NotATensor()}, protocol=2)),
+            "cannot be read as a tensors-only checkpoint",
+        ),
         (lambda p: torch.save({"model": {}}, p), "has no 'target_encoder' state dict (it holds: model)"),
         (lambda p: public_checkpoint(p, pos_embed=torch.randn(1, 16, 192)), "not a fixed 2-D sin-cos table"),
         (lambda p: torch.save({"target_encoder": {"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}}, p), "no pos_embed"),

@@ -20,12 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_gloo_processes_train_and_hold_identical_weights(tmp_path):
     make_images(tmp_path / "images", 16)
     pack_images(tmp_path / "images", tmp_path / "shards", max_shard_count=4)
-    overrides = tiny_overrides(str(tmp_path / "shards" / "shard-{000000..000003}.tar"), tmp_path / "run",
-                               "optimization.epochs=1", "run.checkpoint_every=4", "run.keep_checkpoints=1",
-                               "run.log_every=2", "run.locality_every=3")  # reads at 2, 3 (rank 0 measures locality), 4
+    overrides = tiny_overrides(
+        str(tmp_path / "shards" / "shard-{000000..000003}.tar"),
+        tmp_path / "run",
+        "optimization.epochs=1",
+        "run.checkpoint_every=4",
+        "run.keep_checkpoints=1",
+        "run.log_every=2",
+        "run.locality_every=3",
+    )  # reads at 2, 3 (rank 0 measures locality), 4
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dmt_jepa.cli.main", "pretrain", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dmt_jepa.cli.main",
+        "pretrain",
+        *overrides,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("encoder file:") == 1  # only rank 0 reports and writes

@@ -68,7 +68,9 @@ def test_a_reader_that_goes_away_stops_the_lines_not_the_run():
     assert out.writes == 1  # tried once, then left alone
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"), (float("nan"), "?"), (float("inf"), "?")])
+@pytest.mark.parametrize(
+    "seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"), (float("nan"), "?"), (float("inf"), "?")]
+)
 def test_durations_read_as_hours_minutes_seconds(seconds, text):
     assert format_duration(seconds) == text
 
@@ -110,7 +112,9 @@ def test_tiny_run_through_a_pipe_prints_a_line_per_step_matching_its_log(shards,
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for var in ("FORCE_TERMINAL", "TTY_COMPATIBLE", "RANK"):
         env.pop(var, None)
-    run = subprocess.run([sys.executable, "-m", "dmt_jepa.cli.main", "pretrain", *overrides], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "dmt_jepa.cli.main", "pretrain", *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     matches = [LINE.match(line) for line in run.stdout.splitlines() if line.startswith("step ")]
     assert all(matches) and "\x1b[" not in run.stdout  # plain text, no terminal escapes
@@ -124,7 +128,9 @@ def test_tiny_run_through_a_pipe_prints_a_line_per_step_matching_its_log(shards,
 
 def test_long_interval_prints_only_the_first_and_last_step(shards, tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    overrides = tiny_overrides(shards, tmp_path / "run", "run.progress=true", "run.progress_every_s=3600", "optimization.epochs=1")
+    overrides = tiny_overrides(
+        shards, tmp_path / "run", "run.progress=true", "run.progress_every_s=3600", "optimization.epochs=1"
+    )
     result = CliRunner().invoke(app, ["pretrain", *overrides])
     assert result.exit_code == 0, result.output
     steps = [int(LINE.match(line)[1]) for line in result.stdout.splitlines() if line.startswith("step ")]

@@ -111,7 +111,14 @@ def test_train_and_test_use_disjoint_sources() -> None:
 def test_write_scene_shards_round_trip(tmp_path) -> None:
     summary = write_scene_shards(tmp_path / "s", n_train=5, n_test=3, seed=1, image_size=32, shard_size=2)
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["scenes.json", "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert names == [
+        "scenes.json",
+        "test-000000.tar",
+        "test-000001.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
     assert summary["train"]["count"] == 5 and sum(summary["train"]["class_counts"]) == 5
     assert json.loads((tmp_path / "s" / "scenes.json").read_text()) == summary
     with tarfile.open(tmp_path / "s" / "train-000001.tar") as tar:

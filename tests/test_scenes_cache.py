@@ -82,4 +82,6 @@ def test_progress_lines_come_at_the_end_of_each_split_and_between_when_slow(tmp_
     assert lines == ["drawing the scenes: 5/5 train", "drawing the scenes: 3/3 test"]
     lines.clear()
     write_scene_shards(tmp_path / "chatty", progress=progress_lines(lines.append, every_s=0), **SETTINGS)
-    assert lines == [f"drawing the scenes: {i}/5 train" for i in range(1, 6)] + [f"drawing the scenes: {i}/3 test" for i in range(1, 4)]
+    assert lines == [f"drawing the scenes: {i}/5 train" for i in range(1, 6)] + [
+        f"drawing the scenes: {i}/3 test" for i in range(1, 4)
+    ]

@@ -50,8 +50,16 @@ def test_shapes_are_told_apart_by_outline() -> None:
 def test_texture_patterns_cover_what_their_definition_says(name: str) -> None:
     pattern = texture(name, 64, np.random.default_rng(0))
     assert pattern.shape == (64, 64) and set(np.unique(pattern)) <= {0.0, 1.0}
-    share = {"plain": 1.0, "stripes": 0.5, "checks": 0.5, "dots": math.pi * 0.3**2, "speckle": 0.5,
-             "grid": 1 - 0.8**2, "zigzag": 0.5, "rings": 0.5}[name]
+    share = {
+        "plain": 1.0,
+        "stripes": 0.5,
+        "checks": 0.5,
+        "dots": math.pi * 0.3**2,
+        "speckle": 0.5,
+        "grid": 1 - 0.8**2,
+        "zigzag": 0.5,
+        "rings": 0.5,
+    }[name]
     assert pattern.mean() == pytest.approx(share, abs=0.08)
 
 
@@ -68,9 +76,17 @@ def test_compose_labels_a_shape_by_its_class_where_it_is_opaque() -> None:
     opaque = shape_alpha("square", 20, 0.0) >= 0.5
     expected[4:24, 4:24][opaque] = 1 + SHAPES.index("square")
     assert np.array_equal(scene.seg, expected) and scene.label == SHAPES.index("square")
-    assert scene.boxes == [{"box": [4 + int(np.nonzero(opaque.any(0))[0][0]), 4 + int(np.nonzero(opaque.any(1))[0][0]),
-                                    4 + int(np.nonzero(opaque.any(0))[0][-1]) + 1, 4 + int(np.nonzero(opaque.any(1))[0][-1]) + 1],
-                            "digit": SHAPES.index("square")}]
+    assert scene.boxes == [
+        {
+            "box": [
+                4 + int(np.nonzero(opaque.any(0))[0][0]),
+                4 + int(np.nonzero(opaque.any(1))[0][0]),
+                4 + int(np.nonzero(opaque.any(0))[0][-1]) + 1,
+                4 + int(np.nonzero(opaque.any(1))[0][-1]) + 1,
+            ],
+            "digit": SHAPES.index("square"),
+        }
+    ]
     assert (scene.image[expected > 0] == [200, 10, 10]).all()
 
 

@@ -29,10 +29,13 @@ def test_neighbours_under_bf16_autocast_are_the_fp32_neighbours():
 
 def _tiny_model() -> DMTJEPA:
     torch.manual_seed(0)
-    return DMTJEPA(MethodConfig(
-        model=ModelConfig(arch="vit_nano", img_size=64, pred_width=32, pred_depth=1),
-        mask=MaskConfig(min_keep=2), target=TargetConfig(head_depth=1),
-    ))
+    return DMTJEPA(
+        MethodConfig(
+            model=ModelConfig(arch="vit_nano", img_size=64, pred_width=32, pred_depth=1),
+            mask=MaskConfig(min_keep=2),
+            target=TargetConfig(head_depth=1),
+        )
+    )
 
 
 def test_residual_streams_enter_the_blocks_in_bf16_under_autocast():
@@ -42,6 +45,7 @@ def test_residual_streams_enter_the_blocks_in_bf16_under_autocast():
     def record(name):
         def hook(module, args):
             seen.setdefault(name, args[0].dtype)
+
         return hook
 
     model.context_encoder.blocks[0].register_forward_pre_hook(record("context_encoder"))

@@ -34,8 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(data_seed, seed, sem, sem_val=0.0):
     split = lambda v: {"fg": {"miou": v}, "dense": {"miou": v}}  # noqa: E731
-    return {"data_seed": data_seed, "seed": seed, "target": {"test": split(sem), "val": split(sem_val)},
-            "secondary": {"knn": {"top1": 2.0}, "linear": {"top1": 3.0}}}
+    return {
+        "data_seed": data_seed,
+        "seed": seed,
+        "target": {"test": split(sem), "val": split(sem_val)},
+        "secondary": {"knn": {"top1": 2.0}, "linear": {"top1": 3.0}},
+    }
 
 
 def test_two_level_by_hand() -> None:
@@ -63,8 +67,10 @@ def test_the_standard_error_treats_the_draw_as_the_unit() -> None:
 
 
 def test_paired_differences_pair_the_same_draw_and_seed() -> None:
-    results = {"i-jepa": [_run(0, 0, 50.0), _run(0, 1, 52.0), _run(1, 0, 51.0), _run(1, 1, 40.0)],
-               "dmt": [_run(0, 0, 53.0), _run(0, 1, 53.0), _run(1, 0, 50.0), _run(1, 1, 45.0), _run(2, 0, 99.0)]}
+    results = {
+        "i-jepa": [_run(0, 0, 50.0), _run(0, 1, 52.0), _run(1, 0, 51.0), _run(1, 1, 40.0)],
+        "dmt": [_run(0, 0, 53.0), _run(0, 1, 53.0), _run(1, 0, 50.0), _run(1, 1, 45.0), _run(2, 0, 99.0)],
+    }
     d = paired_differences(results)["dmt"]
     assert d["units"] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # draw 2 has no I-JEPA partner and is left out
     assert d["sem"]["per_draw"] == {"0": 2.0, "1": 2.0}  # (3 + 1) / 2 and (-1 + 5) / 2
@@ -76,9 +82,11 @@ def test_the_rule_chooses_on_validation_with_a_margin_over_draws() -> None:
         return [_run(d, 0, sem, v) for d, v in enumerate(sem_vals)]
 
     base = arm(50.0, [50.0, 50.0, 50.0, 50.0])
-    results = {"i-jepa": base,
-               "a": arm(60.0, [49.0, 49.0, 49.0, 49.0]),  # far ahead on test, behind on validation
-               "b": arm(40.0, [51.0, 51.5, 52.0, 51.5])}  # ahead on validation by many s.e.
+    results = {
+        "i-jepa": base,
+        "a": arm(60.0, [49.0, 49.0, 49.0, 49.0]),  # far ahead on test, behind on validation
+        "b": arm(40.0, [51.0, 51.5, 52.0, 51.5]),
+    }  # ahead on validation by many s.e.
     assert select_default(paired_differences(results), ["a", "b"])["arm"] == "b"
     results["b"] = arm(40.0, [50.5, 49.0, 53.0, 50.5])  # ahead on average by 0.75, s.e. 0.83: under the margin
     d = paired_differences(results)["b"]["sem_val"]
@@ -128,9 +136,26 @@ def test_paired_bootstrap_cancels_what_both_arms_share(tmp_path) -> None:
 @pytest.mark.slow
 def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     cfg = StudyConfig(
-        data_seeds=[0, 1], seeds=[0, 1], ablation_seeds=[0], control_seeds=[0], steps=4, batch_size=4, arch="vit_nano",
-        patch_size=8, image_size=48, pred_width=32, pred_depth=1, min_keep=4, train_scenes=24, val_scenes=8,
-        test_scenes=12, workers=1, locality_every=2, locality_images=4, ablations=["dmt-jepa-no-context"], bootstrap=20,
+        data_seeds=[0, 1],
+        seeds=[0, 1],
+        ablation_seeds=[0],
+        control_seeds=[0],
+        steps=4,
+        batch_size=4,
+        arch="vit_nano",
+        patch_size=8,
+        image_size=48,
+        pred_width=32,
+        pred_depth=1,
+        min_keep=4,
+        train_scenes=24,
+        val_scenes=8,
+        test_scenes=12,
+        workers=1,
+        locality_every=2,
+        locality_images=4,
+        ablations=["dmt-jepa-no-context"],
+        bootstrap=20,
         scenes="shapes",
     )
     report = tmp_path / "docs" / "results.md"
@@ -140,7 +165,11 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     assert "Reduced run" in report.read_text() and not selection_path(report).exists()  # a reduced run chooses nothing
     assert (report.parent / "results" / "i-jepa-pca.png").is_file()  # copied beside the report
     partial = run_study(cfg, tmp_path / "run", report, "summarise what ran", run=False)
-    assert not partial["complete"] and partial["jobs_done"] == 3 * 2 + 2 + 2 and "**Partial**: 10 of the 16 jobs" in report.read_text()
+    assert (
+        not partial["complete"]
+        and partial["jobs_done"] == 3 * 2 + 2 + 2
+        and "**Partial**: 10 of the 16 jobs" in report.read_text()
+    )
     assert not selection_path(report).exists()  # a partial study chooses nothing
     summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=False)
     assert summary["complete"] and summary["jobs_done"] == 3 * 4 + 2 + 2
@@ -172,7 +201,9 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     assert Image.open(report.parent / "results" / "i-jepa-curves.png").size == (900, 300)
     # every job left its record: summarising again trains nothing and gives the same tables
     again = run_study(cfg, tmp_path / "run", None, "again", run=False)
-    assert json.dumps(again["table"]) == json.dumps(summary["table"]) and json.dumps(again["paired"]) == json.dumps(summary["paired"])
+    assert json.dumps(again["table"]) == json.dumps(summary["table"]) and json.dumps(again["paired"]) == json.dumps(
+        summary["paired"]
+    )
     # the job records alone carry the study to another machine: the draws are remade from their seeds
     carried = shutil.copytree(tmp_path / "run" / "jobs", tmp_path / "carried")
     elsewhere = run_study(cfg, tmp_path / "elsewhere", None, "elsewhere", run=False, jobs_dir=carried)

@@ -50,7 +50,9 @@ def run_pytest(folder: Path, *args: str, **env: str) -> tuple[subprocess.Complet
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
                "--rootdir", str(folder), *args, str(folder)]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **env}
-    with subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+    with subprocess.Popen(
+        command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as child:
         output, _ = child.communicate(timeout=300)
     return subprocess.CompletedProcess(command, child.returncode, output, ""), child.pid
 

@@ -26,10 +26,25 @@ def pretrain(out: Path, *extra: str, resume: bool = False):
 
 
 def test_scalars_tag_each_number_by_what_it_is() -> None:
-    record = {"step": 7, "epoch": 0, "loss": 0.5, "lr": 1e-3, "within_image_share": 0.25, "note": "text",
-              "bad": float("nan"), "flag": True, "held_out": {"trained": {"semantic_miou": 26.3}, "classes": 8}}
-    assert scalars(record) == {"train/epoch": 0.0, "train/loss": 0.5, "train/lr": 1e-3, "locality/within_image_share": 0.25,
-                               "held_out/trained/semantic_miou": 26.3, "held_out/classes": 8.0}
+    record = {
+        "step": 7,
+        "epoch": 0,
+        "loss": 0.5,
+        "lr": 1e-3,
+        "within_image_share": 0.25,
+        "note": "text",
+        "bad": float("nan"),
+        "flag": True,
+        "held_out": {"trained": {"semantic_miou": 26.3}, "classes": 8},
+    }
+    assert scalars(record) == {
+        "train/epoch": 0.0,
+        "train/loss": 0.5,
+        "train/lr": 1e-3,
+        "locality/within_image_share": 0.25,
+        "held_out/trained/semantic_miou": 26.3,
+        "held_out/classes": 8.0,
+    }
 
 
 def test_unknown_or_missing_loggers_are_refused_before_the_run_directory_is_made(tmp_path, monkeypatch) -> None:

@@ -44,24 +44,46 @@ def test_pca_of_two_region_embeddings_gives_two_colours() -> None:
 
 def test_viz_pca_and_attention_write_pngs_of_expected_size(encoder_file, tmp_path) -> None:
     Image.fromarray(make_scene("test", 0, image_size=32).image).save(tmp_path / "scene.png")
-    result = runner.invoke(app, ["viz", "pca", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "p.png"), "--side", "64"])
+    result = runner.invoke(
+        app, ["viz", "pca", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "p.png"), "--side", "64"]
+    )
     assert result.exit_code == 0, result.output
     assert _png(tmp_path / "p.png").size == (128, 64)
     result = runner.invoke(
-        app, ["viz", "attention", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "a.png"), "--query", "1,2", "--side", "50"]
+        app,
+        [
+            "viz",
+            "attention",
+            str(encoder_file),
+            str(tmp_path / "scene.png"),
+            "-o",
+            str(tmp_path / "a.png"),
+            "--query",
+            "1,2",
+            "--side",
+            "50",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert _png(tmp_path / "a.png").size == (50 * (2 + 2), 50)  # image, 2 heads, mean
-    result = runner.invoke(app, ["viz", "attention", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "b.png"), "--query", "9,0"])
+    result = runner.invoke(
+        app, ["viz", "attention", str(encoder_file), str(tmp_path / "scene.png"), "-o", str(tmp_path / "b.png"), "--query", "9,0"]
+    )
     assert result.exit_code != 0 and "outside" in result.output and not (tmp_path / "b.png").exists()
 
 
 def test_viz_reads_a_sample_of_a_shard(encoder_file, tmp_path) -> None:
     write_scene_shards(tmp_path / "s", n_train=0, n_test=3, image_size=32)
-    result = runner.invoke(app, ["viz", "pca", str(encoder_file), str(tmp_path / "s" / "test-000000.tar"), "--index", "2", "-o", str(tmp_path / "p.png")])
+    result = runner.invoke(
+        app,
+        ["viz", "pca", str(encoder_file), str(tmp_path / "s" / "test-000000.tar"), "--index", "2", "-o", str(tmp_path / "p.png")],
+    )
     assert result.exit_code == 0, result.output
     assert _png(tmp_path / "p.png").size == (512, 256)
-    result = runner.invoke(app, ["viz", "pca", str(encoder_file), str(tmp_path / "s" / "test-000000.tar"), "--index", "3", "-o", str(tmp_path / "q.png")])
+    result = runner.invoke(
+        app,
+        ["viz", "pca", str(encoder_file), str(tmp_path / "s" / "test-000000.tar"), "--index", "3", "-o", str(tmp_path / "q.png")],
+    )
     assert result.exit_code != 0 and "fewer than 4 samples" in result.output
 
 

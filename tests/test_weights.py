@@ -41,7 +41,11 @@ def _export(encoder_file: Path, out: Path, *extra: str) -> None:
 def test_hf_directory_round_trip_equals_the_encoder_file(converted, tmp_path):
     _export(converted, tmp_path / "hf", "--format", "hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        MANIFEST_FILENAME, "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        MANIFEST_FILENAME,
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
     ]
     encoder, info = load_encoder(converted)
     loaded = dmt_jepa.from_pretrained(tmp_path / "hf")
@@ -74,7 +78,9 @@ def test_licence_follows_convert_into_every_export(converted, tmp_path):
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
     assert "license: cc-by-nc-4.0" in (tmp_path / "timm" / "README.md").read_text()
     # A recorded licence cannot be replaced on export.
-    result = CliRunner().invoke(app, ["export", str(converted), "--out", str(tmp_path / "x"), "--format", "hf", "--license", "mit"])
+    result = CliRunner().invoke(
+        app, ["export", str(converted), "--out", str(tmp_path / "x"), "--format", "hf", "--license", "mit"]
+    )
     assert result.exit_code == 2 and "cannot relicense" in result.output and not (tmp_path / "x" / "config.json").exists()
 
 

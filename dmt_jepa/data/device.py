@@ -57,7 +57,5 @@ def decode_on_device(batch: dict, device: torch.device) -> torch.Tensor:
             "train with data.decode=cpu, which skips undecodable images."
         ) from None
     for (row, _, (left, top, w, h)), pixels in zip(encoded, decoded):
-        images[row] = resized_crop(
-            pixels, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC, antialias=True
-        )
+        images[row] = resized_crop(pixels, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
     return images

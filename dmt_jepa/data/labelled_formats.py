@@ -338,7 +338,9 @@ def _coco_record(split, coco, image_id, entry, folder, contiguous, with_masks) -
     seg = np.zeros((height, width), np.uint8) if with_masks and height and width else None
     for ann in coco.imgToAnns.get(image_id, []):
         if ann.get("category_id") not in contiguous:
-            return Problem(split, name, f"annotation {ann.get('id')} has category id {ann.get('category_id')}, which no category declares")
+            return Problem(
+                split, name, f"annotation {ann.get('id')} has category id {ann.get('category_id')}, which no category declares"
+            )
         x, y, w, h = (float(v) for v in ann["bbox"])
         crowd = int(bool(ann.get("iscrowd")))
         boxes.append({"box": [x, y, x + w, y + h], "digit": contiguous[ann["category_id"]], "iscrowd": crowd})

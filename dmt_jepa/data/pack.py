@@ -66,9 +66,7 @@ def pack_images(
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
     count = 0
-    with wds.ShardWriter(
-        str(out_dir / "shard-%06d.tar"), maxcount=max_shard_count, maxsize=max_shard_bytes, verbose=0
-    ) as sink:
+    with wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=max_shard_count, maxsize=max_shard_bytes, verbose=0) as sink:
         for path, rel in zip(paths, relative):
             try:
                 ext = _image_format(path)

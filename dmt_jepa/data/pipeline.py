@@ -31,7 +31,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_FAILED_IN_A_ROW = 100  # beyond this the shards are not image shards, not a few corrupt files
 
 
-
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random):
     """RandomResizedCrop's box (left, top, w, h): area fraction in `scale`, aspect w/h log-uniform in `ratio`."""
     area = width * height

@@ -27,7 +27,9 @@ def _substitute(part: str, pattern: str) -> str:
     def value(match: re.Match) -> str:
         name = "WDS_" + match.group(1)
         if name not in os.environ:
-            raise DataError(f"shard pattern {pattern!r} uses ${{{match.group(1)}}} but {name} is not set; set it or write the path out.")
+            raise DataError(
+                f"shard pattern {pattern!r} uses ${{{match.group(1)}}} but {name} is not set; set it or write the path out."
+            )
         return os.environ[name]
 
     for _ in range(10):  # a value may itself name a variable, as WebDataset allows
@@ -48,7 +50,6 @@ def expand_shards(pattern: str) -> list[str]:
         raise DataError(f"shard pattern {pattern!r} matches no file; check the path and the brace range.")
     if missing:
         raise DataError(
-            f"{len(missing)} of the {len(urls)} shards of {pattern!r} do not exist (first: {missing[0]}); "
-            "fix the brace range."
+            f"{len(missing)} of the {len(urls)} shards of {pattern!r} do not exist (first: {missing[0]}); fix the brace range."
         )
     return urls

@@ -106,7 +106,9 @@ def fit_balanced_probe(
     return probe
 
 
-def per_image_confusions(probe: BalancedProbe, patches: torch.Tensor, segs: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+def per_image_confusions(
+    probe: BalancedProbe, patches: torch.Tensor, segs: list[np.ndarray], batch_size: int = 256
+) -> np.ndarray:
     """[N, C, C] confusion matrix of each image (rows = true class), for scores and their bootstrap."""
     out = np.zeros((len(segs), probe.num_classes, probe.num_classes), dtype=np.int64)
     for size in sorted({s.shape for s in segs}):

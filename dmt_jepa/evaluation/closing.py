@@ -23,8 +23,9 @@ from dmt_jepa.evaluation.knn import knn_top1
 from dmt_jepa.models import VisionTransformer, create_encoder
 
 
-def held_out_figures(encoder: VisionTransformer, info: EncoderInfo, train: LabelledSet, test: LabelledSet,
-                     num_classes: int) -> dict:
+def held_out_figures(
+    encoder: VisionTransformer, info: EncoderInfo, train: LabelledSet, test: LabelledSet, num_classes: int
+) -> dict:
     """{semantic_miou, knn_top1} in % of a frozen encoder: probes fitted on `train`, scored on `test`."""
     encoder.eval()
     fit, held = extract_features(encoder, info, train.images), extract_features(encoder, info, test.images)
@@ -33,8 +34,9 @@ def held_out_figures(encoder: VisionTransformer, info: EncoderInfo, train: Label
     return {"semantic_miou": round(dense["miou"], 2), "knn_top1": round(top1, 2)}  # both already in %
 
 
-def compare_with_init(encoder: VisionTransformer, info: EncoderInfo, data_dir: str | Path, *, seed: int = 0,
-                      max_train: int = 2048) -> dict:
+def compare_with_init(
+    encoder: VisionTransformer, info: EncoderInfo, data_dir: str | Path, *, seed: int = 0, max_train: int = 2048
+) -> dict:
     """The trained encoder and an untrained one of the same shape on the scenes in `data_dir` (train-*.tar,
     test-*.tar, scenes.json): {"trained": figures, "random_init": figures, "chance_top1", "classes", "scenes"}."""
     data_dir = Path(data_dir)
@@ -42,8 +44,9 @@ def compare_with_init(encoder: VisionTransformer, info: EncoderInfo, data_dir: s
     train = read_labelled_shards(str(data_dir / "train-*.tar"))
     test = read_labelled_shards(str(data_dir / "test-*.tar"))
     if len(train.keys) > max_train:  # the probes' cost stays seconds whatever the run trained on
-        train = LabelledSet(train.keys[:max_train], train.images[:max_train], train.labels[:max_train],
-                            train.segs[:max_train], None)
+        train = LabelledSet(
+            train.keys[:max_train], train.images[:max_train], train.labels[:max_train], train.segs[:max_train], None
+        )
     classes = int(summary["num_seg_classes"])
     device = next(encoder.parameters()).device
     with torch.random.fork_rng(devices=[]):

@@ -100,9 +100,7 @@ def read_labelled_shards(pattern: str) -> LabelledSet:
             boxes.append(_boxes(fields["boxes.json"], what) if "boxes.json" in fields else None)
     has_segs = all(s is not None for s in segs)
     has_boxes = all(b is not None for b in boxes)
-    return LabelledSet(
-        keys, images, np.asarray(labels, dtype=np.int64), segs if has_segs else None, boxes if has_boxes else None
-    )
+    return LabelledSet(keys, images, np.asarray(labels, dtype=np.int64), segs if has_segs else None, boxes if has_boxes else None)
 
 
 def _boxes(data: bytes, what: str) -> list[dict]:

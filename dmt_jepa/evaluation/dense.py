@@ -97,7 +97,9 @@ def train_dense_probe(
     return DenseProbe(probe, mean, std)
 
 
-def score_dense_probe(probe: DenseProbe, test_patches: torch.Tensor, test_segs: list[np.ndarray], *, batch_size: int = 64) -> dict:
+def score_dense_probe(
+    probe: DenseProbe, test_patches: torch.Tensor, test_segs: list[np.ndarray], *, batch_size: int = 64
+) -> dict:
     """mIoU, pixel accuracy and per-class IoU (%) of a probe on test images, scored at each label map's own size."""
     num_classes = probe.linear.out_features
     test_patches = test_patches.to(probe.mean.device)

@@ -165,9 +165,7 @@ def predict(model: FasterRCNN, images: Sequence[np.ndarray], size: int, batch_si
     return predictions
 
 
-def coco_box_ap(
-    truth: Sequence[Boxes], predictions: Sequence[dict], sizes: Sequence[tuple[int, int]], num_classes: int
-) -> dict:
+def coco_box_ap(truth: Sequence[Boxes], predictions: Sequence[dict], sizes: Sequence[tuple[int, int]], num_classes: int) -> dict:
     """COCO box AP, AP50 and AP75 (in %) and AP of each class from pycocotools' COCOeval on in-memory ground truth
     and detections.
 

@@ -74,7 +74,11 @@ def evaluate_features(
         results["knn"] = {"top1": top1, "k": options.k}
     if "linear" in tasks:
         top1 = linear_top1(
-            train_features.pooled, torch.from_numpy(train.labels), test_features.pooled, torch.from_numpy(test.labels), c=options.c
+            train_features.pooled,
+            torch.from_numpy(train.labels),
+            test_features.pooled,
+            torch.from_numpy(test.labels),
+            c=options.c,
         )
         results["linear"] = {"top1": top1, "c": options.c}
     if "dense" in tasks:
@@ -219,7 +223,9 @@ def result_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("dense mIoU", f"{result['dense']['miou']:.2f} %"))
         if "dense_balanced" in result:
             balanced = result["dense_balanced"]
-            rows.append(("dense mIoU, class-balanced probe", f"{balanced['miou']:.2f} % (test-set s.e. {balanced['bootstrap_se']:.2f})"))
+            rows.append(
+                ("dense mIoU, class-balanced probe", f"{balanced['miou']:.2f} % (test-set s.e. {balanced['bootstrap_se']:.2f})")
+            )
         rows.append(("dense pixel accuracy", f"{result['dense']['pixel_accuracy']:.2f} %"))
     if "detect" in result:
         rows.append(("detection box AP", f"{result['detect']['ap']:.2f}"))

@@ -62,11 +62,7 @@ def choose_backend(kind: str) -> str:
     if kind == "onnx":
         import onnxruntime as ort
 
-        return (
-            "onnxruntime-cuda"
-            if cuda and "CUDAExecutionProvider" in ort.get_available_providers()
-            else "onnxruntime-cpu"
-        )
+        return "onnxruntime-cuda" if cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "onnxruntime-cpu"
     return "torch-cuda" if cuda else "torch-cpu"
 
 
@@ -86,7 +82,11 @@ def _select_gpu() -> None:
 
 
 # The CPU backends `auto` may measure against each other, with the precisions each runs.
-CPU_CHOICES = {"torch-cpu": ("fp32", "bf16"), "onnxruntime-cpu": ("fp32", "int8", "int8-static"), "openvino": ("fp32", "bf16", "int8")}
+CPU_CHOICES = {
+    "torch-cpu": ("fp32", "bf16"),
+    "onnxruntime-cpu": ("fp32", "int8", "int8-static"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
 
 
 def _openvino_available() -> bool:
@@ -117,7 +117,9 @@ def _build(name: str, kind: str, path: Path, precision: str | None, layers: Sequ
         raise BackendError(str(err)) from err
 
 
-def _measured_cpu_choice(path: Path, kind: str, precision: str | None, layers: Sequence[int] | None) -> tuple[str, Backend | None]:
+def _measured_cpu_choice(
+    path: Path, kind: str, precision: str | None, layers: Sequence[int] | None
+) -> tuple[str, Backend | None]:
     """For an fp32 ONNX model: the faster of ONNX Runtime and OpenVINO here (serve/backends/choice.py).
 
     Only ONNX models are measured: both backends then run the same verified graph. An encoder file

@@ -171,9 +171,7 @@ class OnnxRuntimeBackend(Backend):
             import torch
 
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-                raise BackendError(
-                    "--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu."
-                )
+                raise BackendError("--backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU; use onnxruntime-cpu.")
         self.session = _session(path, device)
         self.info, self.names = self._read_contract(self.session, path)
         self.layers = backend_layers(self.info, layers)

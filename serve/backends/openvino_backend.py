@@ -27,9 +27,7 @@ def require_openvino():
     try:
         import openvino
     except ImportError as err:
-        raise BackendError(
-            "--backend openvino needs OpenVINO; install it with `pip install \"dmt-jepa[openvino]\"`."
-        ) from err
+        raise BackendError('--backend openvino needs OpenVINO; install it with `pip install "dmt-jepa[openvino]"`.') from err
     return openvino
 
 
@@ -148,9 +146,9 @@ class OpenVinoBackend(Backend):
                 ppp = PrePostProcessor(model)
                 ppp.input().tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
                 ppp.input().model().set_layout(Layout("NCHW"))
-                ppp.input().preprocess().convert_element_type(Type.f32).mean(
-                    [255.0 * m for m in self.info.pixel_mean]
-                ).scale([255.0 * s for s in self.info.pixel_std])
+                ppp.input().preprocess().convert_element_type(Type.f32).mean([255.0 * m for m in self.info.pixel_mean]).scale(
+                    [255.0 * s for s in self.info.pixel_std]
+                )
                 model = ppp.build()
             # THROUGHPUT: OpenVINO splits the cores into streams of a few threads each (one stream per
             # core on a 2-core CPU); each batch is cut into one part per stream, run at once. Streams
@@ -180,4 +178,3 @@ class OpenVinoBackend(Backend):
         if self.precision == "fp32":
             return None
         return OpenVinoBackend(self.onnx_path, precision="fp32", layers=self.layers)
-

@@ -47,9 +47,7 @@ class TensorRTBackend(Backend):
             import tensorrt as trt
             import torch
         except ImportError as err:
-            raise BackendError(
-                "the TensorRT backend needs the tensorrt package (pip install tensorrt) and a CUDA GPU."
-            ) from err
+            raise BackendError("the TensorRT backend needs the tensorrt package (pip install tensorrt) and a CUDA GPU.") from err
         if int(trt.__version__.split(".")[0]) < 10:
             raise BackendError(f"TensorRT {trt.__version__} is too old; this backend needs TensorRT 10 or newer.")
         if not torch.cuda.is_available():
