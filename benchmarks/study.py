@@ -54,8 +54,16 @@ from dmt_jepa.viz import attention_picture, curves_picture, pca_picture, read_lo
 
 # The DMT-JEPA settings every ablation starts from (the paper's head: k = 4 of a 3x3 window,
 # 2 cross-attention blocks, the patch's own feature as query, the public code's context path).
-BASE = {"aggregation": "cross_attention", "query": "self", "k": 4, "k_size": 3, "head_depth": 2,
-        "context": "tokens", "include_self": False, "plain_weight": 0.0}
+BASE = {
+    "aggregation": "cross_attention",
+    "query": "self",
+    "k": 4,
+    "k_size": 3,
+    "head_depth": 2,
+    "context": "tokens",
+    "include_self": False,
+    "plain_weight": 0.0,
+}
 # Arm name -> (target settings, label); settings None: the untrained encoder.
 ARMS: dict[str, tuple[dict | None, str]] = {
     "i-jepa": ({"aggregation": "none"}, "I-JEPA (aggregation none)"),
@@ -298,8 +306,13 @@ def machine(cfg: StudyConfig) -> str:
 def subset(data: LabelledSet, start: int, stop: int | None) -> LabelledSet:
     """Scenes start..stop of a labelled set."""
     part = slice(start, stop)
-    return LabelledSet(data.keys[part], data.images[part], data.labels[part], data.segs[part],
-                       data.boxes[part] if data.boxes is not None else None)
+    return LabelledSet(
+        data.keys[part],
+        data.images[part],
+        data.labels[part],
+        data.segs[part],
+        data.boxes[part] if data.boxes is not None else None,
+    )
 
 
 def splits(cfg: StudyConfig, out: Path, data_seed: int) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
@@ -333,7 +346,9 @@ def probe_scores(train_patches, train_segs, eval_sets: dict, num_classes: int) -
 
 def evaluate_encoder(cfg: StudyConfig, encoder, info, train, val, test, dense: bool = True) -> tuple[dict, dict, dict]:
     """Balanced figure-ground (and 11-class) probes on val and test: ({val|test: {fg, dense}}, test confusions, features)."""
-    features = {name: extract_features(encoder, info, data.images) for name, data in (("train", train), ("val", val), ("test", test))}
+    features = {
+        name: extract_features(encoder, info, data.images) for name, data in (("train", train), ("val", val), ("test", test))
+    }
     result = {"val": {}, "test": {}}
     confusions = {}
     tasks = (("fg", figure_ground, 2), ("dense", lambda s: s, seg_classes(cfg)))
@@ -370,7 +385,9 @@ def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, pi
     result["target"], confusions, features = evaluate_encoder(cfg, encoder, info, train, val, test)
     path = save_encoder(out / f"{name}.safetensors", encoder.cpu(), info)
     # Image-level semantics of the pooled features: kNN and logistic regression on the dominant object's class.
-    result["secondary"] = evaluate_features(("knn", "linear"), train, test, features["train"], features["test"], EvalOptions(seed=seed))
+    result["secondary"] = evaluate_features(
+        ("knn", "linear"), train, test, features["train"], features["test"], EvalOptions(seed=seed)
+    )
     np.savez_compressed(jobs / f"{name}-confusions.npz", **{f"target_{t}": c for t, c in confusions.items()})
     first = (min(cfg.data_seeds), min(cfg.seeds + cfg.ablation_seeds + cfg.control_seeds))
     if (data_seed, seed) == first and arm in cfg.arms + cfg.controls:
@@ -381,7 +398,9 @@ def run_arm(cfg: StudyConfig, arm: str, data_seed: int, seed: int, out: Path, pi
         ]
         if ARMS[arm][0] is not None:
             log = read_log(out / f"{name}.jsonl")
-            result["pictures"].append(str(save_png(curves_picture(log, width=900, height=300), picture_dir / f"{arm}-curves.png")))
+            result["pictures"].append(
+                str(save_png(curves_picture(log, width=900, height=300), picture_dir / f"{arm}-curves.png"))
+            )
     result.update(encoder=str(path), train_s=round(train_s, 1), eval_s=round(time.perf_counter() - tic - train_s, 1))
     line = json.dumps(result)
     record = jobs / f"{name}.json"
@@ -403,8 +422,12 @@ def two_level(values: dict[tuple[int, int], float]) -> dict:
     for (draw, _), value in sorted(values.items()):
         by_draw.setdefault(draw, []).append(value)
     means = {draw: statistics.mean(v) for draw, v in by_draw.items()}
-    out = {"draws": len(means), "units": len(values), "per_draw": {str(d): round(m, 3) for d, m in means.items()},
-           "mean": statistics.mean(means.values())}
+    out = {
+        "draws": len(means),
+        "units": len(values),
+        "per_draw": {str(d): round(m, 3) for d, m in means.items()},
+        "mean": statistics.mean(means.values()),
+    }
     spread = statistics.stdev(means.values()) if len(means) > 1 else float("nan")
     out["sd_draw_means"], out["se"] = spread, spread / math.sqrt(len(means))
     within = [statistics.variance(v) for v in by_draw.values() if len(v) > 1]
@@ -456,13 +479,20 @@ def _miou_of(confusion: np.ndarray) -> np.ndarray:
     return 100.0 * np.nanmean(iou, axis=-1)
 
 
-def bootstrap_paired_se(jobs: Path, arm: str, units: list[tuple[int, int]], key: str = "target_dense",
-                        baseline: str | None = "i-jepa", samples: int = 1000) -> float:
+def bootstrap_paired_se(
+    jobs: Path,
+    arm: str,
+    units: list[tuple[int, int]],
+    key: str = "target_dense",
+    baseline: str | None = "i-jepa",
+    samples: int = 1000,
+) -> float:
     """Bootstrap s.e. (over test scenes, resampled jointly for every unit and both arms) of the mean paired difference.
 
     With baseline None: of the arm's mean figure over the units. Every draw has as many test scenes,
     so one resample of scene indices serves every draw.
     """
+
     def load(a):
         return np.stack([np.load(jobs / f"{job_name(a, d, s)}-confusions.npz")[key] for d, s in units])  # [U, N, C, C]
 
@@ -504,8 +534,14 @@ def _pm(value: tuple[float, float] | dict, digits: int = 2) -> str:
     return f"{mean:.{digits}f} +- {spread:.{digits}f}"
 
 
-FIGURE_NAMES = {"sem_val": "semantic mIoU *val*", "sem": "semantic mIoU", "fg_val": "figure-ground *val*",
-                "fg": "figure-ground", "knn": "kNN top-1", "linear": "linear top-1"}
+FIGURE_NAMES = {
+    "sem_val": "semantic mIoU *val*",
+    "sem": "semantic mIoU",
+    "fg_val": "figure-ground *val*",
+    "fg": "figure-ground",
+    "knn": "kNN top-1",
+    "linear": "linear top-1",
+}
 
 
 def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pictures: dict, reduced: bool) -> None:
@@ -518,8 +554,11 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
         lines += ["**Reduced run**: fewer seeds or steps than the published configuration; read the numbers as indicative.", ""]
     if not summary["complete"]:
         done, wanted = summary["jobs_done"], summary["jobs_wanted"]
-        lines += [f"**Partial**: {done} of the {wanted} jobs of this configuration have run; every table holds only "
-                  "those, and the rule's output below is not applied to the shipped default.", ""]
+        lines += [
+            f"**Partial**: {done} of the {wanted} jobs of this configuration have run; every table holds only "
+            "those, and the rule's output below is not applied to the shipped default.",
+            "",
+        ]
     lines += [
         f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
         f"`{cfg.background}` backgrounds in the `{cfg.palette}` palette ({classes} object classes). Data draws (data seeds) "
@@ -566,8 +605,10 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
                 per_draw = ", ".join(f"{v:+.2f}" if label else f"{v:.2f}" for v in d["per_draw"].values())
                 boot = summary["test_set_se"].get(arm, float("nan")) if label and name == "sem" else float("nan")
                 boot_cell = f"{boot:.2f}" if boot == boot else "-"
-                lines.append(f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | "
-                             f"{d['sd_draw_means']:.2f} | {d['sd_between']:.2f} | {d['sd_within']:.2f} | {boot_cell} |")
+                lines.append(
+                    f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | "
+                    f"{d['sd_draw_means']:.2f} | {d['sd_between']:.2f} | {d['sd_within']:.2f} | {boot_cell} |"
+                )
     if summary["ablation_table"]:
         lines += [
             "",
@@ -581,8 +622,10 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
             "|---|---|---|---|---|---|---|---|",
         ]
         for arm, row in summary["ablation_table"].items():
-            lines.append(f"| {LABELS[arm]} | {row['runs']} | {_pm(row['sem'])} | {_pm(row['sem_val'])} | {_pm(row['fg'])} | "
-                         f"{row['within_image_share']:.3f} | {row['cos_to_image_mean']:.3f} | {row['cos_to_own_patch']:.3f} |")
+            lines.append(
+                f"| {LABELS[arm]} | {row['runs']} | {_pm(row['sem'])} | {_pm(row['sem_val'])} | {_pm(row['fg'])} | "
+                f"{row['within_image_share']:.3f} | {row['cos_to_image_mean']:.3f} | {row['cos_to_own_patch']:.3f} |"
+            )
     selection = summary["selection"]
     lines += [
         "",
@@ -665,8 +708,16 @@ def make_draw(cfg: StudyConfig, out: Path, data_seed: int) -> None:
     print(f"making the scenes of data seed {data_seed} in {data}", file=sys.stderr, flush=True)
     partial = data.with_name(data.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    write_scene_shards(partial, n_train=cfg.train_scenes, n_test=cfg.val_scenes + cfg.test_scenes, seed=data_seed,
-                       image_size=cfg.image_size, kind=cfg.scenes, background=cfg.background, palette=cfg.palette)
+    write_scene_shards(
+        partial,
+        n_train=cfg.train_scenes,
+        n_test=cfg.val_scenes + cfg.test_scenes,
+        seed=data_seed,
+        image_size=cfg.image_size,
+        kind=cfg.scenes,
+        background=cfg.background,
+        palette=cfg.palette,
+    )
     os.replace(partial, data)
 
 
@@ -689,7 +740,12 @@ def selection_path(report: Path) -> Path:
 
 
 def run_study(
-    cfg: StudyConfig, out: Path, report: Path | None, command: str, reduced: bool = False, run: bool = True,
+    cfg: StudyConfig,
+    out: Path,
+    report: Path | None,
+    command: str,
+    reduced: bool = False,
+    run: bool = True,
     jobs_dir: Path | None = None,
 ) -> dict:
     """Data draws, every (arm, data seed, model seed) job not done yet in `out`, evaluation, tables; returns the summary.
@@ -729,10 +785,13 @@ def run_study(
     finished += [r for r in done.values() if (r["arm"], *unit(r)) in wanted]
     results = {a: sorted((r for r in finished if r["arm"] == a), key=unit) for a in ARMS}
     results = {a: rs for a, rs in results.items() if rs}
-    held_out = [read_labelled_shards(str(data_dir(out, d) / "test-*.tar")) for d in cfg.data_seeds
-                if (data_dir(out, d) / "scenes.json").exists()]
+    held_out = [
+        read_labelled_shards(str(data_dir(out, d) / "test-*.tar"))
+        for d in cfg.data_seeds
+        if (data_dir(out, d) / "scenes.json").exists()
+    ]
     grid = (cfg.image_size // cfg.patch_size,) * 2
-    segs = [s for data in held_out for s in data.segs[cfg.val_scenes:]]  # the test split of every draw
+    segs = [s for data in held_out for s in data.segs[cfg.val_scenes :]]  # the test split of every draw
     ceiling = {
         "fg": perfect_patch_miou(figure_ground(segs), grid, num_classes=2),
         "sem": perfect_patch_miou(segs, grid, num_classes=seg_classes(cfg)),
@@ -762,8 +821,12 @@ def run_study(
         pictures = {r["arm"]: beside(report, r["pictures"]) for r in finished if "pictures" in r}
         write_report(report, cfg, summary, command, pictures, reduced)
         if summary["complete"] and not reduced:
-            selection = {"arm": summary["selection"]["arm"], "reason": summary["selection"]["reason"],
-                         "settings": ARMS[summary["selection"]["arm"]][0], "command": command}
+            selection = {
+                "arm": summary["selection"]["arm"],
+                "reason": summary["selection"]["reason"],
+                "settings": ARMS[summary["selection"]["arm"]][0],
+                "command": command,
+            }
             selection_path(report).parent.mkdir(parents=True, exist_ok=True)
             selection_path(report).write_text(json.dumps(selection, indent=1) + "\n")
     return summary
@@ -773,8 +836,12 @@ def main(argv: list[str] | None = None) -> None:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="Directory for data, encoders and logs.")
-    parser.add_argument("--jobs", type=Path, default=None,
-                        help="Folder of the job records and test confusions (default OUT/jobs); keep it to resume elsewhere.")
+    parser.add_argument(
+        "--jobs",
+        type=Path,
+        default=None,
+        help="Folder of the job records and test confusions (default OUT/jobs); keep it to resume elsewhere.",
+    )
     parser.add_argument("--report", type=Path, default=None, help="Markdown report to write (e.g. docs/results.md).")
     parser.add_argument("--data-seeds", type=int, nargs="+", default=defaults.data_seeds, help="Data draws (scenes seeds).")
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds, help="Model seeds of the main arms.")
@@ -803,22 +870,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="Threads of each worker.")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda: where training, features and probes run.")
     parser.add_argument("--reduced", action="store_true", help="Label the report as a reduced run.")
-    parser.add_argument("--report-only", action="store_true", help="Summarise the jobs already done; train nothing (missing data draws are remade for the ceiling).")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Summarise the jobs already done; train nothing (missing data draws are remade for the ceiling).",
+    )
     args = parser.parse_args(argv)
     cfg = StudyConfig(
-        seeds=args.seeds, ablation_seeds=args.ablation_seeds, control_seeds=args.control_seeds, arms=args.arms,
-        ablations=args.ablations, controls=args.controls, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        arch=args.arch, patch_size=args.patch_size, image_size=args.image_size, pred_width=args.pred_width,
-        pred_depth=args.pred_depth, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
-        test_scenes=args.test_scenes, workers=args.workers, threads=args.threads, data_seeds=args.data_seeds,
-        ema=tuple(args.ema), device=args.device, static_masks=args.static_masks, scenes=args.scenes,
-        background=args.background, palette=args.palette,
+        seeds=args.seeds,
+        ablation_seeds=args.ablation_seeds,
+        control_seeds=args.control_seeds,
+        arms=args.arms,
+        ablations=args.ablations,
+        controls=args.controls,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        arch=args.arch,
+        patch_size=args.patch_size,
+        image_size=args.image_size,
+        pred_width=args.pred_width,
+        pred_depth=args.pred_depth,
+        train_scenes=args.train_scenes,
+        val_scenes=args.val_scenes,
+        test_scenes=args.test_scenes,
+        workers=args.workers,
+        threads=args.threads,
+        data_seeds=args.data_seeds,
+        ema=tuple(args.ema),
+        device=args.device,
+        static_masks=args.static_masks,
+        scenes=args.scenes,
+        background=args.background,
+        palette=args.palette,
     )
     command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only,
-                        jobs_dir=args.jobs)
-    print(json.dumps({"paired": summary["paired"], "test_set_se": summary["test_set_se"], "selection": summary["selection"],
-                      "ceiling": summary["ceiling"], "wall_s": summary["wall_s"]}))
+    summary = run_study(cfg, args.out, args.report, command, reduced=args.reduced, run=not args.report_only, jobs_dir=args.jobs)
+    print(
+        json.dumps(
+            {
+                "paired": summary["paired"],
+                "test_set_se": summary["test_set_se"],
+                "selection": summary["selection"],
+                "ceiling": summary["ceiling"],
+                "wall_s": summary["wall_s"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -140,8 +140,11 @@ def test_readme_commands_work_in_the_order_written(tmp_path, monkeypatch):
     # README's Python block, in the repository root as README says (hubconf.py beside the outputs here)
     shutil.copy(ROOT / "hubconf.py", tmp_path / "hubconf.py")
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
-    done = subprocess.run([sys.executable, "-c", code + "\nprint([tuple(m.shape) for m in maps], backbone.out_channels)"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code + "\nprint([tuple(m.shape) for m in maps], backbone.out_channels)"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("]")[0] == "[(2, 64, 8, 8), (2, 64, 8, 8), (2, 64, 8, 8)", done.stdout
 
@@ -165,9 +168,22 @@ def test_readme_commands_work_in_the_order_written(tmp_path, monkeypatch):
     photos = sorted((tmp_path / "images" / "photos").iterdir())
     assert len(photos) >= 20 and (tmp_path / "shards" / "shard-000000.tar").is_file()
     assert (tmp_path / "encoder.safetensors").is_file()
-    made_files = ("deploy/encoder.onnx", "deploy/encoder_fp16.onnx", "deploy-layers/encoder.onnx",
-                  "models/dmt_jepa/config.pbtxt", "hf/config.json", "timm/config.json", "pca.png", "att.png", "curves.png",
-                  "voc/dataset.json", "head.safetensors", "voc-head.safetensors", "seg/segmenter.onnx", "shards.txt")
+    made_files = (
+        "deploy/encoder.onnx",
+        "deploy/encoder_fp16.onnx",
+        "deploy-layers/encoder.onnx",
+        "models/dmt_jepa/config.pbtxt",
+        "hf/config.json",
+        "timm/config.json",
+        "pca.png",
+        "att.png",
+        "curves.png",
+        "voc/dataset.json",
+        "head.safetensors",
+        "voc-head.safetensors",
+        "seg/segmenter.onnx",
+        "shards.txt",
+    )
     for made in made_files:
         assert (tmp_path / made).is_file(), made
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]["img_size"] == [96, 96]
