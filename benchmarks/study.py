@@ -50,6 +50,7 @@ from dmt_jepa.masks import MultiBlockMaskSampler
 from dmt_jepa.models import create_encoder
 from dmt_jepa.objective import DMTJEPA, train_step
 from dmt_jepa.scenes import BACKGROUNDS, KINDS, PALETTES, write_scene_shards
+from dmt_jepa.scenes_cache import progress_lines
 from dmt_jepa.viz import attention_picture, curves_picture, pca_picture, read_log, save_png
 
 # The DMT-JEPA settings every ablation starts from (the paper's head: k = 4 of a 3x3 window,
@@ -717,6 +718,7 @@ def make_draw(cfg: StudyConfig, out: Path, data_seed: int) -> None:
         kind=cfg.scenes,
         background=cfg.background,
         palette=cfg.palette,
+        progress=progress_lines(lambda line: print(f"data seed {data_seed}: {line}", file=sys.stderr, flush=True)),
     )
     os.replace(partial, data)
 

@@ -121,6 +121,15 @@ def embed(
     if decode == "gpu" and backend != "torch-cuda":
         raise typer.BadParameter(f"--decode gpu decodes on the GPU that runs the model: use --backend torch-cuda, not {backend}.")
     chosen_size, chosen_layers = parse_size(size), parse_layers(layers)
+    from dmt_jepa.serve.embed_rules import option_problems  # torch-free: a clash is answered before the job's imports
+
+    clashes = option_problems(
+        engine=engine, address=address, decode_workers=decode_workers, model_workers=model_workers,
+        gpus_per_worker=gpus_per_worker, decode=decode, layout=layout, dtype=dtype,
+        layers=tuple(chosen_layers) if chosen_layers else None, pca=pca,
+    )  # fmt: skip
+    if clashes:
+        fail(clashes[0])
     try:
         resolve_inputs(input)
     except InputError as err:

@@ -77,6 +77,10 @@ def test_wrong_paths_are_one_sentence_before_any_heavy_import(tmp_path):
         "viz attention enc.safetensors NOPE.png --out x.png": "image NOPE.png does not exist",
         "viz curves NOPE": "training log NOPE does not exist",
         "data scenes out --train 0 --test 0": "at least one scene",
+        "embed in out --model enc.safetensors --address auto": "--address only apply to --engine ray",
+        "embed in out --model enc.safetensors --engine ray --decode gpu --backend torch-cuda": "--decode gpu runs with --engine local",
+        "embed in out --model enc.safetensors --layout embedding-reader --dtype int8": "embedding-reader reads float16",
+        "embed in out --model enc.safetensors --layers 1 --pca 4": "--layers and --pca cannot be combined",
     }
     results = run_in_child([line.split() for line in cases], tmp_path)
     for (line, message), result in zip(cases.items(), results):

@@ -16,6 +16,7 @@ import numpy as np
 import dmt_jepa
 from dmt_jepa.serve.backends import Backend
 from dmt_jepa.serve.claims import DEFAULT_LEASE_SECONDS
+from dmt_jepa.serve.embed_rules import option_problems
 from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, Preprocess
 from dmt_jepa.serve.inputs import ShardSource
 from dmt_jepa.serve.layouts import LAYOUTS, OutputSpec
@@ -71,33 +72,19 @@ class EmbedOptions:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}.")
-        ray_only = {
-            "--address": self.address is not None,
-            "--decode-workers": self.decode_workers is not None,
-            "--model-workers": self.model_workers != 1,
-            "--gpus-per-worker": self.gpus_per_worker != 0,
-        }
-        if self.engine != "ray" and any(ray_only.values()):
-            given = ", ".join(flag for flag, set_ in ray_only.items() if set_)
-            raise ValueError(f"{given} only apply to --engine ray; add --engine ray or leave them out.")
-        if self.model_workers < 1 or self.gpus_per_worker < 0 or (self.decode_workers is not None and self.decode_workers < 1):
-            raise ValueError("--model-workers and --decode-workers must be at least 1 and --gpus-per-worker at least 0.")
         if self.decode not in DECODES:
             raise ValueError(f"unknown decode {self.decode!r}; choose one of {', '.join(DECODES)}.")
-        if self.decode == "gpu" and self.engine == "ray":
-            raise ValueError("--decode gpu runs with --engine local; the Ray engine decodes in its own tasks on CPUs.")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
-        if self.pca is not None and self.pca < 1:
-            raise ValueError(f"--pca {self.pca} is not a number of dimensions; give one of at least 1.")
-        if self.layout == "embedding-reader" and self.layers:
-            raise ValueError("--layout embedding-reader holds pooled vectors only; use --layout array for --layers.")
-        if self.layout == "embedding-reader" and self.dtype == "int8":
-            raise ValueError("embedding-reader reads float16 or float32 vectors only; use --dtype float16 or float32.")
-        if self.layers and self.pca is not None:
-            raise ValueError("--layers and --pca cannot be combined: the layers would stay unprojected; choose one.")
+        problems = option_problems(
+            engine=self.engine, address=self.address, decode_workers=self.decode_workers, model_workers=self.model_workers,
+            gpus_per_worker=self.gpus_per_worker, decode=self.decode, layout=self.layout, dtype=self.dtype,
+            layers=self.layers, pca=self.pca,
+        )  # fmt: skip
+        if problems:
+            raise ValueError(problems[0])
 
     @property
     def output(self) -> OutputSpec:
