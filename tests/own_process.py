@@ -24,6 +24,7 @@ IN_CHILD = "DMTJEPA_TESTS_IN_OWN_PROCESS"
 REPORT_FILE = "DMTJEPA_TESTS_OWN_PROCESS_REPORT"
 TIMEOUT_S = 1800
 _outcomes: dict[Path, dict[str, list[dict]]] = {}  # module -> node id -> the child's reports of it
+_children_run: list[bool] = []  # one entry once every child has run
 
 
 def _run_child(item: pytest.Item) -> dict[str, list[dict]]:
@@ -64,12 +65,28 @@ def _report(item: pytest.Item, record: dict) -> TestReport:
     )  # fmt: skip
 
 
+def _run_every_child(session: pytest.Session) -> None:
+    """Every module's child, before this process runs any test of its own.
+
+    A child started late forks a process that ONNX Runtime, torch and transformers have filled with
+    threads and state, and waits on it idle; the suite's process died of a silent segmentation fault
+    at that point (after tests/test_heads.py, at tests/test_hf_transformers.py's child) in full runs,
+    never in shorter ones. Started first, the children fork the process while it is still small.
+    """
+    for item in session.items:
+        if item.get_closest_marker("own_process") is not None and item.path not in _outcomes:
+            _outcomes[item.path] = _run_child(item)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if item.get_closest_marker("own_process") is None or os.environ.get(IN_CHILD) == "1":
-        return None  # an ordinary test, or this is the child: run it here
-    if item.path not in _outcomes:
-        _outcomes[item.path] = _run_child(item)
+    if os.environ.get(IN_CHILD) == "1":
+        return None  # this is the child: run every test here
+    if not _children_run:
+        _children_run.append(True)
+        _run_every_child(item.session)
+    if item.get_closest_marker("own_process") is None:
+        return None  # an ordinary test: run it here
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for record in _outcomes[item.path][item.nodeid]:
         item.ihook.pytest_runtest_logreport(report=_report(item, record))
