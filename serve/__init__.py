@@ -7,8 +7,9 @@ decode worker processes, which import `dmt_jepa.serve.images`, do not pay for to
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dmt_jepa.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the names as the type checker sees them; at run time, __getattr__ imports them
     from dmt_jepa.serve.api import embed_images
@@ -39,7 +40,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dmt_jepa.serve' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmt_jepa.cache import cache_dir
 from dmt_jepa.encoder_file import EncoderInfo
 from dmt_jepa.serve.backends.base import Backend
 from dmt_jepa.serve.backends.cpu import cpu_info
@@ -30,14 +31,6 @@ CACHE_FILE = "cpu-backend-choice.json"
 MAX_CACHE_BYTES = 1 << 20  # a cache file larger than this was not written by us
 MEASURE_BATCH = 4
 MEASURE_REPEATS = 3
-
-
-def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Where the measured choices live: $DMT_JEPA_CACHE_DIR, $XDG_CACHE_HOME/dmt-jepa or ~/.cache/dmt-jepa."""
-    if env.get("DMT_JEPA_CACHE_DIR"):
-        return Path(env["DMT_JEPA_CACHE_DIR"])
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "dmt-jepa"
 
 
 def _versions() -> str:
