@@ -68,10 +68,10 @@ def _report(item: pytest.Item, record: dict) -> TestReport:
 def _run_every_child(session: pytest.Session) -> None:
     """Every module's child, before this process runs any test of its own.
 
-    A child started late forks a process that ONNX Runtime, torch and transformers have filled with
-    threads and state, and waits on it idle; the suite's process died of a silent segmentation fault
-    at that point (after tests/test_heads.py, at tests/test_hf_transformers.py's child) in full runs,
-    never in shorter ones. Started first, the children fork the process while it is still small.
+    Started first, the children fork the process while it is still small, before ONNX Runtime, torch
+    and transformers have filled it with threads and state. (The suite's process once died of a
+    silent segmentation fault when a child ended late in a full run: the kernel's own SIGSEGV while
+    it delivered SIGCHLD to a handler that torch's DataLoader had left installed; see conftest.py.)
     """
     for item in session.items:
         if item.get_closest_marker("own_process") is not None and item.path not in _outcomes:

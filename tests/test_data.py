@@ -318,3 +318,19 @@ def test_device_decode_trusts_the_bytes_not_the_member_name(tmp_path):
     for batch in micro_batches(spec, 0):
         assert batch["encoded"] == [] and batch["images"].dtype == torch.uint8
         assert batch["images"].float().std() > 10  # decoded pixels, not the zeros left for the device
+
+
+def test_a_loader_with_workers_leaves_the_sigchld_handler_it_found(shards):
+    """torch's worker-watching SIGCHLD handler is in place while the loader runs and gone once it is done or closed."""
+    import signal
+
+    urls = expand_shards(shards)
+    before = signal.getsignal(signal.SIGCHLD)
+    during = [signal.getsignal(signal.SIGCHLD) for _ in micro_batches(_spec(urls), 2)]
+    assert len(during) == 8 and all(handler is not before and callable(handler) for handler in during)
+    assert signal.getsignal(signal.SIGCHLD) is before
+    stream = micro_batches(_spec(urls), 2)
+    next(stream)
+    assert signal.getsignal(signal.SIGCHLD) is not before  # a second loader installs it again
+    stream.close()  # a run stopped early
+    assert signal.getsignal(signal.SIGCHLD) is before

@@ -19,8 +19,8 @@ needs_openvino = pytest.mark.skipif(
 )
 
 # This module's tests run in a pytest process of their own (tests/own_process.py): OpenVINO's CPU
-# plugin starts stream threads of its own in the process that compiles a model, and the suite's
-# process, with them in it, was seen to die of a silent segmentation fault minutes later.
+# plugin starts stream threads of its own in the process that compiles a model and sets an alternate
+# signal stack of its own on the thread that builds it, which the suite's process should not inherit.
 pytestmark = pytest.mark.own_process
 
 

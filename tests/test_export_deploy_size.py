@@ -14,11 +14,6 @@ from dmt_jepa.cli.main import app
 from dmt_jepa.encoder_file import info_from_encoder, load_encoder, save_encoder
 from dmt_jepa.models import create_encoder
 
-# This module's tests run in a pytest process of their own (tests/own_process.py): they load transformers,
-# and the suite's process, having run ONNX Runtime before, died of a silent segmentation fault while it
-# waited for the next module's child after this module's first run in it, as at test_hf_transformers.py's.
-pytestmark = pytest.mark.own_process
-
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory) -> Path:

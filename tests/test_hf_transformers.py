@@ -26,11 +26,6 @@ from dmt_jepa.models.transformers_layout import from_transformers
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'dmt-jepa[hf]')")
 
-# This module's tests run in a pytest process of their own (tests/own_process.py): the suite's
-# process died of a silent segmentation fault at this module's first tests in 3 of 14 full runs,
-# never in a run of this module alone.
-pytestmark = pytest.mark.own_process
-
 # Run in a fresh interpreter where importing dmt-jepa's packages fails: transformers must do it all.
 ALONE = r"""
 import sys, importlib.abc

@@ -12,7 +12,10 @@ import io
 import logging
 import math
 import random
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,6 +243,33 @@ class ShardStream(IterableDataset):
             }
 
 
+@contextmanager
+def child_signal_restored() -> Iterator[None]:
+    """Leave the process's SIGCHLD handling as it was once a DataLoader is done.
+
+    A loader with workers installs a Python SIGCHLD handler (it watches for a dead worker) and keeps
+    it for the life of the process, so every later child's exit or stop is delivered to the
+    interpreter on the alternate signal stack. In long processes that start many children afterwards
+    (the test suite: about 1 full run in 4) one such delivery killed the process with a SIGSEGV the
+    kernel raised itself (si_code SI_KERNEL, main thread asleep in time.sleep, no trace printed).
+    On the way out the handler found on entry is put back, and torch's note that its handler is set
+    is cleared so that a later loader installs it again while it runs.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    before = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGCHLD) is not before:
+            signal.signal(signal.SIGCHLD, before)
+            from torch.utils.data._utils import signal_handling
+
+            if hasattr(signal_handling, "_SIGCHLD_handler_set"):
+                signal_handling._SIGCHLD_handler_set = False
+
+
 def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = False) -> Iterator[dict]:
     """The rank's micro-batches of epochs `spec.epoch` .. `spec.end_epoch` - 1, in order, through one DataLoader.
 
@@ -257,11 +287,12 @@ def micro_batches(spec: StreamSpec, num_workers: int, *, pin_memory: bool = Fals
     )
     expected = (spec.epoch, spec.start_batch)
     try:
-        for batch in loader:
-            assert (batch["epoch"], batch["index"]) == expected, "DataLoader returned micro-batches out of order"
-            epoch, index = expected
-            expected = (epoch, index + 1) if index + 1 < spec.batches_per_epoch else (epoch + 1, 0)
-            yield batch
+        with child_signal_restored():
+            for batch in loader:
+                assert (batch["epoch"], batch["index"]) == expected, "DataLoader returned micro-batches out of order"
+                epoch, index = expected
+                expected = (epoch, index + 1) if index + 1 < spec.batches_per_epoch else (epoch + 1, 0)
+                yield batch
     except DataError as err:
         # A worker's DataError arrives with its traceback in the message: keep the sentence.
         raise DataError(str(err).strip().splitlines()[-1].split("DataError: ")[-1]) from None
