@@ -35,6 +35,9 @@ MAX_EXTENSION_HEADER_BYTES = 1 << 20
 # so that the memory a sample costs does not grow with its member count (6,000 carried members of
 # 60 KiB once took ~1 GB); members beyond are dropped and listed as not carried.
 CARRIED_MEMBERS_BUDGET = 16
+# A sample's member names (every member's, the dropped ones') are kept up to this many and the rest
+# counted, so that what a sample of thousands of members holds and writes does not grow with them.
+LISTED_MEMBERS = 100
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 OUTPUT_FORMAT = "dmt-jepa-embeddings"
 OUTPUT_FORMAT_VERSION = 1
@@ -51,14 +54,33 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 @dataclass
+class MemberNames:
+    """Member extensions in archive order: the first LISTED_MEMBERS kept, the rest only counted."""
+
+    kept: list[str] = field(default_factory=list)
+    more: int = 0
+
+    def append(self, ext: str) -> None:
+        if len(self.kept) < LISTED_MEMBERS:
+            self.kept.append(ext)
+        else:
+            self.more += 1
+
+    def listed(self, *, sort: bool = False) -> list[str]:
+        """The names kept (`sort`: sorted), then `and N more` where there were more (a safe extension never has a space)."""
+        kept = sorted(self.kept) if sort else list(self.kept)
+        return [*kept, f"and {self.more} more"] if self.more else kept
+
+
+@dataclass
 class Sample:
     """Members of one input sample, by extension; `error` says why it cannot be used at all."""
 
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
-    names: list[str] = field(default_factory=list)  # extensions of every member, kept or not
-    not_carried: list[str] = field(default_factory=list)  # safe extensions of members neither embedded nor carried
+    names: MemberNames = field(default_factory=MemberNames)  # extensions of every member, kept or not
+    not_carried: MemberNames = field(default_factory=MemberNames)  # safe extensions of members neither embedded nor carried
     carried_bytes: int = 0  # the non-image member bytes kept so far
 
     def image(self) -> tuple[str, bytes]:
@@ -69,7 +91,7 @@ class Sample:
         for ext in IMAGE_EXTENSIONS:
             if ext in by_lower:
                 return by_lower[ext], self.members[by_lower[ext]]
-        found = ", ".join(sorted(self.names)) or "nothing"
+        found = ", ".join(self.names.listed(sort=True)) or "nothing"
         raise ImageRejected(f"the sample has no image member (found: {found})")
 
     def carried(self) -> dict[str, bytes]:
@@ -274,7 +296,7 @@ class ShardReader:
         most `max_carried_bytes` each and CARRIED_MEMBERS_BUDGET times that in all. Where carrying is
         on, every member neither embedded nor carried (too large, beyond the sample's budget, an empty
         extension, an image member beside a higher-ranked one) is named, by its safe extension, in
-        `Sample.not_carried`.
+        `Sample.not_carried`: the first LISTED_MEMBERS of them, and a count of the rest.
         """
         seen: set[str] = set()
         current: Sample | None = None

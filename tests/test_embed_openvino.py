@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from embed_helpers import TRAIN_SIZE, tiny_dense, tiny_encoder, tiny_model_files
+from embed_helpers import TRAIN_SIZE, tiny_dense, tiny_encoder, tiny_model_files, write_onnx_model
 
 from dmt_jepa.encoder_file import info_from_encoder
 from dmt_jepa.serve.backends import Backend, BackendError, checked_run, load_backend, patch_cosine
@@ -305,3 +305,43 @@ def test_openvino_int8_is_calibrated_once_then_loaded_from_the_cache(models, kin
     assert len(made) == 1 and len(list((tmp_path / calibration.CACHE_FOLDER).iterdir())) == 1
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_openvino
+@pytest.mark.parametrize("kind", ["onnx", "encoder"])
+def test_openvino_int8_cached_model_that_fails_the_first_batch_check_is_deleted_so_the_next_run_calibrates(
+    models, kind, tmp_path, tmp_path_factory, monkeypatch
+):
+    from dmt_jepa.serve import calibration
+    from dmt_jepa.serve.calibration import CACHE_FOLDER, DEFAULT_CALIBRATION_IMAGES, calibration_key
+
+    monkeypatch.setenv("DMT_JEPA_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / CACHE_FOLDER
+    # The first load exports an encoder file to ONNX (the same bytes every time) and calibrates it: its entry's
+    # name gives the key, and another model's calibrated graph, stamped with that key, takes its place. No check
+    # at load can tell it from a good one: only the first batch, compared with fp32, shows it.
+    load_backend(models[kind], "openvino", "int8")
+    [good] = folder.iterdir()
+    key = good.name.split("-")[0]
+    if kind == "onnx":
+        assert key == calibration_key(models["onnx"], scenes(DEFAULT_CALIBRATION_IMAGES, seed=0))
+    other = write_onnx_model(tmp_path_factory.mktemp("other-model") / "other.onnx", tiny_encoder(seed=5))
+    stale = quantize_static_int8(
+        other, scenes(6, seed=0), info_from_encoder(tiny_encoder(), "vit_test"), tmp_path / "stale.onnx", key
+    )
+    good.unlink()
+    data = stale.read_bytes()
+    (folder / f"{key}-{calibration._content_hash(data)}.onnx").write_bytes(data)
+    bystander = folder / f"{'0' * 64}-{calibration._content_hash(b'another model')}.onnx"  # another key's entry stays
+    bystander.write_bytes(b"another model")
+    batch = scenes(2, seed=3)
+    with pytest.raises(BackendError, match="the cached calibrated model it ran was deleted") as caught:
+        checked_run(load_backend(models[kind], "openvino", "int8"), batch)
+    assert "\n" not in str(caught.value)
+    assert sorted(folder.iterdir()) == [bystander]
+    made = []
+    real = calibration.quantize_static_int8
+    monkeypatch.setattr(calibration, "quantize_static_int8", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    _, worst = checked_run(load_backend(models[kind], "openvino", "int8"), batch)  # calibrated again
+    assert len(made) == 1 and worst is not None and worst >= 0.99
+    assert len([entry for entry in folder.iterdir() if entry.name.startswith(f"{key}-")]) == 1

@@ -335,7 +335,7 @@ def test_a_sample_of_many_members_holds_a_bounded_share_of_them_in_memory(tmp_pa
     finally:
         tracemalloc.stop()
     assert sorted(first.carried()) == [f"m{i:03d}" for i in range(fits)]
-    assert first.not_carried == [f"m{i:03d}" for i in range(fits, count)]  # every member dropped is named
+    assert first.not_carried.listed() == [f"m{i:03d}" for i in range(fits, count)]  # every member dropped is named
     assert sum(map(len, first.carried().values())) <= CARRIED_MEMBERS_BUDGET * bound
     assert peak < (fits + 8) * member < count * member / 3, peak  # never near the sample's 6 MB of members
     assert second.key == "next" and second.carried() == {}  # the budget is per sample
@@ -343,7 +343,36 @@ def test_a_sample_of_many_members_holds_a_bounded_share_of_them_in_memory(tmp_pa
     with tarfile.open(tmp_path / "out" / "s.tar") as tar:
         carried = sorted(name for name in tar.getnames() if name.startswith("k.in."))
         record = json.loads(tar.extractfile("k.json").read())
-    assert carried == [f"k.in.m{i:03d}" for i in range(fits)] and record["not_carried"] == first.not_carried
+    assert carried == [f"k.in.m{i:03d}" for i in range(fits)] and record["not_carried"] == first.not_carried.listed()
+
+
+def test_a_sample_of_thousands_of_members_names_the_first_hundred_and_counts_the_rest(tmp_path, encoder_file):
+    from dmt_jepa.serve.shards import CARRIED_MEMBERS_BUDGET, ShardReader
+
+    count, bound, listed = 6_000, 10, 100
+    many = {f"m{i:04d}": b"x" * bound for i in range(count)}
+    shard = write_shard(tmp_path / "in" / "s.tar", [("k", {"png": image_bytes(32, 32), **many}), ("bare", many)])
+    fits = CARRIED_MEMBERS_BUDGET  # members of `bound` bytes each whose bytes fit the sample's budget, in order
+    dropped = [f"m{i:04d}" for i in range(fits, fits + listed)] + [f"and {count - fits - listed} more"]
+    no_image = ", ".join(f"m{i:04d}" for i in range(listed)) + f", and {count - listed} more"
+    for layout in ("tar", "array"):
+        out = tmp_path / layout
+        embed_shards(str(tmp_path / "in"), out, encoder_file, workers=0, layout=layout, max_carried_bytes=bound)
+        if layout == "tar":
+            record = json.loads(read_output(out / "s.tar")["k"]["json"])
+            assert len(record["not_carried"]) == listed + 1 and record["not_carried"] == dropped
+        else:
+            [not_carried] = pq.read_table(out / "s.parquet").column("not_carried").to_pylist()
+            assert not_carried == dropped
+        [failure] = json.loads((out / "s.json").read_text())["failures"]
+        assert failure == {"key": "bare", "reason": f"the sample has no image member (found: {no_image})"}
+    with open(shard, "rb") as stream:
+        first, second = ShardReader(stream, images_only=True, max_carried_bytes=bound)
+    assert sorted(first.carried()) == [f"m{i:04d}" for i in range(fits)]
+    # What is held of the names stays at `listed` whatever the member count; the rest only counted, exactly.
+    assert (len(first.not_carried.kept), first.not_carried.more) == (listed, count - fits - listed)
+    assert (len(first.names.kept), first.names.more) == (listed, count + 1 - listed)  # the png is a member too
+    assert (len(second.names.kept), second.names.more) == (listed, count - listed)
 
 
 # Carried member extensions

@@ -3,7 +3,8 @@
 fp32 runs with OpenVINO's f32 inference precision; bf16 with its bf16 precision, only where the
 CPU computes bf16 natively (AVX512-BF16 or AMX: elsewhere OpenVINO emulates it); int8 is the
 calibrated QDQ model of serve/calibration.py, which OpenVINO runs with its own int8 kernels.
-Each precision other than fp32 is checked against fp32 on the first batch like every backend.
+Each precision other than fp32 is checked against fp32 on the first batch like every backend; a
+cached int8 model that fails that check is deleted from the cache, so the next run calibrates again.
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ class OpenVinoBackend(Backend):
             )
         self._outputs = self.names.outputs(self.layers)
         self.precision, self._calibration = precision, calibration
+        self._calibration_key: str | None = None  # int8: what its cached calibrated model was made from
         graph = self.onnx_path
         if precision == "int8":
             from dmt_jepa.serve.backends.choice import cache_dir
-            from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, scene_pixels
+            from dmt_jepa.serve.calibration import DEFAULT_CALIBRATION_IMAGES, calibrated_int8, calibration_key, scene_pixels
 
             pixels = calibration if calibration is not None else scene_pixels(DEFAULT_CALIBRATION_IMAGES, self.info.img_size)
             notices: list[str] = []
@@ -126,6 +128,7 @@ class OpenVinoBackend(Backend):
                 self.onnx_path, pixels, self.info, Path(self._scratch.name) / "int8.onnx", cache=cache_dir(), notices=notices
             )
             self.notices = tuple(notices)
+            self._calibration_key = calibration_key(self.onnx_path, pixels)
         self._core, self._graph = ov.Core(), graph
         # The job's model: uint8 pixels in, normalised inside. Compiled now, so that a bad model fails here;
         # the float-input model (`run`: tests, benchmarks, the Python API) only when first asked for.
@@ -173,6 +176,12 @@ class OpenVinoBackend(Backend):
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         return self._maps(self._pixels(np.ascontiguousarray(pixels, dtype=np.uint8)), *pixels.shape[1:3])
+
+    def discard_cached(self) -> bool:
+        from dmt_jepa.serve.backends.choice import cache_dir
+        from dmt_jepa.serve.calibration import drop_cached
+
+        return self._calibration_key is not None and drop_cached(cache_dir(), self._calibration_key)
 
     def reference(self) -> Backend | None:
         if self.precision == "fp32":

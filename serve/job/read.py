@@ -42,7 +42,7 @@ class Decoding(NamedTuple):
     task: Future  # (pixels, record), or raises ImageRejected
     data: bytes  # the encoded image, kept to decode it again if its worker dies
     carried: dict[str, bytes]  # the sample's non-image members, copied to its output
-    not_carried: list[str]  # extensions of non-image members too large to copy
+    not_carried: list[str]  # extensions of members neither embedded nor carried, as written (MemberNames.listed)
 
 
 class ShardEnd(NamedTuple):
@@ -101,7 +101,7 @@ class ReadSample(NamedTuple):
     key: str
     data: bytes  # the encoded image; empty when rejected
     carried: dict[str, bytes]  # the sample's non-image members, copied to its output
-    not_carried: list[str]  # extensions of non-image members too large to copy
+    not_carried: list[str]  # extensions of members neither embedded nor carried, as written (MemberNames.listed)
     rejected: ImageRejected | None  # the sample has no usable image member
 
 
@@ -119,9 +119,9 @@ def read_shard(source: ShardSource, max_carried_bytes: int) -> Iterator[ReadSamp
             for sample in reader:
                 carried = sample.carried()
                 try:
-                    yield ReadSample(sample.key, sample.image()[1], carried, sample.not_carried, None)
+                    yield ReadSample(sample.key, sample.image()[1], carried, sample.not_carried.listed(), None)
                 except ImageRejected as err:
-                    yield ReadSample(sample.key, b"", {}, sample.not_carried, err)
+                    yield ReadSample(sample.key, b"", {}, sample.not_carried.listed(), err)
         cut = reader.cut
     except (OSError, EOFError, zlib.error) as err:  # a stream that fails where the reader cannot see it
         cut = f"cannot read the shard ({err}); the samples before the error were kept"
