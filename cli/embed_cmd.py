@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from dmt_jepa.cli.choices import Backend, Decode, Dtype, Engine, Layout, Precision, Resize
-from dmt_jepa.cli.preflight import fail, need_path
+from dmt_jepa.cli.preflight import fail, need_file, need_path
 
 BACKEND_HELP = (
     "auto, torch-cpu, torch-cuda, onnxruntime-cpu, onnxruntime-cuda, openvino or tensorrt (auto: fastest for the "
@@ -113,6 +113,12 @@ def embed(
         help="cpu: decode workers decode; gpu: JPEGs are decoded on the GPU that runs the model (nvJPEG, "
         "needs --backend torch-cuda), workers only check their headers.",
     ),
+    head: Path = typer.Option(
+        None,
+        "--head",
+        help="A head file of --model's encoder (`eval dense --save-head`): also store each image's label map, "
+        "the argmax class per patch (KEY.labels.npy, tar layout).",
+    ),
 ) -> None:
     """Embed every image of the input shards; reruns skip shards already done; many processes may share OUT_DIR."""
     from dmt_jepa.serve.inputs import InputError, resolve_inputs
@@ -126,10 +132,12 @@ def embed(
     clashes = option_problems(
         engine=engine, address=address, decode_workers=decode_workers, model_workers=model_workers,
         gpus_per_worker=gpus_per_worker, decode=decode, layout=layout, dtype=dtype,
-        layers=tuple(chosen_layers) if chosen_layers else None, pca=pca,
+        layers=tuple(chosen_layers) if chosen_layers else None, pca=pca, head=head is not None,
     )  # fmt: skip
     if clashes:
         fail(clashes[0])
+    if head is not None:
+        need_file(head, "head file", "pass the file `dmtjepa eval dense --save-head` wrote")
     try:
         resolve_inputs(input)
     except InputError as err:
@@ -142,6 +150,7 @@ def embed(
         )
 
     from dmt_jepa.encoder_file import EncoderFileError
+    from dmt_jepa.evaluation.head import HeadFileError
     from dmt_jepa.serve.backends import BackendError
     from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS
     from dmt_jepa.serve.job import EmbedOptions, EngineError, OutputDirError, OutputWriteError, embed_shards
@@ -174,12 +183,13 @@ def embed(
             model_workers=model_workers,
             gpus_per_worker=gpus_per_worker,
             decode=decode,
+            head=head,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     try:
         summary = embed_shards(input, out_dir, model, options)
-    except (InputError, BackendError, OutputDirError, EncoderFileError, EngineError) as err:
+    except (InputError, BackendError, OutputDirError, EncoderFileError, EngineError, HeadFileError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     except OutputWriteError as err:

@@ -63,7 +63,12 @@ def export(
             help="Replace an earlier export in --out: the files its manifest lists are removed or rewritten; nothing else.",
         ),
     ] = False,
-    model_name: Annotated[str, typer.Option("--model-name", help="triton: the model's folder and name.")] = "dmt_jepa",
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name", help="triton: the model's folder and name (default dmt_jepa; with --head, dmt_jepa_segmenter)."
+        ),
+    ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="triton: max_batch_size of the config.")] = 32,
     license: Annotated[
         str | None, typer.Option("--license", help="hf/timm: licence id to record where the encoder file records none.")
@@ -83,7 +88,8 @@ def export(
         Path | None,
         typer.Option(
             "--head",
-            help="A head file from `eval dense --save-head`: write segmenter.onnx, pixel_values -> logits [B, C, H/p, W/p].",
+            help="A head file from `eval dense --save-head`: write segmenter.onnx, pixel_values -> logits [B, C, H/p, W/p]; "
+            "with --format triton, a Triton model of that graph whose config lists the class names.",
         ),
     ] = None,
     labels: Annotated[
@@ -103,9 +109,8 @@ def export(
     chosen_layers = parse_layers(layers)
     need_encoder(encoder)
     if head is not None or labels:
-        return _export_segmenter(
-            encoder, out, head, labels, format, opset, overwrite, [fp16, trt, bool(layers), io_names != "optimum"]
-        )
+        engine_flags = [fp16, trt, bool(layers), io_names != "optimum"]
+        return _export_segmenter(encoder, out, head, labels, format, model_name, max_batch_size, opset, overwrite, engine_flags)
 
     from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.export.errors import ExportError
@@ -128,8 +133,9 @@ def export(
             from dmt_jepa.export.triton import export_triton
 
             export_triton(
-                encoder, out, model_name=model_name, max_batch_size=max_batch_size, opset=opset,
-                layers=chosen_layers, io_style=io_names, overwrite=overwrite, log=typer.echo,
+                encoder, out, model_name="dmt_jepa" if model_name is None else model_name,
+                max_batch_size=max_batch_size, opset=opset, layers=chosen_layers, io_style=io_names, overwrite=overwrite,
+                log=typer.echo,
             )  # fmt: skip
             return
         export_encoder(
@@ -151,19 +157,37 @@ def export(
 
 
 def _export_segmenter(
-    encoder: Path, out: Path, head: Path | None, labels: bool, format: str, opset: int, overwrite: bool, engine_flags: list[bool]
+    encoder: Path,
+    out: Path,
+    head: Path | None,
+    labels: bool,
+    format: str,
+    model_name: str | None,
+    max_batch_size: int,
+    opset: int,
+    overwrite: bool,
+    engine_flags: list[bool],
 ) -> None:
-    """`export ENCODER --out DIR --head HEAD [--labels]`: the one-graph segmentation model."""
+    """`export ENCODER --out DIR --head HEAD [--labels] [--format triton]`: the one-graph segmentation model,
+    as DIR/segmenter.onnx or as the Triton model DIR/NAME."""
     if head is None:
         fail("--labels applies with --head only; add --head HEAD.safetensors or drop --labels.")
-    if format != "onnx" or any(engine_flags):
-        fail("--head writes one fp32 ONNX graph; drop --format, --fp16, --trt, --layers and --io-names.")
+    if format not in ("onnx", "triton"):
+        fail(f"--head writes a segmenter as ONNX or as a Triton model, not {format}; choose --format onnx or triton.")
+    if any(engine_flags):
+        fail("--head writes one fp32 ONNX graph; drop --fp16, --trt, --layers and --io-names.")
     from dmt_jepa.encoder_file import EncoderFileError
     from dmt_jepa.export.errors import ExportError
-    from dmt_jepa.export.head import export_segmenter
+    from dmt_jepa.export.head import export_segmenter, export_segmenter_triton
 
     try:
-        export_segmenter(encoder, head, out, labels=labels, opset=opset, overwrite=overwrite, log=typer.echo)
+        if format == "triton":
+            export_segmenter_triton(
+                encoder, head, out, model_name="dmt_jepa_segmenter" if model_name is None else model_name,
+                max_batch_size=max_batch_size, labels=labels, opset=opset, overwrite=overwrite, log=typer.echo,
+            )  # fmt: skip
+        else:
+            export_segmenter(encoder, head, out, labels=labels, opset=opset, overwrite=overwrite, log=typer.echo)
     except (EncoderFileError, ExportError) as err:
         raise _fail(err) from err
 

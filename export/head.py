@@ -6,7 +6,9 @@ encoder's patch grid -> the head as one 1x1 convolution (its feature standardisa
 the logits upsampled bilinearly to the input size, as `eval dense` scored them. B, H and W are
 dynamic (multiples of p). Like every export it is written aside, run by ONNX Runtime against the
 PyTorch model on random images at the training size and a non-square size, and kept only if the
-two agree; the class names ride along in the metadata.
+two agree; the class names ride along in the metadata. The same checked graph is written either as
+`segmenter.onnx` (`export_segmenter`) or as the model of a Triton repository
+(`export_segmenter_triton`, through export/triton.py, whose config repeats the class names).
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmt_jepa.encoder_file import EncoderInfo, file_sha256, load_encoder
-from dmt_jepa.evaluation.head import DenseHead, HeadFileError, load_head
+from dmt_jepa.evaluation.head import DenseHead, HeadFileError, head_for_encoder
 from dmt_jepa.export.errors import ExportError
 from dmt_jepa.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, TRACE_BATCH, _write_verified, with_fusable_gelu
 from dmt_jepa.export.out_dir import replacing
+from dmt_jepa.export.triton import DEFAULT_MAX_BATCH, check_settings, write_model
 from dmt_jepa.export.verify import Shape, check_multiple_of_patch, default_shapes, random_images
 from dmt_jepa.models import VisionTransformer
 
 SEGMENTER_FILENAME = "segmenter.onnx"
+DEFAULT_TRITON_NAME = "dmt_jepa_segmenter"
 INPUT = "pixel_values"
 LOGITS, LABELS = "logits", "labels"
 LOGITS_TOLERANCE = 1e-4  # max |ONNX - PyTorch| over the logits, relative to the largest logit (at least 1)
@@ -155,22 +159,59 @@ def _write_graph(
     program.save(str(path))
 
 
-def _matching_head(head_path: str | os.PathLike, encoder_path: str | os.PathLike, info: EncoderInfo) -> DenseHead:
+def _matching_head(head_path: str | os.PathLike, encoder_path: str | os.PathLike) -> DenseHead:
+    """The head file, checked to belong to this encoder file."""
     try:
-        head = load_head(head_path)
+        return head_for_encoder(head_path, encoder_path)
     except HeadFileError as err:
         raise ExportError(str(err)) from err
-    if head.weight.shape[1] != info.embed_dim or head.patch_size != info.patch_size:
-        raise ExportError(
-            f"the head {Path(head_path).name} takes {head.weight.shape[1]}-wide patch {head.patch_size} features but the encoder "
-            f"gives {info.embed_dim}-wide patch {info.patch_size} ones; export it with the encoder it was trained on."
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A segmenter ready to write: the encoder and its matching head, the shapes it is checked at, its metadata."""
+
+    encoder: VisionTransformer
+    info: EncoderInfo
+    head: DenseHead
+    labels: bool
+    opset: int
+    shapes: list[Shape]
+    metadata: dict[str, str]
+
+    def write(self, folder: Path, log: Callable[[str], None]) -> SegmenterParity:
+        """`folder/segmenter.onnx`, written aside and kept only if ONNX Runtime agrees with PyTorch."""
+        model = Segmenter(self.encoder.eval(), self.head, self.labels).eval()
+        return _write_verified(
+            folder,
+            SEGMENTER_FILENAME,
+            lambda path: _write_graph(self.encoder, self.head, self.labels, self.info, path, self.metadata, self.opset),
+            lambda path: check_segmenter(path, model, self.shapes),
+            log,
         )
-    if head.encoder_sha256 != file_sha256(encoder_path):
-        raise ExportError(
-            f"the head {Path(head_path).name} was trained on another encoder file (sha256 {head.encoder_sha256[:12]}); "
-            "export it with that encoder, or train a head on this one with `dmtjepa eval dense --save-head`."
-        )
-    return head
+
+
+def _plan(
+    encoder_path: str | os.PathLike, head_path: str | os.PathLike, labels: bool, opset: int, shapes: Sequence[Shape] | None
+) -> _Plan:
+    """Check the opset, the encoder, the head against it and the shapes: every refusal before any work."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}.")
+    encoder, info = load_encoder(encoder_path)
+    head = _matching_head(head_path, encoder_path)
+    shapes = list(shapes) if shapes is not None else default_shapes(info)
+    for shape in shapes:
+        check_multiple_of_patch(shape, info.patch_size, "check shape")
+    metadata = {
+        **info.to_metadata(),
+        "source_sha256": file_sha256(encoder_path),
+        "head_sha256": file_sha256(head_path),
+        "class_names": json.dumps(head.class_names),
+        "head_image_size": json.dumps(list(head.image_size)),
+        "outputs": json.dumps([LOGITS, LABELS] if labels else [LOGITS]),
+        "opset": str(opset),
+    }
+    return _Plan(encoder, info, head, labels, opset, shapes, metadata)
 
 
 def export_segmenter(
@@ -185,36 +226,44 @@ def export_segmenter(
     log: Callable[[str], None] = print,
 ) -> tuple[Path, SegmenterParity]:
     """Write `out_dir/segmenter.onnx` (listed in the folder's manifest), verified against PyTorch first."""
-    if opset not in SUPPORTED_OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}.")
-    encoder, info = load_encoder(encoder_path)
-    head = _matching_head(head_path, encoder_path, info)
-    shapes = list(shapes) if shapes is not None else default_shapes(info)
-    for shape in shapes:
-        check_multiple_of_patch(shape, info.patch_size, "check shape")
-    model = Segmenter(encoder.eval(), head, labels).eval()
-    metadata = {
-        **info.to_metadata(),
-        "source_sha256": file_sha256(encoder_path),
-        "head_sha256": file_sha256(head_path),
-        "class_names": json.dumps(head.class_names),
-        "head_image_size": json.dumps(list(head.image_size)),
-        "outputs": json.dumps([LOGITS, LABELS] if labels else [LOGITS]),
-        "opset": str(opset),
-    }
+    plan = _plan(encoder_path, head_path, labels, opset, shapes)
     out_dir = Path(out_dir)
     with replacing(out_dir, overwrite=overwrite, sources=(encoder_path, head_path)):
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ExportError(f"cannot create the output folder {out_dir} ({err.strerror}); choose a writable --out.") from err
-        report = _write_verified(
-            out_dir,
-            SEGMENTER_FILENAME,
-            lambda path: _write_graph(encoder, head, labels, info, path, metadata, opset),
-            lambda path: check_segmenter(path, model, shapes),
-            log,
-        )
+        report = plan.write(out_dir, log)
+    head = plan.head
     log(f"wrote {out_dir / SEGMENTER_FILENAME} ({head.num_classes} classes: {', '.join(head.class_names[:6])}"
         f"{' ...' if head.num_classes > 6 else ''})")  # fmt: skip
     return out_dir / SEGMENTER_FILENAME, report
+
+
+def export_segmenter_triton(
+    encoder_path: str | os.PathLike,
+    head_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str = DEFAULT_TRITON_NAME,
+    max_batch_size: int = DEFAULT_MAX_BATCH,
+    labels: bool = False,
+    opset: int = DEFAULT_OPSET,
+    shapes: Sequence[Shape] | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, SegmenterParity]:
+    """Write the Triton model `out_dir/model_name/`: 1/model.onnx is the segmenter graph, verified against PyTorch
+    first, and config.pbtxt declares its inputs and outputs and lists the class names (parameter `class_names`).
+    Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one."""
+    check_settings(model_name, max_batch_size)
+    plan = _plan(encoder_path, head_path, labels, opset, shapes)
+    reports: list[SegmenterParity] = []
+
+    def write_graph(folder: Path) -> Path:
+        reports.append(plan.write(folder, log))
+        return folder / SEGMENTER_FILENAME
+
+    sources = (encoder_path, head_path)
+    model_dir = write_model(out_dir, model_name, max_batch_size, write_graph, sources=sources, overwrite=overwrite, log=log)
+    return model_dir, reports[0]

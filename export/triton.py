@@ -2,13 +2,17 @@
 
     OUT/NAME/config.pbtxt    platform onnxruntime_onnx, max_batch_size, inputs and outputs with
                              their dtypes and dims (batch left out, as Triton wants with batching;
-                             -1 where the graph's dimension is dynamic), dynamic_batching
-    OUT/NAME/1/model.onnx    the verified fp32 ONNX model (export/onnx_export.py), version 1
+                             -1 where the graph's dimension is dynamic), dynamic_batching, and
+                             as `parameters` the graph's metadata Triton's clients need (a
+                             segmenter's class_names)
+    OUT/NAME/1/model.onnx    the verified fp32 ONNX model, version 1: the encoder's
+                             (export/onnx_export.py) or a segmenter's (export/head.py)
 
 The written config is parsed back by protobuf's strict text-format parser against the fields of
 Triton's `ModelConfig` that it uses (their names, types and numbers as Triton's model_config.proto
 documents them; an unknown or mistyped field fails), and every input and output is compared with
-the ONNX graph: names, dtypes and dims. Either failure keeps nothing. The export owns OUT/NAME
+the ONNX graph: names, dtypes and dims, and each parameter with the metadata it repeats. Either
+failure keeps nothing. `write_model` does all of this around any verified graph writer. The export owns OUT/NAME
 only (export/out_dir.py guards that folder and writes its manifest there), so a repository that
 holds other models gains this one beside them, and replacing it leaves them alone.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +41,19 @@ MAX_QUEUE_DELAY_US = 100  # how long Triton may hold a request to fill a batch
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 # Triton's DataType enum (model_config.proto) for the ONNX element types an export can carry.
-_TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
+_TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT64: "TYPE_INT64",
+}  # fmt: skip
 _DATA_TYPE_VALUES = {
     "TYPE_INVALID": 0, "TYPE_BOOL": 1, "TYPE_UINT8": 2, "TYPE_UINT16": 3, "TYPE_UINT32": 4, "TYPE_UINT64": 5,
     "TYPE_INT8": 6, "TYPE_INT16": 7, "TYPE_INT32": 8, "TYPE_INT64": 9, "TYPE_FP16": 10, "TYPE_FP32": 11,
     "TYPE_FP64": 12, "TYPE_STRING": 13, "TYPE_BF16": 14,
 }  # fmt: skip
+# The graph's metadata props the config repeats as `parameters` (same key, same text), where a client
+# reads them from Triton (GET v2/models/NAME/config). Class names go here rather than in a
+# `label_filename` file: Triton's classification extension ranks an output's elements flattened, so
+# on logits [C, h, w] its indices would be pixel positions, not classes.
+CONFIG_PARAMETERS = ("class_names",)
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,28 @@ def graph_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSp
     def spec(value) -> TensorSpec:
         tensor = value.type.tensor_type
         if tensor.elem_type not in _TRITON_TYPES:
-            raise ExportError(f"the ONNX output {value.name} has an element type Triton configs here do not map.")
+            raise ExportError(f"the ONNX tensor {value.name} has an element type Triton configs here do not map.")
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
         return TensorSpec(value.name, _TRITON_TYPES[tensor.elem_type], dims[1:])
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
-def config_text(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int) -> str:
+def graph_parameters(model: onnx.ModelProto) -> dict[str, str]:
+    """The metadata props of CONFIG_PARAMETERS that the graph carries, by key."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    return {key: metadata[key] for key in CONFIG_PARAMETERS if key in metadata}
+
+
+def config_text(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    parameters: Mapping[str, str] | None = None,
+) -> str:
     """config.pbtxt in Triton's text format."""
+    from google.protobuf import text_encoding
 
     def block(specs: Sequence[TensorSpec]) -> str:
         entries = [
@@ -77,11 +101,16 @@ def config_text(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[Tenso
         ]
         return "[\n" + ",\n".join(entries) + "\n]"
 
+    def parameter(key: str, value: str) -> str:
+        # the value is the graph's metadata, which holds the user's class names: escaped (non-ASCII as octal bytes)
+        escaped = text_encoding.CEscape(value.encode("utf-8"), as_utf8=False)
+        return f'parameters {{\n  key: "{key}"\n  value {{\n    string_value: "{escaped}"\n  }}\n}}\n'
+
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
         f"input {block(inputs)}\noutput {block(outputs)}\n"
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n}}\n"
-    )
+    ) + "".join(parameter(key, value) for key, value in (parameters or {}).items())
 
 
 def _model_config_class():
@@ -111,14 +140,21 @@ def _model_config_class():
     message("ModelDynamicBatching", [
         ("preferred_batch_size", 1, F.TYPE_INT32, many, ""), ("max_queue_delay_microseconds", 2, F.TYPE_UINT64, one, ""),
     ])  # fmt: skip
+    message("ModelParameter", [("string_value", 1, F.TYPE_STRING, one, "")])
     message("ModelConfig", [
         ("name", 1, F.TYPE_STRING, one, ""), ("platform", 2, F.TYPE_STRING, one, ""),
         ("max_batch_size", 4, F.TYPE_INT32, one, ""),
         ("input", 5, F.TYPE_MESSAGE, many, ".inference.ModelInput"),
         ("output", 6, F.TYPE_MESSAGE, many, ".inference.ModelOutput"),
         ("dynamic_batching", 11, F.TYPE_MESSAGE, one, ".inference.ModelDynamicBatching"),
+        ("parameters", 14, F.TYPE_MESSAGE, many, ".inference.ModelConfig.ParametersEntry"),
         ("backend", 17, F.TYPE_STRING, one, ""),
     ])  # fmt: skip
+    # map<string, ModelParameter> parameters: protobuf's form of a map, a repeated key-value entry
+    entry = proto.message_type[-1].nested_type.add(name="ParametersEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=one)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=one, type_name=".inference.ModelParameter")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
@@ -176,6 +212,9 @@ def check_repository(model_dir: Path) -> None:
     for kind, graph in (("input", inputs), ("output", outputs)):
         if declared[kind] != graph:
             problems.append(f"{kind}s {declared[kind]} differ from the graph's {graph}")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    if parameters != graph_parameters(model):
+        problems.append(f"parameters {sorted(parameters)} differ from the graph's metadata")
     if problems:
         raise ExportError(f"the Triton config disagrees with the model ({'; '.join(problems)}); please report this.")
 
@@ -203,6 +242,54 @@ def describe_triton_model(model_dir: str | os.PathLike) -> dict:
     }
 
 
+def check_settings(model_name: str, max_batch_size: int) -> None:
+    """--model-name and --max-batch-size, checked before any work."""
+    if not _MODEL_NAME.fullmatch(model_name):
+        raise ExportError(f"--model-name {model_name!r} is not a plain folder name; use letters, digits, '_', '.' and '-'.")
+    if not 1 <= max_batch_size <= 1 << 20:
+        raise ExportError(f"--max-batch-size {max_batch_size} is out of range; give a whole number from 1.")
+
+
+def write_model(
+    out_dir: str | os.PathLike,
+    model_name: str,
+    max_batch_size: int,
+    write_graph: Callable[[Path], Path],
+    *,
+    sources: Sequence[str | os.PathLike],
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the model `out_dir/model_name/` around one graph, checked first; returns its folder.
+
+    `write_graph(folder)` writes the verified fp32 graph (and, for large models, its external data)
+    into `folder` and returns the graph's path; it becomes 1/model.onnx beside a config made from
+    it. Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one.
+    """
+    check_settings(model_name, max_batch_size)
+    out_dir = Path(out_dir)
+    final = out_dir / model_name
+    with replacing(final, overwrite=overwrite, sources=tuple(sources)):
+        scratch = fresh_scratch(out_dir, f"{model_name}.triton")
+        try:
+            (scratch / "onnx").mkdir()
+            graph = write_graph(scratch / "onnx")
+            model_dir = scratch / model_name
+            (model_dir / "1").mkdir(parents=True)
+            for item in (scratch / "onnx").iterdir():  # the graph and, for large models, its external data
+                os.replace(item, model_dir / "1" / (TRITON_MODEL_FILENAME if item == graph else item.name))
+            model = onnx.load(str(model_dir / "1" / TRITON_MODEL_FILENAME), load_external_data=False)
+            text = config_text(model_name, *graph_specs(model), max_batch_size, graph_parameters(model))
+            (model_dir / CONFIG_FILENAME).write_text(text)
+            check_repository(model_dir)
+            move_into(model_dir, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    written = f"{model_name}/{CONFIG_FILENAME}, {model_name}/1/{TRITON_MODEL_FILENAME}"
+    log(f"wrote the Triton model repository {out_dir} ({written})")
+    return final
+
+
 def export_triton(
     encoder_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -215,31 +302,13 @@ def export_triton(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write the model `out_dir/model_name/` (config.pbtxt, 1/model.onnx) of a Triton repository, checked first;
-    returns its folder. Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one."""
-    if not _MODEL_NAME.fullmatch(model_name):
-        raise ExportError(f"--model-name {model_name!r} is not a plain folder name; use letters, digits, '_', '.' and '-'.")
-    if not 1 <= max_batch_size <= 1 << 20:
-        raise ExportError(f"--max-batch-size {max_batch_size} is out of range; give a whole number from 1.")
-    out_dir = Path(out_dir)
-    final = out_dir / model_name
-    with replacing(final, overwrite=overwrite, sources=(encoder_path,)):
-        scratch = fresh_scratch(out_dir, f"{model_name}.triton")
-        try:
-            # export_onnx's parity lines are passed on; its "wrote" lines name the scratch folder, which the user never sees
-            onnx_log = lambda line: None if line.startswith(f"wrote {scratch}") else log(line)  # noqa: E731
-            export_onnx(encoder_path, scratch / "onnx", opset=opset, layers=layers, io_style=io_style, log=onnx_log)
-            model_dir = scratch / model_name
-            (model_dir / "1").mkdir(parents=True)
-            for item in (scratch / "onnx").iterdir():  # the graph and, for large models, its external data
-                target = TRITON_MODEL_FILENAME if item.name == FP32_FILENAME else item.name
-                os.replace(item, model_dir / "1" / target)
-            model = onnx.load(str(model_dir / "1" / TRITON_MODEL_FILENAME), load_external_data=False)
-            (model_dir / CONFIG_FILENAME).write_text(config_text(model_name, *graph_specs(model), max_batch_size))
-            check_repository(model_dir)
-            move_into(model_dir, final)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    written = f"{model_name}/{CONFIG_FILENAME}, {model_name}/1/{TRITON_MODEL_FILENAME}"
-    log(f"wrote the Triton model repository {out_dir} ({written})")
-    return final
+    """Write the encoder's model `out_dir/model_name/` (config.pbtxt, 1/model.onnx) of a Triton repository, checked
+    first; returns its folder. Other models in `out_dir` are left alone; `overwrite` replaces an earlier export of this one."""
+
+    def write_graph(folder: Path) -> Path:
+        # export_onnx's parity lines are passed on; its "wrote" lines name the scratch folder, which the user never sees
+        onnx_log = lambda line: None if line.startswith(f"wrote {folder}") else log(line)  # noqa: E731
+        export_onnx(encoder_path, folder, opset=opset, layers=layers, io_style=io_style, log=onnx_log)
+        return folder / FP32_FILENAME
+
+    return write_model(out_dir, model_name, max_batch_size, write_graph, sources=(encoder_path,), overwrite=overwrite, log=log)

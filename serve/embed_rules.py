@@ -20,6 +20,7 @@ def option_problems(
     dtype: str = "float16",
     layers: tuple[int, ...] | None = None,
     pca: int | None = None,
+    head: bool = False,
 ) -> list[str]:
     """Each clash between the options as one sentence, in the order they are checked."""
     problems = []
@@ -44,4 +45,12 @@ def option_problems(
         problems.append("embedding-reader reads float16 or float32 vectors only; use --dtype float16 or float32.")
     if layers and pca is not None:
         problems.append("--layers and --pca cannot be combined: the layers would stay unprojected; choose one.")
+    if head and pca is not None:
+        problems.append("--head classifies the encoder's own embeddings, which --pca projects away; choose one.")
+    if head and engine == "ray":
+        problems.append("--head runs with --engine local; label maps are not written by the Ray engine.")
+    if head and layout != "tar":
+        problems.append(
+            f"--head stores a labels.npy member per sample, which --layout {layout} has no room for; use --layout tar."
+        )
     return problems

@@ -233,7 +233,8 @@ class ArrayShardOutput(ShardOutput):
         self.table_path = checked(out_dir, spec.table_file(name))
         self.table = _TableFile(self.table_partial, table_metadata(spec, name, self.grid, dim, about or {}))
 
-    def add(self, key, embedding, record, pooled=None, carried=None, layers=None) -> None:
+    def add(self, key, embedding, record, pooled=None, carried=None, layers=None, labels=None) -> None:
+        assert labels is None, "--head is refused with the array layouts (serve/embed_rules.py)"
         stems = [("patches", embedding), ("pooled", pooled)]
         stems += [(f"layer_{index}", grid) for index, grid in (layers or {}).items()]
         crc32 = {}

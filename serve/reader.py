@@ -68,6 +68,7 @@ class Embedding:
     pooled: np.ndarray  # [D]: as stored, or the mean of the patch grid where pooled vectors were not written
     metadata: dict  # the METADATA_COLUMNS of its row
     layers: dict[int, np.ndarray] = field(default_factory=dict)  # block index -> [h, w, D], with --layers
+    labels: np.ndarray | None = None  # [h, w] uint8/uint16 class ids, with --head (Embeddings.class_names)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Batch:
     patches: np.ndarray | None  # [B, h, w, D]
     pooled: np.ndarray  # [B, D]
     layers: dict[int, np.ndarray] = field(default_factory=dict)  # block index -> [B, h, w, D], with --layers
+    labels: np.ndarray | None = None  # [B, h, w] class ids, with --head
 
 
 def _remedy(name: str) -> str:
@@ -99,6 +101,18 @@ _ARRAY_PARTS = {
     "pooled_scale": (1, "[N]"),
 }
 _VALUE_DTYPES = (np.dtype("float32"), np.dtype("float16"), np.dtype("int8"))
+_LABEL_DTYPES = (np.dtype("uint8"), np.dtype("uint16"))
+
+
+def _class_names(record: dict, json_path: Path, remedy: str) -> list[str] | None:
+    """The class names of the head a shard was labelled with (`embed --head`), or None without one."""
+    head = record.get("head")
+    if head is None:
+        return None
+    names = head.get("class_names") if isinstance(head, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise EmbeddingsError(f"{json_path} records a head without a list of class names; {remedy}.")
+    return names
 
 
 def _part_shape(part: str) -> tuple[int, str]:
@@ -196,6 +210,9 @@ class _ArrayShard:
 
     def layer_maps(self, rows: slice) -> dict[int, np.ndarray]:
         return {i: self._decoded(f"layer_{i}", rows) for i in self.layers}
+
+    def labels(self, rows: slice) -> np.ndarray | None:
+        return None  # --head writes the tar layout only
 
     def metadata(self):
         return self.table
@@ -325,9 +342,14 @@ class _TarShard:
                 f"{self.path} holds {len(self.keys)} samples, {self.name}.json counts {record['embedded']} embedded "
                 f"(the tar is cut off or was replaced); {self.remedy}."
             )
-        for stem in ("emb.npy", "pooled.npy"):
+        for stem in ("emb.npy", "pooled.npy", "labels.npy"):
             if len({stem in members for members in self.members}) > 1:
                 raise EmbeddingsError(f"{self.path} has {stem} members for some samples only; {self.remedy}.")
+        self.class_names = _class_names(record, self.out_dir / f"{self.name}.json", self.remedy)
+        if self.members and ("labels.npy" in self.members[0]) != (self.class_names is not None):
+            raise EmbeddingsError(
+                f"{self.path}'s labels.npy members and the head its {self.name}.json records do not go together; {self.remedy}."
+            )
         layer_member = re.compile(r"layer_(0|[1-9][0-9]{0,2})\.npy")
         found = {int(m.group(1)) for members in self.members for ext in members if (m := layer_member.fullmatch(ext))}
         recorded = record.get("layers")
@@ -399,6 +421,24 @@ class _TarShard:
     def layer_maps(self, rows: slice) -> dict[int, np.ndarray]:
         return {i: self._vectors(rows, f"layer_{i}") for i in self.layers}
 
+    def labels(self, rows: slice) -> np.ndarray | None:
+        """[B, h, w] class ids of the samples' labels.npy members, each checked to name a recorded class."""
+        if self.class_names is None:
+            return None
+        out: list[np.ndarray] = []
+        with self._open() as f:
+            for row in range(*rows.indices(len(self.keys))):
+                labels = self._array(f, row, "labels.npy", 2, _LABEL_DTYPES)
+                assert labels is not None  # every sample has one: checked at open
+                beyond = labels.size > 0 and int(labels.max()) >= len(self.class_names)
+                if beyond or (out and labels.shape != out[0].shape):
+                    raise EmbeddingsError(
+                        f"{self.path} sample {self.keys[row]}'s labels.npy holds a class id beyond the "
+                        f"{len(self.class_names)} classes its {self.name}.json names, or another grid; {self.remedy}."
+                    )
+                out.append(labels)
+        return np.stack(out) if out else None
+
     def metadata(self):
         """The same table as the array layout's NAME.parquet, built from the json and in.* members."""
         import pyarrow as pa
@@ -452,6 +492,8 @@ class Embeddings:
         self._index: dict[str, int] | None = None
         # With --pca the stored vectors are coordinates on these axes: float32 [DIM + 1, D], row 0 the mean.
         self.pca = self._projection(next(iter(records.values())).get("identity", {}))
+        # With --head, the names of the classes the label maps' ids index (one head: _check_one_identity).
+        self.class_names = next((s.class_names for s in self.shards if isinstance(s, _TarShard)), None)
 
     def _projection(self, identity: dict) -> np.ndarray | None:
         """OUT/pca.npy where the shards were projected (by their identity, or for older ones, its presence)."""
@@ -505,7 +547,16 @@ class Embeddings:
         patches = shard.patches(rows)
         metadata = {"shard": shard.name, **shard.metadata().slice(row, 1).to_pylist()[0]}
         layers = {i: grids[0] for i, grids in shard.layer_maps(rows).items()}
-        return Embedding(shard.keys[row], None if patches is None else patches[0], shard.pooled(rows)[0], metadata, layers)
+        labels = shard.labels(rows)
+        pooled = shard.pooled(rows)[0]
+        return Embedding(
+            shard.keys[row],
+            None if patches is None else patches[0],
+            pooled,
+            metadata,
+            layers,
+            None if labels is None else labels[0],
+        )
 
     def batches(self, batch_size: int = 256, patches: bool = True) -> Iterator[Batch]:
         """Rows in order, `batch_size` at a time (a batch never spans two shards); float32."""
@@ -514,7 +565,8 @@ class Embeddings:
                 rows = slice(start, start + batch_size)
                 grid = shard.patches(rows) if patches else None
                 pooled = shard.pooled(rows) if grid is None else _pooled_or_mean(shard, rows, grid)
-                yield Batch(shard.keys[rows], grid, pooled, shard.layer_maps(rows) if patches else {})
+                layers = shard.layer_maps(rows) if patches else {}
+                yield Batch(shard.keys[rows], grid, pooled, layers, shard.labels(rows) if patches else None)
 
     def pooled(self) -> np.ndarray:
         """The pooled vectors of every row, float32 [N, D]: a read-only memmap where one float32
@@ -561,7 +613,7 @@ def _check_one_identity(out_dir: Path, records: dict[str, dict]) -> None:
     """Refuse an OUT_DIR whose shards were made by different models or settings."""
     (first, record), *others = records.items()
     for name, other in others:
-        for setting in VECTOR_IDENTITY:
+        for setting in (*VECTOR_IDENTITY, "head_sha256"):  # label maps of two heads do not compare either
             had, has = record.get("identity", {}).get(setting), other.get("identity", {}).get(setting)
             if had != has:
                 if setting.endswith("sha256"):

@@ -418,10 +418,11 @@ class ShardOutput:
         pooled: np.ndarray | None = None,
         carried: dict[str, bytes] | None = None,
         layers: dict[int, np.ndarray] | None = None,
+        labels: np.ndarray | None = None,
     ) -> None:
         """One embedded sample: emb.npy [h, w, D] (unless patches are off), pooled.npy [D] if given,
         layer_<i>.npy [h, w, D] per asked layer, in the output dtype (int8 with a STEM_scale.npy
-        beside), json, then the input's own non-image members as `in.EXT`, a prefix that keeps them
+        beside), labels.npy [h, w] as given (uint8 or uint16 class ids, with --head), json, then the input's own non-image members as `in.EXT`, a prefix that keeps them
         apart from ours.
 
         Member names use `safe_key(key)`; where that differs from the key, the json keeps the key.
@@ -437,6 +438,8 @@ class ShardOutput:
                 self._member(f"{name}.{stem}.npy", npy_bytes(values))
                 if scale is not None:
                     self._member(f"{name}.{stem}_scale.npy", npy_bytes(scale))
+        if labels is not None:
+            self._member(f"{name}.labels.npy", npy_bytes(labels))
         self._member(f"{name}.json", json.dumps(record, sort_keys=True).encode())
         for ext, data in (carried or {}).items():
             self._member(f"{name}.in.{ext}", data)
@@ -642,7 +645,7 @@ def identity_difference(record: dict, identity: dict, unknown: tuple[str, ...] =
         wanted = identity.get(key)
         if key not in unknown and recorded.get(key) != wanted:
             had, want = recorded.get(key), wanted
-            if key == "model_sha256":
+            if key.endswith("sha256") and had is not None and wanted is not None:
                 had, want = str(had)[:12], str(want)[:12]
             return f"was made with {key} {had!r}, this run has {want!r}"
     return None

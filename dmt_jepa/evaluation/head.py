@@ -3,7 +3,8 @@
 One safetensors file: `weight` [C, D], `bias` [C], `feature_mean` [D], `feature_std` [D] (the
 standardisation of the patch embeddings the head was trained on), and in the metadata the class
 names, the pixel normalisation the encoder expects, the size the images were resized to, and the
-encoder file it was trained on (its sha256), so that export can refuse another encoder.
+encoder file it was trained on (its sha256), so that export and embed can refuse another encoder
+(`head_for_encoder`).
 Logits of a patch x are weight @ ((x - feature_mean) / feature_std) + bias; `folded` gives the
 same map as one linear layer, the form a deployed graph carries.
 """
@@ -111,6 +112,29 @@ def load_head(path: str | os.PathLike) -> DenseHead:
     problem = _problem(head)
     if problem:
         raise HeadFileError(f"{path} {problem}; save the head again.")
+    return head
+
+
+def head_for_encoder(head_path: str | os.PathLike, encoder_path: str | os.PathLike) -> DenseHead:
+    """The head at `head_path`, checked to belong to the encoder file at `encoder_path`; HeadFileError if not."""
+    from dmt_jepa.encoder_file import EncoderFileError, file_sha256, read_encoder_info
+
+    head = load_head(head_path)
+    name = Path(head_path).name
+    try:
+        info = read_encoder_info(encoder_path)
+    except EncoderFileError as err:
+        raise HeadFileError(str(err)) from err
+    if head.weight.shape[1] != info.embed_dim or head.patch_size != info.patch_size:
+        raise HeadFileError(
+            f"the head {name} takes {head.weight.shape[1]}-wide patch {head.patch_size} features but the encoder "
+            f"gives {info.embed_dim}-wide patch {info.patch_size} ones; use it with the encoder it was trained on."
+        )
+    if head.encoder_sha256 != file_sha256(encoder_path):
+        raise HeadFileError(
+            f"the head {name} was trained on another encoder file (sha256 {head.encoder_sha256[:12]}); use it with "
+            "that encoder, or train a head on this one with `dmtjepa eval dense --save-head`."
+        )
     return head
 
 

@@ -52,6 +52,7 @@ from dmt_jepa.serve.job.out_dir import (
     write_failure,
 )
 from dmt_jepa.serve.job.read import _ByteBudget
+from dmt_jepa.serve.labels import Labeller, load_labeller
 from dmt_jepa.serve.pca import PCA_FILE, PcaError, load_or_fit
 from dmt_jepa.serve.remote import RemoteOut
 from dmt_jepa.serve.safe_write import OutputDirError
@@ -90,6 +91,9 @@ def embed_shards(
     shards = resolve_inputs(inputs)
     rank, world_size = resolve_rank(options.rank, options.world_size)
     mine = partition(shards, rank, world_size)
+    labeller = None
+    if options.head is not None:  # a head of another encoder is refused before any work
+        labeller = load_labeller(options.head, model.model_path if isinstance(model, Backend) else model)
     with ExitStack() as stack:
         if options.engine == "ray":
             from dmt_jepa.serve import ray_engine  # Ray is an optional extra, imported only when asked for
@@ -111,7 +115,7 @@ def embed_shards(
         remote = open_remote(out_dir)
         if remote is not None:
             stack.callback(remote.close)
-        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options, run)
+        return _embed_into(out_dir, remote, shards, mine, rank, world_size, runner, prep, options, run, labeller)
 
 
 def _embed_into(
@@ -125,11 +129,14 @@ def _embed_into(
     prep: Preprocess,
     options: EmbedOptions,
     run: Callable[[ShardRun], None],
+    labeller: Labeller | None = None,
 ) -> JobSummary:
     """embed_shards once OUT_DIR is open: local, or a remote one staged in `remote.staging`."""
     out = Path(out_dir) if remote is None else remote.staging
     read = partial(read_record, out) if remote is None else remote.read_record
     identity = run_identity(runner, prep, options)
+    if labeller is not None:
+        identity["head_sha256"] = labeller.sha256
     records = done_records(out) if remote is None else remote.done_records()
     if not options.overwrite:
         check_identity(out_dir, identity, records)
@@ -160,7 +167,7 @@ def _embed_into(
         try:
             publish = None if remote is None else remote.publish
             names = [s.name for s in shards]
-            run(ShardRun(pending, names, out, runner, prep, identity, projection, options, summary, publish))
+            run(ShardRun(pending, names, out, runner, prep, identity, projection, options, summary, publish, labeller))
         except OSError as err:
             dim = runner.info.embed_dim if projection is None else cast(int, options.pca)  # set with one
             raise OutputWriteError(write_failure(out_dir, out, err, options, runner.layers, prep.grid, dim)) from err

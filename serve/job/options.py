@@ -7,9 +7,11 @@ identity is not done for this run. `ShardRun` is what an engine (local or Ray) i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +23,9 @@ from dmt_jepa.serve.images import DEFAULT_MAX_PIXELS, Preprocess
 from dmt_jepa.serve.inputs import ShardSource
 from dmt_jepa.serve.layouts import LAYOUTS, OutputSpec
 from dmt_jepa.serve.quantize import DTYPES
+
+if TYPE_CHECKING:
+    from dmt_jepa.serve.labels import Labeller
 
 ENGINES = ("local", "ray")
 DECODES = ("cpu", "gpu")
@@ -67,6 +72,7 @@ class EmbedOptions:
     model_workers: int = 1  # ray: model actors, each holding the model once
     gpus_per_worker: float = 0.0  # ray: GPUs per model actor; 0: CPU
     decode: str = "cpu"  # cpu: decode workers decode; gpu: they check JPEG headers, the PyTorch backend's device decodes
+    head: str | os.PathLike | None = None  # a dense head file of the encoder: a label map per image (serve/labels.py)
 
     def __post_init__(self) -> None:
         assert self.batch_size >= 1 and self.lease_seconds > 0 and self.max_queued_bytes > 0
@@ -81,7 +87,7 @@ class EmbedOptions:
         problems = option_problems(
             engine=self.engine, address=self.address, decode_workers=self.decode_workers, model_workers=self.model_workers,
             gpus_per_worker=self.gpus_per_worker, decode=self.decode, layout=self.layout, dtype=self.dtype,
-            layers=self.layers, pca=self.pca,
+            layers=self.layers, pca=self.pca, head=self.head is not None,
         )  # fmt: skip
         if problems:
             raise ValueError(problems[0])
@@ -156,3 +162,4 @@ class ShardRun:
     options: EmbedOptions
     summary: JobSummary
     publish: Callable[[str], None] | None = None  # a remote OUT_DIR: upload a committed shard
+    labeller: Labeller | None = None  # with --head: a label map per image

@@ -1,6 +1,7 @@
 """The write side: a batch through the model, then into its shard's output, and NAME.json last.
 
   embed_batch      uint8 pixels -> patch grids, pooled vectors and any extra layers (the first batch checked)
+  (with --head, `write` adds each image's label map: serve/labels.py)
   ShardWriting     one output per shard in progress; count (in order), write, end, finish (commit or abort)
   WriterThread     runs the write tasks in order, apart from the batcher
 A shard is done when NAME.tar and NAME.json exist and NAME.json records this run's identity; what
@@ -75,6 +76,7 @@ class ShardWriting:
             "identity": run.identity,
             **runner.describe(),
             **({"layers": list(runner.layers)} if runner.layers else {}),
+            **({"head": run.labeller.describe()} if run.labeller is not None else {}),
         }
         self.run_info = {
             "rank": self.summary.rank,
@@ -110,6 +112,8 @@ class ShardWriting:
     def write(self, out: ShardOutput, keys: list[str], records: list[dict | None], carried: list[dict], result: Embedded) -> None:
         """Write one counted batch into its shard's output."""
         grid, pooled = result.grid, result.pooled if self.spec.writes_pooled else None
+        # from the model's own float grid, before any projection or rounding to the output dtype
+        labels = self.run.labeller(grid) if self.run.labeller is not None else None
         if self.run.projection is not None:
             matrix = self.run.projection
             grid, pooled = project(matrix, grid), None if pooled is None else project(matrix, pooled)
@@ -117,8 +121,10 @@ class ShardWriting:
             if record is None:
                 out.fail(key, "the model gave non-finite values (NaN or inf) for this image")
             else:
-                layers = {"layers": {k: v[i] for k, v in result.layers.items()}} if result.layers else {}
-                out.add(key, grid[i], record, None if pooled is None else pooled[i], carried[i], **layers)
+                extra: dict = {"layers": {k: v[i] for k, v in result.layers.items()}} if result.layers else {}
+                if labels is not None:
+                    extra["labels"] = labels[i]
+                out.add(key, grid[i], record, None if pooled is None else pooled[i], carried[i], **extra)
 
     def end(self, end: ShardEnd) -> dict:
         """The shard's NAME.json record, once all its samples were read."""
