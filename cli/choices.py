@@ -23,4 +23,4 @@ Decode = Literal["cpu", "gpu"]  # serve.job.DECODES
 SceneKind = Literal["digits", "shapes", "textures"]  # dmt_jepa.scenes.KINDS
 SceneBackground = Literal["photo", "plain"]  # dmt_jepa.scenes.BACKGROUNDS
 ScenePalette = Literal["colour", "mono"]  # dmt_jepa.scenes.PALETTES
-LabelledFormat = Literal["voc", "ade20k", "masks", "coco"]  # dmt_jepa.data.labelled_formats.FORMATS
+LabelledFormat = Literal["voc", "ade20k", "cityscapes", "masks", "coco"]  # dmt_jepa.data.labelled_formats.FORMATS

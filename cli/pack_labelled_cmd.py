@@ -1,4 +1,4 @@
-"""`dmtjepa data pack SRC OUT --format voc|ade20k|masks|coco`: a labelled dataset into labelled shards."""
+"""`dmtjepa data pack SRC OUT --format voc|ade20k|cityscapes|masks|coco`: a labelled dataset into labelled shards."""
 
 from __future__ import annotations
 

@@ -96,7 +96,9 @@ def pack(
     max_shard_mb: float = typer.Option(500.0, help="Start a new shard after this many megabytes."),
     max_shard_count: int = typer.Option(10_000, help="Start a new shard after this many images."),
     format: LabelledFormat | None = typer.Option(
-        None, "--format", help="A labelled dataset: voc, ade20k, masks (images/ + masks/) or coco; written as labelled shards."
+        None,
+        "--format",
+        help="A labelled dataset: voc, ade20k, cityscapes, masks (images/ + masks/) or coco; written as labelled shards.",
     ),
     annotations: list[Path] | None = typer.Option(
         None, "--annotations", help="coco: an instances JSON, once per split (default SRC/annotations/instances_*.json)."

@@ -1,10 +1,12 @@
-"""Scene shards rewritten in the layouts real labelled datasets use: Pascal VOC, ADE20K (mmseg), images/ + masks/, COCO.
+"""Scene shards rewritten in the layouts real labelled datasets use: Pascal VOC, ADE20K (mmseg), Cityscapes,
+images/ + masks/, COCO.
 
 Each writer takes the folder `write_scene_shards` wrote and lays out the same scenes, in the same
 order, exactly as that dataset's own tools expect (palette PNGs, split lists, mmseg's shifted
 labels, a COCO instances JSON with RLE masks that pycocotools reads). The JPEG layouts (VOC,
 ADE20K) also get `reference`: the scene shards with each image replaced by the very JPEG bytes
-the dataset holds, so that packed and reference shards hold the same pixels.
+the dataset holds, so that packed and reference shards hold the same pixels. Cityscapes declares
+its own 19 classes whatever the data holds, so its `reference` is the scene shards declaring those.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from dmt_jepa.evaluation.data import _samples, read_labelled_shards
 from dmt_jepa.scenes import write_scene_shards
 
 SPLIT_NAMES = {"voc": ("train", "val"), "ade20k": ("training", "validation"), "masks": ("train", "val")}
+# cityscapesScripts' labels.py, written out here apart from the reader's table: the label id of each
+# train id 0..18 and its name. The scenes' class k is stored as the id whose train id is k.
+CITYSCAPES_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_NAMES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
+    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]  # fmt: skip
+CITYSCAPES_UNLABELED = 0  # an id with no train id: where the scenes ignore a pixel
 VOC_PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
 
 
@@ -100,6 +110,32 @@ def write_ade20k(scene_dir: Path, root: Path, reference: Path) -> Path:
     rows = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i + 1}\t0.01\t1\t1\t{name}" for i, name in enumerate(seg_names(scene_dir))]
     (root / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
     _write_reference(scene_dir, reference, jpegs)
+    return root
+
+
+def write_cityscapes(scene_dir: Path, root: Path, reference: Path) -> Path:
+    """leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png + gtFine/{...}/CITY/NAME_gtFine_labelIds.png (label ids);
+    the training scenes split over two cities, and a test/ split with dummy labels as Cityscapes ships it."""
+    ids = np.full(256, CITYSCAPES_UNLABELED, np.uint8)
+    ids[: len(CITYSCAPES_IDS)] = CITYSCAPES_IDS
+    for (_split, data), folder in zip(_splits(scene_dir), ("train", "val")):
+        cities = ("aachen", "bochum") if folder == "train" else ("frankfurt",)
+        for i, (image, seg) in enumerate(zip(data.images, data.segs)):
+            city = cities[i * len(cities) // len(data)]  # in order: sorted by city then name is the scenes' order
+            name = f"{city}_{i:06d}_000019"
+            (root / "leftImg8bit" / folder / city).mkdir(parents=True, exist_ok=True)
+            (root / "gtFine" / folder / city).mkdir(parents=True, exist_ok=True)
+            (root / "leftImg8bit" / folder / city / f"{name}_leftImg8bit.png").write_bytes(_png(image))
+            (root / "gtFine" / folder / city / f"{name}_gtFine_labelIds.png").write_bytes(_png(ids[seg]))
+    image, seg = data.images[0], data.segs[0]
+    for top, suffix, array in (("leftImg8bit", "leftImg8bit", image), ("gtFine", "gtFine_labelIds", np.zeros_like(seg))):
+        (root / top / "test" / "berlin").mkdir(parents=True)
+        (root / top / "test" / "berlin" / f"berlin_000000_000019_{suffix}.png").write_bytes(_png(array))
+    reference.mkdir(parents=True)
+    for shard in sorted(scene_dir.glob("*.tar")):
+        shutil.copy(shard, reference / shard.name)
+    declared = {"format": "dmt-jepa labelled shards", "version": 1, "seg_class_names": CITYSCAPES_NAMES, "box_class_names": None}
+    (reference / "dataset.json").write_text(json.dumps(declared))
     return root
 
 

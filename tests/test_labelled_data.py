@@ -1,4 +1,4 @@
-"""`data pack --format voc|ade20k|masks|coco`: real layouts written from the scenes, packed, evaluated; hostile records."""
+"""`data pack --format voc|ade20k|cityscapes|masks|coco`: real layouts written from the scenes, packed, evaluated; hostile records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from labelled_datasets import coco_json, scenes, write_ade20k, write_coco, write_masks, write_voc
+from labelled_datasets import (
+    CITYSCAPES_NAMES,
+    coco_json,
+    scenes,
+    write_ade20k,
+    write_cityscapes,
+    write_coco,
+    write_masks,
+    write_voc,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,12 +35,13 @@ OPTIONS = EvalOptions(dense_epochs=20, dense_lr=0.05)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """40 train and 20 test scenes at 32 px, the four layouts written from them, and a small random encoder."""
+    """40 train and 20 test scenes at 32 px, the five layouts written from them, and a small random encoder."""
     root = tmp_path_factory.mktemp("labelled")
     scene_dir = scenes(root / "scenes", 40, 20, 32)
     sources = {
         "voc": (write_voc(scene_dir, root / "voc", root / "voc-ref"), root / "voc-ref"),
         "ade20k": (write_ade20k(scene_dir, root / "ade", root / "ade-ref"), root / "ade-ref"),
+        "cityscapes": (write_cityscapes(scene_dir, root / "cityscapes", root / "cityscapes-ref"), root / "cityscapes-ref"),
         "masks": (write_masks(scene_dir, root / "masks"), scene_dir),
         "coco": (write_coco(scene_dir, root / "coco"), scene_dir),
     }
@@ -45,7 +55,7 @@ def _dense(world, folder):
     return evaluate_encoder(world["encoder"], f"{folder}/train-*.tar", f"{folder}/test-*.tar", ("dense",), OPTIONS)
 
 
-@pytest.mark.parametrize("fmt", ["voc", "ade20k", "masks", "coco"])
+@pytest.mark.parametrize("fmt", ["voc", "ade20k", "cityscapes", "masks", "coco"])
 def test_each_layout_packs_to_the_scene_labels_and_evaluates_to_the_same_figures(world, fmt, tmp_path):
     src, reference = world["sources"][fmt]
     summary = pack_labelled(src, tmp_path / "packed", fmt)
@@ -54,8 +64,10 @@ def test_each_layout_packs_to_the_scene_labels_and_evaluates_to_the_same_figures
         truth = read_labelled_shards(str(world["scenes"] / f"{split}-*.tar"))
         packed = read_labelled_shards(str(tmp_path / "packed" / f"{split}-*.tar"))
         assert all(np.array_equal(a, b) for a, b in zip(truth.segs, packed.segs, strict=True))
-        # The image label is the dominant pixel class other than background: the scene's class + 1.
-        assert np.array_equal(packed.labels, truth.labels + 1)
+        if fmt == "cityscapes":  # class 0 is road, not background: the image label is the most frequent class of all
+            assert packed.labels.tolist() == [int(np.argmax(np.bincount(s[s != 255]))) for s in truth.segs]
+        else:  # the image label is the dominant pixel class other than background: the scene's class + 1
+            assert np.array_equal(packed.labels, truth.labels + 1)
         if fmt == "coco":  # categories 10, 13, 16, ... are remapped to 0, 1, 2, ... and nothing else changes
             assert [[(b["box"], b["digit"]) for b in boxes] for boxes in packed.boxes] == [
                 [(b["box"], b["digit"]) for b in boxes] for boxes in truth.boxes
@@ -63,10 +75,12 @@ def test_each_layout_packs_to_the_scene_labels_and_evaluates_to_the_same_figures
     if str(reference) not in world["reference_results"]:
         world["reference_results"][str(reference)] = _dense(world, reference)
     expected, result = world["reference_results"][str(reference)], _dense(world, tmp_path / "packed")
-    assert result["class_names"] == expected["class_names"] == ["background", *map(str, range(10))]
+    # Cityscapes declares its 19 classes, 8 of which the scenes never use; its reference declares the same 19.
+    names = CITYSCAPES_NAMES if fmt == "cityscapes" else ["background", *map(str, range(10))]
+    assert result["class_names"] == expected["class_names"] == names
     assert result["dense"] == expected["dense"] and result["dense_balanced"] == expected["dense_balanced"]
-    # Not a trivial agreement: the balanced probe finds most digits, so a shifted label would show.
-    assert sum(v > 0 for v in result["dense_balanced"]["iou_per_class"][1:]) >= 5
+    # Not a trivial agreement: the balanced probe finds most digits (labels 1..10), so a shifted label would show.
+    assert sum((v or 0) > 0 for v in result["dense_balanced"]["iou_per_class"][1:11]) >= 5
     assert "resize to 32x32" in result["inference"]
 
 
@@ -127,6 +141,45 @@ def test_bad_records_are_skipped_one_sentence_each_or_refuse_the_run_under_stric
     assert len(refused.value.problems) == 5 and not (tmp_path / "strict").exists()
     run = CliRunner().invoke(app, ["data", "pack", str(voc), str(tmp_path / "strict"), "--format", "voc", "--strict"])
     assert run.exit_code == 2 and run.output.count("problem: ") == 5 and not (tmp_path / "strict").exists()
+
+
+def test_cityscapes_label_ids_map_to_train_ids_and_bad_records_are_one_sentence_each(world, tmp_path):
+    # labels.py by hand: id -> train id; every other id (void, parking, guard rail, caravan ...) is ignored, 255.
+    by_hand = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+               28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+    tiny = tmp_path / "tiny"
+    for top in ("leftImg8bit/train/ulm", "gtFine/train/ulm"):
+        (tiny / top).mkdir(parents=True)
+    Image.new("RGB", (34, 1)).save(tiny / "leftImg8bit/train/ulm/ulm_000000_000019_leftImg8bit.png")
+    Image.fromarray(np.arange(34, dtype=np.uint8)[None]).save(tiny / "gtFine/train/ulm/ulm_000000_000019_gtFine_labelIds.png")
+    summary = pack_labelled(tiny, tmp_path / "tiny-out", "cityscapes")
+    assert summary.counts == {"train": 1, "test": 0} and summary.seg_classes == CITYSCAPES_NAMES
+    (seg,) = read_labelled_shards(str(tmp_path / "tiny-out" / "train-*.tar")).segs
+    assert seg.tolist() == [[by_hand.get(i, 255) for i in range(34)]]
+    packed = pack_labelled(world["sources"]["cityscapes"][0], tmp_path / "whole", "cityscapes")
+    assert packed.notes == ["leftImg8bit/test is left out: Cityscapes' test labels are not public"]
+
+    cityscapes = shutil.copytree(world["sources"]["cityscapes"][0], tmp_path / "cityscapes")
+    (cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png").unlink()
+    image = cityscapes / "leftImg8bit/train/aachen/aachen_000001_000019_leftImg8bit.png"
+    Image.open(image).resize((16, 16)).save(image)
+    labels = cityscapes / "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"
+    ids = np.asarray(Image.open(labels)).copy()
+    ids[0, 0] = 40
+    Image.fromarray(ids).save(labels)
+    summary = pack_labelled(cityscapes, tmp_path / "out", "cityscapes")
+    assert summary.counts == {"train": 38, "test": 19}
+    assert {p.name: p.sentence for p in summary.skipped} == {
+        "aachen/aachen_000000_000019": "its image has no mask (aachen_000000_000019_gtFine_labelIds.png is missing)",
+        "aachen/aachen_000001_000019": "its mask is 32x32 but its image 16x16",
+        "frankfurt/frankfurt_000000_000019": "its mask holds label id(s) [40] outside Cityscapes' ids 0..33",
+    }
+    run = CliRunner().invoke(
+        app, ["data", "pack", str(cityscapes), str(tmp_path / "strict"), "--format", "cityscapes", "--strict"]
+    )
+    assert run.exit_code == 2 and run.output.count("problem: ") == 3 and not (tmp_path / "strict").exists()
+    with pytest.raises(DataError, match=r"is not a Cityscapes folder: leftImg8bit/train and gtFine/train are needed"):
+        pack_labelled(cityscapes / "gtFine", tmp_path / "o", "cityscapes")
 
 
 def test_coco_hostile_records_and_crowds(world, tmp_path):

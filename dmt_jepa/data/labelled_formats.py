@@ -1,6 +1,6 @@
 """Labelled datasets as their ecosystems lay them out, read into one kind of record.
 
-Four layouts, each read the way its own tools read it:
+Five layouts, each read the way its own tools read it:
 - `voc`: Pascal VOC, `JPEGImages/ID.jpg` + `SegmentationClass/ID.png` (palette PNGs whose indices
   are the labels, 255 = ignore), split lists `ImageSets/Segmentation/{train,val}.txt`; class names
   from `labelmap.txt` (CVAT's `name:r,g,b::` lines) or `classes.txt`, else VOC's own 21;
@@ -9,6 +9,9 @@ Four layouts, each read the way its own tools read it:
   `objectInfo150.txt` or `classes.txt`;
 - `masks`: `images/` + `masks/` paired by file stem, split by `train/`, `val/` (or `test/`)
   subfolders where there are any, `--ignore-index` marking unscored pixels; names from `classes.txt`;
+- `cityscapes`: Cityscapes, `leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png` +
+  `gtFine/{...}/CITY/NAME_gtFine_labelIds.png`, label ids mapped to the 19 train ids of
+  cityscapesScripts' `labels.py` (every other id ignored); test/ has no public labels and is left out;
 - `coco`: COCO `instances_*.json` read with pycocotools: boxes with categories remapped to
   contiguous ids in the order of their ids (names kept), `iscrowd` boxes kept as ignored, and,
   where every annotation has one, instance masks rendered to a semantic map (0 = background).
@@ -34,11 +37,18 @@ from dmt_jepa.data.shards import DataError
 IGNORE = 255  # the shards' ignore label, as the evaluation reads it
 SPLITS = ("train", "test")  # shard prefixes: the dataset's val split is written as test-*.tar
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-FORMATS = ("voc", "ade20k", "masks", "coco")
+FORMATS = ("voc", "ade20k", "cityscapes", "masks", "coco")
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+# (label id, name) of train ids 0..18, as cityscapesScripts' labels.py defines them; every other id is ignored.
+CITYSCAPES_TRAIN_IDS = (
+    (7, "road"), (8, "sidewalk"), (11, "building"), (12, "wall"), (13, "fence"), (17, "pole"), (19, "traffic light"),
+    (20, "traffic sign"), (21, "vegetation"), (22, "terrain"), (23, "sky"), (24, "person"), (25, "rider"), (26, "car"),
+    (27, "truck"), (28, "bus"), (31, "train"), (32, "motorcycle"), (33, "bicycle"),
+)  # fmt: skip
+CITYSCAPES_LAST_ID = 33  # labels.py's ids run 0..33 (-1, license plate, is never written to a labelIds PNG)
 
 
 @dataclass
@@ -85,6 +95,8 @@ def read_dataset(fmt: str, src: Path, *, annotations: list[Path] = (), ignore_in
         return read_voc(src)
     if fmt == "ade20k":
         return read_ade20k(src)
+    if fmt == "cityscapes":
+        return read_cityscapes(src)
     return read_masks(src, ignore_index)
 
 
@@ -227,6 +239,41 @@ def read_ade20k(src: Path) -> Dataset:
             yield from _paired(split, images, lambda stem, masks=masks: masks / f"{stem}.png", _reduce_zero_label)
 
     return Dataset(classes, None, {s: f"images/{f}" for s, f in present.items()}, records(), notes)
+
+
+def _cityscapes_train_ids(mask: np.ndarray) -> np.ndarray | str:
+    """Cityscapes label ids [H, W] -> train ids 0..18, IGNORE for every id labels.py does not train on."""
+    if mask.max(initial=0) > CITYSCAPES_LAST_ID:
+        outside = [int(v) for v in np.unique(mask) if v > CITYSCAPES_LAST_ID]
+        return f"its mask holds label id(s) {outside} outside Cityscapes' ids 0..{CITYSCAPES_LAST_ID}"
+    table = np.full(256, IGNORE, np.uint8)
+    for train_id, (label_id, _name) in enumerate(CITYSCAPES_TRAIN_IDS):
+        table[label_id] = train_id
+    return table[mask]
+
+
+def read_cityscapes(src: Path) -> Dataset:
+    """Cityscapes: leftImg8bit/ and gtFine/, each with {train,val}/CITY/, image and labels paired by NAME."""
+    folders = {"train": "train", "test": "val"}
+    if not (src / "leftImg8bit" / "train").is_dir() or not (src / "gtFine" / "train").is_dir():
+        raise DataError(f"{src} is not a Cityscapes folder: leftImg8bit/train and gtFine/train are needed.")
+    present = {split: folder for split, folder in folders.items() if (src / "leftImg8bit" / folder).is_dir()}
+    notes = []
+    if (src / "leftImg8bit" / "test").is_dir():
+        notes.append("leftImg8bit/test is left out: Cityscapes' test labels are not public")
+
+    def records() -> Iterator[Record | Problem]:
+        for split, folder in present.items():
+            root = src / "leftImg8bit" / folder
+            files = sorted(p for p in root.glob("*/*_leftImg8bit.*") if p.suffix.lower() in IMAGE_SUFFIXES)  # by city, name
+            images = [(f"{p.parent.name}/{p.stem.removesuffix('_leftImg8bit')}", p) for p in files]
+            labels = src / "gtFine" / folder
+            yield from _paired(
+                split, images, lambda name, labels=labels: labels / f"{name}_gtFine_labelIds.png", _cityscapes_train_ids
+            )
+
+    classes = [name for _id, name in CITYSCAPES_TRAIN_IDS]
+    return Dataset(classes, None, {s: f"leftImg8bit/{f}" for s, f in present.items()}, records(), notes)
 
 
 def read_masks(src: Path, ignore_index: int) -> Dataset:

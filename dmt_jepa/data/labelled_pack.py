@@ -1,4 +1,4 @@
-"""Pack a labelled dataset (VOC, ADE20K, masks folders, COCO) into the project's labelled shards.
+"""Pack a labelled dataset (VOC, ADE20K, Cityscapes, masks folders, COCO) into the project's labelled shards.
 
 Flow: a reader of `labelled_formats` yields records -> `check_record` checks each (image readable,
 mask of its size, labels and boxes declared and inside it) -> a good record becomes one sample
