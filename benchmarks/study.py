@@ -560,6 +560,13 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
             "those, and the rule's output below is not applied to the shipped default.",
             "",
         ]
+    if summary["departures"]:
+        lines += [
+            "**Another configuration than the declared study**: "
+            + ", ".join(summary["departures"])
+            + ". The rule's output below is reported, not applied to the shipped default.",
+            "",
+        ]
     lines += [
         f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
         f"`{cfg.background}` backgrounds in the `{cfg.palette}` palette ({classes} object classes). Data draws (data seeds) "
@@ -725,7 +732,7 @@ def make_draw(cfg: StudyConfig, out: Path, data_seed: int) -> None:
 
 def beside(report: Path, files: list[str]) -> list[Path]:
     """A job's pictures in the report's results folder, copied there if the job drew them elsewhere."""
-    folder = report.parent / "results"
+    folder = picture_folder(report)
     placed = []
     for file in map(Path, files):
         target = folder / file.name
@@ -734,6 +741,20 @@ def beside(report: Path, files: list[str]) -> list[Path]:
             shutil.copyfile(file, target)
         placed.append(target)
     return placed
+
+
+RUN_SETTINGS = ("workers", "threads", "device")  # how a study runs, not what it measures
+
+
+def departures(cfg: StudyConfig, declared: StudyConfig) -> list[str]:
+    """The settings in which `cfg` measures something else than the declared study ("image_size 96 (declared 64)")."""
+    ours, theirs = asdict(cfg), asdict(declared)
+    return [f"{k} {ours[k]} (declared {theirs[k]})" for k in ours if k not in RUN_SETTINGS and ours[k] != theirs[k]]
+
+
+def picture_folder(report: Path) -> Path:
+    """Where a report's pictures go: a folder of their own beside it, so two reports never share a picture."""
+    return report.parent / "results" / report.stem
 
 
 def selection_path(report: Path) -> Path:
@@ -749,6 +770,7 @@ def run_study(
     reduced: bool = False,
     run: bool = True,
     jobs_dir: Path | None = None,
+    declared: StudyConfig | None = None,
 ) -> dict:
     """Data draws, every (arm, data seed, model seed) job not done yet in `out`, evaluation, tables; returns the summary.
 
@@ -757,7 +779,9 @@ def run_study(
     job leaves ARM-dataD-seedS.json and its test confusions in `jobs_dir` (default out/jobs), so a cut
     study resumes where it stopped; a jobs folder kept apart from `out` (in version control) carries
     a study across machines, since the data draws are remade from their seeds. With run=False only
-    the jobs already there are summarised, and a report of fewer jobs than asked for says so.
+    the jobs already there are summarised, and a report of fewer jobs than asked for says so. Only a complete
+    study of the `declared` configuration (default: StudyConfig(), the study docs/results.md declares its rule for)
+    writes the rule's output; another one (a second scale, another benchmark) reports it without applying it.
     """
     jobs_dir = jobs_dir if jobs_dir is not None else out / "jobs"
     unknown = [a for a in cfg.arms + cfg.ablations + cfg.controls if a not in ARMS]
@@ -772,7 +796,7 @@ def run_study(
     else:
         for draw in draws:
             make_draw(*draw)
-    picture_dir = report.parent / "results" if report is not None else out / "pictures"
+    picture_dir = picture_folder(report) if report is not None else out / "pictures"
     done = {p.stem: json.loads(p.read_text()) for p in sorted(jobs_dir.glob("*.json"))}
     todo = [job for job in cfg.jobs() if job_name(*job) not in done]
     jobs = [(cfg, arm, d, s, out, picture_dir, jobs_dir) for arm, d, s in todo] if run else []
@@ -805,6 +829,7 @@ def run_study(
         "config": asdict(cfg),
         "default_arm": DEFAULT_ARM,
         "complete": len(finished) == len(wanted),
+        "departures": departures(cfg, declared if declared is not None else StudyConfig()),
         "jobs_done": len(finished),
         "jobs_wanted": len(wanted),
         "table": summarise(results),
@@ -822,7 +847,7 @@ def run_study(
     if report is not None:
         pictures = {r["arm"]: beside(report, r["pictures"]) for r in finished if "pictures" in r}
         write_report(report, cfg, summary, command, pictures, reduced)
-        if summary["complete"] and not reduced:
+        if summary["complete"] and not reduced and not summary["departures"]:
             selection = {
                 "arm": summary["selection"]["arm"],
                 "reason": summary["selection"]["reason"],

@@ -19,6 +19,7 @@ from benchmarks.study import (
     StudyConfig,
     _miou_of,
     bootstrap_paired_se,
+    departures,
     job_name,
     paired_differences,
     run_study,
@@ -161,17 +162,17 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     report = tmp_path / "docs" / "results.md"
     first = StudyConfig(**(asdict(cfg) | {"seeds": [0]}))  # a study cut short after its first model seed
     run_study(first, tmp_path / "run", None, "first part")  # no report: its pictures stay in the run folder
-    run_study(first, tmp_path / "run", report, "first part", reduced=True, run=False)
+    run_study(first, tmp_path / "run", report, "first part", reduced=True, run=False, declared=cfg)
     assert "Reduced run" in report.read_text() and not selection_path(report).exists()  # a reduced run chooses nothing
-    assert (report.parent / "results" / "i-jepa-pca.png").is_file()  # copied beside the report
-    partial = run_study(cfg, tmp_path / "run", report, "summarise what ran", run=False)
+    assert (report.parent / "results" / "results" / "i-jepa-pca.png").is_file()  # copied beside the report
+    partial = run_study(cfg, tmp_path / "run", report, "summarise what ran", run=False, declared=cfg)
     assert (
         not partial["complete"]
         and partial["jobs_done"] == 3 * 2 + 2 + 2
         and "**Partial**: 10 of the 16 jobs" in report.read_text()
     )
     assert not selection_path(report).exists()  # a partial study chooses nothing
-    summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=False)
+    summary = run_study(cfg, tmp_path / "run", report, "python benchmarks/study.py --smoke", reduced=False, declared=cfg)
     assert summary["complete"] and summary["jobs_done"] == 3 * 4 + 2 + 2
     assert cfg.arms == ["i-jepa", "mean-pool", "dmt-jepa"]  # DEFAULT_ARM, i-jepa today, is among them
     arms = set(cfg.arms) | {"dmt-jepa-no-context", "random"}
@@ -196,9 +197,15 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     selection = json.loads(selection_path(report).read_text())
     assert selection["arm"] == summary["selection"]["arm"] and selection["settings"] == ARMS[selection["arm"]][0]
     for arm in ("i-jepa", DEFAULT_ARM, "random"):
-        assert Image.open(report.parent / "results" / f"{arm}-pca.png").size == (384, 192)
-        assert f"results/{arm}-attention.png" in text
-    assert Image.open(report.parent / "results" / "i-jepa-curves.png").size == (900, 300)
+        assert Image.open(report.parent / "results" / "results" / f"{arm}-pca.png").size == (384, 192)
+        assert f"results/results/{arm}-attention.png" in text
+    assert Image.open(report.parent / "results" / "results" / "i-jepa-curves.png").size == (900, 300)
+    # the same complete jobs under a study other than the declared one: reported, the rule's output not applied
+    other = tmp_path / "other" / "grid.md"
+    elsewhere_summary = run_study(cfg, tmp_path / "run", other, "a second scale", run=False)
+    assert elsewhere_summary["complete"] and "image_size 48 (declared 64)" in elsewhere_summary["departures"]
+    assert "**Another configuration than the declared study**" in other.read_text()
+    assert not selection_path(other).exists() and (other.parent / "results" / "grid" / "i-jepa-pca.png").is_file()
     # every job left its record: summarising again trains nothing and gives the same tables
     again = run_study(cfg, tmp_path / "run", None, "again", run=False)
     assert json.dumps(again["table"]) == json.dumps(summary["table"]) and json.dumps(again["paired"]) == json.dumps(
@@ -210,3 +217,12 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     assert not (tmp_path / "elsewhere" / "jobs").exists() and elsewhere["complete"]
     for key in ("table", "paired", "test_set_se", "ceiling", "selection"):
         assert json.dumps(elsewhere[key]) == json.dumps(summary[key]), key
+
+
+def test_departures_name_what_a_study_measures_differently_not_how_it_runs() -> None:
+    declared = StudyConfig()
+    assert departures(StudyConfig(workers=1, threads=4, device="cuda"), declared) == []
+    assert departures(StudyConfig(image_size=96, seeds=[0, 1]), declared) == [
+        "seeds [0, 1] (declared [0, 1, 2, 3])",
+        "image_size 96 (declared 64)",
+    ]
