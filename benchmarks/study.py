@@ -688,7 +688,8 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
         ]
     for arm, files in sorted(pictures.items(), key=lambda item: list(ARMS).index(item[0])):
         lines += [f"**{LABELS[arm]}**", ""]
-        for label, file in zip(("PCA", "attention", "training curves"), files):
+        for file in files:
+            label = {"pca": "PCA", "attention": "attention", "curves": "training curves"}[Path(file).stem.rsplit("-", 1)[1]]
             lines += [f"![{label}]({os.path.relpath(file, path.parent)})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -731,15 +732,18 @@ def make_draw(cfg: StudyConfig, out: Path, data_seed: int) -> None:
 
 
 def beside(report: Path, files: list[str]) -> list[Path]:
-    """A job's pictures in the report's results folder, copied there if the job drew them elsewhere."""
+    """A job's pictures in the report's results folder, copied there if the job drew them elsewhere. A picture left
+    on another machine (the record was carried, its run folder was not) keeps the copy already beside the report,
+    or is left out."""
     folder = picture_folder(report)
     placed = []
     for file in map(Path, files):
         target = folder / file.name
-        if not target.exists() or not file.samefile(target):
+        if file.exists() and (not target.exists() or not file.samefile(target)):
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
-        placed.append(target)
+        if target.exists():
+            placed.append(target)
     return placed
 
 
@@ -845,7 +849,7 @@ def run_study(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if report is not None:
-        pictures = {r["arm"]: beside(report, r["pictures"]) for r in finished if "pictures" in r}
+        pictures = {r["arm"]: placed for r in finished if "pictures" in r and (placed := beside(report, r["pictures"]))}
         write_report(report, cfg, summary, command, pictures, reduced)
         if summary["complete"] and not reduced and not summary["departures"]:
             selection = {

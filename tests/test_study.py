@@ -217,6 +217,11 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     assert not (tmp_path / "elsewhere" / "jobs").exists() and elsewhere["complete"]
     for key in ("table", "paired", "test_set_se", "ceiling", "selection"):
         assert json.dumps(elsewhere[key]) == json.dumps(summary[key]), key
+    # reported there, where the pictures the records name were not carried: the report says what it has
+    shutil.rmtree(tmp_path / "run")
+    run_study(cfg, tmp_path / "elsewhere", tmp_path / "elsewhere" / "report.md", "elsewhere", run=False, jobs_dir=carried)
+    text = (tmp_path / "elsewhere" / "report.md").read_text()
+    assert "## Two levels" in text and "![PCA]" not in text
 
 
 def test_departures_name_what_a_study_measures_differently_not_how_it_runs() -> None:
