@@ -568,7 +568,8 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
             "",
         ]
     lines += [
-        f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: a {grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
+        f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px: {'an' if str(grid).startswith('8') or grid in (11, 18) else 'a'} "
+        f"{grid}x{grid} patch grid; `{cfg.scenes}` scenes on "
         f"`{cfg.background}` backgrounds in the `{cfg.palette}` palette ({classes} object classes). Data draws (data seeds) "
         f"{', '.join(map(str, cfg.data_seeds))}, crossed with model seeds {', '.join(map(str, cfg.seeds))} for the main "
         f"arms; ablations on model seeds {', '.join(map(str, cfg.ablation_seeds))}; untrained control on model seeds "
@@ -613,10 +614,10 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
                 per_draw = ", ".join(f"{v:+.2f}" if label else f"{v:.2f}" for v in d["per_draw"].values())
                 boot = summary["test_set_se"].get(arm, float("nan")) if label and name == "sem" else float("nan")
                 boot_cell = f"{boot:.2f}" if boot == boot else "-"
-                lines.append(
-                    f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | "
-                    f"{d['sd_draw_means']:.2f} | {d['sd_between']:.2f} | {d['sd_within']:.2f} | {boot_cell} |"
-                )
+                sds = " | ".join(
+                    f"{d[k]:.2f}" if d[k] == d[k] else "-" for k in ("sd_draw_means", "sd_between", "sd_within")
+                )  # one model seed per draw: no split
+                lines.append(f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | {sds} | {boot_cell} |")
     if summary["ablation_table"]:
         lines += [
             "",

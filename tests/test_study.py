@@ -194,6 +194,7 @@ def test_study_smoke_two_draws_two_seeds_few_steps(tmp_path) -> None:
     text = report.read_text()
     assert "**Partial**" not in text and "| I-JEPA (aggregation none) |" in text and "python benchmarks/study.py --smoke" in text
     assert "Two levels" in text and "Ablations" in text and "The rule and its output" in text
+    assert "a 6x6 patch grid" in text and "| nan" not in text  # one-seed arms: no split of their SD, a dash
     selection = json.loads(selection_path(report).read_text())
     assert selection["arm"] == summary["selection"]["arm"] and selection["settings"] == ARMS[selection["arm"]][0]
     for arm in ("i-jepa", DEFAULT_ARM, "random"):
