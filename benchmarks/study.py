@@ -530,6 +530,11 @@ def select_default(paired: dict, candidates: list[str]) -> dict:
     return {"arm": "i-jepa", "reason": f"no DMT-JEPA arm is ahead of I-JEPA by {RULE_MARGIN:g} s.e. on validation (best {told})"}
 
 
+def _two(value: float) -> str:
+    """A figure to 2 decimals, or "-" where it does not exist (nan: no split of one model seed per draw)."""
+    return f"{value:.2f}" if value == value else "-"
+
+
 def _pm(value: tuple[float, float] | dict, digits: int = 2) -> str:
     mean, spread = value if isinstance(value, tuple) else (value["mean"], value["se"])
     return f"{mean:.{digits}f} +- {spread:.{digits}f}"
@@ -613,11 +618,8 @@ def write_report(path: Path, cfg: StudyConfig, summary: dict, command: str, pict
                 d = row[name]
                 per_draw = ", ".join(f"{v:+.2f}" if label else f"{v:.2f}" for v in d["per_draw"].values())
                 boot = summary["test_set_se"].get(arm, float("nan")) if label and name == "sem" else float("nan")
-                boot_cell = f"{boot:.2f}" if boot == boot else "-"
-                sds = " | ".join(
-                    f"{d[k]:.2f}" if d[k] == d[k] else "-" for k in ("sd_draw_means", "sd_between", "sd_within")
-                )  # one model seed per draw: no split
-                lines.append(f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | {sds} | {boot_cell} |")
+                sds = " | ".join(_two(d[k]) for k in ("sd_draw_means", "sd_between", "sd_within"))
+                lines.append(f"| {label}{LABELS[arm]} | {FIGURE_NAMES[name]} | {per_draw} | {_pm(d)} | {sds} | {_two(boot)} |")
     if summary["ablation_table"]:
         lines += [
             "",
